@@ -1,0 +1,38 @@
+"""dsmoe-jax: DeepSeekMoE (arXiv 2401.06066) in JAX / Flax NNX.
+
+    cfg = dsmoe_jax.load_config("tiny")                    # a shipped config, or a TOML path
+    params = dsmoe_jax.init_params(cfg, jax.random.key(0))
+    logits, aux = dsmoe_jax.forward(params, tokens, cfg)   # aux: balance losses, expert load
+    total, activated = dsmoe_jax.count_params(cfg)
+"""
+
+from dsmoe_jax.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    MoEConfig,
+    TrainConfig,
+    load_config,
+)
+from dsmoe_jax.grouped import grouped_mlp, register_backend
+from dsmoe_jax.model import count_params, flops_per_token, forward, init_params, param_shapes
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "TrainConfig",
+    "count_params",
+    "flops_per_token",
+    "forward",
+    "grouped_mlp",
+    "init_params",
+    "load_config",
+    "param_shapes",
+    "register_backend",
+]

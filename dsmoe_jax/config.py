@@ -1,0 +1,314 @@
+"""Configuration: small frozen dataclasses, one per concern, validated when built.
+
+A config file is TOML with the sections ``[model]``, ``[moe]``, ``[train]``, ``[data]`` and
+``[mesh]``. ``[moe]`` describes the FFN of the MoE blocks and lives at ``Config.model.moe`` so that
+the model functions need only a ``ModelConfig``. Every key is checked: an unknown key or a value
+of the wrong type is a ``ConfigError`` naming the key and the valid ones, and impossible
+combinations are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import pathlib
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config file, override or dataclass value that cannot describe a valid run."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The DeepSeekMoE FFN: fine-grained routed experts plus always-on shared experts.
+
+    ``capacity_factor = 0`` is dropless (the default); a positive value keeps at most
+    ``ceil(capacity_factor * tokens * top_k / n_routed_experts)`` assignments per expert,
+    GShard-style, and reports the dropped fraction.
+    """
+
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    top_k: int = 1
+    expert_d_ff: int = 0
+    routing: Literal["softmax", "hash"] = "softmax"
+    norm_topk_prob: bool = False
+    capacity_factor: float = 0.0
+    aux_loss_alpha: float = 0.0  # a1, expert-level balance
+    device_aux_alpha: float = 0.0  # a2, device-level balance
+    device_groups: int = 1  # D, contiguous groups of experts (one per expert-parallel device)
+    seq_aux: bool = False  # balance statistics per sequence, then averaged (the released 16B)
+    backend: str = "auto"  # grouped MLP backend, see dsmoe_jax.grouped
+
+    def __post_init__(self):
+        _require(self.n_routed_experts >= 1, f"moe.n_routed_experts must be >= 1, got {self.n_routed_experts}")
+        _require(self.n_shared_experts >= 0, f"moe.n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        _require(self.expert_d_ff >= 1, f"moe.expert_d_ff must be >= 1, got {self.expert_d_ff}")
+        _require(
+            1 <= self.top_k <= self.n_routed_experts,
+            f"moe.top_k={self.top_k} must be between 1 and moe.n_routed_experts={self.n_routed_experts}",
+        )
+        _require(
+            self.routing != "hash" or self.top_k == 1,
+            f"hash routing sends each token to exactly one expert; set moe.top_k = 1 (got {self.top_k})",
+        )
+        _require(self.capacity_factor >= 0, f"moe.capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
+        _require(
+            self.aux_loss_alpha >= 0 and self.device_aux_alpha >= 0,
+            "moe.aux_loss_alpha and moe.device_aux_alpha must be >= 0",
+        )
+        _require(
+            self.device_groups >= 1 and self.n_routed_experts % self.device_groups == 0,
+            f"moe.device_groups={self.device_groups} must divide moe.n_routed_experts={self.n_routed_experts}",
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The decoder: sizes, positions, dtypes; the MoE blocks' FFN in ``moe``.
+
+    The first ``first_k_dense`` blocks use a dense SwiGLU of width ``d_ff``; the rest use
+    DeepSeekMoE. ``first_k_dense = n_layers`` is the dense baseline and needs no ``moe``.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    d_ff: int
+    n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads = n_heads)
+    first_k_dense: int = 0
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-6
+    init_std: float = 0.006
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; the router and the logits are always float32
+    moe: MoEConfig | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "max_seq_len"):
+            _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.head_dim % 2 == 0, f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        _require(
+            self.n_heads % self.kv_heads == 0,
+            f"model.n_kv_heads={self.kv_heads} must divide model.n_heads={self.n_heads}",
+        )
+        _require(
+            0 <= self.first_k_dense <= self.n_layers,
+            f"model.first_k_dense={self.first_k_dense} must be between 0 and model.n_layers={self.n_layers}",
+        )
+        _require(
+            self.moe is not None or self.first_k_dense == self.n_layers,
+            f"{self.n_layers - self.first_k_dense} blocks are MoE blocks but there is no [moe] section; "
+            "add one, or set model.first_k_dense = model.n_layers for a dense model",
+        )
+        for name in ("param_dtype", "dtype"):
+            _require(getattr(self, name) in DTYPES, f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        _require(self.norm_eps > 0 and self.init_std > 0, "model.norm_eps and model.init_std must be > 0")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.first_k_dense
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The paper's recipe: AdamW, warmup, then lr x ``decay_factor`` at each of ``decay_at``."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 2000
+    schedule: Literal["step", "constant"] = "step"
+    decay_at: tuple[float, ...] = (0.8, 0.9)  # fractions of train.steps
+    decay_factor: float = 0.316
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    eval_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(
+            all(0 < f < 1 for f in self.decay_at) and list(self.decay_at) == sorted(self.decay_at),
+            f"train.decay_at must be increasing fractions in (0, 1), got {list(self.decay_at)}",
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from: the embedded corpus (``path`` unset) or the user's files."""
+
+    path: str | None = None
+    tokenizer: str = "byte"  # "byte" or a path to an HF tokenizer.json
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 on one axis means "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.expert)
+        _require(all(s >= 1 or s == -1 for s in sizes), f"mesh sizes must be >= 1 or -1, got {sizes}")
+        _require(sizes.count(-1) <= 1, f"at most one mesh axis may be -1 (inferred), got {sizes}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one run needs."""
+
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def to_dict(self) -> dict:
+        """The TOML-shaped dict (sections model, moe, train, data, mesh); None values omitted."""
+        out = {}
+        for section, obj in self._sections().items():
+            if obj is not None:
+                out[section] = {k: v for k, v in dataclasses.asdict(obj).items() if v is not None and k != "moe"}
+        return out
+
+    def _sections(self) -> dict:
+        return {"model": self.model, "moe": self.model.moe, "train": self.train, "data": self.data, "mesh": self.mesh}
+
+
+_SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "train": TrainConfig, "data": DataConfig, "mesh": MeshConfig}
+
+
+def model_config(cfg: Config | ModelConfig) -> ModelConfig:
+    """The ``ModelConfig`` inside ``cfg`` (which may already be one)."""
+    if isinstance(cfg, Config):
+        return cfg.model
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    raise TypeError(f"expected a Config or ModelConfig, got {type(cfg).__name__}")
+
+
+def _coerce(value, hint, where: str):
+    """Check ``value`` against the annotation ``hint``; return it converted where lossless."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        _require(value in choices, f"{where} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        _require(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}")
+        (item, _) = typing.get_args(hint)
+        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _require(ok, f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), f"{where} must be an integer, got {value!r}")
+        return value
+    _require(isinstance(value, hint), f"{where} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, table: Mapping, section: str, **fixed):
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls) if f.name not in fixed]
+    for key in table:
+        _require(key in valid, f"unknown key {section}.{key}; valid keys in [{section}]: {', '.join(valid)}")
+    try:
+        return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in table.items()}, **fixed)
+    except TypeError as e:  # a required key is missing
+        raise ConfigError(f"[{section}]: {e}; valid keys: {', '.join(valid)}") from None
+
+
+def config_from_dict(tables: Mapping[str, Mapping]) -> Config:
+    """Build and validate a ``Config`` from TOML-shaped tables."""
+    for section in tables:
+        _require(section in _SECTIONS, f"unknown section [{section}]; valid sections: {', '.join(_SECTIONS)}")
+    _require("model" in tables, "a config needs a [model] section")
+    moe = _build(MoEConfig, tables["moe"], "moe") if "moe" in tables else None
+    model = _build(ModelConfig, tables["model"], "model", moe=moe)
+    rest = {s: _build(_SECTIONS[s], tables[s], s) for s in ("train", "data", "mesh") if s in tables}
+    return Config(model=model, **rest)
+
+
+def _parse_override(item: str) -> tuple[str, str, object]:
+    key, sep, raw = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    _require(bool(sep and dot and name), f"override {item!r} must look like section.key=value (e.g. train.steps=200)")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as bfloat16
+    return section, name, value
+
+
+def resolve_config_path(path_or_name: str | pathlib.Path) -> pathlib.Path:
+    """A config file path, or the name of a shipped config (``tiny``, ``16b``, ...)."""
+    path = pathlib.Path(path_or_name)
+    if path.is_file():
+        return path
+    shipped = importlib.resources.files("dsmoe_jax.configs")
+    candidate = shipped / f"{path.stem if path.suffix == '.toml' else path.name}.toml"
+    if candidate.is_file():
+        return pathlib.Path(str(candidate))
+    names = sorted(p.name.removesuffix(".toml") for p in shipped.iterdir() if p.name.endswith(".toml"))
+    raise ConfigError(f"no config file {str(path_or_name)!r}; shipped configs: {', '.join(names)}")
+
+
+def load_config(path_or_name: str | pathlib.Path, overrides: Sequence[str] = ()) -> Config:
+    """Load a TOML config (a path or a shipped config's name) and apply ``section.key=value`` overrides."""
+    path = resolve_config_path(path_or_name)
+    try:
+        tables = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for item in overrides:
+        section, name, value = _parse_override(item)
+        tables.setdefault(section, {})[name] = value
+    try:
+        return config_from_dict(tables)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

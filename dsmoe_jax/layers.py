@@ -1,0 +1,49 @@
+"""Building blocks shared by the dense and MoE blocks: parameters, RMSNorm, the SwiGLU MLP.
+
+Shape legend: B batch, S sequence, D model width, F MLP hidden width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float, dtype) -> nnx.Param:
+    """A normally initialised weight annotated with its logical axes (see dsmoe_jax.parallel)."""
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm, statistics in float32, output in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.scale_D = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x_BSD: jax.Array) -> jax.Array:
+        x = x_BSD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale_D[...].astype(jnp.float32)).astype(x_BSD.dtype)
+
+
+def swiglu(x_TD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array) -> jax.Array:
+    """silu(x Wg) * (x Wu) Wd in the dtype of ``x``, accumulating in float32."""
+    dt = x_TD.dtype
+    dot = lambda a, w: jnp.einsum("...d,df->...f", a, w.astype(dt), preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(dot(x_TD, w_gate_DF)) * dot(x_TD, w_up_DF)).astype(dt)
+    return dot(h, w_down_FD).astype(dt)
+
+
+class MLP(nnx.Module):
+    """Dense SwiGLU MLP: the FFN of the first dense blocks and the fused shared experts."""
+
+    def __init__(self, d_model: int, d_ff: int, *, std: float, param_dtype, rngs: nnx.Rngs):
+        self.w_gate_DF = param(rngs, (d_model, d_ff), ("embed", "mlp"), std, param_dtype)
+        self.w_up_DF = param(rngs, (d_model, d_ff), ("embed", "mlp"), std, param_dtype)
+        self.w_down_FD = param(rngs, (d_ff, d_model), ("mlp", "embed"), std, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return swiglu(x, self.w_gate_DF[...], self.w_up_DF[...], self.w_down_FD[...])

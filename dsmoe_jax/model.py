@@ -1,0 +1,194 @@
+"""The DeepSeekMoE decoder as Flax NNX modules, and the functional API around it.
+
+Shape legend: B batch, S sequence, D model width, N query heads, K key/value heads, H head
+width, F dense MLP hidden width, V vocabulary, L layers, E routed experts.
+
+Every block: RMSNorm -> causal attention with RoPE -> residual -> RMSNorm -> FFN -> residual.
+The FFN of the first ``first_k_dense`` blocks is a dense SwiGLU, the rest are DeepSeekMoE.
+Params cross the API as plain nested dicts; ``nnx.merge`` rebuilds the modules inside
+``forward``, so everything jits, vmaps and shards.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsmoe_jax.config import Config, ModelConfig, model_config
+from dsmoe_jax.layers import MLP, RMSNorm, param
+from dsmoe_jax.moe import MoE
+
+
+def rope(x_BSNH: jax.Array, positions_BS: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half convention (the two halves of H are the pair)."""
+    H = x_BSNH.shape[-1]
+    inv_freq = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+    angle_BSh = positions_BS[..., None].astype(jnp.float32) * inv_freq
+    cos, sin = (jnp.concatenate([f(angle_BSh)] * 2, axis=-1)[:, :, None, :] for f in (jnp.cos, jnp.sin))
+    x = x_BSNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BSNH.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention (grouped-query when n_kv_heads < n_heads), no biases."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        p = functools.partial(param, rngs, std=cfg.init_std, dtype=jnp.dtype(cfg.param_dtype))
+        self.w_q_DNH = p((D, N, H), ("embed", "heads", "head_dim"))
+        self.w_k_DKH = p((D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.w_v_DKH = p((D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.w_o_NHD = p((N, H, D), ("heads", "head_dim", "embed"))
+        self.theta = cfg.rope_theta
+
+    def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array, valid_BS: jax.Array) -> jax.Array:
+        dt = x_BSD.dtype
+        proj = lambda w, spec: jnp.einsum(spec, x_BSD, w[...].astype(dt))
+        q_BSNH = rope(proj(self.w_q_DNH, "bsd,dnh->bsnh"), positions_BS, self.theta)
+        k_BSKH = rope(proj(self.w_k_DKH, "bsd,dkh->bskh"), positions_BS, self.theta)
+        v_BSKH = proj(self.w_v_DKH, "bsd,dkh->bskh")
+        # Padding keys are masked; the causal mask is added by is_causal.
+        out_BSNH = jax.nn.dot_product_attention(
+            q_BSNH, k_BSKH, v_BSKH, mask=valid_BS[:, None, None, :].astype(bool), is_causal=True
+        )
+        return jnp.einsum("bsnh,nhd->bsd", out_BSNH, self.w_o_NHD[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block; the FFN is a dense MLP or a DeepSeekMoE layer."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        dt = jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt)
+        if layer < cfg.first_k_dense:
+            self.ffn = MLP(cfg.d_model, cfg.d_ff, std=cfg.init_std, param_dtype=dt, rngs=rngs)
+        else:
+            self.ffn = MoE(cfg, rngs=rngs)
+
+    def __call__(self, x_BSD, positions_BS, valid_BS, tokens_BS):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS, valid_BS)
+        h_BSD = self.ffn_norm(x_BSD)
+        if isinstance(self.ffn, MoE):
+            y_BSD, stats = self.ffn(h_BSD, tokens_BS, valid_BS)
+        else:
+            y_BSD, stats = self.ffn(h_BSD), None
+        return x_BSD + y_BSD, stats
+
+
+class Decoder(nnx.Module):
+    """Token embedding, the blocks, a final RMSNorm and an untied LM head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        V, D, dt = cfg.vocab_size, cfg.d_model, jnp.dtype(cfg.param_dtype)
+        self.embed_VD = param(rngs, (V, D), ("vocab", "embed"), cfg.init_std, dt)
+        self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(D, cfg.norm_eps, dt)
+        self.lm_head_DV = param(rngs, (D, V), ("embed", "vocab"), cfg.init_std, dt)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, tokens_BS, positions_BS, valid_BS):
+        x_BSD = self.embed_VD[...][tokens_BS].astype(self.dtype)
+        layer_stats = []
+        for block in self.layers:
+            x_BSD, stats = block(x_BSD, positions_BS, valid_BS, tokens_BS)
+            if stats is not None:
+                layer_stats.append(stats)
+        x_BSD = self.final_norm(x_BSD)
+        logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, self.lm_head_DV[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        return logits_BSV, _aux(layer_stats)
+
+
+def _aux(layer_stats: list[dict]) -> dict:
+    """Balance losses summed over MoE layers; load and drop fraction per MoE layer."""
+    if not layer_stats:
+        zero = jnp.zeros((), jnp.float32)
+        return {"balance_loss": zero, "expert_balance_loss": zero, "device_balance_loss": zero,
+                "expert_load": jnp.zeros((0, 0), jnp.float32), "drop_fraction": jnp.zeros((0,), jnp.float32)}
+    stacked = {k: jnp.stack([s[k] for s in layer_stats]) for k in layer_stats[0]}
+    expert, device = stacked["expert_balance_loss"].sum(), stacked["device_balance_loss"].sum()
+    return {"balance_loss": expert + device, "expert_balance_loss": expert, "device_balance_loss": device,
+            "expert_load": stacked["expert_load"], "drop_fraction": stacked["drop_fraction"]}
+
+
+# ---- functional API -------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract(cfg: ModelConfig):
+    """The graph definition and the parameter shapes of ``cfg``'s model (nothing allocated)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, state
+
+
+def param_shapes(cfg: Config | ModelConfig) -> dict:
+    """The params pytree of ``cfg`` as ``jax.ShapeDtypeStruct`` leaves."""
+    return _abstract(model_config(cfg))[1].to_pure_dict()
+
+
+def init_params(cfg: Config | ModelConfig, key: jax.Array) -> dict:
+    """Random parameters (normal, std ``init_std``; norms at one) as a nested dict of arrays."""
+    cfg = model_config(cfg)
+    return nnx.state(Decoder(cfg, rngs=nnx.Rngs(params=key)), nnx.Param).to_pure_dict()
+
+
+def _check_params(params: dict, cfg: ModelConfig) -> None:
+    expected = param_shapes(cfg)
+    if jax.tree.structure(params) != jax.tree.structure(expected):
+        got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+        want = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(expected)}
+        raise ValueError(
+            f"params do not match the config: missing {sorted(want - got)[:5]}, unexpected {sorted(got - want)[:5]}"
+        )
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected)):
+        if a.shape != b.shape:
+            raise ValueError(f"param {jax.tree_util.keystr(path)} has shape {a.shape}, the config needs {b.shape}")
+
+
+def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
+            attention_mask: jax.Array | None = None, positions: jax.Array | None = None):
+    """Logits ``[B, S, V]`` (float32) and ``aux`` for integer ``tokens [B, S]``.
+
+    ``attention_mask [B, S]`` (1 = real token, 0 = padding) hides padding keys and keeps
+    padding out of the balance statistics; ``positions [B, S]`` default to ``arange(S)``.
+    ``aux`` holds ``balance_loss`` (= expert + device level, summed over MoE layers),
+    ``expert_balance_loss``, ``device_balance_loss``, ``expert_load [moe layers, E]`` (tokens
+    routed to each expert) and ``drop_fraction [moe layers]``. Jit with ``cfg`` static.
+    """
+    cfg = model_config(cfg)
+    _check_params(params, cfg)
+    B, S = tokens.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, S), jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(S), (B, S))
+    model = nnx.merge(_abstract(cfg)[0], params)
+    return model(tokens, positions, attention_mask)
+
+
+def count_params(cfg: Config | ModelConfig) -> tuple[int, int]:
+    """(total, activated per token): the activated count leaves out the unchosen routed experts."""
+    cfg = model_config(cfg)
+    total = sum(x.size for x in jax.tree.leaves(param_shapes(cfg)))
+    if cfg.n_moe_layers == 0:
+        return total, total
+    moe = cfg.moe
+    per_expert = 3 * cfg.d_model * moe.expert_d_ff
+    idle = cfg.n_moe_layers * (moe.n_routed_experts - moe.top_k) * per_expert
+    return total, total - idle
+
+
+def flops_per_token(cfg: Config | ModelConfig, seq_len: int) -> int:
+    """Forward FLOPs per token: 2 x activated matmul params + causal attention scores at ``seq_len``."""
+    cfg = model_config(cfg)
+    _, activated = count_params(cfg)
+    embedding = cfg.vocab_size * cfg.d_model  # a lookup, not a matmul
+    attention = 2 * 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len // 2  # QK^T and AV, causal half
+    return 2 * (activated - embedding) + attention

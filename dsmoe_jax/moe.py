@@ -1,0 +1,174 @@
+"""The DeepSeekMoE FFN: router, balance losses, dispatch/combine and the layer (arXiv 2401.06066).
+
+Shape legend: B batch, S sequence, T tokens (B*S), D model width, E routed experts, K experts
+per token (top-k), A = K*T (token, slot) assignments in slot-major order, G rows of the grouped
+buffer (= A), F expert hidden width, C sequences the balance statistics are taken over.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsmoe_jax import grouped
+from dsmoe_jax.config import ModelConfig, MoEConfig
+from dsmoe_jax.layers import MLP, param
+
+
+class Routing(NamedTuple):
+    gate_TK: jax.Array  # weight of each chosen expert, float32
+    expert_TK: jax.Array  # chosen experts, int32
+    probs_TE: jax.Array | None  # softmax over all routed experts; None for hash routing
+
+
+def route_softmax(x_TD: jax.Array, w_router_DE: jax.Array, top_k: int, norm_topk_prob: bool) -> Routing:
+    """s = softmax(x e) in float32 over all routed experts; keep the top-k as gates."""
+    logits_TE = jnp.einsum("td,de->te", x_TD.astype(jnp.float32), w_router_DE.astype(jnp.float32))
+    probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+    gate_TK, expert_TK = jax.lax.top_k(probs_TE, top_k)
+    if norm_topk_prob:
+        gate_TK = gate_TK / jnp.sum(gate_TK, axis=-1, keepdims=True)
+    return Routing(gate_TK, expert_TK.astype(jnp.int32), probs_TE)
+
+
+def route_hash(tokens_T: jax.Array, num_experts: int) -> Routing:
+    """Hash layer (Roller et al. 2021): a fixed pseudo-random token-id -> expert map, gate 1."""
+    h = tokens_T.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)  # Knuth's multiplicative hash
+    h = h ^ (h >> 16)
+    expert_TK = (h % jnp.uint32(num_experts)).astype(jnp.int32)[:, None]
+    return Routing(jnp.ones(expert_TK.shape, jnp.float32), expert_TK, None)
+
+
+def expert_counts(expert_TK: jax.Array, num_experts: int, weight_T: jax.Array) -> jax.Array:
+    """Weighted number of assignments to each expert."""
+    onehot_TKE = jax.nn.one_hot(expert_TK, num_experts, dtype=jnp.float32)
+    return jnp.einsum("tke,t->e", onehot_TKE, weight_T.astype(jnp.float32))
+
+
+def balance_losses(routing: Routing, valid_T: jax.Array, cfg: MoEConfig, num_seqs: int) -> tuple[jax.Array, jax.Array]:
+    """Expert-level and device-level balance losses (DESIGN.md section 1).
+
+    f_i = E / (K T) * #{t : t picks i},  P_i = mean_t s_i,t,  L_exp = a1 * sum_i f_i P_i;
+    over D contiguous groups of experts f'_j = mean of f in group j, P'_j = sum of P in group j,
+    L_dev = a2 * sum_j f'_j P'_j. Padding tokens (``valid_T`` = 0) are left out. With
+    ``seq_aux`` the statistics are taken per sequence and the losses averaged over sequences.
+    """
+    if routing.probs_TE is None:
+        zero = jnp.zeros((), jnp.float32)
+        return zero, zero
+    E, K = routing.probs_TE.shape[-1], routing.expert_TK.shape[-1]
+    C = num_seqs if cfg.seq_aux else 1
+    valid_CT = valid_T.astype(jnp.float32).reshape(C, -1)
+    tokens_C1 = jnp.maximum(jnp.sum(valid_CT, axis=1, keepdims=True), 1.0)
+    onehot_CTE = jax.nn.one_hot(routing.expert_TK, E, dtype=jnp.float32).sum(1).reshape(C, -1, E)
+    f_CE = jnp.einsum("cte,ct->ce", onehot_CTE, valid_CT) * E / (K * tokens_C1)
+    P_CE = jnp.einsum("cte,ct->ce", routing.probs_TE.reshape(C, -1, E), valid_CT) / tokens_C1
+    expert_loss = cfg.aux_loss_alpha * jnp.mean(jnp.sum(f_CE * P_CE, axis=-1))
+    groups = lambda a_CE: a_CE.reshape(C, cfg.device_groups, E // cfg.device_groups)
+    f_dev_CD, P_dev_CD = groups(f_CE).mean(-1), groups(P_CE).sum(-1)
+    device_loss = cfg.device_aux_alpha * jnp.mean(jnp.sum(f_dev_CD * P_dev_CD, axis=-1))
+    return expert_loss, device_loss
+
+
+class Dispatch(NamedTuple):
+    order_A: jax.Array  # assignment index of each grouped row (rows sorted by expert)
+    group_sizes_E: jax.Array  # rows per expert; dropped assignments sit after the last group
+    keep_A: jax.Array  # False for assignments dropped by the capacity limit
+
+
+def capacity(cfg: MoEConfig, num_tokens: int) -> int | None:
+    """Per-expert capacity in assignments, or None when dropless."""
+    if cfg.capacity_factor == 0:
+        return None
+    return math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.n_routed_experts)
+
+
+def dispatch(expert_TK: jax.Array, num_experts: int, capacity_per_expert: int | None) -> Dispatch:
+    """Sort (token, slot) assignments by expert into contiguous groups.
+
+    Assignments are numbered slot-major (a = k * T + t), so under a capacity limit every
+    token's first choice outranks any token's second choice and earlier tokens outrank later
+    ones, as in GShard; the sort is stable to keep that order inside each group.
+    """
+    expert_A = expert_TK.T.reshape(-1)
+    keep_A = jnp.ones(expert_A.shape, bool)
+    if capacity_per_expert is not None:
+        order_A = jnp.argsort(expert_A, stable=True)
+        sizes_E = jnp.bincount(expert_A, length=num_experts)
+        rank_sorted_A = jnp.arange(expert_A.shape[0]) - (jnp.cumsum(sizes_E) - sizes_E)[expert_A[order_A]]
+        keep_A = jnp.zeros_like(keep_A).at[order_A].set(rank_sorted_A < capacity_per_expert)
+        expert_A = jnp.where(keep_A, expert_A, num_experts)  # past the last group
+    order_A = jnp.argsort(expert_A, stable=True)
+    group_sizes_E = jnp.bincount(expert_A, length=num_experts + 1)[:num_experts]
+    return Dispatch(order_A.astype(jnp.int32), group_sizes_E.astype(jnp.int32), keep_A)
+
+
+def combine(y_GD: jax.Array, plan: Dispatch, gate_TK: jax.Array) -> jax.Array:
+    """Undo the sort and sum each token's expert outputs weighted by their gates."""
+    K, T = gate_TK.shape[1], gate_TK.shape[0]
+    A = plan.order_A.shape[0]
+    position_A = jnp.zeros((A,), jnp.int32).at[plan.order_A].set(jnp.arange(A, dtype=jnp.int32))
+    weight_A = gate_TK.T.reshape(-1) * plan.keep_A
+    y_AD = y_GD[position_A].astype(jnp.float32) * weight_A[:, None]
+    return y_AD.reshape(K, T, -1).sum(0)
+
+
+class MoE(nnx.Module):
+    """DeepSeekMoE FFN: fine-grained routed experts plus fused shared experts.
+
+    route    float32 softmax over all routed experts, top-k gates (not renormalised unless
+             ``norm_topk_prob``), or a fixed token hash; balance losses from the probabilities.
+    dispatch sort the (token, slot) assignments by expert into contiguous groups, dropping those
+             over capacity when ``capacity_factor`` is set.
+    experts  the grouped SwiGLU MLP over the groups, by the configured backend (grouped.py).
+    combine  unsort, weight by the gates, sum over each token's slots.
+    shared   add the always-on shared experts, one dense SwiGLU of width Ks * expert_d_ff.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg.moe
+        E, D, F = cfg.moe.n_routed_experts, cfg.d_model, cfg.moe.expert_d_ff
+        std, dt = cfg.init_std, jnp.dtype(cfg.param_dtype)
+        if cfg.moe.routing == "softmax":
+            self.w_router_DE = param(rngs, (D, E), ("embed", None), std, dt)
+        self.w_gate_EDF = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std, dt)
+        self.w_up_EDF = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std, dt)
+        self.w_down_EFD = param(rngs, (E, F, D), ("expert", "mlp", "embed"), std, dt)
+        Ks = cfg.moe.n_shared_experts
+        self.shared = MLP(D, Ks * F, std=std, param_dtype=dt, rngs=rngs) if Ks else None
+
+    def __call__(self, x_BSD: jax.Array, tokens_BS: jax.Array, valid_BS: jax.Array):
+        """Returns the FFN output and this layer's statistics (balance losses, load, drops)."""
+        cfg = self.cfg
+        B, S, D = x_BSD.shape
+        x_TD, valid_T = x_BSD.reshape(B * S, D), valid_BS.reshape(B * S)
+        E = cfg.n_routed_experts
+
+        if cfg.routing == "hash":
+            routing = route_hash(tokens_BS.reshape(-1), E)
+        else:
+            routing = route_softmax(x_TD, self.w_router_DE[...], cfg.top_k, cfg.norm_topk_prob)
+        expert_loss, device_loss = balance_losses(routing, valid_T, cfg, num_seqs=B)
+
+        plan = dispatch(routing.expert_TK, E, capacity(cfg, B * S))
+        x_GD = x_TD[plan.order_A % (B * S)]
+        y_GD = grouped.grouped_mlp(
+            x_GD, self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...], plan.group_sizes_E,
+            backend=cfg.backend,
+        )
+        y_TD = combine(y_GD, plan, routing.gate_TK)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD).astype(jnp.float32)
+
+        valid_A = jnp.tile(valid_T, cfg.top_k).astype(jnp.float32)
+        stats = {
+            "expert_balance_loss": expert_loss,
+            "device_balance_loss": device_loss,
+            "expert_load": expert_counts(routing.expert_TK, E, valid_T),
+            "drop_fraction": 1.0 - jnp.sum(plan.keep_A * valid_A) / jnp.maximum(jnp.sum(valid_A), 1.0),
+        }
+        return y_TD.astype(x_BSD.dtype).reshape(B, S, D), stats
