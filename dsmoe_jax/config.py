@@ -88,8 +88,8 @@ class ModelConfig:
     d_model: int
     n_layers: int
     n_heads: int
-    head_dim: int
     d_ff: int
+    head_dim: int | None = None  # None: d_model // n_heads, which must then divide evenly
     n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads = n_heads)
     first_k_dense: int = 0
     rope_theta: float = 10000.0
@@ -101,8 +101,16 @@ class ModelConfig:
     moe: MoEConfig | None = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff", "max_seq_len"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.head_dim is None:
+            _require(
+                self.d_model % self.n_heads == 0,
+                f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
+                "change one, or give model.head_dim explicitly",
+            )
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        _require(self.head_dim >= 1, f"model.head_dim must be >= 1, got {self.head_dim}")
         _require(self.head_dim % 2 == 0, f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
         _require(
             self.n_heads % self.kv_heads == 0,

@@ -130,13 +130,13 @@ def _abstract(cfg: ModelConfig):
 
 def param_shapes(cfg: Config | ModelConfig) -> dict:
     """The params pytree of ``cfg`` as ``jax.ShapeDtypeStruct`` leaves."""
-    return _abstract(model_config(cfg))[1].to_pure_dict()
+    return nnx.to_pure_dict(_abstract(model_config(cfg))[1])
 
 
 def init_params(cfg: Config | ModelConfig, key: jax.Array) -> dict:
     """Random parameters (normal, std ``init_std``; norms at one) as a nested dict of arrays."""
     cfg = model_config(cfg)
-    return nnx.state(Decoder(cfg, rngs=nnx.Rngs(params=key)), nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(params=key)), nnx.Param))
 
 
 def _check_params(params: dict, cfg: ModelConfig) -> None:

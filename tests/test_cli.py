@@ -1,0 +1,32 @@
+"""The ``dsmoe-jax`` command line."""
+
+import pathlib
+import subprocess
+import sys
+
+from dsmoe_jax import cli
+
+
+def test_info_prints_architecture_and_counts(capsys):
+    assert cli.main(["info", "--config", "16b"]) == 0
+    out = capsys.readouterr().out
+    assert "16,375,728,128 total" in out
+    assert "2 shared + 64 routed experts of width 1408, top-6" in out
+    assert "GFLOP forward" in out
+
+
+def test_info_override_changes_the_count(capsys):
+    cli.main(["info", "--config", "16b", "--set", "model.n_layers=2"])
+    assert "16,375,728,128" not in capsys.readouterr().out
+
+
+def test_config_errors_exit_2_with_the_message(capsys):
+    assert cli.main(["info", "--config", "tiny", "--set", "moe.top_kk=2"]) == 2
+    assert "unknown key moe.top_kk" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    script = pathlib.Path(sys.executable).parent / "dsmoe-jax"
+    assert script.is_file(), f"pip install -e . should put the dsmoe-jax script beside {sys.executable}"
+    out = subprocess.run([script, "info", "--config", "tiny"], capture_output=True, text=True, check=True).stdout
+    assert "parameters" in out

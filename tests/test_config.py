@@ -1,0 +1,88 @@
+"""Config loading and validation: every shipped config loads; bad input is a clear error."""
+
+import pathlib
+
+import pytest
+
+import dsmoe_jax
+from dsmoe_jax.config import ConfigError, config_from_dict, load_config
+
+SHIPPED = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.toml"))
+TINY = {"model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64},
+        "moe": {"n_routed_experts": 4, "top_k": 2, "expert_d_ff": 16}}
+
+
+def _with(section, **kv):
+    return {**TINY, section: {**TINY.get(section, {}), **kv}}
+
+
+def test_shipped_configs_are_all_found():
+    assert {"tiny", "2b", "16b", "145b", "dense-2b", "hash-2b", "switch-2b", "gshard-2b"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_loads_by_name_and_path(name):
+    by_name = load_config(name)
+    by_path = load_config(pathlib.Path(__file__).parents[1] / "configs" / f"{name}.toml")
+    assert by_name == by_path
+    assert config_from_dict(by_name.to_dict()) == by_name, "to_dict must round-trip"
+    hash(by_name.model)  # jit needs a hashable (static) config
+
+
+def test_16b_matches_the_released_config():
+    m = load_config("16b").model
+    assert (m.vocab_size, m.d_model, m.n_layers, m.first_k_dense, m.d_ff) == (102400, 2048, 28, 1, 10944)
+    assert (m.n_heads, m.head_dim, m.rope_theta, m.norm_eps, m.max_seq_len) == (16, 128, 10000.0, 1e-6, 4096)
+    e = m.moe
+    assert (e.n_shared_experts, e.n_routed_experts, e.top_k, e.expert_d_ff) == (2, 64, 6, 1408)
+    assert (e.seq_aux, e.aux_loss_alpha, e.norm_topk_prob) == (True, 0.001, False)
+
+
+def test_overrides_apply_and_parse_values():
+    cfg = load_config("tiny", ["train.steps=7", "model.dtype=bfloat16", "moe.top_k=2", "train.lr=3e-4",
+                               "moe.seq_aux=true", "train.decay_at=[0.5, 0.75]"])
+    assert (cfg.train.steps, cfg.model.dtype, cfg.model.moe.top_k) == (7, "bfloat16", 2)
+    assert (cfg.train.lr, cfg.model.moe.seq_aux, cfg.train.decay_at) == (3e-4, True, (0.5, 0.75))
+
+
+@pytest.mark.parametrize(
+    "tables, message",
+    [
+        (_with("model", hiden=3), r"unknown key model\.hiden; valid keys in \[model\]: vocab_size, d_model"),
+        (_with("moe", topk=3), r"unknown key moe\.topk; valid keys in \[moe\]: n_routed_experts"),
+        ({**TINY, "optim": {}}, r"unknown section \[optim\]"),
+        (_with("model", d_model="big"), r"model\.d_model must be an integer, got 'big'"),
+        (_with("model", n_layers=2.5), r"model\.n_layers must be an integer"),
+        (_with("moe", seq_aux=1), r"moe\.seq_aux must be of type bool"),
+        (_with("moe", routing="random"), r"moe\.routing must be one of \['softmax', 'hash'\]"),
+        (_with("moe", top_k=5), r"moe\.top_k=5 must be between 1 and moe\.n_routed_experts=4"),
+        (_with("model", n_heads=5), r"model\.n_heads=5 does not divide model\.d_model=32"),
+        (_with("model", n_kv_heads=3), r"model\.n_kv_heads=3 must divide model\.n_heads=4"),
+        (_with("model", dtype="fp8"), r"model\.dtype must be one of"),
+        (_with("moe", device_groups=3), r"moe\.device_groups=3 must divide moe\.n_routed_experts=4"),
+        (_with("moe", routing="hash"), r"hash routing sends each token to exactly one expert"),
+        ({"model": TINY["model"]}, r"no \[moe\] section"),
+        ({"model": {"d_model": 32}}, r"\[model\]: .*missing"),
+        (_with("train", decay_at=[0.9, 0.8]), r"train\.decay_at must be increasing"),
+    ],
+)
+def test_bad_configs_are_refused_with_the_reason(tables, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(tables)
+
+
+def test_bad_override_and_missing_file_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("tiny", ["steps=3"])
+    with pytest.raises(ConfigError, match="no config file 'nope'; shipped configs: .*tiny"):
+        load_config("nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nx = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_dense_model_needs_no_moe_section():
+    cfg = config_from_dict({"model": {**TINY["model"], "first_k_dense": 2}})
+    assert cfg.model.moe is None and cfg.model.n_moe_layers == 0
+    assert dsmoe_jax.count_params(cfg)[0] == dsmoe_jax.count_params(cfg)[1]

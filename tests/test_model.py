@@ -1,0 +1,168 @@
+"""The decoder and the functional API: causality, masks, RoPE, dtypes, parameter counts."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dsmoe_jax
+from dsmoe_jax import model as model_lib
+
+
+def _forward(cfg):
+    return jax.jit(functools.partial(dsmoe_jax.forward, cfg=cfg))
+
+
+def test_count_params_16b_is_the_released_number():
+    total, activated = dsmoe_jax.count_params(dsmoe_jax.load_config("16b"))
+    assert total == 16_375_728_128, f"16B total {total:,}"
+    assert abs(activated / 2.8e9 - 1) < 0.03, f"16B activated {activated:,} not within 3% of 2.8B"
+
+
+def test_count_params_2b_rounds_to_the_paper():
+    total, activated = dsmoe_jax.count_params(dsmoe_jax.load_config("2b"))
+    assert round(total / 1e9, 1) == 2.0 and round(activated / 1e9, 1) == 0.3, (total, activated)
+
+
+def test_count_params_145b_within_one_percent():
+    total, activated = dsmoe_jax.count_params(dsmoe_jax.load_config("145b"))
+    assert abs(total / 144.6e9 - 1) < 0.01, f"145B total {total:,}"
+    assert abs(activated / 22.2e9 - 1) < 0.01, f"145B activated {activated:,}"
+
+
+@pytest.mark.parametrize(
+    "name, total_b, active_b",
+    [("dense-2b", 0.2, 0.2), ("hash-2b", 2.0, 0.2), ("switch-2b", 2.0, 0.2), ("gshard-2b", 2.0, 0.3)],
+)
+def test_paper_baselines_have_table_1_sizes(name, total_b, active_b):
+    total, activated = dsmoe_jax.count_params(dsmoe_jax.load_config(name))
+    assert (round(total / 1e9, 1), round(activated / 1e9, 1)) == (total_b, active_b), (name, total, activated)
+
+
+def test_count_params_matches_initialised_params(small_cfg, key):
+    params = dsmoe_jax.init_params(small_cfg, key)
+    assert sum(x.size for x in jax.tree.leaves(params)) == dsmoe_jax.count_params(small_cfg)[0]
+
+
+def test_future_tokens_do_not_change_earlier_logits(small_cfg, key):
+    params = dsmoe_jax.init_params(small_cfg, key)
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, small_cfg.vocab_size)
+    changed = tokens.at[:, 7:].set((tokens[:, 7:] + 11) % small_cfg.vocab_size)
+    f = _forward(small_cfg)
+    (a, _), (b, _) = f(params, tokens), f(params, changed)
+    np.testing.assert_array_equal(a[:, :7], b[:, :7], err_msg="logits before position 7 saw the future")
+    assert not np.allclose(a[:, 7:], b[:, 7:]), "the changed positions must change"
+
+
+def test_padding_is_invisible_to_real_tokens(small_cfg, key):
+    params = dsmoe_jax.init_params(small_cfg, key)
+    tokens = jax.random.randint(jax.random.key(2), (1, 10), 0, small_cfg.vocab_size)
+    # Left-pad by 3 with garbage; positions keep counting from the first real token.
+    padded = jnp.concatenate([jnp.full((1, 3), 42), tokens], axis=1)
+    mask = jnp.concatenate([jnp.zeros((1, 3)), jnp.ones((1, 10))], axis=1).astype(jnp.int32)
+    positions = jnp.maximum(jnp.arange(13) - 3, 0)[None]
+    ref, ref_aux = _forward(small_cfg)(params, tokens)
+    out, aux = dsmoe_jax.forward(params, padded, small_cfg, attention_mask=mask, positions=positions)
+    assert np.all(np.isfinite(out)), "fully masked query rows must stay finite"
+    np.testing.assert_allclose(out[:, 3:], ref, atol=2e-5, err_msg="padding changed real tokens' logits")
+    np.testing.assert_allclose(aux["expert_balance_loss"], ref_aux["expert_balance_loss"], rtol=1e-5,
+                               err_msg="padding must stay out of the balance loss")
+    np.testing.assert_array_equal(aux["expert_load"], ref_aux["expert_load"])
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    q, k = jax.random.normal(jax.random.key(3), (2, 1, 1, 1, 16))
+    score = lambda i, j: jnp.sum(model_lib.rope(q, jnp.array([[i]]), 1e4) * model_lib.rope(k, jnp.array([[j]]), 1e4))
+    assert float(score(7, 3)) == pytest.approx(float(score(104, 100)), rel=1e-4)
+    assert float(score(0, 0)) == pytest.approx(float(jnp.sum(q * k)), rel=1e-5), "position 0 is the identity"
+    # Rotate-half: dimension i pairs with i + H/2, rotated by angle p * theta^(-2i/H).
+    x = jnp.zeros((1, 1, 1, 16)).at[..., 1].set(1.0)
+    out = model_lib.rope(x, jnp.array([[5]]), 1e4)
+    angle = 5 * 1e4 ** (-2 / 16)
+    np.testing.assert_allclose(out[0, 0, 0, [1, 9]], [np.cos(angle), np.sin(angle)], rtol=1e-5)
+
+
+def test_attention_matches_naive_softmax(small_cfg, key):
+    attn = model_lib.Attention(small_cfg, rngs=__import__("flax").nnx.Rngs(0))
+    x = jax.random.normal(key, (1, 5, small_cfg.d_model))
+    pos = jnp.arange(5)[None]
+    out = attn(x, pos, jnp.ones((1, 5)))
+    q = model_lib.rope(jnp.einsum("bsd,dnh->bsnh", x, attn.w_q_DNH[...]), pos, small_cfg.rope_theta)
+    k = model_lib.rope(jnp.einsum("bsd,dnh->bsnh", x, attn.w_k_DKH[...]), pos, small_cfg.rope_theta)
+    v = jnp.einsum("bsd,dnh->bsnh", x, attn.w_v_DKH[...])
+    q, k, v = (np.asarray(a[0], np.float64) for a in (q, k, v))
+    ref = np.zeros((5, small_cfg.n_heads, small_cfg.head_dim))
+    for n in range(small_cfg.n_heads):
+        for i in range(5):
+            s = np.array([q[i, n] @ k[j, n] for j in range(i + 1)]) / np.sqrt(small_cfg.head_dim)
+            p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+            ref[i, n] = p @ v[: i + 1, n]
+    ref = np.einsum("snh,nhd->sd", ref, np.asarray(attn.w_o_NHD[...], np.float64))
+    np.testing.assert_allclose(out[0], ref, atol=1e-5)
+
+
+def test_bfloat16_forward_stays_close_to_float32(small_cfg, key):
+    params = dsmoe_jax.init_params(small_cfg, key)
+    tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, small_cfg.vocab_size)
+    ref, _ = _forward(small_cfg)(params, tokens)
+    bf16 = dataclasses.replace(small_cfg, dtype="bfloat16")
+    out, aux = _forward(bf16)(params, tokens)
+    assert out.dtype == jnp.float32, "logits come back in float32"
+    assert np.all(np.isfinite(out))
+    rel = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
+    assert rel < 0.05, f"bf16 logits differ from float32 by {rel:.3f} (relative to the largest logit)"
+    bf16_params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    out2, _ = _forward(dataclasses.replace(bf16, param_dtype="bfloat16"))(bf16_params, tokens)
+    assert float(jnp.abs(out2 - ref).max() / jnp.abs(ref).max()) < 0.05
+
+
+@pytest.mark.parametrize("backend", ["ragged", "tiled"])
+def test_full_model_gradients_match_dense_backend(small_cfg, key, backend):
+    params = dsmoe_jax.init_params(small_cfg, key)
+    tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, small_cfg.vocab_size)
+
+    def grads(name):
+        cfg = dataclasses.replace(small_cfg, moe=dataclasses.replace(small_cfg.moe, backend=name))
+
+        def loss(p):
+            logits, aux = dsmoe_jax.forward(p, tokens, cfg)
+            return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux["balance_loss"]
+
+        return jax.jit(jax.grad(loss))(params)
+
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads(backend)), jax.tree.leaves(grads("dense"))):
+        np.testing.assert_allclose(a, b, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("name", ["dense-2b", "hash-2b", "switch-2b", "gshard-2b", "tiny"])
+def test_every_variant_runs_at_small_width(name, key):
+    cfg = dsmoe_jax.load_config(name, ["model.d_model=32", "model.n_heads=2", "model.head_dim=16", "model.d_ff=64",
+                                       "model.n_layers=2", "model.vocab_size=64"] +
+                                (["moe.expert_d_ff=16"] if name != "dense-2b" else ["model.first_k_dense=2"]))
+    params = dsmoe_jax.init_params(cfg, key)
+    logits, aux = _forward(cfg)(params, jnp.arange(16).reshape(2, 8) % 64)
+    assert logits.shape == (2, 8, 64) and np.all(np.isfinite(logits))
+    n_moe = cfg.model.n_moe_layers
+    assert aux["expert_load"].shape[0] == n_moe and aux["drop_fraction"].shape == (n_moe,)
+
+
+def test_aux_reports_per_layer_load(small_cfg, key):
+    params = dsmoe_jax.init_params(small_cfg, key)
+    _, aux = _forward(small_cfg)(params, jnp.zeros((3, 5), jnp.int32))
+    assert aux["expert_load"].shape == (2, 8), "two MoE layers, eight routed experts"
+    np.testing.assert_array_equal(aux["expert_load"].sum(-1), [15 * 3, 15 * 3])
+    assert float(aux["balance_loss"]) == pytest.approx(
+        float(aux["expert_balance_loss"] + aux["device_balance_loss"]))
+
+
+def test_mismatched_params_are_a_clear_error(small_cfg, key):
+    params = dsmoe_jax.init_params(small_cfg, key)
+    bigger = dataclasses.replace(small_cfg, d_ff=128)
+    with pytest.raises(ValueError, match=r"\['layers'\]\[0\]\['ffn'\]\['w_down_FD'\] has shape \(64, 32\)"):
+        dsmoe_jax.forward(params, jnp.zeros((1, 4), jnp.int32), bigger)
+    del params["lm_head_DV"]
+    with pytest.raises(ValueError, match="missing.*lm_head_DV"):
+        dsmoe_jax.forward(params, jnp.zeros((1, 4), jnp.int32), small_cfg)

@@ -1,0 +1,189 @@
+"""Router, balance losses, dispatch and the DeepSeekMoE layer against hand computations."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsmoe_jax import ModelConfig, MoEConfig
+from dsmoe_jax import moe as moe_lib
+
+# Router example: 3 tokens, 4 experts. The logits are logs of small integers, so the softmax
+# probabilities are exact fractions: t0 -> [1,2,3,4]/10, t1 -> [4,3,2,1]/10, t2 -> [1,4,9,16]/30.
+X_TD = jnp.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+W_DE = jnp.log(jnp.array([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]))
+PROBS = np.array([[1, 2, 3, 4], [4, 3, 2, 1], [1, 4, 9, 16]], float) / np.array([[10], [10], [30]])
+
+
+def test_router_top_k_and_gates_by_hand():
+    r = moe_lib.route_softmax(X_TD, W_DE, top_k=2, norm_topk_prob=False)
+    np.testing.assert_allclose(r.probs_TE, PROBS, rtol=1e-6, err_msg="softmax over all routed experts")
+    np.testing.assert_array_equal(r.expert_TK, [[3, 2], [0, 1], [3, 2]])
+    np.testing.assert_allclose(r.gate_TK, [[0.4, 0.3], [0.4, 0.3], [16 / 30, 9 / 30]], rtol=1e-6,
+                               err_msg="gates are the raw probabilities, not renormalised")
+    normed = moe_lib.route_softmax(X_TD, W_DE, top_k=2, norm_topk_prob=True)
+    np.testing.assert_allclose(normed.gate_TK, [[4 / 7, 3 / 7], [4 / 7, 3 / 7], [16 / 25, 9 / 25]], rtol=1e-6)
+
+
+def _losses(seq_aux, num_seqs, valid=(1, 1, 1)):
+    cfg = MoEConfig(n_routed_experts=4, top_k=2, expert_d_ff=1, aux_loss_alpha=0.1, device_aux_alpha=0.2,
+                    device_groups=2, seq_aux=seq_aux)
+    r = moe_lib.route_softmax(X_TD, W_DE, top_k=2, norm_topk_prob=False)
+    return [float(v) for v in moe_lib.balance_losses(r, jnp.array(valid), cfg, num_seqs)]
+
+
+def test_balance_losses_by_hand():
+    # Picks: e0 once, e1 once, e2 twice, e3 twice. f_i = E/(K T) * count_i = 4/6 * count_i.
+    f = np.array([1, 1, 2, 2]) * 4 / 6
+    P = PROBS.mean(0)
+    expert, device = _losses(seq_aux=False, num_seqs=3)
+    assert expert == pytest.approx(0.1 * np.sum(f * P), rel=1e-6)
+    # Device groups {e0, e1}, {e2, e3}: f' is the mean of f in a group, P' the sum of P.
+    f_dev = np.array([f[:2].mean(), f[2:].mean()])
+    P_dev = np.array([P[:2].sum(), P[2:].sum()])
+    assert device == pytest.approx(0.2 * np.sum(f_dev * P_dev), rel=1e-6)
+
+
+def test_sequence_wise_balance_loss_by_hand():
+    # Three sequences of one token: per sequence f = E/K = 2 on its two picks, P = its probs.
+    per_seq = [2 * (0.4 + 0.3), 2 * (0.4 + 0.3), 2 * (16 + 9) / 30]
+    expert, _ = _losses(seq_aux=True, num_seqs=3)
+    assert expert == pytest.approx(0.1 * np.mean(per_seq), rel=1e-6)
+    batch_wise, _ = _losses(seq_aux=False, num_seqs=3)
+    assert abs(expert - batch_wise) > 1e-3, "the sequence-wise variant must differ on this example"
+
+
+def test_padding_tokens_are_left_out_of_balance_statistics():
+    # Only t0 and t1 count: picks e3, e2, e0, e1 once each -> f = 4/(2*2) = 1 for all experts.
+    expert, _ = _losses(seq_aux=False, num_seqs=3, valid=(1, 1, 0))
+    assert expert == pytest.approx(0.1 * np.sum(PROBS[:2].mean(0)), rel=1e-6)
+
+
+# Dispatch example: 4 tokens, top-2, 3 experts, capacity 2. Slot-major priority gives
+# e0: (s0,t0) (s0,t1) | (s0,t2) (s1,t3) dropped; e1: (s0,t3) (s1,t0) | (s1,t2) dropped; e2: (s1,t1).
+EXPERT_TK = jnp.array([[0, 1], [0, 2], [0, 1], [1, 0]])
+KEEP_TK = np.array([[1, 1], [1, 1], [0, 0], [1, 0]], bool)
+
+
+def test_capacity_drops_the_assignments_gshard_drops():
+    plan = moe_lib.dispatch(EXPERT_TK, num_experts=3, capacity_per_expert=2)
+    np.testing.assert_array_equal(np.asarray(plan.keep_A).reshape(2, 4).T, KEEP_TK)
+    np.testing.assert_array_equal(plan.group_sizes_E, [2, 2, 1])
+    cfg = MoEConfig(n_routed_experts=3, top_k=2, expert_d_ff=1, capacity_factor=0.75)
+    assert moe_lib.capacity(cfg, num_tokens=4) == 2, "ceil(0.75 * 4 * 2 / 3)"
+
+
+def test_dispatch_sorts_assignments_into_expert_groups():
+    plan = moe_lib.dispatch(EXPERT_TK, num_experts=3, capacity_per_expert=None)
+    expert_A = np.asarray(EXPERT_TK).T.reshape(-1)
+    np.testing.assert_array_equal(plan.group_sizes_E, [4, 3, 1])
+    sorted_experts = expert_A[np.asarray(plan.order_A)]
+    assert list(sorted_experts) == sorted(expert_A), "rows must be grouped by expert"
+    assert np.all(plan.keep_A), "dropless keeps every assignment"
+
+
+def _layer(cfg: ModelConfig, seed=0) -> moe_lib.MoE:
+    return moe_lib.MoE(cfg, rngs=nnx.Rngs(seed))
+
+
+def _numpy_moe(layer: moe_lib.MoE, x_TD, keep_TK=None):
+    """Token by token: sum_k g_k FFN_{e_k}(x) + shared(x), routing recomputed in float64."""
+    c = layer.cfg
+    p = jax.tree.map(lambda v: np.asarray(v, np.float64), nnx.to_pure_dict(nnx.state(layer, nnx.Param)))
+    swiglu = lambda x, wg, wu, wd: ((x @ wg) / (1 + np.exp(-(x @ wg))) * (x @ wu)) @ wd
+    x = np.asarray(x_TD, np.float64)
+    y = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        logits = x[t] @ p["w_router_DE"]
+        probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        top = np.argsort(-probs, kind="stable")[: c.top_k]
+        gates = probs[top] / (probs[top].sum() if c.norm_topk_prob else 1.0)
+        for k, (e, g) in enumerate(zip(top, gates)):
+            if keep_TK is None or keep_TK[t, k]:
+                y[t] += g * swiglu(x[t], p["w_gate_EDF"][e], p["w_up_EDF"][e], p["w_down_EFD"][e])
+        if c.n_shared_experts:
+            y[t] += swiglu(x[t], *(p["shared"][n] for n in ("w_gate_DF", "w_up_DF", "w_down_FD")))
+    return y
+
+
+@pytest.mark.parametrize("backend", ["dense", "ragged", "tiled"])
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_moe_layer_matches_token_by_token_reference(small_cfg, backend, norm_topk_prob):
+    cfg = dataclasses.replace(small_cfg, moe=dataclasses.replace(small_cfg.moe, backend=backend,
+                                                                 norm_topk_prob=norm_topk_prob))
+    layer = _layer(cfg)
+    x_BSD = jax.random.normal(jax.random.key(3), (2, 10, cfg.d_model))
+    y, stats = layer(x_BSD, jnp.zeros((2, 10), jnp.int32), jnp.ones((2, 10)))
+    ref = _numpy_moe(layer, x_BSD.reshape(20, -1)).reshape(y.shape)
+    np.testing.assert_allclose(y, ref, atol=1e-5, err_msg=f"MoE layer ({backend}) != token-by-token reference")
+    assert float(stats["expert_load"].sum()) == 20 * cfg.moe.top_k
+    assert float(stats["drop_fraction"]) == 0.0
+
+
+def test_moe_layer_with_capacity_matches_reference_with_drops(small_cfg):
+    cfg = dataclasses.replace(small_cfg, moe=dataclasses.replace(small_cfg.moe, capacity_factor=0.5))
+    layer = _layer(cfg)
+    x_TD = jax.random.normal(jax.random.key(4), (16, cfg.d_model))
+    y, stats = layer(x_TD[None], jnp.zeros((1, 16), jnp.int32), jnp.ones((1, 16)))
+    # Recompute which assignments survive, independently: slot-major, first come first served.
+    r = moe_lib.route_softmax(x_TD, layer.w_router_DE[...], cfg.moe.top_k, False)
+    C = math.ceil(0.5 * 16 * cfg.moe.top_k / cfg.moe.n_routed_experts)
+    used, keep = np.zeros(cfg.moe.n_routed_experts, int), np.zeros((16, cfg.moe.top_k), bool)
+    for k in range(cfg.moe.top_k):
+        for t in range(16):
+            e = int(r.expert_TK[t, k])
+            keep[t, k] = used[e] < C
+            used[e] += 1
+    assert 0 < (~keep).sum() < keep.size, "the example must drop some assignments, not all"
+    np.testing.assert_allclose(y[0], _numpy_moe(layer, x_TD, keep), atol=1e-5)
+    assert float(stats["drop_fraction"]) == pytest.approx((~keep).mean())
+
+
+def test_large_capacity_is_dropless(small_cfg):
+    layer = _layer(small_cfg)
+    big = dataclasses.replace(small_cfg, moe=dataclasses.replace(small_cfg.moe, capacity_factor=8 / 3))
+    layer_big = _layer(big)  # same seed, same weights; capacity = all tokens
+    x = jax.random.normal(jax.random.key(5), (1, 12, small_cfg.d_model))
+    args = (jnp.zeros((1, 12), jnp.int32), jnp.ones((1, 12)))
+    (y, _), (y_big, stats) = layer(x, *args), layer_big(x, *args)
+    np.testing.assert_array_equal(y, y_big)
+    assert float(stats["drop_fraction"]) == 0.0
+
+
+def test_hash_routing_depends_only_on_token_id(small_cfg):
+    cfg = dataclasses.replace(small_cfg, moe=dataclasses.replace(small_cfg.moe, routing="hash", top_k=1))
+    tokens = jnp.array([5, 17, 5, 3, 17, 5])
+    r = moe_lib.route_hash(tokens, cfg.moe.n_routed_experts)
+    e = np.asarray(r.expert_TK[:, 0])
+    assert e[0] == e[2] == e[5] and e[1] == e[4], "one token id, one expert"
+    assert np.all(np.asarray(r.gate_TK) == 1.0)
+    experts = moe_lib.route_hash(jnp.arange(4096), 8).expert_TK
+    counts = np.bincount(np.asarray(experts[:, 0]), minlength=8)
+    assert counts.min() > 0.8 * 512, f"the hash should spread token ids evenly: {counts}"
+    layer = _layer(cfg)
+    assert not hasattr(layer, "w_router_DE"), "hash routing has no router weights"
+    _, stats = layer(jnp.ones((1, 6, cfg.d_model)), tokens[None], jnp.ones((1, 6)))
+    assert float(stats["expert_balance_loss"]) == 0.0
+
+
+@pytest.mark.parametrize("backend", ["ragged", "tiled"])
+def test_layer_gradients_match_dense_backend(small_cfg, backend):
+    x = jax.random.normal(jax.random.key(6), (2, 8, small_cfg.d_model))
+
+    def grads(name):
+        cfg = dataclasses.replace(small_cfg, moe=dataclasses.replace(small_cfg.moe, backend=name))
+        graphdef, params = nnx.split(_layer(cfg))
+
+        def loss(params, x):
+            y, stats = nnx.merge(graphdef, params)(x, jnp.zeros((2, 8), jnp.int32), jnp.ones((2, 8)))
+            return jnp.sum(jnp.sin(y)) + stats["expert_balance_loss"]
+
+        return jax.grad(loss, argnums=(0, 1))(params, x)
+
+    got, want = grads(backend), grads("dense")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{backend}: gradient of {jax.tree_util.keystr(path)}")
