@@ -31,7 +31,7 @@ GroupedMLP = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], j
 
 _BACKENDS: dict[str, GroupedMLP] = {}
 
-TILE_ROWS = 128  # rows per tile of the "tiled" backend; see BENCHMARKS.md
+TILE_ROWS = 256  # rows per tile of the "tiled" backend: 128 and 256 measured in BENCHMARKS.md
 
 
 def register_backend(name: str, fn: GroupedMLP) -> None:

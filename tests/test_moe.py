@@ -187,3 +187,4 @@ def test_layer_gradients_match_dense_backend(small_cfg, backend):
     got, want = grads(backend), grads("dense")
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{backend}: gradient of {jax.tree_util.keystr(path)}")
+

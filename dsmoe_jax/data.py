@@ -1,0 +1,200 @@
+"""Tokens for training and evaluation: tokenizers, the embedded default corpus, grain pipelines.
+
+The default corpus needs no download: it is the Python standard library's own source and its
+documentation topics (``pydoc_data``), present in every CPython installation. It is tokenized
+once and cached on disk as a flat ``uint16``/``uint32`` token array, split deterministically into
+train and validation by document. ``data.path`` may instead point at a text file, a directory of
+text files, or a pre-tokenized ``.npy`` token array.
+
+Batches come from a grain ``MapDataset`` over fixed-length windows of the token array:
+shuffled per epoch with the run's seed, batched, and sliced per process for multi-host runs;
+its iterator state is saved in every checkpoint so a resumed run sees exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterable, Sequence
+
+import grain
+import numpy as np
+
+from dsmoe_jax.config import Config
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".toml", ".html", ".c", ".h")
+VAL_EVERY = 20  # every 20th document goes to validation
+CORPUS_MAX_BYTES = 24 * 2**20  # the embedded corpus: the first 24 MiB of documents, in sorted order
+
+
+class DataError(ValueError):
+    """Data that cannot be read or does not fit the model."""
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, then ``bos`` = 256 and ``eos`` = 257."""
+
+    bos_id, eos_id = 256, 257
+    vocab_size = 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """An HF ``tokenizer.json`` through the ``tokenizers`` library."""
+
+    def __init__(self, path: str | os.PathLike, bos_id: int | None = None, eos_id: int | None = None):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(path))
+        self.vocab_size = self._tok.get_vocab_size()
+        self.bos_id = bos_id if bos_id is not None else self._special(("<｜begin▁of▁sentence｜>", "<s>", "<|begin_of_text|>"))
+        self.eos_id = eos_id if eos_id is not None else self._special(("<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>"))
+
+    def _special(self, names) -> int | None:
+        return next((i for i in map(self._tok.token_to_id, names) if i is not None), None)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids))
+
+
+def load_tokenizer(spec: str):
+    """``"byte"`` or the path of a ``tokenizer.json`` (or of a directory holding one)."""
+    if spec == "byte":
+        return ByteTokenizer()
+    path = pathlib.Path(spec)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"data.tokenizer: no tokenizer.json at {spec!r}; use 'byte' or a path to a tokenizer.json")
+    return HFTokenizer(path)
+
+
+def embedded_documents() -> list[tuple[str, str]]:
+    """(name, text) of the standard library's documentation topics and source files."""
+    from pydoc_data.topics import topics
+
+    docs = [(f"pydoc:{k}", topics[k]) for k in sorted(topics)]
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    skip = ("site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__")
+    total = sum(len(t) for _, t in docs)
+    for path in sorted(stdlib.rglob("*.py")):
+        rel = path.relative_to(stdlib)
+        if any(part in skip for part in rel.parts[:-1]) or total > CORPUS_MAX_BYTES:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        docs.append((f"stdlib:{rel.as_posix()}", text))
+        total += len(text)
+    return docs
+
+
+def _user_documents(path: pathlib.Path) -> list[tuple[str, str]]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise DataError(f"data.path {str(path)!r} holds no text files (looked for {', '.join(TEXT_SUFFIXES)})")
+    return [(str(p), p.read_text(encoding="utf-8", errors="replace")) for p in files]
+
+
+def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation token arrays: each document as [bos] + text + [eos]; every
+    ``VAL_EVERY``-th document (in the given order) goes to validation."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    parts: tuple[list, list] = ([], [])
+    for i, (_, text) in enumerate(docs):
+        ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        ids += tokenizer.encode(text)
+        ids += [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        parts[int(i % VAL_EVERY == VAL_EVERY - 1)].append(np.asarray(ids, dtype))
+    return tuple(np.concatenate(p) if p else np.zeros((0,), dtype) for p in parts)
+
+
+def cache_dir() -> pathlib.Path:
+    root = os.environ.get("DSMOE_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dsmoe-jax")
+    return pathlib.Path(root)
+
+
+def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as f:
+        np.save(f, array)
+    os.replace(f.name, path)
+
+
+def load_tokens(cfg: Config) -> tuple[np.ndarray, np.ndarray, object]:
+    """(train tokens, validation tokens, tokenizer) for ``cfg.data``, tokenized once and cached."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                        f"{cfg.model.vocab_size}; raise model.vocab_size")
+    if cfg.data.path is not None:
+        path = pathlib.Path(cfg.data.path)
+        if not path.exists():
+            raise DataError(f"data.path {cfg.data.path!r} does not exist; point it at a text file, a directory "
+                            "of text files or a .npy token array, or unset it for the embedded corpus")
+        if path.suffix == ".npy":
+            tokens = np.load(path, mmap_mode="r")
+            if tokens.size and int(tokens.max()) >= cfg.model.vocab_size:
+                raise DataError(f"{path} holds token id {int(tokens.max())} >= model.vocab_size {cfg.model.vocab_size}")
+            n_val = max(len(tokens) // VAL_EVERY, 1)
+            return np.asarray(tokens[:-n_val]), np.asarray(tokens[-n_val:]), tokenizer
+        docs = _user_documents(path)
+    else:
+        docs = embedded_documents()
+    key = hashlib.sha256(json.dumps([cfg.data.tokenizer, sys.version_info[:2], [n for n, _ in docs],
+                                     [len(t) for _, t in docs]]).encode()).hexdigest()[:16]
+    cached = [cache_dir() / f"tokens-{key}-{split}.npy" for split in ("train", "val")]
+    if not all(p.is_file() for p in cached):
+        for p, array in zip(cached, tokenize_documents(docs, tokenizer)):
+            _save_atomic(p, array)
+    train, val = (np.load(p, mmap_mode="r") for p in cached)
+    return train, val, tokenizer
+
+
+class WindowSource:
+    """Random access to non-overlapping windows of ``seq_len + 1`` tokens (inputs and targets)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n = (len(tokens) - 1) // seq_len
+        if self.n < 1:
+            raise DataError(f"{len(tokens)} tokens cannot fill one window of {seq_len + 1}; lower train.seq_len "
+                            "or add data")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = i * self.seq_len
+        return np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)
+
+
+def batches(tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int, shuffle: bool = True,
+            num_epochs: int | None = None, process_index: int = 0, process_count: int = 1):
+    """A grain dataset of ``[batch_size, seq_len + 1]`` int32 windows for this process.
+
+    Windows are shuffled per epoch with ``seed``; each process takes every ``process_count``-th
+    window, so processes read disjoint parts; ``batch_size`` is the per-process batch.
+    """
+    source = WindowSource(tokens, seq_len)
+    if len(source) < process_count * batch_size:
+        raise DataError(f"{len(source)} windows of {seq_len + 1} tokens cannot fill one batch of "
+                        f"{batch_size} per process x {process_count} processes; lower train.batch_size or "
+                        "train.seq_len, or add data")
+    ds = grain.MapDataset.source(source)
+    ds = ds.shuffle(seed=seed) if shuffle else ds
+    ds = ds[process_index::process_count]
+    ds = ds.repeat(num_epochs)
+    return ds.batch(batch_size, drop_remainder=True)

@@ -1,0 +1,82 @@
+"""The loss and the jitted train step: ``(state, batch) -> (state, metrics)``, a pure function.
+
+Shape legend: B batch, S sequence, V vocabulary, A gradient-accumulation micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsmoe_jax.config import Config
+from dsmoe_jax.model import forward
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: train steps taken (batches consumed), skipped ones included
+    params: dict  # float32 master weights
+    opt_state: optax.OptState
+
+
+def init_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy in float32 over the unmasked positions."""
+    logp = jax.nn.log_softmax(logits_BSV.astype(jnp.float32), axis=-1)
+    nll_BS = -jnp.take_along_axis(logp, targets_BS[..., None], axis=-1)[..., 0]
+    if mask_BS is None:
+        return jnp.mean(nll_BS)
+    return jnp.sum(nll_BS * mask_BS) / jnp.maximum(jnp.sum(mask_BS), 1)
+
+
+def loss_fn(params: dict, windows_BS1: jax.Array, cfg: Config):
+    """Cross-entropy of each window's next tokens plus the configured balance losses."""
+    inputs, targets = windows_BS1[:, :-1], windows_BS1[:, 1:]
+    logits, aux = forward(params, inputs, cfg.model)
+    ce = cross_entropy(logits, targets)
+    return ce + aux["balance_loss"], {"ce": ce, **aux}
+
+
+def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
+    """The train step for ``cfg``: gradient accumulation over ``train.grad_accum`` micro-batches,
+    clipping and AdamW; a non-finite loss or gradient leaves the state unchanged and reports it."""
+    A = cfg.train.grad_accum
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, windows_BS1: jax.Array):
+        micro_ABS1 = windows_BS1.reshape(A, -1, *windows_BS1.shape[1:])
+
+        def accumulate(grads, micro):
+            (loss, aux), g = grad_fn(state.params, micro, cfg)
+            return jax.tree.map(jnp.add, grads, g), (loss, aux)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (loss_A, aux_A) = jax.lax.scan(accumulate, zeros, micro_ABS1)
+        grads = jax.tree.map(lambda g: g / A, grads)
+        loss, aux = jnp.mean(loss_A), jax.tree.map(lambda a: jnp.mean(a, axis=0), aux_A)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        # A bad step leaves params and optimizer state as they were: nothing non-finite is kept.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new = TrainState(state.step + 1, keep(optax.apply_updates(state.params, updates), state.params),
+                         keep(opt_state, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
+        return new, metrics
+
+    return step
+
+
+def make_eval_step(cfg: Config):
+    """Mean cross-entropy of a batch of windows (no balance loss)."""
+
+    def step(params, windows_BS1):
+        logits, _ = forward(params, windows_BS1[:, :-1], cfg.model)
+        return cross_entropy(logits, windows_BS1[:, 1:])
+
+    return step
