@@ -4,12 +4,14 @@
     params = dsmoe_jax.init_params(cfg, jax.random.key(0))
     logits, aux = dsmoe_jax.forward(params, tokens, cfg)   # aux: balance losses, expert load
     total, activated = dsmoe_jax.count_params(cfg)
+    params, cfg = dsmoe_jax.load_checkpoint("runs/tiny")    # a training workdir's latest checkpoint
 """
 
 from dsmoe_jax.config import (
     Config,
     ConfigError,
     DataConfig,
+    DsmoeError,
     MeshConfig,
     ModelConfig,
     MoEConfig,
@@ -18,11 +20,13 @@ from dsmoe_jax.config import (
 )
 from dsmoe_jax.grouped import grouped_mlp, register_backend
 from dsmoe_jax.model import count_params, flops_per_token, forward, init_params, param_shapes
+from dsmoe_jax.train.checkpoint import load_checkpoint
 
 __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "DsmoeError",
     "MeshConfig",
     "ModelConfig",
     "MoEConfig",
@@ -32,6 +36,7 @@ __all__ = [
     "forward",
     "grouped_mlp",
     "init_params",
+    "load_checkpoint",
     "load_config",
     "param_shapes",
     "register_backend",

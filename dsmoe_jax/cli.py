@@ -1,15 +1,19 @@
 """The ``dsmoe-jax`` command line.
 
-    dsmoe-jax info --config tiny                      # architecture, parameters, FLOPs per token
-    dsmoe-jax info --config configs/16b.toml --set model.n_layers=4
+    dsmoe-jax train --config tiny --set train.steps=50 --workdir runs/tiny    # minutes on a CPU
+    dsmoe-jax train --config tiny --workdir runs/tiny --resume                # continue that run
+    dsmoe-jax eval --checkpoint runs/tiny                                     # loss and perplexity
+    dsmoe-jax info --config 16b                       # architecture, parameters, FLOPs per token
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import pathlib
 import sys
 
-from dsmoe_jax.config import Config, ConfigError, load_config
+from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
 from dsmoe_jax.model import count_params, flops_per_token
 
 
@@ -42,6 +46,38 @@ def _info(args) -> None:
     print(describe(load_config(args.config, args.set)))
 
 
+def _train(args) -> None:
+    from dsmoe_jax.train.loop import train
+
+    cfg = load_config(args.config, args.set)
+    workdir = args.workdir or f"runs/{pathlib.Path(args.config).stem}"
+    print(describe(cfg), f"\nworkdir       {workdir}", flush=True)
+    last = train(cfg, workdir, resume=args.resume)
+    if "val_loss" in last:
+        print(f"final: loss {last['loss']:.4f}, validation loss {last['val_loss']:.4f}")
+
+
+def _eval(args) -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from dsmoe_jax import data
+    from dsmoe_jax.train.checkpoint import load_checkpoint
+    from dsmoe_jax.train.loop import evaluate
+
+    params, cfg = load_checkpoint(args.checkpoint)
+    if args.data:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
+    train_tokens, val_tokens, _ = data.load_tokens(cfg)
+    # Your own --data is evaluated whole; otherwise the run's validation split.
+    tokens = np.concatenate([train_tokens, val_tokens]) if args.data else val_tokens
+    loss = evaluate(params, cfg, tokens, max_batches=args.batches)
+    print(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 50.0)):.2f}  "
+          f"({min(args.batches, len(tokens) // (cfg.train.seq_len * cfg.train.batch_size) or 1)} batches of "
+          f"{cfg.train.batch_size} x {cfg.train.seq_len} tokens)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsmoe-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,12 +85,28 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--config", required=True, help="TOML file or shipped config name (tiny, 2b, 16b, ...)")
     info.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
     info.set_defaults(run=_info)
+
+    train = sub.add_parser("train", help="train a model; the embedded corpus unless data.path is set")
+    train.add_argument("--config", required=True, help="TOML file or shipped config name (tiny, 2b, 16b, ...)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
+    train.add_argument("--workdir", help="metrics, TensorBoard events and checkpoints (default runs/<config>)")
+    train.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
+    train.set_defaults(run=_train)
+
+    ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint")
+    ev.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint directory")
+    ev.add_argument("--data", help="text file(s) or .npy tokens to evaluate (default: the run's validation split)")
+    ev.add_argument("--batches", type=int, default=32, help="at most this many batches")
+    ev.set_defaults(run=_eval)
     args = parser.parse_args(argv)
     try:
         args.run(args)
     except ConfigError as e:
         print(f"dsmoe-jax: config error: {e}", file=sys.stderr)
         return 2
+    except DsmoeError as e:  # bad data, an unusable workdir, a diverged run
+        print(f"dsmoe-jax: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

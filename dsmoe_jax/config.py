@@ -22,7 +22,11 @@ from typing import Literal
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class DsmoeError(Exception):
+    """A problem with the user's input or run: reported by the CLI as one line, no traceback."""
+
+
+class ConfigError(DsmoeError, ValueError):
     """A config file, override or dataclass value that cannot describe a valid run."""
 
 
@@ -160,6 +164,7 @@ class TrainConfig:
     eval_every: int = 100
     log_every: int = 10
     seed: int = 0
+    on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient: stop the run, or skip the step
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "eval_every", "log_every"):

@@ -25,14 +25,14 @@ from collections.abc import Iterable, Sequence
 import grain
 import numpy as np
 
-from dsmoe_jax.config import Config
+from dsmoe_jax.config import Config, DsmoeError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".toml", ".html", ".c", ".h")
 VAL_EVERY = 20  # every 20th document goes to validation
-CORPUS_MAX_BYTES = 24 * 2**20  # the embedded corpus: the first 24 MiB of documents, in sorted order
+CORPUS_MAX_BYTES = 8 * 2**20  # the embedded corpus: about 8 MiB of documents, in sorted order
 
 
-class DataError(ValueError):
+class DataError(DsmoeError, ValueError):
     """Data that cannot be read or does not fit the model."""
 
 
@@ -42,8 +42,8 @@ class ByteTokenizer:
     bos_id, eos_id = 256, 257
     vocab_size = 258
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8)
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -113,10 +113,10 @@ def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer) -> tuple[np.n
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     parts: tuple[list, list] = ([], [])
     for i, (_, text) in enumerate(docs):
-        ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-        ids += tokenizer.encode(text)
-        ids += [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-        parts[int(i % VAL_EVERY == VAL_EVERY - 1)].append(np.asarray(ids, dtype))
+        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        ids = np.concatenate([np.asarray(bos, dtype), np.asarray(tokenizer.encode(text), dtype), np.asarray(eos, dtype)])
+        parts[int(i % VAL_EVERY == VAL_EVERY - 1)].append(ids)
     return tuple(np.concatenate(p) if p else np.zeros((0,), dtype) for p in parts)
 
 

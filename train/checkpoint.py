@@ -1,0 +1,119 @@
+"""Checkpoints with Orbax: params, optimizer state, step and the data iterator, saved together.
+
+A run's workdir holds ``config.json`` (the run's config, written before the first step) and
+``checkpoints/<step>/`` with the items ``params``, ``opt`` (step and optimizer state) and
+``data`` (the grain iterator). Orbax writes each checkpoint into a temporary directory and renames
+it when complete, so a crash mid-save never exposes a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from dsmoe_jax.config import Config, DsmoeError, config_from_dict
+from dsmoe_jax.model import param_shapes
+
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(DsmoeError, RuntimeError):
+    """A workdir or checkpoint that cannot be used as asked."""
+
+
+def write_config(directory: str | os.PathLike, cfg: Config) -> None:
+    """Write ``config.json`` atomically."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".json", delete=False) as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    os.replace(f.name, directory / CONFIG_FILE)
+
+
+def read_config(directory: str | os.PathLike) -> Config:
+    path = pathlib.Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}: not a dsmoe-jax run or checkpoint directory")
+    return config_from_dict(json.loads(path.read_text()))
+
+
+def _model_differences(a: Config, b: Config) -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{s}.{k}: {da.get(s, {}).get(k)!r} (saved) vs {db.get(s, {}).get(k)!r} (now)"
+            for s in ("model", "moe") for k in sorted(set(da.get(s, {})) | set(db.get(s, {})))
+            if da.get(s, {}).get(k) != db.get(s, {}).get(k)]
+
+
+class Checkpointer:
+    """Saves every ``train.checkpoint_every`` steps asynchronously, keeps the last
+    ``train.keep_checkpoints``; restores the latest complete one."""
+
+    def __init__(self, workdir: str | os.PathLike, cfg: Config):
+        self.workdir = pathlib.Path(workdir).absolute()
+        self.cfg = cfg
+        self.manager = ocp.CheckpointManager(
+            self.workdir / "checkpoints",
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.train.keep_checkpoints, enable_async_checkpointing=True, create=True),
+            item_handlers={"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()},
+        )
+
+    def check_compatible(self, resume: bool) -> int | None:
+        """The step to resume from (None for a fresh run); refuses a workdir that holds another
+        model's checkpoints, or checkpoints when ``resume`` is off."""
+        latest = self.manager.latest_step()
+        if latest is None:
+            return None
+        if not resume:
+            raise CheckpointError(f"{self.workdir} already holds checkpoints (latest step {latest}); pass --resume "
+                                  "to continue that run, or choose a new --workdir")
+        saved = read_config(self.workdir)
+        diffs = _model_differences(saved, self.cfg)
+        if diffs:
+            raise CheckpointError(f"{self.workdir} holds checkpoints of a different model ({'; '.join(diffs)}); "
+                                  "resume with the saved config, or start a new --workdir")
+        return latest
+
+    def save(self, step: int, state, data_iterator) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+        ))
+
+    def restore(self, step: int, abstract_state, data_iterator):
+        """The train state at ``step``; ``data_iterator`` is set to the position saved with it."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            opt=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
+        ))
+        return type(abstract_state)(restored.opt["step"], restored.params, restored.opt["opt_state"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def load_checkpoint(directory: str | os.PathLike, step: int | None = None) -> tuple[dict, Config]:
+    """``(params, cfg)`` from a training workdir (its latest checkpoint, or ``step``) or from a
+    converted checkpoint directory (``config.json`` beside the checkpoint steps)."""
+    directory = pathlib.Path(directory).absolute()
+    cfg = read_config(directory)
+    ckpt_root = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
+    with ocp.CheckpointManager(ckpt_root, item_handlers={"params": ocp.StandardCheckpointHandler()}) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{directory} holds no complete checkpoint")
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), param_shapes(cfg))
+        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    return restored.params, cfg

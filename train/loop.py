@@ -1,0 +1,168 @@
+"""The training loop behind ``dsmoe-jax train``: data, state, steps, logs, evaluation, checkpoints.
+
+    dsmoe-jax train --config tiny --set train.steps=50 --workdir runs/tiny
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from dsmoe_jax import data
+from dsmoe_jax.config import Config, DsmoeError
+from dsmoe_jax.model import flops_per_token, init_params
+from dsmoe_jax.train.checkpoint import Checkpointer, write_config
+from dsmoe_jax.train.optimizer import learning_rate, make_optimizer
+from dsmoe_jax.train.step import init_state, make_eval_step, make_train_step
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per device
+EVAL_BATCHES = 8
+
+
+class TrainingError(DsmoeError, RuntimeError):
+    """The run cannot go on: a non-finite loss, a batch that does not fit, bad data."""
+
+
+def _peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+def evaluate(params, cfg: Config, tokens: np.ndarray, max_batches: int = EVAL_BATCHES, eval_step=None) -> float:
+    """Mean next-token cross-entropy over the first ``max_batches`` batches of ``tokens``."""
+    eval_step = eval_step or jax.jit(make_eval_step(cfg))
+    batch_size = min(cfg.train.batch_size, len(data.WindowSource(tokens, cfg.train.seq_len)))
+    ds = data.batches(tokens, batch_size, cfg.train.seq_len, seed=0, shuffle=False, num_epochs=1)
+    losses = [float(eval_step(params, ds[i])) for i in range(min(max_batches, len(ds)))]
+    return float(np.mean(losses))
+
+
+def _load_image(load_LE: np.ndarray, pixels: int = 12) -> np.ndarray:
+    """Expert load heat map, HWC uint8: rows are MoE layers, columns experts; blue = idle,
+    white = the mean load, red = twice the mean or more."""
+    rel = np.clip(load_LE / np.maximum(load_LE.mean(-1, keepdims=True), 1e-9) / 2, 0, 1)
+    rgb = np.stack([np.minimum(2 * rel, 1), 1 - 2 * np.abs(rel - 0.5), np.minimum(2 - 2 * rel, 1)], -1)
+    return np.kron((255 * rgb).astype(np.uint8), np.ones((pixels, pixels, 1), np.uint8))
+
+
+class _Logger:
+    """metrics.jsonl (one object per logged step) and TensorBoard event files."""
+
+    def __init__(self, workdir: pathlib.Path):
+        from tensorboardX import SummaryWriter
+
+        self.jsonl = open(workdir / "metrics.jsonl", "a")
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict, load_LE: np.ndarray | None = None) -> None:
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        if load_LE is not None and load_LE.size:
+            self.tb.add_image("expert_load", _load_image(load_LE), step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()
+
+
+def _step_metrics(m: dict, lr: float, tokens_per_s: float, cfg: Config) -> dict:
+    out = {"loss": float(m["loss"]), "ce": float(m["ce"]), "lr": lr, "tokens_per_s": tokens_per_s,
+           "grad_norm": float(m["grad_norm"]), "balance_loss": float(m["balance_loss"]),
+           "expert_balance_loss": float(m["expert_balance_loss"]),
+           "device_balance_loss": float(m["device_balance_loss"])}
+    model_flops = 3 * flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_s
+    out["model_tflops_per_s"] = model_flops / 1e12
+    peak = _peak_flops()
+    if peak:
+        out["mfu"] = model_flops / (peak * jax.device_count())
+    load = np.asarray(m["expert_load"])
+    for layer, row in enumerate(load):
+        out[f"load_max_over_mean/moe_layer_{layer}"] = float(row.max() / max(row.mean(), 1e-9))
+    if np.asarray(m["drop_fraction"]).size:
+        out["drop_fraction"] = float(np.mean(m["drop_fraction"]))
+    return out
+
+
+def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``cfg`` in ``workdir``; returns the last logged metrics.
+
+    Keeps float32 master weights whatever ``model.param_dtype`` says; ``model.dtype`` sets the
+    compute dtype. With ``resume`` it continues from the latest complete checkpoint.
+    """
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="float32"))
+    t = cfg.train
+    workdir = pathlib.Path(workdir)
+    ckpt = Checkpointer(workdir, cfg)
+    start = ckpt.check_compatible(resume) or 0
+    write_config(workdir, cfg)
+
+    n_proc = jax.process_count()
+    if t.batch_size % (n_proc * t.grad_accum):
+        raise TrainingError(f"train.batch_size={t.batch_size} must divide evenly over {n_proc} processes x "
+                            f"train.grad_accum={t.grad_accum} micro-batches")
+    train_tokens, val_tokens, _ = data.load_tokens(cfg)
+    dataset = data.batches(train_tokens, t.batch_size // n_proc, t.seq_len, seed=t.seed,
+                           process_index=jax.process_index(), process_count=n_proc)
+    iterator = iter(dataset)
+
+    optimizer = make_optimizer(t)
+    state = init_state(init_params(cfg.model, jax.random.key(t.seed)), optimizer)
+    if start:
+        state = ckpt.restore(start, state, iterator)
+    schedule = learning_rate(t)
+    train_step = jax.jit(make_train_step(cfg, optimizer))
+    eval_step = jax.jit(make_eval_step(cfg))
+    logger = _Logger(workdir)
+    bar = tqdm(total=t.steps, initial=start, disable=not progress, dynamic_ncols=True, desc="train")
+    last: dict = {}
+    tick, tokens_since = time.perf_counter(), 0
+    try:
+        for step in range(start + 1, t.steps + 1):
+            batch = jnp.asarray(next(iterator))
+            try:
+                state, m = train_step(state, batch)
+                finite = bool(m["finite"])
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+                    raise TrainingError(f"a batch of {t.batch_size} x {t.seq_len} tokens does not fit in memory; "
+                                        "lower train.batch_size or raise train.grad_accum") from e
+                raise
+            tokens_since += batch.shape[0] * t.seq_len
+            if not finite and t.on_nan == "skip":
+                tqdm.write(f"step {step}: non-finite loss or gradient, step skipped (train.on_nan = 'skip')")
+            elif not finite:
+                raise TrainingError(
+                    f"non-finite loss or gradient at step {step} (loss {float(m['loss'])}, grad norm "
+                    f"{float(m['grad_norm'])}); the step was not applied and the last checkpoint "
+                    f"(step {ckpt.manager.latest_step()}) is intact. Lower train.lr, check the data, or set "
+                    "train.on_nan = 'skip'.")
+            if step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps:
+                now = time.perf_counter()
+                last = _step_metrics(m, float(schedule(step - 1)), tokens_since / (now - tick), cfg)
+                tick, tokens_since = now, 0
+                load = None
+                if step % t.eval_every == 0 or step == t.steps:
+                    last["val_loss"] = evaluate(state.params, cfg, val_tokens, eval_step=eval_step)
+                    last["val_perplexity"] = math.exp(min(last["val_loss"], 50.0))
+                    load = np.asarray(m["expert_load"])
+                logger.log(step, last, load)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                ckpt.save(step, state, iterator)
+            bar.update(1)
+    finally:
+        bar.close()
+        ckpt.wait()
+        ckpt.close()
+        logger.close()
+    return last
