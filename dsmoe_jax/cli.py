@@ -72,9 +72,8 @@ def _eval(args) -> None:
     train_tokens, val_tokens, _ = data.load_tokens(cfg)
     # Your own --data is evaluated whole; otherwise the run's validation split.
     tokens = np.concatenate([train_tokens, val_tokens]) if args.data else val_tokens
-    loss = evaluate(params, cfg, tokens, max_batches=args.batches)
-    print(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 50.0)):.2f}  "
-          f"({min(args.batches, len(tokens) // (cfg.train.seq_len * cfg.train.batch_size) or 1)} batches of "
+    loss, n = evaluate(params, cfg, tokens, max_batches=args.batches)
+    print(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 50.0)):.2f}  ({n} batches of at most "
           f"{cfg.train.batch_size} x {cfg.train.seq_len} tokens)")
 
 

@@ -19,3 +19,12 @@ def small_cfg() -> ModelConfig:
 @pytest.fixture
 def key() -> jax.Array:
     return jax.random.key(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache(tmp_path_factory):
+    """Tokenized corpora go to a per-session directory, not the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DSMOE_JAX_CACHE", str(tmp_path_factory.mktemp("token-cache")))
+    yield
+    mp.undo()

@@ -36,13 +36,15 @@ def _peak_flops() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
 
 
-def evaluate(params, cfg: Config, tokens: np.ndarray, max_batches: int = EVAL_BATCHES, eval_step=None) -> float:
-    """Mean next-token cross-entropy over the first ``max_batches`` batches of ``tokens``."""
+def evaluate(params, cfg: Config, tokens: np.ndarray, max_batches: int = EVAL_BATCHES,
+             eval_step=None) -> tuple[float, int]:
+    """Mean next-token cross-entropy over the first ``max_batches`` batches of ``tokens`` (in
+    order, not shuffled), and the number of batches it took."""
     eval_step = eval_step or jax.jit(make_eval_step(cfg))
     batch_size = min(cfg.train.batch_size, len(data.WindowSource(tokens, cfg.train.seq_len)))
     ds = data.batches(tokens, batch_size, cfg.train.seq_len, seed=0, shuffle=False, num_epochs=1)
     losses = [float(eval_step(params, ds[i])) for i in range(min(max_batches, len(ds)))]
-    return float(np.mean(losses))
+    return float(np.mean(losses)), len(losses)
 
 
 def _load_image(load_LE: np.ndarray, pixels: int = 12) -> np.ndarray:
@@ -141,6 +143,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False, progre
             if not finite and t.on_nan == "skip":
                 tqdm.write(f"step {step}: non-finite loss or gradient, step skipped (train.on_nan = 'skip')")
             elif not finite:
+                ckpt.wait()
                 raise TrainingError(
                     f"non-finite loss or gradient at step {step} (loss {float(m['loss'])}, grad norm "
                     f"{float(m['grad_norm'])}); the step was not applied and the last checkpoint "
@@ -152,7 +155,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False, progre
                 tick, tokens_since = now, 0
                 load = None
                 if step % t.eval_every == 0 or step == t.steps:
-                    last["val_loss"] = evaluate(state.params, cfg, val_tokens, eval_step=eval_step)
+                    last["val_loss"], _ = evaluate(state.params, cfg, val_tokens, eval_step=eval_step)
                     last["val_perplexity"] = math.exp(min(last["val_loss"], 50.0))
                     load = np.asarray(m["expert_load"])
                 logger.log(step, last, load)

@@ -59,7 +59,7 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
         grads, (loss_A, aux_A) = jax.lax.scan(accumulate, zeros, micro_ABS1)
         grads = jax.tree.map(lambda g: g / A, grads)
         loss, aux = jnp.mean(loss_A), jax.tree.map(lambda a: jnp.mean(a, axis=0), aux_A)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         # A bad step leaves params and optimizer state as they were: nothing non-finite is kept.

@@ -1,0 +1,67 @@
+"""Orbax checkpoints: exact round trip, the data position, and refusing the wrong workdir."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+import dsmoe_jax
+from dsmoe_jax import Config, TrainConfig, data
+from dsmoe_jax.train.checkpoint import Checkpointer, CheckpointError, write_config
+from dsmoe_jax.train.optimizer import make_optimizer
+from dsmoe_jax.train.step import init_state, make_train_step
+
+
+@pytest.fixture
+def run(small_cfg):
+    cfg = Config(model=small_cfg, train=TrainConfig(lr=1e-3, warmup_steps=0, steps=10))
+    opt = make_optimizer(cfg.train)
+    state = init_state(dsmoe_jax.init_params(small_cfg, jax.random.key(0)), opt)
+    ds = data.batches(np.arange(5000) % small_cfg.vocab_size, batch_size=2, seq_len=16, seed=0)
+    return cfg, opt, state, ds
+
+
+def test_round_trip_restores_identical_state_and_data_position(tmp_path, run):
+    cfg, opt, state, ds = run
+    it = iter(ds)
+    state, _ = jax.jit(make_train_step(cfg, opt))(state, next(it))  # non-trivial Adam moments
+    ckpt = Checkpointer(tmp_path, cfg)
+    write_config(tmp_path, cfg)
+    ckpt.save(1, state, it)
+    ckpt.wait()
+    expected_batch = next(it)
+
+    fresh = init_state(dsmoe_jax.init_params(cfg.model, jax.random.key(9)), opt)
+    it2 = iter(ds)
+    restored = Checkpointer(tmp_path, cfg).restore(1, fresh, it2)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(next(it2), expected_batch, err_msg="the data iterator must resume")
+
+    params, loaded_cfg = dsmoe_jax.load_checkpoint(tmp_path)
+    assert loaded_cfg == cfg
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_refuses_unrequested_resume_and_other_models(tmp_path, run):
+    cfg, _, state, ds = run
+    ckpt = Checkpointer(tmp_path, cfg)
+    write_config(tmp_path, cfg)
+    ckpt.save(3, state, iter(ds))
+    ckpt.wait()
+    with pytest.raises(CheckpointError, match="latest step 3.*pass --resume"):
+        Checkpointer(tmp_path, cfg).check_compatible(resume=False)
+    assert Checkpointer(tmp_path, cfg).check_compatible(resume=True) == 3
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_ff=128))
+    with pytest.raises(CheckpointError, match=r"different model \(model.d_ff: 64 \(saved\) vs 128 \(now\)\)"):
+        Checkpointer(tmp_path, other).check_compatible(resume=True)
+    changed_schedule = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=99))
+    assert Checkpointer(tmp_path, changed_schedule).check_compatible(resume=True) == 3, "train keys may change"
+
+
+def test_load_checkpoint_of_an_empty_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        dsmoe_jax.load_checkpoint(tmp_path)

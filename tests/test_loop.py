@@ -1,0 +1,114 @@
+"""The training loop end to end: learning, logs, kill -9 and resume, non-finite losses."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import dsmoe_jax
+from dsmoe_jax import data, load_config
+from dsmoe_jax.train import step as step_lib
+from dsmoe_jax.train.loop import TrainingError, evaluate, train
+
+FAST = ["train.batch_size=8", "train.seq_len=64", "train.warmup_steps=5", "train.log_every=1"]
+
+
+def _metrics(workdir) -> dict[int, dict]:
+    """The last logged record of each step (a resumed run logs some steps twice)."""
+    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+def test_tiny_config_learns_and_logs(tmp_path):
+    cfg = load_config("tiny", FAST + ["train.steps=40", "train.eval_every=20", "train.checkpoint_every=20"])
+    _, val, _ = data.load_tokens(cfg)
+    initial, _ = evaluate(dsmoe_jax.init_params(cfg.model, jax.random.key(cfg.train.seed)), cfg, val)
+    last = train(cfg, tmp_path, progress=False)
+    assert last["val_loss"] < initial - 2.0, f"validation loss {initial:.2f} -> {last['val_loss']:.2f}"
+    m = _metrics(tmp_path)
+    assert sorted(m) == list(range(1, 41))
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "balance_loss"} <= set(m[1])
+    assert "val_loss" in m[20] and "val_loss" not in m[19]
+    assert "load_max_over_mean/moe_layer_2" in m[40], "per-layer expert load"
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["20", "40"]
+
+
+def _train_cmd(workdir, steps, resume=False):
+    script = pathlib.Path(sys.executable).parent / "dsmoe-jax"
+    sets = FAST + [f"train.steps={steps}", "train.checkpoint_every=25", "train.eval_every=100000",
+                   "train.batch_size=4", "train.seq_len=32"]
+    cmd = [str(script), "train", "--config", "tiny", "--workdir", str(workdir)]
+    cmd += [a for s in sets for a in ("--set", s)]
+    return cmd + (["--resume"] if resume else [])
+
+
+def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    steps = 200
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    subprocess.run(_train_cmd(whole, steps), check=True, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(broken, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        log = broken / "metrics.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 90:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_metrics(broken))
+    assert killed_at < steps, "the run must be killed mid-way for this test to mean anything"
+
+    subprocess.run(_train_cmd(broken, steps, resume=True), check=True, capture_output=True)
+    a, b = _metrics(whole), _metrics(broken)
+    assert sorted(b) == list(range(1, steps + 1))
+    lines = (broken / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) > steps, "the resumed run must have restarted from a checkpoint before the kill"
+    assert [a[s]["loss"] for s in range(1, steps + 1)] == [b[s]["loss"] for s in range(1, steps + 1)], \
+        f"losses after resuming (killed at step {killed_at}) differ from the uninterrupted run"
+
+
+def _nan_at_call(monkeypatch, bad_call: int):
+    """Make the loss NaN on the ``bad_call``-th execution of the train step."""
+    calls = {"n": 0}
+    real = step_lib.loss_fn
+
+    def count():
+        calls["n"] += 1
+        return np.float32(np.nan if calls["n"] == bad_call else 1.0)
+
+    def poisoned(params, windows, cfg):
+        scale = jax.pure_callback(count, jax.ShapeDtypeStruct((), np.float32))
+        loss, aux = real(params, windows, cfg)
+        return loss * scale, aux
+
+    monkeypatch.setattr(step_lib, "loss_fn", poisoned)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    _nan_at_call(monkeypatch, bad_call=12)
+    cfg = load_config("tiny", FAST + ["train.steps=20", "train.checkpoint_every=5", "train.eval_every=1000"])
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step 12 .*last checkpoint \(step 10\)"):
+        train(cfg, tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10", "5"]
+    params, _ = dsmoe_jax.load_checkpoint(tmp_path)
+    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+
+
+def test_nan_skip_mode_skips_the_step(tmp_path, monkeypatch):
+    _nan_at_call(monkeypatch, bad_call=7)
+    cfg = load_config("tiny", FAST + ["train.steps=10", "train.checkpoint_every=10", "train.eval_every=1000",
+                                      "train.on_nan='skip'"])
+    train(cfg, tmp_path, progress=False)
+    m = _metrics(tmp_path)
+    assert np.isnan(m[7]["loss"]) and np.isfinite(m[8]["loss"]) and max(m) == 10
+    params, _ = dsmoe_jax.load_checkpoint(tmp_path)
+    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
