@@ -82,7 +82,7 @@ class TorchBlock(nn.Module):
 
     def rope(self, x, pos):
         inv = self.theta ** (-torch.arange(0, self.h, 2).float() / self.h)
-        ang = torch.cat([pos[:, None] * inv] * 2, -1)
+        ang = torch.cat([pos[:, None] * inv] * 2, -1)[:, None, :]  # [S, 1, H]: broadcast over heads
         x1, x2 = x.chunk(2, -1)
         return x * ang.cos() + torch.cat([-x2, x1], -1) * ang.sin()
 

@@ -47,16 +47,20 @@ class Attention(nnx.Module):
         self.theta = cfg.rope_theta
 
     def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array, valid_BS: jax.Array) -> jax.Array:
-        dt = x_BSD.dtype
-        proj = lambda w, spec: jnp.einsum(spec, x_BSD, w[...].astype(dt))
-        q_BSNH = rope(proj(self.w_q_DNH, "bsd,dnh->bsnh"), positions_BS, self.theta)
-        k_BSKH = rope(proj(self.w_k_DKH, "bsd,dkh->bskh"), positions_BS, self.theta)
-        v_BSKH = proj(self.w_v_DKH, "bsd,dkh->bskh")
+        (B, S, D), dt = x_BSD.shape, x_BSD.dtype
+        # Projections see tokens as one flat axis T = B * S: XLA:CPU computes weight gradients
+        # that contract over two axes (batch and sequence) several times slower than over one.
+        x_TD = x_BSD.reshape(B * S, D)
+        proj = lambda w: jnp.einsum("td,dnh->tnh", x_TD, w[...].astype(dt)).reshape(B, S, *w.shape[1:])
+        q_BSNH = rope(proj(self.w_q_DNH), positions_BS, self.theta)
+        k_BSKH = rope(proj(self.w_k_DKH), positions_BS, self.theta)
+        v_BSKH = proj(self.w_v_DKH)
         # Padding keys are masked; the causal mask is added by is_causal.
         out_BSNH = jax.nn.dot_product_attention(
             q_BSNH, k_BSKH, v_BSKH, mask=valid_BS[:, None, None, :].astype(bool), is_causal=True
         )
-        return jnp.einsum("bsnh,nhd->bsd", out_BSNH, self.w_o_NHD[...].astype(dt))
+        out_TNH = out_BSNH.reshape(B * S, *out_BSNH.shape[2:])
+        return jnp.einsum("tnh,nhd->td", out_TNH, self.w_o_NHD[...].astype(dt)).reshape(B, S, D)
 
 
 class Block(nnx.Module):
@@ -100,10 +104,11 @@ class Decoder(nnx.Module):
             x_BSD, stats = block(x_BSD, positions_BS, valid_BS, tokens_BS)
             if stats is not None:
                 layer_stats.append(stats)
-        x_BSD = self.final_norm(x_BSD)
-        logits_BSV = jnp.einsum("bsd,dv->bsv", x_BSD, self.lm_head_DV[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
-        return logits_BSV, _aux(layer_stats)
+        B, S, D = x_BSD.shape
+        x_TD = self.final_norm(x_BSD).reshape(B * S, D)  # one token axis, as in Attention
+        logits_TV = jnp.einsum("td,dv->tv", x_TD, self.lm_head_DV[...].astype(self.dtype),
+                               preferred_element_type=jnp.float32)
+        return logits_TV.reshape(B, S, -1), _aux(layer_stats)
 
 
 def _aux(layer_stats: list[dict]) -> dict:
