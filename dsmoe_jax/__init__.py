@@ -5,6 +5,7 @@
     logits, aux = dsmoe_jax.forward(params, tokens, cfg)   # aux: balance losses, expert load
     total, activated = dsmoe_jax.count_params(cfg)
     params, cfg = dsmoe_jax.load_checkpoint("runs/tiny")    # a training workdir's latest checkpoint
+    out = dsmoe_jax.generate(params, cfg, prompt_ids, max_new_tokens=32, rng=jax.random.key(0))
 """
 
 from dsmoe_jax.config import (
@@ -19,6 +20,7 @@ from dsmoe_jax.config import (
     load_config,
 )
 from dsmoe_jax.grouped import grouped_mlp, register_backend
+from dsmoe_jax.inference import decode_step, generate, init_cache, pad_prompts, prefill
 from dsmoe_jax.model import count_params, flops_per_token, forward, init_params, param_shapes
 from dsmoe_jax.train.checkpoint import load_checkpoint
 
@@ -32,12 +34,17 @@ __all__ = [
     "MoEConfig",
     "TrainConfig",
     "count_params",
+    "decode_step",
     "flops_per_token",
     "forward",
+    "generate",
     "grouped_mlp",
+    "init_cache",
     "init_params",
     "load_checkpoint",
     "load_config",
+    "pad_prompts",
     "param_shapes",
+    "prefill",
     "register_backend",
 ]

@@ -12,6 +12,7 @@ Params cross the API as plain nested dicts; ``nnx.merge`` rebuilds the modules i
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,21 +47,25 @@ class Attention(nnx.Module):
         self.w_o_NHD = p((N, H, D), ("heads", "head_dim", "embed"))
         self.theta = cfg.rope_theta
 
-    def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array, valid_BS: jax.Array) -> jax.Array:
+    def __call__(self, x_BSD, positions_BS, mask_B1ST, kv=None, index=0):
+        """Attend from ``x``'s positions to ``T`` key slots: its own keys (``kv`` None, T = S) or
+        a cache's, into which this call's keys and values are first written at ``index``.
+        Returns the output and the keys and values attended to."""
         (B, S, D), dt = x_BSD.shape, x_BSD.dtype
         # Projections see tokens as one flat axis T = B * S: XLA:CPU computes weight gradients
         # that contract over two axes (batch and sequence) several times slower than over one.
         x_TD = x_BSD.reshape(B * S, D)
         proj = lambda w: jnp.einsum("td,dnh->tnh", x_TD, w[...].astype(dt)).reshape(B, S, *w.shape[1:])
         q_BSNH = rope(proj(self.w_q_DNH), positions_BS, self.theta)
-        k_BSKH = rope(proj(self.w_k_DKH), positions_BS, self.theta)
-        v_BSKH = proj(self.w_v_DKH)
-        # Padding keys are masked; the causal mask is added by is_causal.
-        out_BSNH = jax.nn.dot_product_attention(
-            q_BSNH, k_BSKH, v_BSKH, mask=valid_BS[:, None, None, :].astype(bool), is_causal=True
-        )
+        k_BTKH = rope(proj(self.w_k_DKH), positions_BS, self.theta)
+        v_BTKH = proj(self.w_v_DKH)
+        if kv is not None:
+            write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, 1)
+            k_BTKH, v_BTKH = write(kv[0], k_BTKH).astype(dt), write(kv[1], v_BTKH).astype(dt)
+        out_BSNH = jax.nn.dot_product_attention(q_BSNH, k_BTKH, v_BTKH, mask=mask_B1ST)
         out_TNH = out_BSNH.reshape(B * S, *out_BSNH.shape[2:])
-        return jnp.einsum("tnh,nhd->td", out_TNH, self.w_o_NHD[...].astype(dt)).reshape(B, S, D)
+        y_BSD = jnp.einsum("tnh,nhd->td", out_TNH, self.w_o_NHD[...].astype(dt)).reshape(B, S, D)
+        return y_BSD, (k_BTKH, v_BTKH)
 
 
 class Block(nnx.Module):
@@ -76,14 +81,15 @@ class Block(nnx.Module):
         else:
             self.ffn = MoE(cfg, rngs=rngs)
 
-    def __call__(self, x_BSD, positions_BS, valid_BS, tokens_BS):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS, valid_BS)
+    def __call__(self, x_BSD, positions_BS, valid_BS, tokens_BS, mask_B1ST, kv=None, index=0):
+        a_BSD, kv = self.attn(self.attn_norm(x_BSD), positions_BS, mask_B1ST, kv, index)
+        x_BSD = x_BSD + a_BSD
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
             y_BSD, stats = self.ffn(h_BSD, tokens_BS, valid_BS)
         else:
             y_BSD, stats = self.ffn(h_BSD), None
-        return x_BSD + y_BSD, stats
+        return x_BSD + y_BSD, stats, kv
 
 
 class Decoder(nnx.Module):
@@ -97,18 +103,46 @@ class Decoder(nnx.Module):
         self.lm_head_DV = param(rngs, (D, V), ("embed", "vocab"), cfg.init_std, dt)
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, tokens_BS, positions_BS, valid_BS):
+    def __call__(self, tokens_BS, positions_BS, valid_BS, cache: KVCache | None = None):
+        """Logits, aux statistics and the updated cache (None without one)."""
+        B, S = tokens_BS.shape
+        if cache is None:
+            index, valid_keys_BT = 0, valid_BS
+        else:
+            index = cache.index
+            valid_keys_BT = jax.lax.dynamic_update_slice_in_dim(cache.valid_BT, valid_BS.astype(bool), index, 1)
+        mask_B1ST = causal_mask(valid_keys_BT, index + jnp.arange(S))
         x_BSD = self.embed_VD[...][tokens_BS].astype(self.dtype)
-        layer_stats = []
-        for block in self.layers:
-            x_BSD, stats = block(x_BSD, positions_BS, valid_BS, tokens_BS)
+        layer_stats, keys, values = [], [], []
+        for i, block in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            x_BSD, stats, (k, v) = block(x_BSD, positions_BS, valid_BS, tokens_BS, mask_B1ST, kv, index)
+            keys.append(k)
+            values.append(v)
             if stats is not None:
                 layer_stats.append(stats)
-        B, S, D = x_BSD.shape
-        x_TD = self.final_norm(x_BSD).reshape(B * S, D)  # one token axis, as in Attention
+        x_TD = self.final_norm(x_BSD).reshape(B * S, -1)  # one token axis, as in Attention
         logits_TV = jnp.einsum("td,dv->tv", x_TD, self.lm_head_DV[...].astype(self.dtype),
                                preferred_element_type=jnp.float32)
-        return logits_TV.reshape(B, S, -1), _aux(layer_stats)
+        if cache is not None:
+            cache = KVCache(tuple(keys), tuple(values), valid_keys_BT, index + S)
+        return logits_TV.reshape(B, S, -1), _aux(layer_stats), cache
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for ``T`` slots, filled left to right (inference.py)."""
+
+    k: tuple[jax.Array, ...]  # per layer [B, T, K, H]
+    v: tuple[jax.Array, ...]
+    valid_BT: jax.Array  # the slot holds a real token: written, and not padding
+    index: jax.Array  # int32: the next slot to write
+
+
+def causal_mask(valid_keys_BT: jax.Array, query_slots_S: jax.Array) -> jax.Array:
+    """[B, 1, S, T]: query slot s sees key slot t when t <= s and key t is a real token."""
+    T = valid_keys_BT.shape[1]
+    causal_ST = jnp.arange(T)[None, :] <= query_slots_S[:, None]
+    return valid_keys_BT.astype(bool)[:, None, None, :] & causal_ST[None, None]
 
 
 def _aux(layer_stats: list[dict]) -> dict:
@@ -174,8 +208,18 @@ def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
         attention_mask = jnp.ones((B, S), jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(S), (B, S))
-    model = nnx.merge(_abstract(cfg)[0], params)
-    return model(tokens, positions, attention_mask)
+    logits, aux, _ = nnx.merge(_abstract(cfg)[0], params)(tokens, positions, attention_mask)
+    return logits, aux
+
+
+def forward_cached(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, cache: KVCache,
+                   attention_mask: jax.Array, positions: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Like ``forward`` for ``tokens`` that continue the sequences in ``cache``: their keys and
+    values are written at ``cache.index`` and they attend to everything cached before them."""
+    cfg = model_config(cfg)
+    _check_params(params, cfg)
+    logits, _, cache = nnx.merge(_abstract(cfg)[0], params)(tokens, positions, attention_mask, cache)
+    return logits, cache
 
 
 def count_params(cfg: Config | ModelConfig) -> tuple[int, int]:

@@ -1,0 +1,118 @@
+"""Functional inference with a preallocated KV cache: prefill, decode_step, generate.
+
+Shape legend: B batch, S prompt length, T cache slots, N new tokens, V vocabulary.
+
+Everything is a pure function of (params, inputs) with ``cfg`` static, so it runs inside a
+user's own ``jit``/``vmap``. Batched prompts of different lengths are left-padded (see
+``pad_prompts``): every row then writes the same cache slot at each step, and padding slots are
+masked out of attention. Positions count real tokens only, so a padded prompt continues exactly
+as it would alone. MoE blocks route the decoded tokens through the grouped backend, so a decode
+step runs only the experts its tokens chose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from dsmoe_jax.config import Config, ModelConfig, model_config
+from dsmoe_jax.model import KVCache, forward_cached
+
+
+def init_cache(cfg: Config | ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (prompt included)."""
+    cfg = model_config(cfg)
+    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, dtype or jnp.dtype(cfg.dtype))
+    layers = tuple(zeros for _ in range(cfg.n_layers))
+    return KVCache(layers, layers, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Left-pad token lists into ``ids [B, S]`` and ``mask [B, S]`` (1 = real token)."""
+    S = max(len(p) for p in prompts)
+    ids = [[pad_id] * (S - len(p)) + list(p) for p in prompts]
+    mask = [[0] * (S - len(p)) + [1] * len(p) for p in prompts]
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+
+
+def prompt_positions(mask_BS: jax.Array) -> jax.Array:
+    """Positions that count only real tokens: 0 at each row's first real token."""
+    return jnp.maximum(jnp.cumsum(mask_BS, axis=1) - 1, 0)
+
+
+def prefill(params: dict, cfg: Config | ModelConfig, tokens: jax.Array, cache: KVCache,
+            attention_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Run (left-padded) prompts ``[B, S]`` through the model, filling ``cache``; returns the
+    logits ``[B, S, V]`` of every prompt position and the cache."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, jnp.int32)
+    return forward_cached(params, tokens, cfg, cache, attention_mask, prompt_positions(attention_mask))
+
+
+def decode_step(params: dict, cfg: Config | ModelConfig, token_B: jax.Array, positions_B: jax.Array,
+                cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """One token per sequence at ``positions_B``: its logits ``[B, V]`` and the cache."""
+    ones = jnp.ones((token_B.shape[0], 1), jnp.int32)
+    logits, cache = forward_cached(params, token_B[:, None], cfg, cache, ones, positions_B[:, None])
+    return logits[:, 0], cache
+
+
+def sample(logits_BV: jax.Array, rng: jax.Array, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None) -> jax.Array:
+    """Greedy when ``temperature`` is 0; otherwise sample from the tempered distribution,
+    restricted to the ``top_k`` most likely tokens and to the smallest set with mass ``top_p``."""
+    if temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits = logits_BV.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        sorted_BV = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+        # the smallest logit still inside the nucleus: tokens before it hold less than top_p
+        cutoff = jnp.min(jnp.where(mass_before_BV < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(params: dict, cfg: Config | ModelConfig, prompt_ids: jax.Array, max_new_tokens: int,
+             rng: jax.Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos: int | None = None, prompt_mask: jax.Array | None = None) -> jax.Array:
+    """Continue left-padded prompts ``[B, S]`` by ``max_new_tokens`` tokens: ``[B, N]``.
+
+    A row that emits ``eos`` repeats it from then on; the loop ends early once every row has.
+    Jit with ``cfg``, ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p`` and ``eos`` static.
+    """
+    B, S = prompt_ids.shape
+    mask = jnp.ones((B, S), jnp.int32) if prompt_mask is None else prompt_mask.astype(jnp.int32)
+    cache = init_cache(cfg, B, S + max_new_tokens)
+    logits, cache = prefill(params, cfg, prompt_ids, cache, mask)
+    rng, first_rng = jax.random.split(rng)
+    token_B = sample(logits[:, -1], first_rng, temperature, top_k, top_p)
+    out_BN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(token_B)
+    done_B = token_B == eos if eos is not None else jnp.zeros((B,), bool)
+    position_B = jnp.sum(mask, axis=1)  # the first generated token's position
+
+    def cond(carry):
+        i, _, _, done_B, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, out_BN, cache, done_B, position_B, rng = carry
+        logits_BV, cache = decode_step(params, cfg, out_BN[:, i - 1], position_B, cache)
+        rng, step_rng = jax.random.split(rng)
+        token_B = sample(logits_BV, step_rng, temperature, top_k, top_p)
+        if eos is not None:
+            token_B = jnp.where(done_B, eos, token_B)
+            done_B = done_B | (token_B == eos)
+        return i + 1, out_BN.at[:, i].set(token_B), cache, done_B, position_B + 1, rng
+
+    i, out_BN, *_ = jax.lax.while_loop(cond, body, (jnp.int32(1), out_BN, cache, done_B, position_B, rng))
+    if eos is not None:  # rows stopped early: fill the slots the loop did not reach
+        out_BN = jnp.where(jnp.arange(max_new_tokens)[None, :] < i, out_BN, eos)
+    return out_BN
