@@ -3,6 +3,7 @@
     dsmoe-jax train --config tiny --set train.steps=50 --workdir runs/tiny    # minutes on a CPU
     dsmoe-jax train --config tiny --workdir runs/tiny --resume                # continue that run
     dsmoe-jax eval --checkpoint runs/tiny                                     # loss and perplexity
+    dsmoe-jax generate --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 64
     dsmoe-jax info --config 16b                       # architecture, parameters, FLOPs per token
 """
 
@@ -77,6 +78,40 @@ def _eval(args) -> None:
           f"{cfg.train.batch_size} x {cfg.train.seq_len} tokens)")
 
 
+def _generate(args) -> None:
+    import functools
+    import pathlib
+
+    import jax
+    import jax.numpy as jnp
+
+    from dsmoe_jax import data, inference
+    from dsmoe_jax.train.checkpoint import load_checkpoint
+
+    params, cfg = load_checkpoint(args.checkpoint)
+    tokenizer_json = pathlib.Path(args.checkpoint) / "tokenizer.json"
+    tok = data.load_tokenizer(str(tokenizer_json) if tokenizer_json.is_file() else cfg.data.tokenizer)
+    ids = ([tok.bos_id] if tok.bos_id is not None else []) + [int(i) for i in tok.encode(args.prompt)]
+    prefill = jax.jit(functools.partial(inference.prefill, cfg=cfg.model))
+    decode = jax.jit(functools.partial(inference.decode_step, cfg=cfg.model))
+    sample = jax.jit(inference.sample, static_argnames=("temperature", "top_k", "top_p"))
+    cache = inference.init_cache(cfg.model, 1, len(ids) + args.max_new_tokens)
+    logits, cache = prefill(params, tokens=jnp.asarray([ids]), cache=cache)
+    logits_BV, rng, out, shown = logits[:, -1], jax.random.key(args.seed), [], ""
+    print(args.prompt, end="", flush=True)
+    for i in range(args.max_new_tokens):  # a host loop, to print each token as it comes
+        rng, step_rng = jax.random.split(rng)
+        token = sample(logits_BV, step_rng, args.temperature, args.top_k, args.top_p)
+        if int(token[0]) == tok.eos_id:
+            break
+        out.append(int(token[0]))
+        text = tok.decode(out)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+        logits_BV, cache = decode(params, token_B=token, positions_B=jnp.asarray([len(ids) + i]), cache=cache)
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsmoe-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--data", help="text file(s) or .npy tokens to evaluate (default: the run's validation split)")
     ev.add_argument("--batches", type=int, default=32, help="at most this many batches")
     ev.set_defaults(run=_eval)
+
+    gen = sub.add_parser("generate", help="continue a prompt, printing tokens as they come")
+    gen.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(run=_generate)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -30,3 +30,19 @@ def test_console_script_is_installed():
     assert script.is_file(), f"pip install -e . should put the dsmoe-jax script beside {sys.executable}"
     out = subprocess.run([script, "info", "--config", "tiny"], capture_output=True, text=True, check=True).stdout
     assert "parameters" in out
+
+
+def test_train_eval_generate_round_trip(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    sets = ["train.steps=3", "train.batch_size=2", "train.seq_len=32", "train.checkpoint_every=3",
+            "train.eval_every=3", "model.n_layers=2"]
+    assert cli.main(["train", "--config", "tiny", "--workdir", workdir] + [a for s in sets for a in ("--set", s)]) == 0
+    assert "validation loss" in capsys.readouterr().out
+    assert cli.main(["eval", "--checkpoint", workdir, "--batches", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert cli.main(["generate", "--checkpoint", workdir, "--prompt", "import os", "--max-new-tokens", "5",
+                     "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("import os") and len(out.rstrip("\n")) > len("import os"), out
+    assert cli.main(["train", "--config", "tiny", "--workdir", workdir, "--set", "model.n_layers=2"]) == 1
+    assert "pass --resume" in capsys.readouterr().err
