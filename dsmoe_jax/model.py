@@ -35,6 +35,22 @@ def rope(x_BSNH: jax.Array, positions_BS: jax.Array, theta: float) -> jax.Array:
     return (x * cos + rotated * sin).astype(x_BSNH.dtype)
 
 
+class KVCache(NamedTuple):
+    """Keys and values of every layer for ``T`` slots, filled left to right (inference.py)."""
+
+    k: tuple[jax.Array, ...]  # per layer [B, T, K, H]
+    v: tuple[jax.Array, ...]
+    valid_BT: jax.Array  # the slot holds a real token: written, and not padding
+    index: jax.Array  # int32: the next slot to write
+
+
+def causal_mask(valid_keys_BT: jax.Array, query_slots_S: jax.Array) -> jax.Array:
+    """[B, 1, S, T]: query slot s sees key slot t when t <= s and key t is a real token."""
+    T = valid_keys_BT.shape[1]
+    causal_ST = jnp.arange(T)[None, :] <= query_slots_S[:, None]
+    return valid_keys_BT.astype(bool)[:, None, None, :] & causal_ST[None, None]
+
+
 class Attention(nnx.Module):
     """Causal multi-head attention (grouped-query when n_kv_heads < n_heads), no biases."""
 
@@ -127,22 +143,6 @@ class Decoder(nnx.Module):
         if cache is not None:
             cache = KVCache(tuple(keys), tuple(values), valid_keys_BT, index + S)
         return logits_TV.reshape(B, S, -1), _aux(layer_stats), cache
-
-
-class KVCache(NamedTuple):
-    """Keys and values of every layer for ``T`` slots, filled left to right (inference.py)."""
-
-    k: tuple[jax.Array, ...]  # per layer [B, T, K, H]
-    v: tuple[jax.Array, ...]
-    valid_BT: jax.Array  # the slot holds a real token: written, and not padding
-    index: jax.Array  # int32: the next slot to write
-
-
-def causal_mask(valid_keys_BT: jax.Array, query_slots_S: jax.Array) -> jax.Array:
-    """[B, 1, S, T]: query slot s sees key slot t when t <= s and key t is a real token."""
-    T = valid_keys_BT.shape[1]
-    causal_ST = jnp.arange(T)[None, :] <= query_slots_S[:, None]
-    return valid_keys_BT.astype(bool)[:, None, None, :] & causal_ST[None, None]
 
 
 def _aux(layer_stats: list[dict]) -> dict:
