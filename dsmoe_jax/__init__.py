@@ -21,7 +21,8 @@ from dsmoe_jax.config import (
 )
 from dsmoe_jax.grouped import grouped_mlp, register_backend
 from dsmoe_jax.inference import decode_step, generate, init_cache, pad_prompts, prefill
-from dsmoe_jax.model import count_params, flops_per_token, forward, init_params, param_shapes
+from dsmoe_jax.model import count_params, flops_per_token, forward, init_params, param_axes, param_shapes
+from dsmoe_jax.parallel import make_mesh, shard_params
 from dsmoe_jax.train.checkpoint import load_checkpoint
 
 __all__ = [
@@ -43,8 +44,11 @@ __all__ = [
     "init_params",
     "load_checkpoint",
     "load_config",
+    "make_mesh",
     "pad_prompts",
+    "param_axes",
     "param_shapes",
     "prefill",
     "register_backend",
+    "shard_params",
 ]

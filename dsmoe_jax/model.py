@@ -172,6 +172,13 @@ def param_shapes(cfg: Config | ModelConfig) -> dict:
     return nnx.to_pure_dict(_abstract(model_config(cfg))[1])
 
 
+def param_axes(cfg: Config | ModelConfig) -> dict:
+    """The params pytree with each leaf's logical axes (a tuple of names) in place of the array."""
+    state = _abstract(model_config(cfg))[1]
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    return nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["axes"], state, is_leaf=is_var))
+
+
 def init_params(cfg: Config | ModelConfig, key: jax.Array) -> dict:
     """Random parameters (normal, std ``init_std``; norms at one) as a nested dict of arrays."""
     cfg = model_config(cfg)
