@@ -86,16 +86,22 @@ class TorchBlock(nn.Module):
         x1, x2 = x.chunk(2, -1)
         return x * ang.cos() + torch.cat([-x2, x1], -1) * ang.sin()
 
-    def forward(self, x):
+    def forward(self, x, past=None):
+        """``past``: this layer's cached (keys, values) [B, heads, P, H], HF-style; returns the
+        output, the balance loss and the keys and values including this call's."""
         B, S, _ = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(B, S, 3, self.n, self.h).unbind(2)
-        pos = torch.arange(S).float()
+        start = 0 if past is None else past[0].shape[2]
+        pos = torch.arange(start, start + S).float()
         q, k = (self.rope(t, pos).transpose(1, 2) for t in (q, k))
-        a = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True)
+        v = v.transpose(1, 2)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=past is None)  # one new query sees all past
         x = x + self.o(a.transpose(1, 2).reshape(B, S, -1))
         out = self.ffn(self.ffn_norm(x))
         y, aux = out if isinstance(out, tuple) else (out, torch.zeros(()))
-        return x + y, aux
+        return x + y, aux, (k, v)
 
 
 class TorchDecoder(nn.Module):
@@ -108,12 +114,12 @@ class TorchDecoder(nn.Module):
         for p in self.parameters():
             nn.init.normal_(p, std=m.init_std) if p.ndim > 1 else nn.init.ones_(p)
 
-    def forward(self, tokens):
-        x, aux = self.embed(tokens), 0.0
-        for block in self.blocks:
-            x, a = block(x)
-            aux = aux + a
-        return self.head(self.norm(x)), aux
+    def forward(self, tokens, past=None):
+        x, aux, present = self.embed(tokens), 0.0, []
+        for i, block in enumerate(self.blocks):
+            x, a, kv = block(x, None if past is None else past[i])
+            aux, present = aux + a, present + [kv]
+        return self.head(self.norm(x)), aux, present
 
 
 def _ours(cfg: Config, batch: np.ndarray):
@@ -138,7 +144,7 @@ def _torch(cfg: Config, batch: np.ndarray):
     tokens = torch.from_numpy(batch).long()
 
     def run():
-        logits, aux = model(tokens[:, :-1])
+        logits, aux, _ = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)) + aux
         opt.zero_grad()
         loss.backward()

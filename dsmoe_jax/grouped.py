@@ -193,8 +193,14 @@ def _tiled_bwd(tile_rows, residuals, dy_GD):
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
-def tiled_grouped_mlp(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, *, tile_rows: int = TILE_ROWS):
-    """Loop over expert-aligned row tiles, one GEMM per tile (see ``tile_schedule``)."""
+def tiled_grouped_mlp(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, *, tile_rows: int | None = None):
+    """Loop over expert-aligned row tiles, one GEMM per tile (see ``tile_schedule``).
+
+    By default tiles have ``TILE_ROWS`` rows, fewer (down to 8, a power of two) when the mean
+    group is smaller, as in decoding, where a few rows per expert would each pay for a whole tile."""
+    if tile_rows is None:
+        mean_group = max(-(-x_GD.shape[0] // w_gate_EDF.shape[0]), 1)
+        tile_rows = min(TILE_ROWS, max(8, 1 << (mean_group - 1).bit_length()))
     return _tiled(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E.astype(jnp.int32), tile_rows)
 
 
