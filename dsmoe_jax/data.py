@@ -149,7 +149,7 @@ def load_tokens(cfg: Config) -> tuple[np.ndarray, np.ndarray, object]:
             if tokens.size and int(tokens.max()) >= cfg.model.vocab_size:
                 raise DataError(f"{path} holds token id {int(tokens.max())} >= model.vocab_size {cfg.model.vocab_size}")
             n_val = max(len(tokens) // VAL_EVERY, 1)
-            return np.asarray(tokens[:-n_val]), np.asarray(tokens[-n_val:]), tokenizer
+            return tokens[:-n_val], tokens[-n_val:], tokenizer  # memory-mapped views: nothing is loaded
         docs = _user_documents(path)
     else:
         docs = embedded_documents()
