@@ -10,12 +10,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import pathlib
 import sys
 
+import jax
+import numpy as np
+
+from dsmoe_jax import data, inference
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
 from dsmoe_jax.model import count_params, flops_per_token
+from dsmoe_jax.train.checkpoint import load_checkpoint
+from dsmoe_jax.train.loop import evaluate, train
 
 
 def describe(cfg: Config, seq_len: int | None = None) -> str:
@@ -48,8 +55,6 @@ def _info(args) -> None:
 
 
 def _train(args) -> None:
-    from dsmoe_jax.train.loop import train
-
     cfg = load_config(args.config, args.set)
     workdir = args.workdir or f"runs/{pathlib.Path(args.config).stem}"
     print(describe(cfg), f"\nworkdir       {workdir}", flush=True)
@@ -59,14 +64,6 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    import dataclasses
-
-    import numpy as np
-
-    from dsmoe_jax import data
-    from dsmoe_jax.train.checkpoint import load_checkpoint
-    from dsmoe_jax.train.loop import evaluate
-
     params, cfg = load_checkpoint(args.checkpoint)
     if args.data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
@@ -79,36 +76,18 @@ def _eval(args) -> None:
 
 
 def _generate(args) -> None:
-    import functools
-    import pathlib
-
-    import jax
-    import jax.numpy as jnp
-
-    from dsmoe_jax import data, inference
-    from dsmoe_jax.train.checkpoint import load_checkpoint
-
     params, cfg = load_checkpoint(args.checkpoint)
     tokenizer_json = pathlib.Path(args.checkpoint) / "tokenizer.json"
     tok = data.load_tokenizer(str(tokenizer_json) if tokenizer_json.is_file() else cfg.data.tokenizer)
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + [int(i) for i in tok.encode(args.prompt)]
-    prefill = jax.jit(functools.partial(inference.prefill, cfg=cfg.model))
-    decode = jax.jit(functools.partial(inference.decode_step, cfg=cfg.model))
-    sample = jax.jit(inference.sample, static_argnames=("temperature", "top_k", "top_p"))
-    cache = inference.init_cache(cfg.model, 1, len(ids) + args.max_new_tokens)
-    logits, cache = prefill(params, tokens=jnp.asarray([ids]), cache=cache)
-    logits_BV, rng, out, shown = logits[:, -1], jax.random.key(args.seed), [], ""
     print(args.prompt, end="", flush=True)
-    for i in range(args.max_new_tokens):  # a host loop, to print each token as it comes
-        rng, step_rng = jax.random.split(rng)
-        token = sample(logits_BV, step_rng, args.temperature, args.top_k, args.top_p)
-        if int(token[0]) == tok.eos_id:
-            break
-        out.append(int(token[0]))
-        text = tok.decode(out)
+    out, shown = [], ""
+    for token in inference.stream(params, cfg, ids, args.max_new_tokens, jax.random.key(args.seed),
+                                  args.temperature, args.top_k, args.top_p, eos=tok.eos_id):
+        out.append(token)
+        text = tok.decode(out)  # decode everything so far: a token may complete a character
         print(text[len(shown):], end="", flush=True)
         shown = text
-        logits_BV, cache = decode(params, token_B=token, positions_B=jnp.asarray([len(ids) + i]), cache=cache)
     print()
 
 

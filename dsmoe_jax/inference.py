@@ -12,7 +12,8 @@ step runs only the experts its tokens chose.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -116,3 +117,25 @@ def generate(params: dict, cfg: Config | ModelConfig, prompt_ids: jax.Array, max
     if eos is not None:  # rows stopped early: fill the slots the loop did not reach
         out_BN = jnp.where(jnp.arange(max_new_tokens)[None, :] < i, out_BN, eos)
     return out_BN
+
+
+def stream(params: dict, cfg: Config | ModelConfig, prompt_ids: Sequence[int], max_new_tokens: int,
+           rng: jax.Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           eos: int | None = None) -> Iterator[int]:
+    """Yield one prompt's new tokens as they are decoded (a host loop: for printing as they come;
+    ``generate`` is the all-on-device version). Stops after ``eos``, which is not yielded."""
+    cfg = model_config(cfg)
+    prefill_fn = jax.jit(functools.partial(prefill, cfg=cfg))
+    decode_fn = jax.jit(functools.partial(decode_step, cfg=cfg))
+    sample_fn = jax.jit(sample, static_argnames=("temperature", "top_k", "top_p"))
+    cache = init_cache(cfg, 1, len(prompt_ids) + max_new_tokens)
+    logits, cache = prefill_fn(params, tokens=jnp.asarray([prompt_ids], jnp.int32), cache=cache)
+    logits_BV = logits[:, -1]
+    for i in range(max_new_tokens):
+        rng, step_rng = jax.random.split(rng)
+        token_B = sample_fn(logits_BV, step_rng, temperature, top_k, top_p)
+        if int(token_B[0]) == eos:
+            return
+        yield int(token_B[0])
+        position_B = jnp.asarray([len(prompt_ids) + i])
+        logits_BV, cache = decode_fn(params, token_B=token_B, positions_B=position_B, cache=cache)

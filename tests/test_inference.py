@@ -78,3 +78,13 @@ def test_sampling_respects_top_k_and_top_p():
     assert set(draw(top_p=0.9).tolist()) == {0, 1, 2}
     counts = np.bincount(draw(), minlength=4) / 2000
     np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+
+
+def test_stream_yields_the_generated_tokens(small_cfg, params):
+    prompt = [5, 17, 3, 42]
+    out = _generate(params, small_cfg, jnp.asarray([prompt]), 6, jax.random.key(0), temperature=0.0)
+    streamed = list(inference.stream(params, small_cfg, prompt, 6, jax.random.key(0), temperature=0.0))
+    assert streamed == out.tolist()[0]
+    eos = streamed[3]
+    cut = list(inference.stream(params, small_cfg, prompt, 6, jax.random.key(0), temperature=0.0, eos=eos))
+    assert cut == streamed[: streamed.index(eos)], "stops before yielding eos"
