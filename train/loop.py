@@ -152,7 +152,6 @@ def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False, progre
             if step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps:
                 now = time.perf_counter()
                 last = _step_metrics(m, float(schedule(step - 1)), tokens_since / (now - tick), cfg)
-                tick, tokens_since = now, 0
                 load = None
                 if step % t.eval_every == 0 or step == t.steps:
                     last["val_loss"], _ = evaluate(state.params, cfg, val_tokens, eval_step=eval_step)
@@ -160,6 +159,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False, progre
                     load = np.asarray(m["expert_load"])
                 logger.log(step, last, load)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+                tick, tokens_since = time.perf_counter(), 0  # evaluation and logging are not training time
             if step % t.checkpoint_every == 0 or step == t.steps:
                 ckpt.save(step, state, iterator)
             bar.update(1)
