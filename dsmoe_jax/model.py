@@ -210,6 +210,7 @@ def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
     """
     cfg = model_config(cfg)
     _check_params(params, cfg)
+    params = jax.tree.map(jnp.asarray, params)  # numpy arrays too (e.g. straight from a conversion)
     B, S = tokens.shape
     if attention_mask is None:
         attention_mask = jnp.ones((B, S), jnp.int32)
@@ -225,6 +226,7 @@ def forward_cached(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, c
     values are written at ``cache.index`` and they attend to everything cached before them."""
     cfg = model_config(cfg)
     _check_params(params, cfg)
+    params = jax.tree.map(jnp.asarray, params)
     logits, _, cache = nnx.merge(_abstract(cfg)[0], params)(tokens, positions, attention_mask, cache)
     return logits, cache
 
