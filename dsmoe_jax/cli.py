@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import pathlib
 import sys
 
@@ -22,7 +21,7 @@ from dsmoe_jax import data, inference
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
 from dsmoe_jax.model import count_params, flops_per_token
 from dsmoe_jax.train.checkpoint import load_checkpoint
-from dsmoe_jax.train.loop import evaluate, train
+from dsmoe_jax.train.loop import evaluate, perplexity, train
 
 
 def describe(cfg: Config, seq_len: int | None = None) -> str:
@@ -71,7 +70,7 @@ def _eval(args) -> None:
     # Your own --data is evaluated whole; otherwise the run's validation split.
     tokens = np.concatenate([train_tokens, val_tokens]) if args.data else val_tokens
     loss, n = evaluate(params, cfg, tokens, max_batches=args.batches)
-    print(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 50.0)):.2f}  ({n} batches of at most "
+    print(f"loss {loss:.4f}  perplexity {perplexity(loss):.2f}  ({n} batches of at most "
           f"{cfg.train.batch_size} x {cfg.train.seq_len} tokens)")
 
 

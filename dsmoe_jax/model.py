@@ -185,6 +185,13 @@ def init_params(cfg: Config | ModelConfig, key: jax.Array) -> dict:
     return nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(params=key)), nnx.Param))
 
 
+def _decoder(params: dict, cfg: ModelConfig) -> Decoder:
+    """The Decoder module holding ``params`` (jax or numpy arrays), after checking every name
+    and shape against ``cfg``."""
+    _check_params(params, cfg)
+    return nnx.merge(_abstract(cfg)[0], jax.tree.map(jnp.asarray, params))
+
+
 def _check_params(params: dict, cfg: ModelConfig) -> None:
     expected = param_shapes(cfg)
     if jax.tree.structure(params) != jax.tree.structure(expected):
@@ -209,14 +216,12 @@ def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
     routed to each expert) and ``drop_fraction [moe layers]``. Jit with ``cfg`` static.
     """
     cfg = model_config(cfg)
-    _check_params(params, cfg)
-    params = jax.tree.map(jnp.asarray, params)  # numpy arrays too (e.g. straight from a conversion)
     B, S = tokens.shape
     if attention_mask is None:
         attention_mask = jnp.ones((B, S), jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(S), (B, S))
-    logits, aux, _ = nnx.merge(_abstract(cfg)[0], params)(tokens, positions, attention_mask)
+    logits, aux, _ = _decoder(params, cfg)(tokens, positions, attention_mask)
     return logits, aux
 
 
@@ -224,10 +229,7 @@ def forward_cached(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, c
                    attention_mask: jax.Array, positions: jax.Array) -> tuple[jax.Array, KVCache]:
     """Like ``forward`` for ``tokens`` that continue the sequences in ``cache``: their keys and
     values are written at ``cache.index`` and they attend to everything cached before them."""
-    cfg = model_config(cfg)
-    _check_params(params, cfg)
-    params = jax.tree.map(jnp.asarray, params)
-    logits, _, cache = nnx.merge(_abstract(cfg)[0], params)(tokens, positions, attention_mask, cache)
+    logits, _, cache = _decoder(params, model_config(cfg))(tokens, positions, attention_mask, cache)
     return logits, cache
 
 

@@ -31,6 +31,11 @@ class TrainingError(DsmoeError, RuntimeError):
     """The run cannot go on: a non-finite loss, a batch that does not fit, bad data."""
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so that a diverged run reports a large number rather than inf."""
+    return math.exp(min(loss, 50.0))
+
+
 def _peak_flops() -> float | None:
     kind = jax.devices()[0].device_kind
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
@@ -155,7 +160,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False, progre
                 load = None
                 if step % t.eval_every == 0 or step == t.steps:
                     last["val_loss"], _ = evaluate(state.params, cfg, val_tokens, eval_step=eval_step)
-                    last["val_perplexity"] = math.exp(min(last["val_loss"], 50.0))
+                    last["val_perplexity"] = perplexity(last["val_loss"])
                     load = np.asarray(m["expert_load"])
                 logger.log(step, last, load)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
