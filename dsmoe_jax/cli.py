@@ -5,6 +5,8 @@
     dsmoe-jax eval --checkpoint runs/tiny                                     # loss and perplexity
     dsmoe-jax generate --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 64
     dsmoe-jax info --config 16b                       # architecture, parameters, FLOPs per token
+    dsmoe-jax convert hf-to-jax deepseek-moe-16b-base ckpt/16b --dtype bfloat16
+    dsmoe-jax convert jax-to-hf ckpt/16b hf-out       # sharded safetensors + index + config.json
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import jax
 import numpy as np
 
-from dsmoe_jax import data, inference
+from dsmoe_jax import convert, data, inference
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
 from dsmoe_jax.model import count_params, flops_per_token
 from dsmoe_jax.train.checkpoint import load_checkpoint
@@ -63,7 +65,7 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    params, cfg = load_checkpoint(args.checkpoint)
+    params, cfg = _load(args.checkpoint)
     if args.data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
     train_tokens, val_tokens, _ = data.load_tokens(cfg)
@@ -74,10 +76,19 @@ def _eval(args) -> None:
           f"{cfg.train.batch_size} x {cfg.train.seq_len} tokens)")
 
 
+def _load(directory: str) -> tuple[dict, Config]:
+    """A checkpoint's params and config; a ``tokenizer.json`` beside it (a converted checkpoint)
+    is its tokenizer."""
+    params, cfg = load_checkpoint(directory)
+    tokenizer_json = pathlib.Path(directory) / "tokenizer.json"
+    if tokenizer_json.is_file():
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tokenizer_json)))
+    return params, cfg
+
+
 def _generate(args) -> None:
-    params, cfg = load_checkpoint(args.checkpoint)
-    tokenizer_json = pathlib.Path(args.checkpoint) / "tokenizer.json"
-    tok = data.load_tokenizer(str(tokenizer_json) if tokenizer_json.is_file() else cfg.data.tokenizer)
+    params, cfg = _load(args.checkpoint)
+    tok = data.load_tokenizer(cfg.data.tokenizer)
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + [int(i) for i in tok.encode(args.prompt)]
     print(args.prompt, end="", flush=True)
     out, shown = [], ""
@@ -88,6 +99,15 @@ def _generate(args) -> None:
         print(text[len(shown):], end="", flush=True)
         shown = text
     print()
+
+
+def _convert(args) -> None:
+    if args.direction == "hf-to-jax":
+        cfg = convert.hf_to_jax(args.source, args.out, dtype=args.dtype)
+        print(f"wrote {args.out}: {count_params(cfg.model)[0]:,} parameters in {cfg.model.param_dtype}")
+    else:
+        convert.jax_to_hf(args.source, args.out, step=args.step, max_shard_bytes=int(args.max_shard_gb * 1e9))
+        print(f"wrote {args.out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=_generate)
+
+    conv = sub.add_parser("convert", help="HF DeepSeek-v1 checkpoint <-> dsmoe-jax checkpoint, streaming")
+    conv.add_argument("direction", choices=["hf-to-jax", "jax-to-hf"])
+    conv.add_argument("source", help="HF checkpoint directory (hf-to-jax), or a dsmoe-jax checkpoint directory "
+                                     "or training workdir (jax-to-hf)")
+    conv.add_argument("out", help="output directory; must not exist yet (it appears only when complete)")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16"],
+                      help="hf-to-jax: parameter dtype (default: the checkpoint's torch_dtype)")
+    conv.add_argument("--step", type=int, help="jax-to-hf: a training workdir's step (default: latest)")
+    conv.add_argument("--max-shard-gb", type=float, default=2.0, help="jax-to-hf: safetensors shard size")
+    conv.set_defaults(run=_convert)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -16,11 +16,18 @@ import tempfile
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import v1 as ocp_v1
 
 from dsmoe_jax.config import Config, DsmoeError, config_from_dict
 from dsmoe_jax.model import param_shapes
+from dsmoe_jax.parallel import param_shardings
 
 CONFIG_FILE = "config.json"
+# A converted checkpoint (``dsmoe-jax convert hf-to-jax``) is ``config.json``, the tokenizer files
+# and ``params/``: an Orbax checkpoint written one array at a time (Orbax's partial save), whose
+# single pytree Orbax names "state".
+PARAMS_DIR = "params"
+CONVERTED_ITEM = "state"
 
 
 class CheckpointError(DsmoeError, RuntimeError):
@@ -104,16 +111,49 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_checkpoint(directory: str | os.PathLike, step: int | None = None) -> tuple[dict, Config]:
-    """``(params, cfg)`` from a training workdir (its latest checkpoint, or ``step``) or from a
-    converted checkpoint directory (``config.json`` beside the checkpoint steps)."""
+def params_location(directory: str | os.PathLike, step: int | None = None) -> tuple[pathlib.Path, str]:
+    """The Orbax checkpoint holding the params of a training workdir (its latest checkpoint, or
+    ``step``) or of a converted checkpoint directory, and the name of the params inside it."""
     directory = pathlib.Path(directory).absolute()
+    if (directory / "checkpoints").is_dir():
+        with ocp.CheckpointManager(directory / "checkpoints") as manager:
+            steps = manager.all_steps()
+        if step is None and steps:
+            step = max(steps)
+        if step is None or step not in steps:
+            raise CheckpointError(f"{directory} holds no complete checkpoint" + (f" at step {step}; it has steps "
+                                  f"{sorted(steps)}" if step is not None and steps else ""))
+        return directory / "checkpoints" / str(step), "params"
+    if (directory / PARAMS_DIR).is_dir():
+        if step is not None:
+            raise CheckpointError(f"{directory} is a converted checkpoint: it has no steps to choose from")
+        return directory / PARAMS_DIR, CONVERTED_ITEM
+    raise CheckpointError(f"{directory} holds no complete checkpoint (neither checkpoints/ nor {PARAMS_DIR}/)")
+
+
+def restore_params(location: tuple[pathlib.Path, str], target) -> dict:
+    """Read the params at ``location`` (see ``params_location``) into the tree of
+    ``jax.ShapeDtypeStruct`` ``target``, each onto its ``sharding``; leaves set to
+    ``orbax.checkpoint.PLACEHOLDER`` are skipped (read part of a checkpoint)."""
+    path, name = location
+    try:
+        return ocp_v1.load(path, target, checkpointable_name=name)
+    except ValueError as e:
+        raise CheckpointError(f"{path} does not hold the parameters its config.json describes: {e}") from e
+
+
+def load_checkpoint(directory: str | os.PathLike, step: int | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> tuple[dict, Config]:
+    """``(params, cfg)`` from a training workdir (its latest checkpoint, or ``step``) or from a
+    converted checkpoint directory (``dsmoe-jax convert hf-to-jax``). With ``mesh`` every array is
+    read straight into its sharding from ``parallel.RULES`` (each process reads only its own
+    shards); without, onto the default device."""
     cfg = read_config(directory)
-    ckpt_root = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
-    with ocp.CheckpointManager(ckpt_root, item_handlers={"params": ocp.StandardCheckpointHandler()}) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{directory} holds no complete checkpoint")
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), param_shapes(cfg))
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    return restored.params, cfg
+    location = params_location(directory, step)
+    if mesh is None:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), param_shapes(cfg))
+    else:
+        shardings = param_shardings(cfg, mesh)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), param_shapes(cfg),
+                          shardings)
+    return restore_params(location, target), cfg

@@ -16,10 +16,15 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from dsmoe_jax.config import ConfigError, ModelConfig, MoEConfig
+from dsmoe_jax.config import ConfigError, DsmoeError, ModelConfig, MoEConfig
 from dsmoe_jax.model import param_shapes
 
 HF_MODEL_TYPE = "deepseek"
+
+
+class ConversionError(DsmoeError, ValueError):
+    """A checkpoint that does not match its config, or an output that cannot be written."""
+
 
 # HF config key -> (section, our key); a missing HF key keeps our default.
 CONFIG_FIELDS = {
@@ -56,7 +61,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
             tables[section][key] = float(value) if key in ("rope_theta", "norm_eps", "init_std",
                                                               "aux_loss_alpha") else value
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
-    return ModelConfig(**tables["model"], head_dim=head_dim, moe=MoEConfig(**tables["moe"]))
+    # bf16 checkpoints run in bf16; float32 and float16 ones in float32 (we do not compute in fp16).
+    dtype = "bfloat16" if hf.get("torch_dtype") == "bfloat16" else "float32"
+    return ModelConfig(**tables["model"], head_dim=head_dim, param_dtype=dtype, dtype=dtype,
+                       moe=MoEConfig(**tables["moe"]))
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -141,7 +149,7 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor of the model of ``cfg`` and its shape, in a fixed order (nothing allocated)."""
     shapes, out = param_shapes(cfg), {}
     for t, i, path in _entries(cfg):
-        s = _get(shapes, path)
+        s = get_path(shapes, path)
         one = jax.ShapeDtypeStruct(s.shape[1:] if t.experts else s.shape, s.dtype)
         hf_shape = jax.eval_shape(t.transform.to_hf, one).shape
         for e in range(s.shape[0]) if t.experts else [None]:
@@ -154,13 +162,15 @@ def hf_names(cfg: ModelConfig) -> list[str]:
     return list(hf_shapes(cfg))
 
 
-def _get(tree, path):
+def get_path(tree, path):
+    """The node of nested dict ``tree`` at ``path``."""
     for p in path:
         tree = tree[p]
     return tree
 
 
-def _set(tree: dict, path, value) -> None:
+def set_path(tree: dict, path, value) -> None:
+    """Set the node of nested dict ``tree`` at ``path``, making the dicts on the way."""
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
     tree[path[-1]] = value
@@ -177,26 +187,28 @@ def params_from_hf(read: Callable[[str], np.ndarray], has: Callable[[str], bool]
 
     def source(name: str) -> np.ndarray:
         if not has(name):
-            raise ValueError(f"the checkpoint has no tensor {name}")
+            raise ConversionError(f"the checkpoint has no tensor {name}")
         array = read(name)
         if tuple(array.shape) != expected[name]:
-            raise ValueError(f"tensor {name} has shape {tuple(array.shape)}, the config needs {expected[name]}")
+            raise ConversionError(f"tensor {name} has shape {tuple(array.shape)}, the config needs {expected[name]}")
         return array
 
     for t, i, path in _entries(cfg):
-        shape = _get(shapes, path).shape
+        shape = get_path(shapes, path).shape
         if t.experts:
             array = np.stack([t.transform.to_ours(source(t.hf.format(i=i, e=e)), shape[1:]) for e in range(shape[0])])
         else:
             array = t.transform.to_ours(source(t.hf.format(i=i)), shape)
-        _set(out, path, on_array(path, array) if on_array else array)
+        set_path(out, path, on_array(path, array) if on_array else array)
     return out
 
 
-def params_to_hf(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, array) for every tensor, in ``hf_names`` order."""
+def params_to_hf(params: dict | Callable[[tuple], np.ndarray], cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, array) for every tensor, in ``hf_names`` order. ``params`` is our params tree, or
+    a function from a param path to its array (read one parameter at a time)."""
+    read = params if callable(params) else lambda path: get_path(params, path)
     for t, i, path in _entries(cfg):
-        array = np.asarray(_get(params, path))
+        array = np.asarray(read(path))
         if t.experts:
             for e in range(array.shape[0]):
                 yield t.hf.format(i=i, e=e), np.ascontiguousarray(t.transform.to_hf(array[e]))

@@ -1,0 +1,133 @@
+"""Whole-checkpoint conversion, HF DeepSeek-v1 <-> dsmoe-jax, with bounded memory.
+
+    hf_to_jax("deepseek-moe-16b-base", "ckpt/16b")          # then dsmoe_jax.load_checkpoint("ckpt/16b")
+    jax_to_hf("ckpt/16b", "hf-out")                         # or a training workdir
+
+hf -> jax reads one HF tensor at a time and hands each finished output array (one per parameter:
+the routed experts of a layer stacked together) to Orbax's partial save, which writes it and lets
+it go, so peak memory is a small multiple of the largest parameter (the 16B model's 0.4 GB
+embedding), not the 32.8 GB model. jax -> hf reads one parameter at a time and holds at most one
+safetensors shard. Both write into a temporary directory that is renamed into place only when
+complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+from orbax.checkpoint import PLACEHOLDER
+from orbax.checkpoint import v1 as ocp_v1
+from tqdm import tqdm
+
+from dsmoe_jax.config import Config
+from dsmoe_jax.convert.hf_files import (
+    DTYPES,
+    HFCheckpoint,
+    atomic_directory,
+    copy_tokenizer,
+    plan_shards,
+    write_safetensors,
+)
+from dsmoe_jax.convert.mapping import (
+    ConversionError,
+    config_from_hf,
+    config_to_hf,
+    get_path,
+    hf_shapes,
+    params_from_hf,
+    params_to_hf,
+    set_path,
+)
+from dsmoe_jax.model import param_shapes
+from dsmoe_jax.train.checkpoint import PARAMS_DIR, params_location, read_config, restore_params, write_config
+
+HF_CONFIG_COPY = "hf_config.json"  # the source config.json, so jax -> hf keeps fields we do not model (bos/eos ids)
+# Tensors some HF checkpoints carry that are derived, not learned: RoPE frequencies come from rope_theta.
+DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
+              progress: bool = True) -> Config:
+    """Convert the HF checkpoint in ``hf_dir`` into a dsmoe-jax checkpoint directory ``out_dir``
+    (``config.json``, Orbax ``params/``, tokenizer files). ``dtype`` (float32 | bfloat16) defaults
+    to the checkpoint's ``torch_dtype`` (float16 becomes float32). Returns the converted config."""
+    source = HFCheckpoint(hf_dir)
+    model = config_from_hf(source.config)
+    if dtype is not None:
+        if dtype not in ("float32", "bfloat16"):
+            raise ConversionError(f"dtype {dtype!r}: choose float32 or bfloat16")
+        model = dataclasses.replace(model, param_dtype=dtype, dtype=dtype)
+    expected = hf_shapes(model)
+    names = [n for n in source.names() if not n.endswith(DERIVED_SUFFIXES)]
+    _check_names(names, expected, source.directory)
+
+    cfg = Config(model=model)
+    with atomic_directory(out_dir) as tmp, tqdm(total=len(expected), desc="hf-to-jax", unit="tensor",
+                                               disable=not progress, dynamic_ncols=True) as bar:
+        write_config(tmp, cfg)
+        (tmp / HF_CONFIG_COPY).write_text(json.dumps(source.config, indent=2) + "\n")
+
+        def read(name: str) -> np.ndarray:
+            bar.update(1)
+            return source.read(name)
+
+        def write(path: tuple, array: np.ndarray) -> None:
+            tree: dict = {}
+            set_path(tree, path, array.astype(DTYPES[model.param_dtype], copy=False))
+            ocp_v1.partial.save(tmp / PARAMS_DIR, tree)
+
+        params_from_hf(read, source.has, model, on_array=write)
+        ocp_v1.partial.finalize(tmp / PARAMS_DIR)
+        copy_tokenizer(source.directory, tmp)
+    return cfg
+
+
+def _check_names(names: list[str], expected: dict, directory: pathlib.Path) -> None:
+    missing = [n for n in expected if n not in set(names)]
+    extra = sorted(set(names) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors the config needs are missing ({_some(missing)})")
+    if extra:
+        problems.append(f"{len(extra)} tensors are not part of this model ({_some(extra)})")
+    if problems:
+        raise ConversionError(f"{directory} does not match its config.json: {'; '.join(problems)}")
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def jax_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
+              max_shard_bytes: int = 2 * 1024**3, progress: bool = True) -> None:
+    """Write the dsmoe-jax checkpoint ``ckpt_dir`` (a converted directory, or a training workdir's
+    latest checkpoint or ``step``) as an HF DeepSeek-v1 checkpoint: sharded safetensors with the
+    released tensor names, their index, ``config.json`` and the tokenizer files."""
+    ckpt_dir = pathlib.Path(ckpt_dir)
+    model = read_config(ckpt_dir).model
+    hf_config = config_to_hf(model)
+    if (ckpt_dir / HF_CONFIG_COPY).is_file():
+        hf_config = {**json.loads((ckpt_dir / HF_CONFIG_COPY).read_text()), **hf_config}
+    location = params_location(ckpt_dir, step)
+    shapes = param_shapes(model)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def read(path: tuple) -> np.ndarray:  # one parameter: every other leaf is skipped
+        target = jax.tree.map(lambda _: PLACEHOLDER, shapes)
+        shape = get_path(shapes, path)
+        set_path(target, path, jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=device))
+        return np.asarray(get_path(restore_params(location, target), path))
+
+    dtype = DTYPES[model.param_dtype]
+    shards = plan_shards(((n, s, dtype) for n, s in hf_shapes(model).items()), max_shard_bytes)
+    with atomic_directory(out_dir) as tmp, tqdm(total=sum(map(len, shards)), desc="jax-to-hf", unit="tensor",
+                                               disable=not progress, dynamic_ncols=True) as bar:
+        write_safetensors(params_to_hf(read, model), shards, tmp, progress=bar)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        copy_tokenizer(ckpt_dir, tmp)
+
