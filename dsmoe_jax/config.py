@@ -53,7 +53,7 @@ class MoEConfig:
     capacity_factor: float = 0.0
     aux_loss_alpha: float = 0.0  # a1, expert-level balance
     device_aux_alpha: float = 0.0  # a2, device-level balance
-    device_groups: int = 1  # D, contiguous groups of experts (one per expert-parallel device)
+    device_groups: int = 0  # D contiguous expert groups; 0 = one per expert-parallel device of the mesh
     seq_aux: bool = False  # balance statistics per sequence, then averaged (the released 16B)
     backend: str = "auto"  # grouped MLP backend, see dsmoe_jax.grouped
 
@@ -75,7 +75,7 @@ class MoEConfig:
             "moe.aux_loss_alpha and moe.device_aux_alpha must be >= 0",
         )
         _require(
-            self.device_groups >= 1 and self.n_routed_experts % self.device_groups == 0,
+            self.device_groups >= 0 and (self.device_groups == 0 or self.n_routed_experts % self.device_groups == 0),
             f"moe.device_groups={self.device_groups} must divide moe.n_routed_experts={self.n_routed_experts}",
         )
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsmoe_jax import grouped
+from dsmoe_jax import grouped, parallel
 from dsmoe_jax.config import ModelConfig, MoEConfig
 from dsmoe_jax.layers import MLP, param
 
@@ -49,12 +49,13 @@ def expert_counts(expert_TK: jax.Array, num_experts: int, weight_T: jax.Array) -
     return jnp.einsum("tke,t->e", onehot_TKE, weight_T.astype(jnp.float32))
 
 
-def balance_losses(routing: Routing, valid_T: jax.Array, cfg: MoEConfig, num_seqs: int) -> tuple[jax.Array, jax.Array]:
+def balance_losses(routing: Routing, valid_T: jax.Array, cfg: MoEConfig, num_seqs: int,
+                   device_groups: int = 1) -> tuple[jax.Array, jax.Array]:
     """Expert-level and device-level balance losses (DESIGN.md section 1).
 
     f_i = E / (K T) * #{t : t picks i},  P_i = mean_t s_i,t,  L_exp = a1 * sum_i f_i P_i;
-    over D contiguous groups of experts f'_j = mean of f in group j, P'_j = sum of P in group j,
-    L_dev = a2 * sum_j f'_j P'_j. Padding tokens (``valid_T`` = 0) are left out. With
+    over D = ``device_groups`` contiguous groups of experts (the experts each expert-parallel
+    device holds) f'_j = mean of f in group j, P'_j = sum of P in group j, L_dev = a2 * sum_j f'_j P'_j. Padding tokens (``valid_T`` = 0) are left out. With
     ``seq_aux`` the statistics are taken per sequence and the losses averaged over sequences.
     """
     if routing.probs_TE is None:
@@ -68,7 +69,7 @@ def balance_losses(routing: Routing, valid_T: jax.Array, cfg: MoEConfig, num_seq
     f_CE = jnp.einsum("cte,ct->ce", onehot_CTE, valid_CT) * E / (K * tokens_C1)
     P_CE = jnp.einsum("cte,ct->ce", routing.probs_TE.reshape(C, -1, E), valid_CT) / tokens_C1
     expert_loss = cfg.aux_loss_alpha * jnp.mean(jnp.sum(f_CE * P_CE, axis=-1))
-    groups = lambda a_CE: a_CE.reshape(C, cfg.device_groups, E // cfg.device_groups)
+    groups = lambda a_CE: a_CE.reshape(C, device_groups, E // device_groups)
     f_dev_CD, P_dev_CD = groups(f_CE).mean(-1), groups(P_CE).sum(-1)
     device_loss = cfg.device_aux_alpha * jnp.mean(jnp.sum(f_dev_CD * P_dev_CD, axis=-1))
     return expert_loss, device_loss
@@ -144,7 +145,11 @@ class MoE(nnx.Module):
         self.shared = MLP(D, Ks * F, std=std, param_dtype=dt, rngs=rngs) if Ks else None
 
     def __call__(self, x_BSD: jax.Array, tokens_BS: jax.Array, valid_BS: jax.Array):
-        """Returns the FFN output and this layer's statistics (balance losses, load, drops)."""
+        """Returns the FFN output and this layer's statistics (balance losses, load, drops).
+
+        Under a mesh with an ``expert`` axis the routed experts run expert-parallel
+        (``parallel.expert_parallel``); the route and the shared experts stay here either way.
+        """
         cfg = self.cfg
         B, S, D = x_BSD.shape
         x_TD, valid_T = x_BSD.reshape(B * S, D), valid_BS.reshape(B * S)
@@ -154,23 +159,34 @@ class MoE(nnx.Module):
             routing = route_hash(tokens_BS.reshape(-1), E)
         else:
             routing = route_softmax(x_TD, self.w_router_DE[...], cfg.top_k, cfg.norm_topk_prob)
-        expert_loss, device_loss = balance_losses(routing, valid_T, cfg, num_seqs=B)
+        ep = parallel.expert_parallel_size()
+        if cfg.device_groups and ep > 1 and cfg.device_groups != ep:
+            raise ValueError(f"moe.device_groups={cfg.device_groups} but the mesh spreads the experts over {ep} "
+                             "devices; set moe.device_groups = 0 to follow the mesh")
+        expert_loss, device_loss = balance_losses(routing, valid_T, cfg, num_seqs=B,
+                                                  device_groups=cfg.device_groups or ep)
 
-        plan = dispatch(routing.expert_TK, E, capacity(cfg, B * S))
-        x_GD = x_TD[plan.order_A % (B * S)]
-        y_GD = grouped.grouped_mlp(
-            x_GD, self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...], plan.group_sizes_E,
-            backend=cfg.backend,
-        )
-        y_TD = combine(y_GD, plan, routing.gate_TK)
+        weights = (self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
+        routed = parallel.expert_parallel if ep > 1 else routed_experts
+        y_TD, keep_TK = routed(x_TD, routing.expert_TK, routing.gate_TK, *weights, cfg)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD).astype(jnp.float32)
 
-        valid_A = jnp.tile(valid_T, cfg.top_k).astype(jnp.float32)
+        valid_TK = jnp.broadcast_to(valid_T[:, None], keep_TK.shape).astype(jnp.float32)
         stats = {
             "expert_balance_loss": expert_loss,
             "device_balance_loss": device_loss,
             "expert_load": expert_counts(routing.expert_TK, E, valid_T),
-            "drop_fraction": 1.0 - jnp.sum(plan.keep_A * valid_A) / jnp.maximum(jnp.sum(valid_A), 1.0),
+            "drop_fraction": 1.0 - jnp.sum(keep_TK * valid_TK) / jnp.maximum(jnp.sum(valid_TK), 1.0),
         }
         return y_TD.astype(x_BSD.dtype).reshape(B, S, D), stats
+
+
+def routed_experts(x_TD, expert_TK, gate_TK, w_gate_EDF, w_up_EDF, w_down_EFD, cfg: MoEConfig):
+    """dispatch -> grouped experts -> combine on one device: the routed experts' float32 output
+    ``y_TD`` and which (token, slot) assignments were kept (``keep_TK``, all True when dropless)."""
+    T = x_TD.shape[0]
+    plan = dispatch(expert_TK, w_gate_EDF.shape[0], capacity(cfg, T))
+    y_GD = grouped.grouped_mlp(x_TD[plan.order_A % T], w_gate_EDF, w_up_EDF, w_down_EFD, plan.group_sizes_E,
+                               backend=cfg.backend)
+    return combine(y_GD, plan, gate_TK), plan.keep_A.reshape(-1, T).T

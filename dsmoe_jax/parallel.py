@@ -1,25 +1,36 @@
-"""Meshes and shardings: the one table that maps the model's logical axes to mesh axes.
+"""Meshes, shardings and expert parallelism.
 
 Model code names only logical axes (the ``axes`` metadata of every parameter: ``embed``,
 ``mlp``, ``expert``, ``heads``, ...). ``RULES`` maps each to the mesh axes it is split over;
-everything else here derives shardings from that table.
+everything else here derives shardings from that table. ``expert_parallel`` is the one place
+where tokens cross devices explicitly: the shard_map all_to_all exchange of the routed experts.
 
-    mesh = make_mesh({"data": 2, "fsdp": 4})
+    mesh = make_mesh({"data": 2, "expert": 4})
     with jax.set_mesh(mesh):
         params = shard_params(params, cfg)
+
+Shape legend (inside the exchange, per device): T local tokens, K top-k, A = K*T assignments,
+D model width, F expert hidden width, N expert-parallel devices, L = E/N local experts,
+R rows of each per-device send buffer.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsmoe_jax.config import Config, ConfigError, MeshConfig, ModelConfig
-from dsmoe_jax.model import param_axes, param_shapes
+from dsmoe_jax import grouped
+from dsmoe_jax import model as model_lib  # model -> moe -> parallel: import the modules, not names
+from dsmoe_jax import moe as moe_lib
+from dsmoe_jax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig
+
+EXPERT_AXIS = "expert"
 
 MESH_AXES = ("data", "fsdp", "expert")
 
@@ -75,7 +86,7 @@ def logical_to_spec(axes: tuple[str | None, ...], mesh: jax.sharding.Mesh, shape
 
 def param_shardings(cfg: Config | ModelConfig, mesh: jax.sharding.Mesh) -> dict:
     """NamedShardings of every parameter on ``mesh``, from ``RULES``."""
-    axes, shapes = param_axes(cfg), param_shapes(cfg)
+    axes, shapes = model_lib.param_axes(cfg), model_lib.param_shapes(cfg)
     return jax.tree.map(lambda a, s: NamedSharding(mesh, logical_to_spec(a, mesh, s.shape)), axes, shapes,
                         is_leaf=lambda x: isinstance(x, tuple))
 
@@ -88,7 +99,82 @@ def shard_params(params: dict, cfg: Config | ModelConfig, mesh: jax.sharding.Mes
     return jax.device_put(params, param_shardings(cfg, mesh))
 
 
+def _batch_axes(mesh) -> tuple[str, ...] | None:
+    return tuple(a for a in RULES["batch"] if mesh.shape[a] > 1) or None
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a ``[batch, ...]`` array: the batch split over every mesh axis it divides by."""
-    return NamedSharding(mesh, PartitionSpec(tuple(a for a in RULES["batch"] if mesh.shape[a] > 1) or None,
-                                             *([None] * (ndim - 1))))
+    """Sharding of a ``[batch, ...]`` array: the batch split over every mesh axis of size > 1."""
+    return NamedSharding(mesh, PartitionSpec(_batch_axes(mesh), *([None] * (ndim - 1))))
+
+
+def expert_parallel_size(mesh=None) -> int:
+    """The size of the ``expert`` axis of ``mesh`` (default: the context mesh); 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return 1 if mesh.empty or EXPERT_AXIS not in mesh.axis_names else mesh.shape[EXPERT_AXIS]
+
+
+def send_buffer_rows(cfg: MoEConfig, local_tokens: int, ep: int) -> int:
+    """Rows each device reserves per destination in the dense all_to_all. A token's top-k experts
+    are distinct, so it sends at most min(K, L) rows to one device: T * min(K, L) can never
+    overflow, which keeps dropless routing dropless. With a capacity limit no device receives
+    more than L * capacity rows from one sender, a smaller bound when it is."""
+    L = cfg.n_routed_experts // ep
+    rows = local_tokens * min(cfg.top_k, L)
+    cap = moe_lib.capacity(cfg, local_tokens)
+    return rows if cap is None else min(rows, L * cap)
+
+
+def expert_parallel(x_TD, expert_TK, gate_TK, w_gate_EDF, w_up_EDF, w_down_EFD, cfg: MoEConfig):
+    """The routed experts spread over the context mesh's ``expert`` axis, with the same contract
+    as ``moe.routed_experts``: returns the float32 routed output and ``keep_TK``.
+
+    Tokens stay split over the batch axes (``RULES["batch"]``); each device holds E/N experts.
+    Inside ``jax.shard_map`` every device dispatches its own tokens (a capacity limit, if set,
+    counts each device's tokens, as GShard's groups do), sends each expert's rows to the device
+    holding it with one all_to_all, runs its local experts with the grouped backend, and gets
+    the results back with a second all_to_all before the gate-weighted combine.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    ep, batch = expert_parallel_size(mesh), _batch_axes(mesh)
+    T, E = x_TD.shape[0], cfg.n_routed_experts
+    shards = math.prod(mesh.shape[a] for a in batch)
+    if T % shards or E % ep:
+        raise ValueError(f"expert parallelism over {ep} devices needs the {T} tokens of a batch to split over the "
+                         f"mesh's {shards} batch shards and moe.n_routed_experts={E} to split over {ep} devices")
+    rows = send_buffer_rows(cfg, T // shards, ep)
+    tokens, experts = PartitionSpec(batch, None), PartitionSpec(EXPERT_AXIS, None, None)
+    body = functools.partial(_exchange, cfg=cfg, ep=ep, rows=rows)
+    return jax.shard_map(body, in_specs=(tokens, tokens, tokens, experts, experts, experts),
+                         out_specs=(tokens, tokens), check_vma=False)(x_TD, expert_TK, gate_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+def _exchange(x_TD, expert_TK, gate_TK, w_gate_LDF, w_up_LDF, w_down_LFD, *, cfg: MoEConfig, ep: int, rows: int):
+    """One device's part of ``expert_parallel`` (inside shard_map)."""
+    T, D = x_TD.shape
+    N, L, R = ep, w_gate_LDF.shape[0], rows
+    with jax.named_scope("dispatch"):
+        # Sorted by global expert is sorted by destination: device j holds experts [j L, (j+1) L).
+        plan = moe_lib.dispatch(expert_TK, N * L, moe_lib.capacity(cfg, T))
+        sizes_NL = plan.group_sizes_E.reshape(N, L)
+        ends_N = jnp.cumsum(sizes_NL.sum(1))
+        row_A = jnp.arange(plan.order_A.shape[0])
+        dest_A = jnp.searchsorted(ends_N, row_A, side="right")  # N for dropped rows, past every group
+        slot_A = row_A - (ends_N - sizes_NL.sum(1))[jnp.minimum(dest_A, N - 1)]
+        send_NRD = jnp.zeros((N, R, D), x_TD.dtype).at[dest_A, slot_A].set(x_TD[plan.order_A % T], mode="drop")
+    with jax.named_scope("exchange"):
+        recv_NRD = jax.lax.all_to_all(send_NRD, EXPERT_AXIS, 0, 0, tiled=True)
+        recv_sizes_NL = jax.lax.all_to_all(sizes_NL, EXPERT_AXIS, 0, 0, tiled=True)
+    with jax.named_scope("experts"):
+        # Each sender's block is sorted by local expert; regroup all blocks by local expert.
+        expert_NR = jax.vmap(lambda ends, r: jnp.searchsorted(ends, r, side="right"), (0, None))(
+            jnp.cumsum(recv_sizes_NL, axis=1), jnp.arange(R))  # L marks unused buffer rows
+        order_G = jnp.argsort(expert_NR.reshape(-1), stable=True)
+        y_GD = grouped.grouped_mlp(recv_NRD.reshape(N * R, D)[order_G], w_gate_LDF, w_up_LDF, w_down_LFD,
+                                   recv_sizes_NL.sum(0), backend=cfg.backend)
+        y_NRD = jnp.zeros_like(y_GD).at[order_G].set(y_GD).reshape(N, R, D)
+    with jax.named_scope("return"):
+        back_NRD = jax.lax.all_to_all(y_NRD, EXPERT_AXIS, 0, 0, tiled=True)
+    with jax.named_scope("combine"):
+        y_AD = back_NRD.at[dest_A, slot_A].get(mode="fill", fill_value=0)
+        return moe_lib.combine(y_AD, plan, gate_TK), plan.keep_A.reshape(-1, T).T

@@ -1,4 +1,8 @@
-"""Shared fixtures: small shapes, fixed seeds."""
+"""Shared fixtures: small shapes, fixed seeds; a runner for multi-device subprocesses."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -28,3 +32,13 @@ def _token_cache(tmp_path_factory):
     mp.setenv("DSMOE_JAX_CACHE", str(tmp_path_factory.mktemp("token-cache")))
     yield
     mp.undo()
+
+
+def run_python(script: str, *args: str, devices: int = 8, timeout: float = 600) -> str:
+    """Run ``script`` in a fresh interpreter with ``devices`` fake CPU devices (the device count is
+    fixed when jax starts); returns its stdout, failing the test with its stderr if it fails."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    out = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    return out.stdout

@@ -2,10 +2,7 @@
 -> Orbax -> HF, the CLI, errors that leave nothing behind, peak memory, loading onto a mesh."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -13,6 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from conftest import run_python
 from test_convert import TINY_HF, _qwen2moe_oracle, _random_hf_checkpoint
 
 import dsmoe_jax
@@ -185,10 +183,9 @@ def test_peak_memory_is_a_small_multiple_of_the_largest_array(tmp_path):
                       plan_shards(((n, s, np.float32) for n, s in shapes.items()), 100 * 2**20), hf)
     _write_hf(tmp_path / "tiny", _random_hf_checkpoint(convert.config_from_hf(TINY_HF)))
 
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "tiny"), str(hf),
-                          str(tmp_path / "warm"), str(tmp_path / "out")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rss = json.loads(out.stdout.strip().splitlines()[-1])
+    out = run_python(MEMORY_SCRIPT, str(tmp_path / "tiny"), str(hf), str(tmp_path / "warm"), str(tmp_path / "out"),
+                     devices=1)
+    rss = json.loads(out.strip().splitlines()[-1])
     largest = max(a.size for a in jax.tree.leaves(dsmoe_jax.param_shapes(cfg))) * 4  # stacked experts, 32 MiB
     model = sum(np.prod(s) for s in shapes.values()) * 4  # 480 MiB
     grew = rss["after"] - rss["before"]
@@ -215,7 +212,4 @@ MESH_SCRIPT = textwrap.dedent("""
 def test_load_checkpoint_restores_straight_into_mesh_shardings(tmp_path):
     hf = _write_hf(tmp_path / "hf", _random_hf_checkpoint(convert.config_from_hf(TINY_HF)))
     convert.hf_to_jax(hf, tmp_path / "jax", progress=False)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    out = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path / "jax")], capture_output=True,
-                         text=True, env=env)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    assert run_python(MESH_SCRIPT, str(tmp_path / "jax")).strip().endswith("ok")

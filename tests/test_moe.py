@@ -31,9 +31,9 @@ def test_router_top_k_and_gates_by_hand():
 
 def _losses(seq_aux, num_seqs, valid=(1, 1, 1)):
     cfg = MoEConfig(n_routed_experts=4, top_k=2, expert_d_ff=1, aux_loss_alpha=0.1, device_aux_alpha=0.2,
-                    device_groups=2, seq_aux=seq_aux)
+                    seq_aux=seq_aux)
     r = moe_lib.route_softmax(X_TD, W_DE, top_k=2, norm_topk_prob=False)
-    return [float(v) for v in moe_lib.balance_losses(r, jnp.array(valid), cfg, num_seqs)]
+    return [float(v) for v in moe_lib.balance_losses(r, jnp.array(valid), cfg, num_seqs, device_groups=2)]
 
 
 def test_balance_losses_by_hand():
