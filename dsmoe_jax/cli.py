@@ -2,6 +2,8 @@
 
     dsmoe-jax train --config tiny --set train.steps=50 --workdir runs/tiny    # minutes on a CPU
     dsmoe-jax train --config tiny --workdir runs/tiny --resume                # continue that run
+    dsmoe-jax train --config tiny --set mesh.expert=... --coordinator 127.0.0.1:7777 --num-processes 2 \
+        --process-id 0                     # one of several processes (train/launch_local.sh starts them)
     dsmoe-jax eval --checkpoint runs/tiny                                     # loss and perplexity
     dsmoe-jax generate --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 64
     dsmoe-jax info --config 16b                       # architecture, parameters, FLOPs per token
@@ -19,7 +21,7 @@ import sys
 import jax
 import numpy as np
 
-from dsmoe_jax import convert, data, inference
+from dsmoe_jax import convert, data, inference, parallel
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
 from dsmoe_jax.model import count_params, flops_per_token
 from dsmoe_jax.train.checkpoint import load_checkpoint
@@ -57,10 +59,14 @@ def _info(args) -> None:
 
 def _train(args) -> None:
     cfg = load_config(args.config, args.set)
+    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
+    if jax.process_index() != 0:
+        args.quiet = True
     workdir = args.workdir or f"runs/{pathlib.Path(args.config).stem}"
-    print(describe(cfg), f"\nworkdir       {workdir}", flush=True)
-    last = train(cfg, workdir, resume=args.resume)
-    if "val_loss" in last:
+    if not args.quiet:
+        print(describe(cfg), f"\nworkdir       {workdir}", flush=True)
+    last = train(cfg, workdir, resume=args.resume, progress=not args.quiet)
+    if "val_loss" in last and not args.quiet:
         print(f"final: loss {last['loss']:.4f}, validation loss {last['val_loss']:.4f}")
 
 
@@ -123,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
     train.add_argument("--workdir", help="metrics, TensorBoard events and checkpoints (default runs/<config>)")
     train.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar or summary (processes > 0 are quiet)")
+    multi = train.add_argument_group("multi-process (SLURM / Open MPI jobs are detected without these)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    multi.add_argument("--num-processes", type=int)
+    multi.add_argument("--process-id", type=int)
+    multi.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
+                       help="fail the run when a process is silent this many seconds")
     train.set_defaults(run=_train)
 
     ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint")

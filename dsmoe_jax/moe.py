@@ -160,9 +160,7 @@ class MoE(nnx.Module):
         else:
             routing = route_softmax(x_TD, self.w_router_DE[...], cfg.top_k, cfg.norm_topk_prob)
         ep = parallel.expert_parallel_size()
-        if cfg.device_groups and ep > 1 and cfg.device_groups != ep:
-            raise ValueError(f"moe.device_groups={cfg.device_groups} but the mesh spreads the experts over {ep} "
-                             "devices; set moe.device_groups = 0 to follow the mesh")
+        parallel.check_expert_parallel(cfg, ep)
         expert_loss, device_loss = balance_losses(routing, valid_T, cfg, num_seqs=B,
                                                   device_groups=cfg.device_groups or ep)
 

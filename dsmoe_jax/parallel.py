@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Mapping
 
 import jax
@@ -45,6 +46,31 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "vocab": None,
 }
+
+
+def _cluster_env_says_multiprocess() -> bool:
+    """Whether the environment describes a multi-process job that jax's cluster detection reads."""
+    env = os.environ
+    return bool(env.get("JAX_COORDINATOR_ADDRESS")) or int(env.get("SLURM_NTASKS", "1")) > 1 \
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, heartbeat_timeout_s: int = 100) -> None:
+    """Join a multi-process run before anything touches a device. With ``coordinator``
+    (``HOST:PORT`` of process 0) the three arguments are used as given; without, jax's own
+    cluster detection fills them in when the environment describes a multi-process job (SLURM,
+    Open MPI, ``JAX_COORDINATOR_ADDRESS``); otherwise this is a single-process run and nothing
+    happens. A process that stops sending heartbeats for ``heartbeat_timeout_s`` fails the others."""
+    if coordinator is None and not _cluster_env_says_multiprocess():
+        if num_processes not in (None, 1):
+            raise ConfigError("--num-processes needs --coordinator HOST:PORT (the address of process 0)")
+        return
+    if coordinator is not None and (num_processes is None or process_id is None):
+        raise ConfigError("--coordinator needs --num-processes and --process-id")
+    # Collectives between CPU processes (tests, the local launcher) go over gloo; GPUs use NCCL.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
 def make_mesh(sizes: Mapping[str, int] | MeshConfig, devices=None) -> jax.sharding.Mesh:
@@ -114,6 +140,18 @@ def expert_parallel_size(mesh=None) -> int:
     return 1 if mesh.empty or EXPERT_AXIS not in mesh.axis_names else mesh.shape[EXPERT_AXIS]
 
 
+def check_expert_parallel(cfg: MoEConfig | None, ep: int) -> None:
+    """Refuse a MoE config that cannot spread over ``ep`` expert-parallel devices."""
+    if cfg is None or ep == 1:
+        return
+    if cfg.n_routed_experts % ep:
+        raise ConfigError(f"moe.n_routed_experts={cfg.n_routed_experts} does not split over the mesh's expert axis of "
+                          f"size {ep}; choose mesh.expert dividing it")
+    if cfg.device_groups and cfg.device_groups != ep:
+        raise ConfigError(f"moe.device_groups={cfg.device_groups} but the mesh spreads the experts over {ep} devices; "
+                          "set moe.device_groups = 0 to follow the mesh")
+
+
 def send_buffer_rows(cfg: MoEConfig, local_tokens: int, ep: int) -> int:
     """Rows each device reserves per destination in the dense all_to_all. A token's top-k experts
     are distinct, so it sends at most min(K, L) rows to one device: T * min(K, L) can never
@@ -137,11 +175,11 @@ def expert_parallel(x_TD, expert_TK, gate_TK, w_gate_EDF, w_up_EDF, w_down_EFD, 
     """
     mesh = jax.sharding.get_abstract_mesh()
     ep, batch = expert_parallel_size(mesh), _batch_axes(mesh)
-    T, E = x_TD.shape[0], cfg.n_routed_experts
+    T = x_TD.shape[0]
     shards = math.prod(mesh.shape[a] for a in batch)
-    if T % shards or E % ep:
-        raise ValueError(f"expert parallelism over {ep} devices needs the {T} tokens of a batch to split over the "
-                         f"mesh's {shards} batch shards and moe.n_routed_experts={E} to split over {ep} devices")
+    if T % shards:
+        raise ValueError(f"expert parallelism needs the {T} tokens of a batch to split over the mesh's {shards} "
+                         "batch shards")
     rows = send_buffer_rows(cfg, T // shards, ep)
     tokens, experts = PartitionSpec(batch, None), PartitionSpec(EXPERT_AXIS, None, None)
     body = functools.partial(_exchange, cfg=cfg, ep=ep, rows=rows)

@@ -1,7 +1,6 @@
 """The training loop end to end: learning, logs, kill -9 and resume, non-finite losses."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess

@@ -100,8 +100,14 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state.params),
             opt=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
         ))
+        try:
+            self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        except ValueError:
+            # Saved by a different number of processes (grain keeps one state per process). All
+            # processes stand at the same batch, one batch per step, and global batch k holds
+            # the same windows whatever the process count (data.batches), so position by step.
+            data_iterator.set_state({"next_index": step})
         return type(abstract_state)(restored.opt["step"], restored.params, restored.opt["opt_state"])
 
     def wait(self) -> None:

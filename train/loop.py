@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from dsmoe_jax import data
+from dsmoe_jax import data, parallel
 from dsmoe_jax.config import Config, DsmoeError
-from dsmoe_jax.model import flops_per_token, init_params
+from dsmoe_jax.model import flops_per_token
 from dsmoe_jax.train.checkpoint import Checkpointer, write_config
 from dsmoe_jax.train.optimizer import learning_rate, make_optimizer
-from dsmoe_jax.train.step import init_state, make_eval_step, make_train_step
+from dsmoe_jax.train.step import init_sharded_state, make_eval_step, make_train_step, state_shardings
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per device
 EVAL_BATCHES = 8
@@ -48,7 +48,13 @@ def evaluate(params, cfg: Config, tokens: np.ndarray, max_batches: int = EVAL_BA
     eval_step = eval_step or jax.jit(make_eval_step(cfg))
     batch_size = min(cfg.train.batch_size, len(data.WindowSource(tokens, cfg.train.seq_len)))
     ds = data.batches(tokens, batch_size, cfg.train.seq_len, seed=0, shuffle=False, num_epochs=1)
-    losses = [float(eval_step(params, ds[i])) for i in range(min(max_batches, len(ds)))]
+    mesh = jax.sharding.get_mesh()
+    if not mesh.empty:  # every process reads the same batch; each places its own shards
+        sharding = parallel.batch_sharding(mesh)
+        global_batch = lambda b: jax.make_array_from_callback(b.shape, sharding, lambda index: b[index])
+    else:
+        global_batch = jnp.asarray
+    losses = [float(eval_step(params, global_batch(ds[i]))) for i in range(min(max_batches, len(ds)))]
     return float(np.mean(losses)), len(losses)
 
 
@@ -61,15 +67,20 @@ def _load_image(load_LE: np.ndarray, pixels: int = 12) -> np.ndarray:
 
 
 class _Logger:
-    """metrics.jsonl (one object per logged step) and TensorBoard event files."""
+    """metrics.jsonl (one object per logged step) and TensorBoard event files, written by
+    process 0 only."""
 
     def __init__(self, workdir: pathlib.Path):
         from tensorboardX import SummaryWriter
 
-        self.jsonl = open(workdir / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            self.jsonl = open(workdir / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def log(self, step: int, metrics: dict, load_LE: np.ndarray | None = None) -> None:
+        if not self.enabled:
+            return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         for k, v in metrics.items():
@@ -78,6 +89,8 @@ class _Logger:
             self.tb.add_image("expert_load", _load_image(load_LE), step, dataformats="HWC")
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.jsonl.close()
         self.tb.close()
 
@@ -104,38 +117,53 @@ def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False, progre
     """Train ``cfg`` in ``workdir``; returns the last logged metrics.
 
     Keeps float32 master weights whatever ``model.param_dtype`` says; ``model.dtype`` sets the
-    compute dtype. With ``resume`` it continues from the latest complete checkpoint.
+    compute dtype. With ``resume`` it continues from the latest complete checkpoint (saved on any
+    mesh: it is read straight into this run's shardings). The mesh comes from ``cfg.mesh`` over
+    every device of every process (``jax.distributed`` must be initialised first for several);
+    each process loads its own slice of every batch.
     """
+    mesh = parallel.make_mesh(cfg.mesh)
+    parallel.check_expert_parallel(cfg.model.moe, parallel.expert_parallel_size(mesh))
+    with jax.set_mesh(mesh):
+        return _train(cfg, workdir, resume, progress, mesh)
+
+
+def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.sharding.Mesh) -> dict:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="float32"))
     t = cfg.train
     workdir = pathlib.Path(workdir)
     ckpt = Checkpointer(workdir, cfg)
     start = ckpt.check_compatible(resume) or 0
-    write_config(workdir, cfg)
+    if jax.process_index() == 0:
+        write_config(workdir, cfg)
 
-    n_proc = jax.process_count()
-    if t.batch_size % (n_proc * t.grad_accum):
-        raise TrainingError(f"train.batch_size={t.batch_size} must divide evenly over {n_proc} processes x "
-                            f"train.grad_accum={t.grad_accum} micro-batches")
+    n_proc, shards = jax.process_count(), math.prod(mesh.shape.values())
+    if t.batch_size % (n_proc * t.grad_accum) or (t.batch_size // t.grad_accum) % shards:
+        raise TrainingError(f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
+                            f"micro-batches that divide over the {shards} devices ({n_proc} processes)")
     train_tokens, val_tokens, _ = data.load_tokens(cfg)
     dataset = data.batches(train_tokens, t.batch_size // n_proc, t.seq_len, seed=t.seed,
                            process_index=jax.process_index(), process_count=n_proc)
     iterator = iter(dataset)
 
     optimizer = make_optimizer(t)
-    state = init_state(init_params(cfg.model, jax.random.key(t.seed)), optimizer)
+    shardings = state_shardings(cfg, optimizer, mesh)
+    state = init_sharded_state(cfg, optimizer, jax.random.key(t.seed), shardings)
     if start:
         state = ckpt.restore(start, state, iterator)
     schedule = learning_rate(t)
-    train_step = jax.jit(make_train_step(cfg, optimizer))
-    eval_step = jax.jit(make_eval_step(cfg))
+    batch_sharding = parallel.batch_sharding(mesh)
+    replicated = jax.NamedSharding(mesh, jax.P())
+    train_step = jax.jit(make_train_step(cfg, optimizer), in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, replicated))
+    eval_step = jax.jit(make_eval_step(cfg), out_shardings=replicated)
     logger = _Logger(workdir)
     bar = tqdm(total=t.steps, initial=start, disable=not progress, dynamic_ncols=True, desc="train")
     last: dict = {}
     tick, tokens_since = time.perf_counter(), 0
     try:
         for step in range(start + 1, t.steps + 1):
-            batch = jnp.asarray(next(iterator))
+            batch = jax.make_array_from_process_local_data(batch_sharding, next(iterator))
             try:
                 state, m = train_step(state, batch)
                 finite = bool(m["finite"])
@@ -143,6 +171,11 @@ def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False, progre
                 if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
                     raise TrainingError(f"a batch of {t.batch_size} x {t.seq_len} tokens does not fit in memory; "
                                         "lower train.batch_size or raise train.grad_accum") from e
+                if n_proc > 1:
+                    raise TrainingError(
+                        f"step {step} failed in a collective with the other processes ({str(e).splitlines()[0]}): "
+                        f"another process of this {n_proc}-process run has probably died. Restart all of them "
+                        f"with --resume; the last complete checkpoint is step {ckpt.manager.latest_step()}") from e
                 raise
             tokens_since += batch.shape[0] * t.seq_len
             if not finite and t.on_nan == "skip":

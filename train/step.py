@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dsmoe_jax import parallel
 from dsmoe_jax.config import Config
-from dsmoe_jax.model import forward
+from dsmoe_jax.model import forward, init_params, param_shapes
 
 
 class TrainState(NamedTuple):
@@ -23,6 +24,23 @@ class TrainState(NamedTuple):
 
 def init_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def state_shardings(cfg: Config, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> TrainState:
+    """Where each part of the train state lives on ``mesh``: params and the optimizer's
+    per-parameter moments by the logical-axis rules, everything else (step, counts) replicated."""
+    params = parallel.param_shardings(cfg, mesh)
+    replicated = jax.NamedSharding(mesh, jax.P())
+    opt_state = optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, param_shapes(cfg)), params,
+        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return TrainState(replicated, params, opt_state)
+
+
+def init_sharded_state(cfg: Config, optimizer: optax.GradientTransformation, key: jax.Array,
+                       shardings: TrainState) -> TrainState:
+    """A fresh train state created directly in its shardings (no device ever holds all of it)."""
+    return jax.jit(lambda k: init_state(init_params(cfg.model, k), optimizer), out_shardings=shardings)(key)
 
 
 def cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array | None = None) -> jax.Array:
