@@ -7,6 +7,7 @@
     dsmoe-jax eval --checkpoint runs/tiny                                     # loss and perplexity
     dsmoe-jax generate --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 64
     dsmoe-jax info --config 16b                       # architecture, parameters, FLOPs per token
+    dsmoe-jax plan --config 16b --mesh data=8,expert=8 --batch 64 --seq 4096   # memory per device
     dsmoe-jax convert hf-to-jax deepseek-moe-16b-base ckpt/16b --dtype bfloat16
     dsmoe-jax convert jax-to-hf ckpt/16b hf-out       # sharded safetensors + index + config.json
 """
@@ -22,6 +23,7 @@ import jax
 import numpy as np
 
 from dsmoe_jax import convert, data, inference, parallel
+from dsmoe_jax import plan as plan_lib
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
 from dsmoe_jax.model import count_params, flops_per_token
 from dsmoe_jax.train.checkpoint import load_checkpoint
@@ -116,6 +118,20 @@ def _convert(args) -> None:
         print(f"wrote {args.out}")
 
 
+def _parse_mesh(text: str) -> dict[str, int]:
+    try:
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise ConfigError(f"--mesh {text!r}: expected AXIS=SIZE pairs such as data=8,expert=8") from None
+
+
+def _plan(args) -> None:
+    cfg = load_config(args.config, args.set)
+    p = plan_lib.make_plan(cfg, _parse_mesh(args.mesh), batch=args.batch, seq=args.seq)
+    print(describe(cfg, args.seq))
+    print(plan_lib.format_plan(p, args.gpu_memory, args.peak_tflops))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsmoe-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=_generate)
+
+    pl = sub.add_parser("plan", help="per-device memory, FLOPs and all_to_all traffic of a training step")
+    pl.add_argument("--config", required=True, help="TOML file or shipped config name (tiny, 2b, 16b, ...)")
+    pl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
+    pl.add_argument("--mesh", required=True, metavar="AXIS=SIZE,...", help="e.g. data=8,expert=8 (fsdp too)")
+    pl.add_argument("--batch", type=int, help="global batch in sequences (default train.batch_size)")
+    pl.add_argument("--seq", type=int, help="sequence length (default train.seq_len)")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per device (H100: 80)")
+    pl.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per device (H100: 989)")
+    pl.set_defaults(run=_plan)
 
     conv = sub.add_parser("convert", help="HF DeepSeek-v1 checkpoint <-> dsmoe-jax checkpoint, streaming")
     conv.add_argument("direction", choices=["hf-to-jax", "jax-to-hf"])

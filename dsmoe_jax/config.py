@@ -102,6 +102,7 @@ class ModelConfig:
     init_std: float = 0.006
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; the router and the logits are always float32
+    remat: bool = False  # keep only each block's input for the backward pass; recompute the rest
     moe: MoEConfig | None = None
 
     def __post_init__(self):

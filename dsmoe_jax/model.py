@@ -118,6 +118,7 @@ class Decoder(nnx.Module):
         self.final_norm = RMSNorm(D, cfg.norm_eps, dt)
         self.lm_head_DV = param(rngs, (D, V), ("embed", "vocab"), cfg.init_std, dt)
         self.dtype = jnp.dtype(cfg.dtype)
+        self.remat = cfg.remat
 
     def __call__(self, tokens_BS, positions_BS, valid_BS, cache: KVCache | None = None):
         """Logits, aux statistics and the updated cache (None without one)."""
@@ -130,9 +131,12 @@ class Decoder(nnx.Module):
         mask_B1ST = causal_mask(valid_keys_BT, index + jnp.arange(S))
         x_BSD = self.embed_VD[...][tokens_BS].astype(self.dtype)
         layer_stats, keys, values = [], [], []
+        run = lambda blk, *args: blk(*args)
+        if self.remat and cache is None:  # rematerialise: the backward pass recomputes each block
+            run = nnx.remat(run)
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x_BSD, stats, (k, v) = block(x_BSD, positions_BS, valid_BS, tokens_BS, mask_B1ST, kv, index)
+            x_BSD, stats, (k, v) = run(block, x_BSD, positions_BS, valid_BS, tokens_BS, mask_B1ST, kv, index)
             keys.append(k)
             values.append(v)
             if stats is not None:

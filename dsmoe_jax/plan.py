@@ -1,0 +1,154 @@
+"""Scale on paper: per-device memory, FLOPs and all_to_all traffic of a training step.
+
+    dsmoe-jax plan --config 16b --mesh data=8,expert=8 --gpu-memory 80
+
+Everything here is arithmetic on the config and the mesh, nothing is allocated. Parameters,
+gradients and Adam's two moments are float32 (training keeps float32 master weights) and split
+as ``parallel.RULES`` splits them. Activations are what the backward pass keeps per token and
+layer, counted tensor by tensor for the code in model.py / moe.py / parallel.py; with
+rematerialisation only each block's input is kept, plus one block's activations while it is
+recomputed. ``tests/test_plan.py`` holds the estimates against XLA's own memory analysis of the
+compiled train step.
+
+Shape legend: t tokens per device per micro-batch, D model width, F hidden width, E routed
+experts, K top-k, L experts per device, N expert-parallel devices, V vocabulary, S sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import jax
+
+from dsmoe_jax import parallel
+from dsmoe_jax.config import Config, ConfigError, ModelConfig
+from dsmoe_jax.model import flops_per_token, param_axes, param_shapes
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Per-device bytes and per-step work of one training step of a config on a mesh."""
+
+    mesh: dict[str, int]
+    tokens_per_device: int  # per micro-batch
+    params: int
+    grads: int
+    optimizer: int
+    update: int  # transients of the step: the gradient-accumulation buffer and the optimizer's updates
+    activations: int  # without rematerialisation
+    activations_remat: int
+    flops_per_step: float  # the whole step, all devices (remat recomputes the forward)
+    all_to_all_bytes: int  # sent by one device per step (the dense buffers the exchange moves)
+    routed_bytes: int  # of which routed rows: what a ragged all_to_all would move
+
+    @property
+    def devices(self) -> int:
+        return math.prod(self.mesh.values())
+
+    def total(self, remat: bool) -> int:
+        return (self.params + self.grads + self.optimizer + self.update
+                + (self.activations_remat if remat else self.activations))
+
+
+def _device_elements(cfg: ModelConfig, mesh: jax.sharding.AbstractMesh) -> int:
+    """Parameter elements one device holds under ``parallel.RULES``."""
+    total = 0
+    for axes, shape in zip(jax.tree.leaves(param_axes(cfg), is_leaf=lambda x: isinstance(x, tuple)),
+                           jax.tree.leaves(param_shapes(cfg))):
+        spec = parallel.logical_to_spec(axes, mesh, shape.shape)
+        split = math.prod(mesh.shape[a] for entry in spec if entry for a in ((entry,) if isinstance(entry, str)
+                                                                              else entry))
+        total += shape.size // split
+    return total
+
+
+def _layer_activation_bytes(cfg: ModelConfig, t: int, seq: int, moe_layer: bool, ep: int) -> int:
+    """Bytes the backward pass keeps for one block over ``t`` tokens."""
+    c = 4 if cfg.dtype == "float32" else 2
+    D, N, Kv, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    # norm in/out, q k v before and after RoPE, attention output, o-projection; the scores, masked
+    # scores and probabilities are float32 [N, S] rows per token
+    attention = t * c * (3 * D + 2 * (N + 2 * Kv) * H + N * H) + t * 3 * 4 * N * seq
+    if not moe_layer:
+        return attention + t * c * (2 * D + 3 * cfg.d_ff)
+    m = cfg.moe
+    if ep > 1:  # the grouped rows are the dense receive buffers of the exchange
+        rows = ep * parallel.send_buffer_rows(m, t, ep)
+    else:
+        rows = m.top_k * t
+    router = t * 4 * 2 * m.n_routed_experts  # logits and probabilities, float32
+    grouped = rows * c * (2 * D + 3 * m.expert_d_ff)  # rows in and out, gate, up, gated product
+    shared = t * c * 3 * m.n_shared_experts * m.expert_d_ff
+    return attention + router + grouped + shared + t * (2 * c * D + 4 * D)  # norm, combine (float32)
+
+
+def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = None, seq: int | None = None) -> Plan:
+    """The plan of ``cfg`` (``train.batch_size`` x ``train.seq_len`` unless given) on a mesh of
+    ``mesh_sizes`` (axes ``data``, ``fsdp``, ``expert``; missing axes are 1)."""
+    unknown = set(mesh_sizes) - set(parallel.MESH_AXES)
+    if unknown or any(v < 1 for v in mesh_sizes.values()):
+        raise ConfigError(f"mesh sizes must be positive, on the axes {', '.join(parallel.MESH_AXES)}; got {dict(mesh_sizes)}")
+    sizes = {a: int(mesh_sizes.get(a, 1)) for a in parallel.MESH_AXES}
+    mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), parallel.MESH_AXES)
+    m, t_cfg = cfg.model, cfg.train
+    batch, seq = batch or t_cfg.batch_size, seq or t_cfg.seq_len
+    devices, ep = math.prod(sizes.values()), sizes["expert"]
+    parallel.check_expert_parallel(m.moe, ep)
+    micro = batch // t_cfg.grad_accum
+    if batch % t_cfg.grad_accum or micro % devices:
+        raise ConfigError(f"a batch of {batch} in {t_cfg.grad_accum} micro-batches does not split over {devices} devices")
+    t = micro * seq // devices
+
+    elements = _device_elements(m, mesh)
+    layers = [_layer_activation_bytes(m, t, seq, i >= m.first_k_dense, ep) for i in range(m.n_layers)]
+    c = 4 if m.dtype == "float32" else 2
+    logits = t * m.vocab_size * 4 * 2  # float32 logits and their log-softmax
+    residual = t * m.d_model * c  # each block's input, all that remat keeps
+    activations = sum(layers) + logits
+    activations_remat = m.n_layers * residual + max(layers) + logits
+
+    # dispatch and return, in the forward, the backward and (with remat) the recomputed forward
+    passes = 3 if m.remat else 2
+    exchanges = 0 if ep == 1 else 2 * passes * m.n_moe_layers * t_cfg.grad_accum
+    buffer = 0 if ep == 1 else ep * parallel.send_buffer_rows(m.moe, t, ep) * m.d_model * c
+    routed = 0 if ep == 1 else m.moe.top_k * t * m.d_model * c
+    leaves = (ep - 1) / ep
+    return Plan(
+        mesh=sizes, tokens_per_device=t, params=4 * elements, grads=4 * elements, optimizer=8 * elements,
+        update=8 * elements,
+        activations=activations, activations_remat=activations_remat,
+        flops_per_step=(passes + 1) * flops_per_token(m, seq) * batch * seq,  # backward = 2 forwards
+        all_to_all_bytes=int(exchanges * buffer * leaves), routed_bytes=int(exchanges * routed * leaves),
+    )
+
+
+def format_plan(plan: Plan, gpu_memory_gib: float | None = None, peak_tflops: float | None = None) -> str:
+    """A human-readable table of ``plan``; says whether it fits ``gpu_memory_gib`` per device."""
+    g = lambda b: f"{b / GIB:8.2f} GiB"
+    mesh = ", ".join(f"{k}={v}" for k, v in plan.mesh.items())
+    lines = [
+        f"mesh              {mesh} ({plan.devices} devices), {plan.tokens_per_device} tokens per device per micro-batch",
+        f"parameters        {g(plan.params)}   float32 master weights",
+        f"gradients         {g(plan.grads)}",
+        f"optimizer state   {g(plan.optimizer)}   Adam moments",
+        f"step transients   {g(plan.update)}   gradient accumulator, optimizer updates",
+        f"activations       {g(plan.activations)}   ({g(plan.activations_remat).strip()} with model.remat = true)",
+        f"total             {g(plan.total(False))}   ({g(plan.total(True)).strip()} with remat)",
+        f"FLOPs per step    {plan.flops_per_step:.3e} ({plan.flops_per_step / plan.devices:.3e} per device)",
+        f"all_to_all        {plan.all_to_all_bytes / GIB:.2f} GiB sent per device per step "
+        f"({plan.routed_bytes / GIB:.2f} GiB of it routed rows)",
+    ]
+    if peak_tflops:
+        lines.append(f"step time         >= {plan.flops_per_step / plan.devices / (peak_tflops * 1e12):.2f} s at "
+                     f"{peak_tflops:g} TFLOP/s per device")
+    if gpu_memory_gib:
+        for remat in (False, True):
+            need = plan.total(remat) / GIB
+            verdict = "fits" if need <= gpu_memory_gib else "does NOT fit"
+            lines.append(f"{'with remat' if remat else 'without remat':<17} {verdict} in {gpu_memory_gib:g} GiB "
+                         f"({need:.1f} GiB needed)")
+    return "\n".join(lines)
