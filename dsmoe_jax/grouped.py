@@ -43,13 +43,25 @@ def available_backends() -> tuple[str, ...]:
     return ("auto", *_BACKENDS)
 
 
+def _load_triton() -> bool:
+    """Register the "triton" backend (``dsmoe_jax.kernels``) if Triton is installed."""
+    if "triton" not in _BACKENDS:
+        try:
+            import dsmoe_jax.kernels  # noqa: F401  (registers itself)
+        except ImportError:
+            return False
+    return True
+
+
 def resolve_backend(name: str) -> str:
     """The concrete backend for ``name``; ``"auto"`` picks by platform."""
     if name == "auto":
         platform = jax.default_backend()
-        if platform == "gpu" and "triton" in _BACKENDS:
+        if platform == "gpu" and _load_triton():
             return "triton"
         return "tiled" if platform == "cpu" else "ragged"
+    if name == "triton" and not _load_triton():
+        raise ValueError("the triton backend needs Triton (and jax-triton on a GPU): pip install -e '.[gpu]'")
     if name not in _BACKENDS:
         raise ValueError(f"unknown grouped-MLP backend {name!r}; available: {', '.join(available_backends())}")
     return name

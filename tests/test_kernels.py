@@ -1,0 +1,157 @@
+"""The Triton kernels under Triton's interpreter, each against a pure-jnp reference; the
+"triton" backend's custom VJP against the dense reference's gradients; the MoE layer and a
+model with backend "triton"; and every kernel compiled ahead of time for Hopper (sm_90)."""
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_grouped import GROUPS, _inputs, _loss, _numpy_reference
+
+import dsmoe_jax
+import dsmoe_jax.kernels  # noqa: F401  (registers "triton"; picks the interpreter here)
+from dsmoe_jax import grouped
+from dsmoe_jax.kernels import backend as kb
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2}  # bf16: relative to the float32 reference
+
+
+def _f32(a):
+    return np.asarray(jnp.asarray(a, jnp.float32))
+
+
+def _expert_of_rows(gs, rows):
+    return np.asarray(grouped.row_experts(gs, rows))
+
+
+def _close(got, want, dtype, what):
+    got, want = _f32(got), _f32(want)
+    scale = max(np.abs(want).max(), 1e-6) if dtype == jnp.bfloat16 else 1.0
+    err = np.abs(got - want).max() / scale
+    assert err < TOL[dtype], f"{what}: error {err}"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("groups", list(GROUPS), ids=list(GROUPS))
+def test_each_kernel_matches_jnp(groups, dtype):
+    x, (wg, wu, wd), gs = _inputs(GROUPS[groups], rows=50, dtype=dtype)  # more rows than the groups hold
+    routed = int(gs.sum())
+    e_G = _expert_of_rows(gs, x.shape[0])[:routed]
+    sched = kb._schedule(gs, x.shape[0])
+    x32, wg32, wu32, wd32 = (jnp.asarray(a, jnp.float32) for a in (x, wg, wu, wd))
+    g = jnp.einsum("gd,gdf->gf", x32[:routed], wg32[e_G])
+    u = jnp.einsum("gd,gdf->gf", x32[:routed], wu32[e_G])
+
+    h = jax.jit(kb.gate_up)(x, wg, wu, sched)
+    _close(h[:routed], jax.nn.silu(g) * u, dtype, "gate_up forward")
+
+    dh = jax.random.normal(jax.random.key(7), h.shape, dtype)
+    dg, du = jax.jit(kb.gate_up)(x, wg, wu, sched, dh_GF=dh)
+    _, vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)
+    want_dg, want_du = vjp(jnp.asarray(dh[:routed], jnp.float32))
+    _close(dg[:routed], want_dg, dtype, "gate_up backward dg")
+    _close(du[:routed], want_du, dtype, "gate_up backward du")
+
+    y = jax.jit(kb.grouped_matmul)(h, wd, sched)
+    _close(y[:routed], jnp.einsum("gf,gfd->gd", _f32(h)[:routed], wd32[e_G]), dtype, "grouped_matmul")
+    both = jax.jit(functools.partial(kb.grouped_matmul, transpose_w=True, second=(du, wu)))(dg, wg, sched)
+    want = (jnp.einsum("gf,gdf->gd", _f32(dg)[:routed], wg32[e_G])
+            + jnp.einsum("gf,gdf->gd", _f32(du)[:routed], wu32[e_G]))
+    _close(both[:routed], want, dtype, "grouped_matmul transposed, two operand pairs")
+
+    dw = jax.jit(kb.weight_grad)(x, dg, gs)
+    onehot = jax.nn.one_hot(e_G, len(GROUPS[groups]))
+    _close(dw, jnp.einsum("gd,gf,ge->edf", x32[:routed], _f32(dg)[:routed], onehot), dtype, "weight_grad")
+    empty = np.asarray(GROUPS[groups]) == 0
+    assert np.all(np.asarray(dw)[empty] == 0), "an expert with no rows gets an exactly zero gradient"
+
+
+@pytest.mark.parametrize("groups", list(GROUPS), ids=list(GROUPS))
+def test_backend_values_and_gradients_match_dense(groups):
+    x, ws, gs = _inputs(GROUPS[groups], rows=50)
+    (_, y_ref), g_ref = jax.value_and_grad(_loss("dense", gs), argnums=(0, 1, 2, 3), has_aux=True)(x, *ws)
+    (_, y), g = jax.jit(jax.value_and_grad(_loss("triton", gs), argnums=(0, 1, 2, 3), has_aux=True))(x, *ws)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5, err_msg="triton forward != dense")
+    for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down"), g, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"triton {name} != dense")
+
+
+def test_bfloat16_backend_close_to_float32():
+    x, ws, gs = _inputs(GROUPS["uneven_with_empty"], rows=44, dtype=jnp.bfloat16)
+    y = jax.jit(functools.partial(grouped.grouped_mlp, backend="triton"))(x, *ws, gs)
+    assert y.dtype == jnp.bfloat16
+    ref = _numpy_reference(_f32(x), [_f32(w) for w in ws], gs)
+    err = np.abs(_f32(y) - ref).max() / np.abs(ref).max()
+    assert err < 2e-2, f"bf16 relative error {err}"
+    grads = jax.jit(jax.grad(lambda *a: _loss("triton", gs)(*a)[0].astype(jnp.float32), argnums=(0, 1, 2, 3)))(x, *ws)
+    want = jax.grad(lambda *a: _loss("dense", gs)(*a)[0], argnums=(0, 1, 2, 3))(_f32(x), *[_f32(w) for w in ws])
+    for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down"), grads, want):
+        err = np.abs(_f32(a) - _f32(b)).max() / np.abs(_f32(b)).max()
+        assert err < 3e-2, f"bf16 {name} relative error {err}"
+
+
+def test_model_forward_and_backward_with_triton_equal_dense(small_cfg):
+    params = dsmoe_jax.init_params(small_cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, small_cfg.vocab_size)
+
+    def loss(backend):
+        cfg = dataclasses.replace(small_cfg, moe=dataclasses.replace(small_cfg.moe, backend=backend))
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean(dsmoe_jax.forward(p, tokens, cfg)[0] ** 2)))(params)
+
+    (ref, g_ref), (got, g) = loss("dense"), loss("triton")
+    assert abs(float(ref) - float(got)) < 1e-5 * abs(float(ref)), (float(ref), float(got))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+AOT = textwrap.dedent("""
+    import json, triton
+    from triton.backends.compiler import GPUTarget
+    from dsmoe_jax.kernels import backend as kb, triton_kernels as tk
+    blocks = kb.blocks(interpret=False)
+    tiles = {k: blocks[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    cases = [
+        (tk.gate_up_kernel, dict(D=2048, F=1408, BACKWARD=False, **tiles), 4, 5),
+        (tk.gate_up_kernel, dict(D=2048, F=1408, BACKWARD=True, **tiles), 4, 5),
+        (tk.grouped_matmul_kernel, dict(K=1408, N=2048, STRIDE_WE=1408 * 2048, STRIDE_WK=2048, STRIDE_WN=1,
+                                        HAS_SECOND=False, **tiles), 4, 4),
+        (tk.grouped_matmul_kernel, dict(K=1408, N=2048, STRIDE_WE=1408 * 2048, STRIDE_WK=1, STRIDE_WN=1408,
+                                        HAS_SECOND=True, **tiles), 4, 4),
+        (tk.weight_grad_kernel, dict(K=2048, N=1408, BLOCK_R=tiles["BLOCK_M"], BLOCK_K=tiles["BLOCK_K"],
+                                     BLOCK_N=tiles["BLOCK_N"]), 2, 3),
+    ]
+    out = []
+    for kernel, consts, n_data, n_ints in cases:
+        for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+            names = kernel.arg_names
+            pointers = [n for n in names if n.endswith("_ptr")]
+            int_ptrs = {"expert_ptr", "row_ptr", "valid_ptr", "start_ptr", "size_ptr"}
+            sig = {n: ("*i32" if n in int_ptrs else "*fp32" if n == "out_ptr" and kernel is tk.weight_grad_kernel
+                       else f"*{dtype}") for n in pointers}
+            consts = {**consts, "UPCAST": False, "PRECISION": precision}
+            sig.update({k: "constexpr" for k in consts})
+            src = triton.compiler.ASTSource(fn=kernel, signature=sig,
+                                            constexprs={(names.index(k),): v for k, v in consts.items()})
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": blocks["num_warps"], "num_stages": blocks["num_stages"]})
+            out.append({"kernel": kernel.__name__, "dtype": dtype, "cubin": len(compiled.asm["cubin"]),
+                        "wgmma": "wgmma" in compiled.asm["ptx"]})
+    print(json.dumps(out))
+""")
+
+
+def test_every_kernel_compiles_for_hopper():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the real compiler, not the interpreter
+    out = subprocess.run([sys.executable, "-c", AOT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(results) == 10 and all(r["cubin"] > 0 for r in results), results
+    assert all(r["wgmma"] for r in results if r["dtype"] == "bf16"), "bf16 GEMMs should use Hopper's wgmma"
