@@ -119,31 +119,32 @@ AOT = textwrap.dedent("""
     blocks = kb.blocks(interpret=False)
     tiles = {k: blocks[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
     cases = [
-        (tk.gate_up_kernel, dict(D=2048, F=1408, BACKWARD=False, **tiles), 4, 5),
-        (tk.gate_up_kernel, dict(D=2048, F=1408, BACKWARD=True, **tiles), 4, 5),
+        (tk.gate_up_kernel, dict(D=2048, F=1408, BACKWARD=False, **tiles)),
+        (tk.gate_up_kernel, dict(D=2048, F=1408, BACKWARD=True, **tiles)),
         (tk.grouped_matmul_kernel, dict(K=1408, N=2048, STRIDE_WE=1408 * 2048, STRIDE_WK=2048, STRIDE_WN=1,
-                                        HAS_SECOND=False, **tiles), 4, 4),
+                                        HAS_SECOND=False, **tiles)),
         (tk.grouped_matmul_kernel, dict(K=1408, N=2048, STRIDE_WE=1408 * 2048, STRIDE_WK=1, STRIDE_WN=1408,
-                                        HAS_SECOND=True, **tiles), 4, 4),
+                                        HAS_SECOND=True, **tiles)),
         (tk.weight_grad_kernel, dict(K=2048, N=1408, BLOCK_R=tiles["BLOCK_M"], BLOCK_K=tiles["BLOCK_K"],
-                                     BLOCK_N=tiles["BLOCK_N"]), 2, 3),
+                                     BLOCK_N=tiles["BLOCK_N"])),
     ]
     out = []
-    for kernel, consts, n_data, n_ints in cases:
-        for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
-            names = kernel.arg_names
-            pointers = [n for n in names if n.endswith("_ptr")]
-            int_ptrs = {"expert_ptr", "row_ptr", "valid_ptr", "start_ptr", "size_ptr"}
-            sig = {n: ("*i32" if n in int_ptrs else "*fp32" if n == "out_ptr" and kernel is tk.weight_grad_kernel
-                       else f"*{dtype}") for n in pointers}
-            consts = {**consts, "UPCAST": False, "PRECISION": precision}
-            sig.update({k: "constexpr" for k in consts})
-            src = triton.compiler.ASTSource(fn=kernel, signature=sig,
-                                            constexprs={(names.index(k),): v for k, v in consts.items()})
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": blocks["num_warps"], "num_stages": blocks["num_stages"]})
-            out.append({"kernel": kernel.__name__, "dtype": dtype, "cubin": len(compiled.asm["cubin"]),
-                        "wgmma": "wgmma" in compiled.asm["ptx"]})
+    # every kernel in bf16 (the training dtype); fp32 with ieee precision once (compiles are ~5 s each)
+    variants = [(case, "bf16", "tf32") for case in cases] + [(cases[0], "fp32", "ieee")]
+    for (kernel, consts), dtype, precision in variants:
+        names = kernel.arg_names
+        pointers = [n for n in names if n.endswith("_ptr")]
+        int_ptrs = {"expert_ptr", "row_ptr", "valid_ptr", "start_ptr", "size_ptr"}
+        sig = {n: ("*i32" if n in int_ptrs else "*fp32" if n == "out_ptr" and kernel is tk.weight_grad_kernel
+                   else f"*{dtype}") for n in pointers}
+        consts = {**consts, "UPCAST": False, "PRECISION": precision}
+        sig.update({k: "constexpr" for k in consts})
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig,
+                                        constexprs={(names.index(k),): v for k, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": blocks["num_warps"], "num_stages": blocks["num_stages"]})
+        out.append({"kernel": kernel.__name__, "dtype": dtype, "cubin": len(compiled.asm["cubin"]),
+                    "wgmma": "wgmma" in compiled.asm["ptx"]})
     print(json.dumps(out))
 """)
 
@@ -153,5 +154,5 @@ def test_every_kernel_compiles_for_hopper():
     out = subprocess.run([sys.executable, "-c", AOT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(results) == 10 and all(r["cubin"] > 0 for r in results), results
+    assert len(results) == 6 and all(r["cubin"] > 0 for r in results), results
     assert all(r["wgmma"] for r in results if r["dtype"] == "bf16"), "bf16 GEMMs should use Hopper's wgmma"
