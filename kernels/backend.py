@@ -117,7 +117,7 @@ def grouped_matmul(a_GK, w_EKN, schedule, transpose_w: bool = False, second=None
 
 def weight_grad(a_GK, b_GN, group_sizes_E):
     """dW_e = a_e^T b_e over each expert's rows: [E, K, N] in float32."""
-    (G, K), N, E = a_GK.shape, b_GN.shape[1], group_sizes_E.shape[0]
+    K, N, E = a_GK.shape[1], b_GN.shape[1], group_sizes_E.shape[0]
     meta = _common(a_GK.dtype)
     block = {"BLOCK_R": meta.pop("BLOCK_M"), "BLOCK_K": meta.pop("BLOCK_K"), "BLOCK_N": meta.pop("BLOCK_N")}
     starts_E = (jnp.cumsum(group_sizes_E) - group_sizes_E).astype(jnp.int32)
