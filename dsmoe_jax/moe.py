@@ -127,7 +127,9 @@ class MoE(nnx.Module):
              ``norm_topk_prob``), or a fixed token hash; balance losses from the probabilities.
     dispatch sort the (token, slot) assignments by expert into contiguous groups, dropping those
              over capacity when ``capacity_factor`` is set.
-    experts  the grouped SwiGLU MLP over the groups, by the configured backend (grouped.py).
+    experts  the grouped SwiGLU MLP over the groups, by the configured backend (grouped.py);
+             under a mesh with an ``expert`` axis, dispatch -> experts -> combine run inside
+             ``parallel.expert_parallel``, the groups travelling to their experts' devices.
     combine  unsort, weight by the gates, sum over each token's slots.
     shared   add the always-on shared experts, one dense SwiGLU of width Ks * expert_d_ff.
     """
