@@ -88,8 +88,9 @@ def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
 
 
 def _check_names(names: list[str], expected: dict, directory: pathlib.Path) -> None:
-    missing = [n for n in expected if n not in set(names)]
-    extra = sorted(set(names) - set(expected))
+    present = set(names)
+    missing = [n for n in expected if n not in present]
+    extra = sorted(present - set(expected))
     problems = []
     if missing:
         problems.append(f"{len(missing)} tensors the config needs are missing ({_some(missing)})")
