@@ -167,7 +167,10 @@ class MoE(nnx.Module):
                                                   device_groups=cfg.device_groups or ep)
 
         weights = (self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
-        routed = parallel.expert_parallel if ep > 1 else routed_experts
+        # Too few tokens to split over the mesh (decoding a single sequence): run the experts in
+        # place and let jit gather the expert weights they need.
+        split = ep > 1 and (B * S) % parallel.batch_shards() == 0
+        routed = parallel.expert_parallel if split else routed_experts
         y_TD, keep_TK = routed(x_TD, routing.expert_TK, routing.gate_TK, *weights, cfg)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD).astype(jnp.float32)

@@ -140,6 +140,12 @@ def expert_parallel_size(mesh=None) -> int:
     return 1 if mesh.empty or EXPERT_AXIS not in mesh.axis_names else mesh.shape[EXPERT_AXIS]
 
 
+def batch_shards(mesh=None) -> int:
+    """How many ways a batch is split on ``mesh`` (default: the context mesh)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return 1 if mesh.empty else math.prod(mesh.shape[a] for a in _batch_axes(mesh) or ())
+
+
 def check_expert_parallel(cfg: MoEConfig | None, ep: int) -> None:
     """Refuse a MoE config that cannot spread over ``ep`` expert-parallel devices."""
     if cfg is None or ep == 1:
@@ -179,9 +185,8 @@ def expert_parallel(x_TD, expert_TK, gate_TK, w_gate_EDF, w_up_EDF, w_down_EFD, 
     ``ragged_all_to_all`` to choose another implementation of the latter's semantics.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    ep, batch = expert_parallel_size(mesh), _batch_axes(mesh)
+    ep, batch, shards = expert_parallel_size(mesh), _batch_axes(mesh), batch_shards(mesh)
     T = x_TD.shape[0]
-    shards = math.prod(mesh.shape[a] for a in batch)
     if T % shards:
         raise ValueError(f"expert parallelism needs the {T} tokens of a batch to split over the mesh's {shards} "
                          "batch shards")
