@@ -4,8 +4,12 @@
     params = dsmoe_jax.init_params(cfg, jax.random.key(0))
     logits, aux = dsmoe_jax.forward(params, tokens, cfg)   # aux: balance losses, expert load
     total, activated = dsmoe_jax.count_params(cfg)
-    params, cfg = dsmoe_jax.load_checkpoint("runs/tiny")    # a training workdir's latest checkpoint
+    params, cfg = dsmoe_jax.load_checkpoint("runs/tiny")    # a training workdir or converted HF checkpoint
+    params, cfg = dsmoe_jax.load_checkpoint("ckpt/16b", mesh=dsmoe_jax.make_mesh({"fsdp": 8}))  # sharded
     out = dsmoe_jax.generate(params, cfg, prompt_ids, max_new_tokens=32, rng=jax.random.key(0))
+
+Also: ``dsmoe_jax.convert`` (HF checkpoints), ``dsmoe_jax.plan`` (memory and FLOPs per device),
+``dsmoe_jax.parallel`` (meshes, sharding rules, the expert-parallel exchange).
 """
 
 from dsmoe_jax.config import (
