@@ -55,7 +55,8 @@ def balance_losses(routing: Routing, valid_T: jax.Array, cfg: MoEConfig, num_seq
 
     f_i = E / (K T) * #{t : t picks i},  P_i = mean_t s_i,t,  L_exp = a1 * sum_i f_i P_i;
     over D = ``device_groups`` contiguous groups of experts (the experts each expert-parallel
-    device holds) f'_j = mean of f in group j, P'_j = sum of P in group j, L_dev = a2 * sum_j f'_j P'_j. Padding tokens (``valid_T`` = 0) are left out. With
+    device holds) f'_j = mean of f in group j, P'_j = sum of P in group j,
+    L_dev = a2 * sum_j f'_j P'_j. Padding tokens (``valid_T`` = 0) are left out. With
     ``seq_aux`` the statistics are taken per sequence and the losses averaged over sequences.
     """
     if routing.probs_TE is None:

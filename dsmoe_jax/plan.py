@@ -24,7 +24,7 @@ import jax
 
 from dsmoe_jax import parallel
 from dsmoe_jax.config import Config, ConfigError, ModelConfig
-from dsmoe_jax.model import flops_per_token, param_axes, param_shapes
+from dsmoe_jax.model import flops_per_token, param_shapes
 
 GIB = 2**30
 
@@ -56,14 +56,9 @@ class Plan:
 
 def _device_elements(cfg: ModelConfig, mesh: jax.sharding.AbstractMesh) -> int:
     """Parameter elements one device holds under ``parallel.RULES``."""
-    total = 0
-    for axes, shape in zip(jax.tree.leaves(param_axes(cfg), is_leaf=lambda x: isinstance(x, tuple)),
-                           jax.tree.leaves(param_shapes(cfg))):
-        spec = parallel.logical_to_spec(axes, mesh, shape.shape)
-        split = math.prod(mesh.shape[a] for entry in spec if entry for a in ((entry,) if isinstance(entry, str)
-                                                                              else entry))
-        total += shape.size // split
-    return total
+    shardings, shapes = parallel.param_shardings(cfg, mesh), param_shapes(cfg)
+    return sum(math.prod(sharding.shard_shape(shape.shape))
+               for sharding, shape in zip(jax.tree.leaves(shardings), jax.tree.leaves(shapes)))
 
 
 def _layer_activation_bytes(cfg: ModelConfig, t: int, seq: int, moe_layer: bool, ep: int) -> int:
@@ -96,7 +91,7 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), parallel.MESH_AXES)
     m, t_cfg = cfg.model, cfg.train
     batch, seq = batch or t_cfg.batch_size, seq or t_cfg.seq_len
-    devices, ep = math.prod(sizes.values()), sizes["expert"]
+    devices, ep = parallel.batch_shards(mesh), sizes["expert"]  # the batch splits over every device
     parallel.check_expert_parallel(m.moe, ep)
     micro = batch // t_cfg.grad_accum
     if batch % t_cfg.grad_accum or micro % devices:

@@ -137,7 +137,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     if jax.process_index() == 0:
         write_config(workdir, cfg)
 
-    n_proc, shards = jax.process_count(), math.prod(mesh.shape.values())
+    n_proc, shards = jax.process_count(), parallel.batch_shards(mesh)
     if t.batch_size % (n_proc * t.grad_accum) or (t.batch_size // t.grad_accum) % shards:
         raise TrainingError(f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
                             f"micro-batches that divide over the {shards} devices ({n_proc} processes)")
