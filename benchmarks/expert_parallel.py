@@ -21,7 +21,8 @@ import jax  # noqa: E402  (XLA_FLAGS must be set first)
 import numpy as np  # noqa: E402
 
 import dsmoe_jax  # noqa: E402
-from dsmoe_jax import parallel, plan  # noqa: E402
+from dsmoe_jax import mesh as mesh_lib  # noqa: E402
+from dsmoe_jax import plan  # noqa: E402
 from dsmoe_jax.train.optimizer import make_optimizer  # noqa: E402
 from dsmoe_jax.train.step import init_sharded_state, make_train_step, state_shardings  # noqa: E402
 
@@ -33,12 +34,12 @@ CONFIGS = {
 
 
 def _stepper(cfg, sizes):
-    mesh = parallel.make_mesh(sizes)
+    mesh = mesh_lib.make_mesh(sizes)
     opt = make_optimizer(cfg.train)
     with jax.set_mesh(mesh):
         shardings = state_shardings(cfg, opt, mesh)
         state = init_sharded_state(cfg, opt, jax.random.key(0), shardings)
-        batch_sharding = parallel.batch_sharding(mesh)
+        batch_sharding = mesh_lib.batch_sharding(mesh)
         step = jax.jit(make_train_step(cfg, opt), in_shardings=(shardings, batch_sharding))
         windows = np.random.default_rng(0).integers(0, cfg.model.vocab_size,
                                                     (cfg.train.batch_size, cfg.train.seq_len + 1), np.int32)

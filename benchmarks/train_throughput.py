@@ -131,7 +131,7 @@ def _ours(cfg: Config, batch: np.ndarray):
     def run():
         nonlocal state
         state, m = step(state, batch)
-        return float(m["loss"])
+        return float(m.loss)
 
     return run
 

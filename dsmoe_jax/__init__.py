@@ -6,10 +6,12 @@
     total, activated = dsmoe_jax.count_params(cfg)
     params, cfg = dsmoe_jax.load_checkpoint("runs/tiny")    # a training workdir or converted HF checkpoint
     params, cfg = dsmoe_jax.load_checkpoint("ckpt/16b", mesh=dsmoe_jax.make_mesh({"fsdp": 8}))  # sharded
-    out = dsmoe_jax.generate(params, cfg, prompt_ids, max_new_tokens=32, rng=jax.random.key(0))
+    out = dsmoe_jax.generate(params, prompt_ids, cfg, max_new_tokens=32, rng=jax.random.key(0))
 
 Also: ``dsmoe_jax.convert`` (HF checkpoints), ``dsmoe_jax.plan`` (memory and FLOPs per device),
-``dsmoe_jax.parallel`` (meshes, sharding rules, the expert-parallel exchange).
+``dsmoe_jax.mesh`` (meshes and the logical-axis rules), ``dsmoe_jax.expert_parallel`` (the
+all_to_all exchange of the routed experts). The README's "Where things are" table maps every
+concept to its module.
 """
 
 from dsmoe_jax.config import (
@@ -23,13 +25,15 @@ from dsmoe_jax.config import (
     TrainConfig,
     load_config,
 )
-from dsmoe_jax.grouped import grouped_mlp, register_backend
+from dsmoe_jax.checkpoint import load_checkpoint
+from dsmoe_jax.grouped import grouped_mlp, register_backend, unregister_backend
 from dsmoe_jax.inference import decode_step, generate, init_cache, pad_prompts, prefill
-from dsmoe_jax.model import count_params, flops_per_token, forward, init_params, param_axes, param_shapes
-from dsmoe_jax.parallel import make_mesh, shard_params
-from dsmoe_jax.train.checkpoint import load_checkpoint
+from dsmoe_jax.mesh import make_mesh
+from dsmoe_jax.model import Aux, count_params, flops_per_token, forward, init_params, param_axes, param_shapes
+from dsmoe_jax.sharding import shard_params
 
 __all__ = [
+    "Aux",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -55,4 +59,5 @@ __all__ = [
     "prefill",
     "register_backend",
     "shard_params",
+    "unregister_backend",
 ]

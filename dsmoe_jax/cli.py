@@ -22,11 +22,12 @@ import sys
 import jax
 import numpy as np
 
-from dsmoe_jax import convert, data, inference, parallel
+from dsmoe_jax import convert, data, inference
 from dsmoe_jax import plan as plan_lib
+from dsmoe_jax.checkpoint import load_checkpoint
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
 from dsmoe_jax.model import count_params, flops_per_token
-from dsmoe_jax.train.checkpoint import load_checkpoint
+from dsmoe_jax.train.distributed import initialize_distributed
 from dsmoe_jax.train.loop import evaluate, perplexity, train
 
 
@@ -61,7 +62,7 @@ def _info(args) -> None:
 
 def _train(args) -> None:
     cfg = load_config(args.config, args.set)
-    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
     if jax.process_index() != 0:
         args.quiet = True
     workdir = args.workdir or f"runs/{pathlib.Path(args.config).stem}"
@@ -100,7 +101,7 @@ def _generate(args) -> None:
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + [int(i) for i in tok.encode(args.prompt)]
     print(args.prompt, end="", flush=True)
     out, shown = [], ""
-    for token in inference.stream(params, cfg, ids, args.max_new_tokens, jax.random.key(args.seed),
+    for token in inference.stream(params, ids, cfg, args.max_new_tokens, jax.random.key(args.seed),
                                   args.temperature, args.top_k, args.top_p, eos=tok.eos_id):
         out.append(token)
         text = tok.decode(out)  # decode everything so far: a token may complete a character
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--batch", type=int, help="global batch in sequences (default train.batch_size)")
     pl.add_argument("--seq", type=int, help="sequence length (default train.seq_len)")
     pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per device (H100: 80)")
-    pl.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per device (H100: 989)")
+    pl.add_argument("--peak-tflops", type=float, default=plan_lib.DEFAULT_PEAK_TFLOPS,
+                    help=f"dense bf16 TFLOP/s per device (default: H100, {plan_lib.DEFAULT_PEAK_TFLOPS:g})")
     pl.set_defaults(run=_plan)
 
     conv = sub.add_parser("convert", help="HF DeepSeek-v1 checkpoint <-> dsmoe-jax checkpoint, streaming")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import pathlib
 import tomllib
 import types
@@ -20,6 +21,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 DTYPES = ("float32", "bfloat16")
+MESH_AXES = ("data", "fsdp", "expert")
+# Values ``moe.backend`` accepts: "auto" and the grouped-MLP backends of ``grouped.py`` (and
+# ``kernels/``). ``grouped.register_backend`` adds a new name here, so a config naming a backend
+# registered before it is built validates like a built-in one.
+GROUPED_BACKENDS = {"auto", "dense", "ragged", "tiled", "triton"}
 
 
 class DsmoeError(Exception):
@@ -44,10 +50,10 @@ class MoEConfig:
     GShard-style, and reports the dropped fraction.
     """
 
-    n_routed_experts: int = 0
+    n_routed_experts: int
+    expert_d_ff: int
     n_shared_experts: int = 0
     top_k: int = 1
-    expert_d_ff: int = 0
     routing: Literal["softmax", "hash"] = "softmax"
     norm_topk_prob: bool = False
     capacity_factor: float = 0.0
@@ -77,6 +83,11 @@ class MoEConfig:
         _require(
             self.device_groups >= 0 and (self.device_groups == 0 or self.n_routed_experts % self.device_groups == 0),
             f"moe.device_groups={self.device_groups} must divide moe.n_routed_experts={self.n_routed_experts}",
+        )
+        _require(
+            self.backend in GROUPED_BACKENDS,
+            f"unknown moe.backend {self.backend!r}; valid: {', '.join(sorted(GROUPED_BACKENDS))} (or a name "
+            "added with dsmoe_jax.register_backend before the config is built)",
         )
 
 
@@ -188,16 +199,44 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; -1 on one axis means "all remaining devices"."""
+    """Device mesh axis sizes; -1 on one axis means "all remaining devices". The one place mesh
+    sizes are checked: ``mesh.make_mesh`` and ``plan`` build theirs through ``from_sizes``."""
 
     data: int = -1
     fsdp: int = 1
     expert: int = 1
 
     def __post_init__(self):
-        sizes = (self.data, self.fsdp, self.expert)
-        _require(all(s >= 1 or s == -1 for s in sizes), f"mesh sizes must be >= 1 or -1, got {sizes}")
-        _require(sizes.count(-1) <= 1, f"at most one mesh axis may be -1 (inferred), got {sizes}")
+        sizes = self.sizes()
+        _require(all(s >= 1 or s == -1 for s in sizes.values()), f"mesh sizes must be >= 1 or -1, got {sizes}")
+        _require(list(sizes.values()).count(-1) <= 1, f"at most one mesh axis may be -1 (inferred), got {sizes}")
+
+    @classmethod
+    def from_sizes(cls, sizes: Mapping[str, int]) -> MeshConfig:
+        """A mesh from ``{axis: size}``; axes not given are 1."""
+        unknown = set(sizes) - set(MESH_AXES)
+        _require(not unknown, f"unknown mesh axes {sorted(unknown)}; valid: {', '.join(MESH_AXES)}")
+        return cls(**{a: sizes.get(a, 1) for a in MESH_AXES})
+
+    def sizes(self) -> dict[str, int]:
+        return {a: getattr(self, a) for a in MESH_AXES}
+
+    def resolve(self, num_devices: int | None = None) -> dict[str, int]:
+        """The concrete sizes over ``num_devices`` devices (the -1 axis takes what is left). Without
+        a device count (planning on paper) every size must be given."""
+        sizes = self.sizes()
+        known = math.prod(s for s in sizes.values() if s != -1)
+        if num_devices is None:
+            _require(-1 not in sizes.values(), f"mesh {sizes}: give every axis a size (-1 needs real devices)")
+            return sizes
+        if -1 in sizes.values():
+            _require(num_devices % known == 0,
+                     f"{num_devices} devices do not divide by the fixed mesh axes (product {known})")
+            sizes = {a: num_devices // known if s == -1 else s for a, s in sizes.items()}
+        _require(math.prod(sizes.values()) == num_devices,
+                 f"mesh {sizes} needs {math.prod(sizes.values())} devices, there are {num_devices}; make the sizes "
+                 "multiply to the device count")
+        return sizes
 
 
 @dataclass(frozen=True)

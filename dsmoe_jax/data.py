@@ -19,16 +19,17 @@ import os
 import pathlib
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import grain
 import numpy as np
 
+from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.config import Config, DsmoeError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".toml", ".html", ".c", ".h")
 VAL_EVERY = 20  # every 20th document goes to validation
+TOKENIZER_CONFIG = "tokenizer_config.json"
 CORPUS_MAX_BYTES = 8 * 2**20  # the embedded corpus: about 8 MiB of documents, in sorted order
 
 
@@ -50,24 +51,55 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """An HF ``tokenizer.json`` through the ``tokenizers`` library."""
+    """An HF ``tokenizer.json`` through the ``tokenizers`` library.
+
+    BOS and EOS are the ``bos_token`` / ``eos_token`` of the ``tokenizer_config.json`` beside it
+    (as ``transformers`` reads them), unless given; without that file a document gets neither.
+    """
 
     def __init__(self, path: str | os.PathLike, bos_id: int | None = None, eos_id: int | None = None):
         from tokenizers import Tokenizer
 
+        path = pathlib.Path(path)
         self._tok = Tokenizer.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size()
-        self.bos_id = bos_id if bos_id is not None else self._special(("<｜begin▁of▁sentence｜>", "<s>", "<|begin_of_text|>"))
-        self.eos_id = eos_id if eos_id is not None else self._special(("<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>"))
+        special = _special_tokens(path.with_name(TOKENIZER_CONFIG))
+        self.bos_id = bos_id if bos_id is not None else self._id(special.get("bos_token"), path)
+        self.eos_id = eos_id if eos_id is not None else self._id(special.get("eos_token"), path)
 
-    def _special(self, names) -> int | None:
-        return next((i for i in map(self._tok.token_to_id, names) if i is not None), None)
+    def _id(self, token: str | None, path: pathlib.Path) -> int | None:
+        if token is None:
+            return None
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise DataError(f"{path.with_name(TOKENIZER_CONFIG)} names the special token {token!r}, which "
+                            f"{path.name} does not have")
+        return token_id
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))
+
+
+def _special_tokens(path: pathlib.Path) -> dict[str, str]:
+    """``bos_token`` / ``eos_token`` of a ``tokenizer_config.json`` (a string, or a dict with
+    ``content``); empty without the file."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+    out = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def load_tokenizer(spec: str):
@@ -126,13 +158,6 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(root)
 
 
-def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as f:
-        np.save(f, array)
-    os.replace(f.name, path)
-
-
 def load_tokens(cfg: Config) -> tuple[np.ndarray, np.ndarray, object]:
     """(train tokens, validation tokens, tokenizer) for ``cfg.data``, tokenized once and cached."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -158,7 +183,8 @@ def load_tokens(cfg: Config) -> tuple[np.ndarray, np.ndarray, object]:
     cached = [cache_dir() / f"tokens-{key}-{split}.npy" for split in ("train", "val")]
     if not all(p.is_file() for p in cached):
         for p, array in zip(cached, tokenize_documents(docs, tokenizer)):
-            _save_atomic(p, array)
+            with atomic_file(p, "wb") as f:
+                np.save(f, array)
     train, val = (np.load(p, mmap_mode="r") for p in cached)
     return train, val, tokenizer
 

@@ -15,39 +15,57 @@ Backends:
   "tiled"   the CPU default: a loop over M-row tiles, each inside one expert's group, one GEMM
             per tile with that expert's weights; hand-written backward. Dropless; the work is the
             routed rows plus less than one tile of padding per expert.
-Other backends (the Triton kernels) plug in with ``register_backend``; ``moe.py`` only names one.
+  "triton"  the Triton kernels of ``kernels/`` (the GPU default), imported by name on first use:
+            they need Triton, which a CPU-only install may lack, and they build on this module.
+Other backends plug in with ``register_backend``; ``moe.py`` only names one.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dsmoe_jax.config import GROUPED_BACKENDS
+
 GroupedMLP = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 _BACKENDS: dict[str, GroupedMLP] = {}
+# Backends that live in another package, as (module, attribute), imported when first used.
+_PLUGINS = {"triton": ("dsmoe_jax.kernels", "triton_grouped_mlp")}
+_BUILTIN = frozenset(GROUPED_BACKENDS)
 
 TILE_ROWS = 256  # rows per tile of the "tiled" backend: 128 and 256 measured in BENCHMARKS.md
 
 
 def register_backend(name: str, fn: GroupedMLP) -> None:
-    """Make ``fn`` available as ``moe.backend = name``."""
+    """Make ``fn`` available as ``moe.backend = name`` (configs built afterwards accept it)."""
     _BACKENDS[name] = fn
+    GROUPED_BACKENDS.add(name)
+
+
+def unregister_backend(name: str) -> None:
+    """Forget a backend added with ``register_backend``; the built-in ones cannot be removed."""
+    if name in _BUILTIN:
+        raise ValueError(f"{name!r} is a built-in grouped-MLP backend and cannot be unregistered")
+    _BACKENDS.pop(name, None)
+    GROUPED_BACKENDS.discard(name)
 
 
 def available_backends() -> tuple[str, ...]:
-    return ("auto", *_BACKENDS)
+    return ("auto", *sorted({*_BACKENDS, *_PLUGINS}))
 
 
-def _load_triton() -> bool:
-    """Register the "triton" backend (``dsmoe_jax.kernels``) if Triton is installed."""
-    if "triton" not in _BACKENDS:
+def _load_plugin(name: str) -> bool:
+    """Import and register a plugin backend; False when its dependencies are not installed."""
+    if name not in _BACKENDS:
+        module, attribute = _PLUGINS[name]
         try:
-            import dsmoe_jax.kernels  # noqa: F401  (registers itself)
+            _BACKENDS[name] = getattr(importlib.import_module(module), attribute)
         except ImportError:
             return False
     return True
@@ -57,10 +75,10 @@ def resolve_backend(name: str) -> str:
     """The concrete backend for ``name``; ``"auto"`` picks by platform."""
     if name == "auto":
         platform = jax.default_backend()
-        if platform == "gpu" and _load_triton():
+        if platform == "gpu" and _load_plugin("triton"):
             return "triton"
         return "tiled" if platform == "cpu" else "ragged"
-    if name == "triton" and not _load_triton():
+    if name in _PLUGINS and not _load_plugin(name):
         raise ValueError("the triton backend needs Triton (and jax-triton on a GPU): pip install -e '.[gpu]'")
     if name not in _BACKENDS:
         raise ValueError(f"unknown grouped-MLP backend {name!r}; available: {', '.join(available_backends())}")

@@ -3,7 +3,8 @@
 Shape legend: B batch, S prompt length, T cache slots, N new tokens, V vocabulary.
 
 Everything is a pure function of (params, inputs) with ``cfg`` static, so it runs inside a
-user's own ``jit``/``vmap``. Batched prompts of different lengths are left-padded (see
+user's own ``jit``/``vmap``. Arguments come in one order throughout the public API: params,
+then arrays, then ``cfg`` (as in ``forward``), so ``functools.partial(fn, cfg=cfg)`` jits. Batched prompts of different lengths are left-padded (see
 ``pad_prompts``): every row then writes the same cache slot at each step, and padding slots are
 masked out of attention. Positions count real tokens only, so a padded prompt continues exactly
 as it would alone. MoE blocks route the decoded tokens through the grouped backend, so a decode
@@ -13,6 +14,8 @@ step runs only the experts its tokens chose.
 from __future__ import annotations
 
 import functools
+import inspect
+import warnings
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -20,6 +23,28 @@ import jax.numpy as jnp
 
 from dsmoe_jax.config import Config, ModelConfig, model_config
 from dsmoe_jax.model import KVCache, forward_cached
+
+
+def _old_argument_order_deprecated(fn):
+    """Until version 0.3 also accept the 0.1 order ``fn(params, cfg, arrays...)``, with a
+    DeprecationWarning, by moving ``cfg`` to its new place."""
+    names = list(inspect.signature(fn).parameters)
+    cfg_index = names.index("cfg") - 1  # among the arguments after params
+
+    @functools.wraps(fn)
+    def wrapper(params, *args, **kwargs):
+        if args and isinstance(args[0], (Config, ModelConfig)) and "cfg" not in kwargs:
+            warnings.warn(f"{fn.__name__}(params, cfg, ...) is deprecated and will stop working in 0.3; "
+                          f"call {fn.__name__}({', '.join(names[:cfg_index + 2])}, ...)", DeprecationWarning,
+                          stacklevel=2)
+            cfg, args = args[0], list(args[1:])
+            if len(args) >= cfg_index:
+                args.insert(cfg_index, cfg)
+            else:
+                kwargs["cfg"] = cfg
+        return fn(params, *args, **kwargs)
+
+    return wrapper
 
 
 def init_cache(cfg: Config | ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -44,20 +69,22 @@ def prompt_positions(mask_BS: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_BS, axis=1) - 1, 0)
 
 
-def prefill(params: dict, cfg: Config | ModelConfig, tokens: jax.Array, cache: KVCache,
+@_old_argument_order_deprecated
+def prefill(params: dict, tokens: jax.Array, cache: KVCache, cfg: Config | ModelConfig,
             attention_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Run (left-padded) prompts ``[B, S]`` through the model, filling ``cache``; returns the
     logits ``[B, S, V]`` of every prompt position and the cache."""
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
-    return forward_cached(params, tokens, cfg, cache, attention_mask, prompt_positions(attention_mask))
+    return forward_cached(params, tokens, cache, cfg, attention_mask, prompt_positions(attention_mask))
 
 
-def decode_step(params: dict, cfg: Config | ModelConfig, token_B: jax.Array, positions_B: jax.Array,
-                cache: KVCache) -> tuple[jax.Array, KVCache]:
+@_old_argument_order_deprecated
+def decode_step(params: dict, token_B: jax.Array, positions_B: jax.Array, cache: KVCache,
+                cfg: Config | ModelConfig) -> tuple[jax.Array, KVCache]:
     """One token per sequence at ``positions_B``: its logits ``[B, V]`` and the cache."""
     ones = jnp.ones((token_B.shape[0], 1), jnp.int32)
-    logits, cache = forward_cached(params, token_B[:, None], cfg, cache, ones, positions_B[:, None])
+    logits, cache = forward_cached(params, token_B[:, None], cache, cfg, ones, positions_B[:, None])
     return logits[:, 0], cache
 
 
@@ -81,7 +108,8 @@ def sample(logits_BV: jax.Array, rng: jax.Array, temperature: float = 1.0, top_k
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def generate(params: dict, cfg: Config | ModelConfig, prompt_ids: jax.Array, max_new_tokens: int,
+@_old_argument_order_deprecated
+def generate(params: dict, prompt_ids: jax.Array, cfg: Config | ModelConfig, max_new_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos: int | None = None, prompt_mask: jax.Array | None = None) -> jax.Array:
     """Continue left-padded prompts ``[B, S]`` by ``max_new_tokens`` tokens: ``[B, N]``.
@@ -92,7 +120,7 @@ def generate(params: dict, cfg: Config | ModelConfig, prompt_ids: jax.Array, max
     B, S = prompt_ids.shape
     mask = jnp.ones((B, S), jnp.int32) if prompt_mask is None else prompt_mask.astype(jnp.int32)
     cache = init_cache(cfg, B, S + max_new_tokens)
-    logits, cache = prefill(params, cfg, prompt_ids, cache, mask)
+    logits, cache = prefill(params, prompt_ids, cache, cfg, mask)
     rng, first_rng = jax.random.split(rng)
     token_B = sample(logits[:, -1], first_rng, temperature, top_k, top_p)
     out_BN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(token_B)
@@ -105,7 +133,7 @@ def generate(params: dict, cfg: Config | ModelConfig, prompt_ids: jax.Array, max
 
     def body(carry):
         i, out_BN, cache, done_B, position_B, rng = carry
-        logits_BV, cache = decode_step(params, cfg, out_BN[:, i - 1], position_B, cache)
+        logits_BV, cache = decode_step(params, out_BN[:, i - 1], position_B, cache, cfg)
         rng, step_rng = jax.random.split(rng)
         token_B = sample(logits_BV, step_rng, temperature, top_k, top_p)
         if eos is not None:
@@ -119,7 +147,8 @@ def generate(params: dict, cfg: Config | ModelConfig, prompt_ids: jax.Array, max
     return out_BN
 
 
-def stream(params: dict, cfg: Config | ModelConfig, prompt_ids: Sequence[int], max_new_tokens: int,
+@_old_argument_order_deprecated
+def stream(params: dict, prompt_ids: Sequence[int], cfg: Config | ModelConfig, max_new_tokens: int,
            rng: jax.Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            eos: int | None = None) -> Iterator[int]:
     """Yield one prompt's new tokens as they are decoded (a host loop: for printing as they come;

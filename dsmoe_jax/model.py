@@ -20,7 +20,7 @@ from flax import nnx
 
 from dsmoe_jax.config import Config, ModelConfig, model_config
 from dsmoe_jax.layers import MLP, RMSNorm, param
-from dsmoe_jax.moe import MoE
+from dsmoe_jax.moe import MoE, MoEStats
 
 
 def rope(x_BSNH: jax.Array, positions_BS: jax.Array, theta: float) -> jax.Array:
@@ -108,6 +108,26 @@ class Block(nnx.Module):
         return x_BSD + y_BSD, stats, kv
 
 
+class Aux(NamedTuple):
+    """What ``forward`` reports besides the logits (a pytree: it passes through jit and scan)."""
+
+    balance_loss: jax.Array  # expert + device level, summed over MoE layers: add it to the loss
+    expert_balance_loss: jax.Array  # summed over MoE layers
+    device_balance_loss: jax.Array  # summed over MoE layers
+    expert_load: jax.Array  # [MoE layers, E] tokens routed to each expert
+    drop_fraction: jax.Array  # [MoE layers] assignments dropped by the capacity limit
+
+    @classmethod
+    def from_layers(cls, layer_stats: list[MoEStats]) -> Aux:
+        """Balance losses summed over MoE layers; load and drop fraction per MoE layer."""
+        if not layer_stats:
+            zero = jnp.zeros((), jnp.float32)
+            return cls(zero, zero, zero, jnp.zeros((0, 0), jnp.float32), jnp.zeros((0,), jnp.float32))
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *layer_stats)
+        expert, device = stacked.expert_balance_loss.sum(), stacked.device_balance_loss.sum()
+        return cls(expert + device, expert, device, stacked.expert_load, stacked.drop_fraction)
+
+
 class Decoder(nnx.Module):
     """Token embedding, the blocks, a final RMSNorm and an untied LM head."""
 
@@ -146,19 +166,7 @@ class Decoder(nnx.Module):
                                preferred_element_type=jnp.float32)
         if cache is not None:
             cache = KVCache(tuple(keys), tuple(values), valid_keys_BT, index + S)
-        return logits_TV.reshape(B, S, -1), _aux(layer_stats), cache
-
-
-def _aux(layer_stats: list[dict]) -> dict:
-    """Balance losses summed over MoE layers; load and drop fraction per MoE layer."""
-    if not layer_stats:
-        zero = jnp.zeros((), jnp.float32)
-        return {"balance_loss": zero, "expert_balance_loss": zero, "device_balance_loss": zero,
-                "expert_load": jnp.zeros((0, 0), jnp.float32), "drop_fraction": jnp.zeros((0,), jnp.float32)}
-    stacked = {k: jnp.stack([s[k] for s in layer_stats]) for k in layer_stats[0]}
-    expert, device = stacked["expert_balance_loss"].sum(), stacked["device_balance_loss"].sum()
-    return {"balance_loss": expert + device, "expert_balance_loss": expert, "device_balance_loss": device,
-            "expert_load": stacked["expert_load"], "drop_fraction": stacked["drop_fraction"]}
+        return logits_TV.reshape(B, S, -1), Aux.from_layers(layer_stats), cache
 
 
 # ---- functional API -------------------------------------------------------------------------
@@ -211,13 +219,13 @@ def _check_params(params: dict, cfg: ModelConfig) -> None:
 
 def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None):
-    """Logits ``[B, S, V]`` (float32) and ``aux`` for integer ``tokens [B, S]``.
+    """Logits ``[B, S, V]`` (float32) and ``Aux`` for integer ``tokens [B, S]``.
 
     ``attention_mask [B, S]`` (1 = real token, 0 = padding) hides padding keys and keeps
     padding out of the balance statistics; ``positions [B, S]`` default to ``arange(S)``.
-    ``aux`` holds ``balance_loss`` (= expert + device level, summed over MoE layers),
-    ``expert_balance_loss``, ``device_balance_loss``, ``expert_load [moe layers, E]`` (tokens
-    routed to each expert) and ``drop_fraction [moe layers]``. Jit with ``cfg`` static.
+    ``aux.balance_loss`` (expert + device level, summed over MoE layers) is what training adds
+    to the loss; ``aux.expert_load [moe layers, E]`` counts the tokens routed to each expert.
+    Jit with ``cfg`` static.
     """
     cfg = model_config(cfg)
     B, S = tokens.shape
@@ -229,7 +237,7 @@ def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
     return logits, aux
 
 
-def forward_cached(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, cache: KVCache,
+def forward_cached(params: dict, tokens: jax.Array, cache: KVCache, cfg: Config | ModelConfig,
                    attention_mask: jax.Array, positions: jax.Array) -> tuple[jax.Array, KVCache]:
     """Like ``forward`` for ``tokens`` that continue the sequences in ``cache``: their keys and
     values are written at ``cache.index`` and they attend to everything cached before them."""
@@ -238,21 +246,26 @@ def forward_cached(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, c
 
 
 def count_params(cfg: Config | ModelConfig) -> tuple[int, int]:
-    """(total, activated per token): the activated count leaves out the unchosen routed experts."""
+    """(total, activated per token): the activated count leaves out the unchosen routed experts,
+    i.e. (E - K) / E of every parameter with a logical ``expert`` axis."""
     cfg = model_config(cfg)
-    total = sum(x.size for x in jax.tree.leaves(param_shapes(cfg)))
-    if cfg.n_moe_layers == 0:
+    shapes, axes = jax.tree.leaves(param_shapes(cfg)), jax.tree.leaves(param_axes(cfg), is_leaf=_is_axes)
+    total = sum(s.size for s in shapes)
+    routed = sum(s.size for s, a in zip(shapes, axes) if "expert" in a)
+    if routed == 0:
         return total, total
-    moe = cfg.moe
-    per_expert = 3 * cfg.d_model * moe.expert_d_ff
-    idle = cfg.n_moe_layers * (moe.n_routed_experts - moe.top_k) * per_expert
+    idle = routed * (cfg.moe.n_routed_experts - cfg.moe.top_k) // cfg.moe.n_routed_experts
     return total, total - idle
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple)
 
 
 def flops_per_token(cfg: Config | ModelConfig, seq_len: int) -> int:
     """Forward FLOPs per token: 2 x activated matmul params + causal attention scores at ``seq_len``."""
     cfg = model_config(cfg)
     _, activated = count_params(cfg)
-    embedding = cfg.vocab_size * cfg.d_model  # a lookup, not a matmul
+    embedding = param_shapes(cfg)["embed_VD"].size  # a lookup, not a matmul
     attention = 2 * 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len // 2  # QK^T and AV, causal half
     return 2 * (activated - embedding) + attention

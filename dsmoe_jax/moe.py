@@ -1,21 +1,25 @@
-"""The DeepSeekMoE FFN: router, balance losses, dispatch/combine and the layer (arXiv 2401.06066).
+"""The DeepSeekMoE FFN (arXiv 2401.06066): routing, balance losses and the layer.
+
+Dispatch and combine live in ``dispatch.py``, the grouped expert MLP in ``grouped.py``, the
+expert-parallel exchange in ``expert_parallel.py``; this module decides which experts each
+token uses and ties the pieces together.
 
 Shape legend: B batch, S sequence, T tokens (B*S), D model width, E routed experts, K experts
-per token (top-k), A = K*T (token, slot) assignments in slot-major order, G rows of the grouped
-buffer (= A), F expert hidden width, C sequences the balance statistics are taken over.
+per token (top-k), F expert hidden width, C sequences the balance statistics are taken over.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsmoe_jax import grouped, parallel
+from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.config import ModelConfig, MoEConfig
+from dsmoe_jax.dispatch import routed_experts
+from dsmoe_jax.expert_parallel import check_expert_parallel, expert_parallel
 from dsmoe_jax.layers import MLP, param
 
 
@@ -51,7 +55,7 @@ def expert_counts(expert_TK: jax.Array, num_experts: int, weight_T: jax.Array) -
 
 def balance_losses(routing: Routing, valid_T: jax.Array, cfg: MoEConfig, num_seqs: int,
                    device_groups: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Expert-level and device-level balance losses (DESIGN.md section 1).
+    """Expert-level and device-level balance losses (the paper's section 3.3).
 
     f_i = E / (K T) * #{t : t picks i},  P_i = mean_t s_i,t,  L_exp = a1 * sum_i f_i P_i;
     over D = ``device_groups`` contiguous groups of experts (the experts each expert-parallel
@@ -76,49 +80,13 @@ def balance_losses(routing: Routing, valid_T: jax.Array, cfg: MoEConfig, num_seq
     return expert_loss, device_loss
 
 
-class Dispatch(NamedTuple):
-    order_A: jax.Array  # assignment index of each grouped row (rows sorted by expert)
-    position_A: jax.Array  # grouped row of each assignment: the inverse permutation of order_A
-    group_sizes_E: jax.Array  # rows per expert; dropped assignments sit after the last group
-    keep_A: jax.Array  # False for assignments dropped by the capacity limit
+class MoEStats(NamedTuple):
+    """What one MoE layer reports besides its output."""
 
-
-def capacity(cfg: MoEConfig, num_tokens: int) -> int | None:
-    """Per-expert capacity in assignments, or None when dropless."""
-    if cfg.capacity_factor == 0:
-        return None
-    return math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.n_routed_experts)
-
-
-def dispatch(expert_TK: jax.Array, num_experts: int, capacity_per_expert: int | None) -> Dispatch:
-    """Sort (token, slot) assignments by expert into contiguous groups.
-
-    Assignments are numbered slot-major (a = k * T + t), so under a capacity limit every
-    token's first choice outranks any token's second choice and earlier tokens outrank later
-    ones, as in GShard; the sort is stable to keep that order inside each group.
-    """
-    expert_A = expert_TK.T.reshape(-1)
-    A = expert_A.shape[0]
-    keep_A = jnp.ones((A,), bool)
-    if capacity_per_expert is not None:
-        order_A = jnp.argsort(expert_A, stable=True)
-        sizes_E = jnp.bincount(expert_A, length=num_experts)
-        rank_sorted_A = jnp.arange(A) - (jnp.cumsum(sizes_E) - sizes_E)[expert_A[order_A]]
-        keep_A = jnp.zeros_like(keep_A).at[order_A].set(rank_sorted_A < capacity_per_expert)
-        expert_A = jnp.where(keep_A, expert_A, num_experts)  # past the last group
-    order_A = jnp.argsort(expert_A, stable=True).astype(jnp.int32)
-    position_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
-    group_sizes_E = jnp.bincount(expert_A, length=num_experts + 1)[:num_experts]
-    return Dispatch(order_A, position_A, group_sizes_E.astype(jnp.int32), keep_A)
-
-
-def combine(y_GD: jax.Array, plan: Dispatch, gate_TK: jax.Array) -> jax.Array:
-    """Undo the sort and sum each token's expert outputs weighted by their gates (float32)."""
-    T, K = gate_TK.shape
-    y_KTD = y_GD[plan.position_A].reshape(K, T, -1)
-    weight_KT = gate_TK.T * plan.keep_A.reshape(K, T)
-    # An einsum, not multiply-then-sum: XLA:CPU fuses the latter with the gather, 5x slower.
-    return jnp.einsum("ktd,kt->td", y_KTD, weight_KT.astype(y_GD.dtype), preferred_element_type=jnp.float32)
+    expert_balance_loss: jax.Array  # float32 scalar, already weighted by moe.aux_loss_alpha
+    device_balance_loss: jax.Array  # float32 scalar, weighted by moe.device_aux_alpha
+    expert_load: jax.Array  # [E] tokens routed to each expert (padding left out)
+    drop_fraction: jax.Array  # float32 scalar: assignments dropped by the capacity limit
 
 
 class MoE(nnx.Module):
@@ -130,7 +98,7 @@ class MoE(nnx.Module):
              over capacity when ``capacity_factor`` is set.
     experts  the grouped SwiGLU MLP over the groups, by the configured backend (grouped.py);
              under a mesh with an ``expert`` axis, dispatch -> experts -> combine run inside
-             ``parallel.expert_parallel``, the groups travelling to their experts' devices.
+             ``expert_parallel.expert_parallel``, the groups travelling to their experts' devices.
     combine  unsort, weight by the gates, sum over each token's slots.
     shared   add the always-on shared experts, one dense SwiGLU of width Ks * expert_d_ff.
     """
@@ -147,11 +115,11 @@ class MoE(nnx.Module):
         Ks = cfg.moe.n_shared_experts
         self.shared = MLP(D, Ks * F, std=std, param_dtype=dt, rngs=rngs) if Ks else None
 
-    def __call__(self, x_BSD: jax.Array, tokens_BS: jax.Array, valid_BS: jax.Array):
-        """Returns the FFN output and this layer's statistics (balance losses, load, drops).
+    def __call__(self, x_BSD: jax.Array, tokens_BS: jax.Array, valid_BS: jax.Array) -> tuple[jax.Array, MoEStats]:
+        """Returns the FFN output and this layer's ``MoEStats``.
 
-        Under a mesh with an ``expert`` axis the routed experts run expert-parallel
-        (``parallel.expert_parallel``); the route and the shared experts stay here either way.
+        Under a mesh with an ``expert`` axis the routed experts run expert-parallel; the route
+        and the shared experts stay here either way, partitioned by jit.
         """
         cfg = self.cfg
         B, S, D = x_BSD.shape
@@ -162,35 +130,26 @@ class MoE(nnx.Module):
             routing = route_hash(tokens_BS.reshape(-1), E)
         else:
             routing = route_softmax(x_TD, self.w_router_DE[...], cfg.top_k, cfg.norm_topk_prob)
-        ep = parallel.expert_parallel_size()
-        parallel.check_expert_parallel(cfg, ep)
+        ep = mesh_lib.expert_parallel_size()
+        check_expert_parallel(cfg, ep)
         expert_loss, device_loss = balance_losses(routing, valid_T, cfg, num_seqs=B,
                                                   device_groups=cfg.device_groups or ep)
 
         weights = (self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
         # Too few tokens to split over the mesh (decoding a single sequence): run the experts in
         # place and let jit gather the expert weights they need.
-        split = ep > 1 and (B * S) % parallel.batch_shards() == 0
-        routed = parallel.expert_parallel if split else routed_experts
+        split = ep > 1 and (B * S) % mesh_lib.batch_shards() == 0
+        routed = expert_parallel if split else routed_experts
         y_TD, keep_TK = routed(x_TD, routing.expert_TK, routing.gate_TK, *weights, cfg)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD).astype(jnp.float32)
 
         valid_TK = jnp.broadcast_to(valid_T[:, None], keep_TK.shape).astype(jnp.float32)
-        stats = {
-            "expert_balance_loss": expert_loss,
-            "device_balance_loss": device_loss,
-            "expert_load": expert_counts(routing.expert_TK, E, valid_T),
-            "drop_fraction": 1.0 - jnp.sum(keep_TK * valid_TK) / jnp.maximum(jnp.sum(valid_TK), 1.0),
-        }
+        stats = MoEStats(
+            expert_balance_loss=expert_loss,
+            device_balance_loss=device_loss,
+            expert_load=expert_counts(routing.expert_TK, E, valid_T),
+            drop_fraction=1.0 - jnp.sum(keep_TK * valid_TK) / jnp.maximum(jnp.sum(valid_TK), 1.0),
+        )
         return y_TD.astype(x_BSD.dtype).reshape(B, S, D), stats
 
-
-def routed_experts(x_TD, expert_TK, gate_TK, w_gate_EDF, w_up_EDF, w_down_EFD, cfg: MoEConfig):
-    """dispatch -> grouped experts -> combine on one device: the routed experts' float32 output
-    ``y_TD`` and which (token, slot) assignments were kept (``keep_TK``, all True when dropless)."""
-    T = x_TD.shape[0]
-    plan = dispatch(expert_TK, w_gate_EDF.shape[0], capacity(cfg, T))
-    y_GD = grouped.grouped_mlp(x_TD[plan.order_A % T], w_gate_EDF, w_up_EDF, w_down_EFD, plan.group_sizes_E,
-                               backend=cfg.backend)
-    return combine(y_GD, plan, gate_TK), plan.keep_A.reshape(-1, T).T

@@ -4,8 +4,8 @@
 
 Everything here is arithmetic on the config and the mesh, nothing is allocated. Parameters,
 gradients and Adam's two moments are float32 (training keeps float32 master weights) and split
-as ``parallel.RULES`` splits them. Activations are what the backward pass keeps per token and
-layer, counted tensor by tensor for the code in model.py / moe.py / parallel.py; with
+as ``mesh.RULES`` splits them. Activations are what the backward pass keeps per token and
+layer, counted tensor by tensor for the code in model.py / moe.py / expert_parallel.py; with
 rematerialisation only each block's input is kept, plus one block's activations while it is
 recomputed. ``tests/test_plan.py`` holds the estimates against XLA's own memory analysis of the
 compiled train step.
@@ -22,11 +22,23 @@ from collections.abc import Mapping
 
 import jax
 
-from dsmoe_jax import parallel
-from dsmoe_jax.config import Config, ConfigError, ModelConfig
+from dsmoe_jax import mesh as mesh_lib
+from dsmoe_jax.config import MESH_AXES, Config, ConfigError, MeshConfig, ModelConfig
+from dsmoe_jax.expert_parallel import check_expert_parallel, send_buffer_rows
 from dsmoe_jax.model import flops_per_token, param_shapes
+from dsmoe_jax.sharding import param_shardings
 
 GIB = 2**30
+# Dense bf16 matmul peak per device, TFLOP/s (vendor figures, without sparsity): the denominator
+# of model-FLOPs utilisation in training logs and of the step-time bound here.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+DEFAULT_PEAK_TFLOPS = PEAK_TFLOPS["H100"]
+
+
+def device_peak_flops(device=None) -> float | None:
+    """The bf16 peak FLOP/s of ``device`` (default: the first device), None when unknown (CPUs)."""
+    kind = (device or jax.devices()[0]).device_kind
+    return next((1e12 * v for k, v in PEAK_TFLOPS.items() if k in kind), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,51 +67,50 @@ class Plan:
 
 
 def _device_elements(cfg: ModelConfig, mesh: jax.sharding.AbstractMesh) -> int:
-    """Parameter elements one device holds under ``parallel.RULES``."""
-    shardings, shapes = parallel.param_shardings(cfg, mesh), param_shapes(cfg)
+    """Parameter elements one device holds under ``mesh.RULES``."""
+    shardings, shapes = param_shardings(cfg, mesh), param_shapes(cfg)
     return sum(math.prod(sharding.shard_shape(shape.shape))
                for sharding, shape in zip(jax.tree.leaves(shardings), jax.tree.leaves(shapes)))
 
 
-def _layer_activation_bytes(cfg: ModelConfig, t: int, seq: int, moe_layer: bool, ep: int) -> int:
-    """Bytes the backward pass keeps for one block over ``t`` tokens."""
+def _layer_activation_bytes(cfg: ModelConfig, ffn: dict, t: int, seq: int, ep: int) -> int:
+    """Bytes the backward pass keeps for one block over ``t`` tokens; ``ffn`` is the block's FFN
+    parameter shapes (from ``param_shapes``), which give every width the FFN has."""
     c = 4 if cfg.dtype == "float32" else 2
     D, N, Kv, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
     # norm in/out, q k v before and after RoPE, attention output, o-projection; the scores, masked
     # scores and probabilities are float32 [N, S] rows per token
     attention = t * c * (3 * D + 2 * (N + 2 * Kv) * H + N * H) + t * 3 * 4 * N * seq
-    if not moe_layer:
-        return attention + t * c * (2 * D + 3 * cfg.d_ff)
+    if "w_gate_EDF" not in ffn:  # a dense block
+        return attention + t * c * (2 * D + 3 * ffn["w_gate_DF"].shape[1])
     m = cfg.moe
     if ep > 1:  # the grouped rows are the dense receive buffers of the exchange
-        rows = ep * parallel.send_buffer_rows(m, t, ep)
+        rows = ep * send_buffer_rows(m, t, ep)
     else:
         rows = m.top_k * t
-    router = t * 4 * 2 * m.n_routed_experts  # logits and probabilities, float32
-    grouped = rows * c * (2 * D + 3 * m.expert_d_ff)  # rows in and out, gate, up, gated product
-    shared = t * c * 3 * m.n_shared_experts * m.expert_d_ff
+    E, F = ffn["w_gate_EDF"].shape[0], ffn["w_gate_EDF"].shape[2]
+    router = t * 4 * 2 * E  # logits and probabilities, float32
+    grouped = rows * c * (2 * D + 3 * F)  # rows in and out, gate, up, gated product
+    shared = t * c * 3 * ffn["shared"]["w_gate_DF"].shape[1] if "shared" in ffn else 0
     return attention + router + grouped + shared + t * (2 * c * D + 4 * D)  # norm, combine (float32)
 
 
 def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = None, seq: int | None = None) -> Plan:
     """The plan of ``cfg`` (``train.batch_size`` x ``train.seq_len`` unless given) on a mesh of
     ``mesh_sizes`` (axes ``data``, ``fsdp``, ``expert``; missing axes are 1)."""
-    unknown = set(mesh_sizes) - set(parallel.MESH_AXES)
-    if unknown or any(v < 1 for v in mesh_sizes.values()):
-        raise ConfigError(f"mesh sizes must be positive, on the axes {', '.join(parallel.MESH_AXES)}; got {dict(mesh_sizes)}")
-    sizes = {a: int(mesh_sizes.get(a, 1)) for a in parallel.MESH_AXES}
-    mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), parallel.MESH_AXES)
+    sizes = MeshConfig.from_sizes(mesh_sizes).resolve()
+    mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), MESH_AXES)
     m, t_cfg = cfg.model, cfg.train
     batch, seq = batch or t_cfg.batch_size, seq or t_cfg.seq_len
-    devices, ep = parallel.batch_shards(mesh), sizes["expert"]  # the batch splits over every device
-    parallel.check_expert_parallel(m.moe, ep)
+    devices, ep = mesh_lib.batch_shards(mesh), sizes["expert"]  # the batch splits over every device
+    check_expert_parallel(m.moe, ep)
     micro = batch // t_cfg.grad_accum
     if batch % t_cfg.grad_accum or micro % devices:
         raise ConfigError(f"a batch of {batch} in {t_cfg.grad_accum} micro-batches does not split over {devices} devices")
     t = micro * seq // devices
 
     elements = _device_elements(m, mesh)
-    layers = [_layer_activation_bytes(m, t, seq, i >= m.first_k_dense, ep) for i in range(m.n_layers)]
+    layers = [_layer_activation_bytes(m, block["ffn"], t, seq, ep) for block in param_shapes(m)["layers"].values()]
     c = 4 if m.dtype == "float32" else 2
     logits = t * m.vocab_size * 4 * 2  # float32 logits and their log-softmax
     residual = t * m.d_model * c  # each block's input, all that remat keeps
@@ -109,7 +120,7 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     # dispatch and return, in the forward, the backward and (with remat) the recomputed forward
     passes = 3 if m.remat else 2
     exchanges = 0 if ep == 1 else 2 * passes * m.n_moe_layers * t_cfg.grad_accum
-    buffer = 0 if ep == 1 else ep * parallel.send_buffer_rows(m.moe, t, ep) * m.d_model * c
+    buffer = 0 if ep == 1 else ep * send_buffer_rows(m.moe, t, ep) * m.d_model * c
     routed = 0 if ep == 1 else m.moe.top_k * t * m.d_model * c
     leaves = (ep - 1) / ep
     return Plan(

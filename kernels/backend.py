@@ -5,6 +5,11 @@ Forward:   h = gate_up(x, Wg, Wu);  y = h Wd
 Backward:  dh = dy Wd^T;  dg, du = gate_up backward (recomputes x Wg, x Wu: nothing but h is
            saved);  dx = dg Wg^T + du Wu^T;  dWd = h^T dy, dWg = x^T dg, dWu = x^T du per expert.
 
+Every function takes ``interpret``: run the kernels through Triton's interpreter (on the host,
+slowly: how the tests check them without a GPU) or compile them and launch them with
+jax-triton. ``default_interpret`` is the one place that chooses by platform, and ``_triton`` the
+one place that imports Triton in that mode; importing this package changes nothing.
+
 Shape legend: G rows (sorted by expert), D model width, F expert hidden width, E experts,
 N tiles of the schedule.
 """
@@ -12,7 +17,11 @@ N tiles of the schedule.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import pathlib
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +29,46 @@ import numpy as np
 
 from dsmoe_jax.grouped import tile_schedule
 
-from . import triton_kernels as tk
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+def default_interpret() -> bool:
+    """Whether the kernels run under Triton's interpreter: everywhere but on a GPU."""
+    return jax.default_backend() != "gpu"
+
+
+def _triton(interpret: bool):
+    """Triton, imported for its interpreter or its compiler.
+
+    Triton's mode is process-wide: it reads ``TRITON_INTERPRET`` when it is first imported (its
+    standard library's ``@triton.jit`` functions, such as ``tl.sigmoid``, are built then) and
+    again whenever it imports more of itself later. So the first call sets the variable for the
+    rest of the process (this is the only place the project touches it), and a later call
+    asking for the other mode is refused rather than failing inside a kernel."""
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    imported_for_interpreter = isinstance(triton.language.standard.sigmoid, InterpretedFunction)
+    if imported_for_interpreter != interpret:
+        have, want = ("interpreter", "compiler") if imported_for_interpreter else ("compiler", "interpreter")
+        raise RuntimeError(f"Triton was imported in this process for its {have}; the {want} needs a fresh process "
+                           "(Triton fixes the mode when first imported)")
+    return triton
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(interpret: bool) -> types.ModuleType:
+    """The kernels of ``triton_kernels.py``, defined for Triton's interpreter or its compiler (the
+    mode ``@triton.jit`` reads from Triton's ``runtime.interpret`` knob, set only meanwhile)."""
+    triton = _triton(interpret)
+    source = pathlib.Path(__file__).with_name("triton_kernels.py")
+    name = f"{__package__}.triton_kernels_{'interpreted' if interpret else 'compiled'}"
+    spec = importlib.util.spec_from_file_location(name, source)
+    module = importlib.util.module_from_spec(spec)
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = interpret
+        spec.loader.exec_module(module)
+    return module
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,10 +98,11 @@ def _to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-def _launch(kernel, grid: tuple, inputs: list, out_shapes: list, **meta):
-    """Run ``kernel`` over ``grid``: pointer arguments are ``inputs`` then the outputs (fresh,
+def _launch(name: str, interpret: bool, grid: tuple, inputs: list, out_shapes: list, **meta):
+    """Run kernel ``name`` over ``grid``: pointer arguments are ``inputs`` then the outputs (fresh,
     uninitialised buffers of ``out_shapes``), the rest constexprs."""
-    if not INTERPRET:
+    kernel = getattr(kernels(interpret), name)
+    if not interpret:
         import jax_triton
 
         out = jax_triton.triton_call(*inputs, kernel=kernel, out_shape=out_shapes, grid=grid, **meta)
@@ -77,68 +124,75 @@ def _precision(dtype) -> str:
     return "ieee" if dtype == jnp.float32 else "tf32"
 
 
-def _common(dtype) -> dict:
-    return {**blocks(INTERPRET), "UPCAST": INTERPRET, "PRECISION": _precision(dtype)}
+def _common(dtype, interpret: bool) -> dict:
+    return {**blocks(interpret), "UPCAST": interpret, "PRECISION": _precision(dtype)}
 
 
-def _schedule(group_sizes_E, G):
-    expert_N, row_N, valid_N, _ = tile_schedule(group_sizes_E, G, blocks(INTERPRET)["BLOCK_M"])
+def kernel_schedule(group_sizes_E, G, interpret: bool):
+    """The tile schedule (expert, first row, valid rows per tile) at the kernels' BLOCK_M."""
+    expert_N, row_N, valid_N, _ = tile_schedule(group_sizes_E, G, blocks(interpret)["BLOCK_M"])
     return [a.astype(jnp.int32) for a in (expert_N, row_N, valid_N)]
 
 
-def gate_up(x_GD, w_gate_EDF, w_up_EDF, schedule, dh_GF=None):
+def gate_up(x_GD, w_gate_EDF, w_up_EDF, schedule, dh_GF=None, *, interpret: bool):
     """h = silu(x Wg) * (x Wu) per tile's expert; given ``dh``, (dg, du) instead."""
     G, D = x_GD.shape
     F = w_gate_EDF.shape[-1]
-    meta = _common(x_GD.dtype)
+    meta = _common(x_GD.dtype, interpret)
     grid = (schedule[0].shape[0], -(-F // meta["BLOCK_N"]))
     backward = dh_GF is not None
     unused = jnp.zeros((1,), x_GD.dtype)  # the pointers one direction does not use
     out = jax.ShapeDtypeStruct((G, F), x_GD.dtype)
-    outs = _launch(tk.gate_up_kernel, grid, [x_GD, w_gate_EDF, w_up_EDF, dh_GF if backward else unused, *schedule],
+    outs = _launch("gate_up_kernel", interpret, grid, [x_GD, w_gate_EDF, w_up_EDF, dh_GF if backward else unused, *schedule],
                    [out, out if backward else jax.ShapeDtypeStruct((1,), x_GD.dtype)], D=D, F=F, BACKWARD=backward,
                    **meta)
     return tuple(outs) if backward else outs[0]
 
 
-def grouped_matmul(a_GK, w_EKN, schedule, transpose_w: bool = False, second=None):
+def grouped_matmul(a_GK, w_EKN, schedule, transpose_w: bool = False, second=None, *, interpret: bool):
     """out = a W_e (+ a2 W2_e) per tile's expert; ``transpose_w`` reads W [E, N, K] as [E, K, N]."""
     G, K = a_GK.shape
     E, W1, W2 = w_EKN.shape
     N = W1 if transpose_w else W2
     strides = {"STRIDE_WE": W1 * W2, "STRIDE_WK": 1 if transpose_w else W2, "STRIDE_WN": W2 if transpose_w else 1}
-    meta = _common(a_GK.dtype)
+    meta = _common(a_GK.dtype, interpret)
     a2, w2 = second if second is not None else (jnp.zeros((1,), a_GK.dtype), jnp.zeros((1,), w_EKN.dtype))
     grid = (schedule[0].shape[0], -(-N // meta["BLOCK_N"]))
-    (out,) = _launch(tk.grouped_matmul_kernel, grid, [a_GK, w_EKN, a2, w2, *schedule], [jax.ShapeDtypeStruct((G, N), a_GK.dtype)],
+    (out,) = _launch("grouped_matmul_kernel", interpret, grid, [a_GK, w_EKN, a2, w2, *schedule], [jax.ShapeDtypeStruct((G, N), a_GK.dtype)],
                      K=K, N=N, HAS_SECOND=second is not None, **strides, **meta)
     return out
 
 
-def weight_grad(a_GK, b_GN, group_sizes_E):
+def weight_grad(a_GK, b_GN, group_sizes_E, *, interpret: bool):
     """dW_e = a_e^T b_e over each expert's rows: [E, K, N] in float32."""
     K, N, E = a_GK.shape[1], b_GN.shape[1], group_sizes_E.shape[0]
-    meta = _common(a_GK.dtype)
+    meta = _common(a_GK.dtype, interpret)
     block = {"BLOCK_R": meta.pop("BLOCK_M"), "BLOCK_K": meta.pop("BLOCK_K"), "BLOCK_N": meta.pop("BLOCK_N")}
     starts_E = (jnp.cumsum(group_sizes_E) - group_sizes_E).astype(jnp.int32)
     grid = (E, -(-K // block["BLOCK_K"]), -(-N // block["BLOCK_N"]))
-    (out,) = _launch(tk.weight_grad_kernel, grid, [a_GK, b_GN, starts_E, group_sizes_E.astype(jnp.int32)],
+    (out,) = _launch("weight_grad_kernel", interpret, grid, [a_GK, b_GN, starts_E, group_sizes_E.astype(jnp.int32)],
                      [jax.ShapeDtypeStruct((E, K, N), jnp.float32)], K=K, N=N, **block, **meta)
     return out
 
 
-@jax.custom_vjp
-def triton_grouped_mlp(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E):
-    """The grouped gated MLP with the Triton kernels (the ``grouped.py`` backend contract)."""
-    return _forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E)[0]
+def triton_grouped_mlp(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, *, interpret: bool | None = None):
+    """The grouped gated MLP with the Triton kernels (the ``grouped.py`` backend contract);
+    ``interpret`` defaults to ``default_interpret()``."""
+    interpret = default_interpret() if interpret is None else interpret
+    return _grouped_mlp(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, interpret)
 
 
-def _forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _grouped_mlp(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, interpret):
+    return _forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, interpret)[0]
+
+
+def _forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, interpret):
     dt = x_GD.dtype
-    schedule = _schedule(group_sizes_E, x_GD.shape[0])
-    h_GF = gate_up(x_GD, w_gate_EDF.astype(dt), w_up_EDF.astype(dt), schedule)
-    y_GD = grouped_matmul(h_GF, w_down_EFD.astype(dt), schedule)
-    return _rows_in_groups(y_GD, group_sizes_E), (h_GF, schedule)
+    sched = kernel_schedule(group_sizes_E, x_GD.shape[0], interpret)
+    h_GF = gate_up(x_GD, w_gate_EDF.astype(dt), w_up_EDF.astype(dt), sched, interpret=interpret)
+    y_GD = grouped_matmul(h_GF, w_down_EFD.astype(dt), sched, interpret=interpret)
+    return _rows_in_groups(y_GD, group_sizes_E), (h_GF, sched)
 
 
 def _rows_in_groups(a_GX, group_sizes_E):
@@ -146,22 +200,22 @@ def _rows_in_groups(a_GX, group_sizes_E):
     return jnp.where((jnp.arange(a_GX.shape[0]) < jnp.sum(group_sizes_E))[:, None], a_GX, 0)
 
 
-def _fwd(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E):
-    y_GD, (h_GF, schedule) = _forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E)
-    return y_GD, (x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, h_GF, schedule)
+def _fwd(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, interpret):
+    y_GD, (h_GF, sched) = _forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, interpret)
+    return y_GD, (x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, h_GF, sched)
 
 
-def _bwd(residuals, dy_GD):
-    x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, h_GF, schedule = residuals
+def _bwd(interpret, residuals, dy_GD):
+    x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, h_GF, sched = residuals
     dt = x_GD.dtype
     wg, wu, wd = (w.astype(dt) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
     dy_GD = dy_GD.astype(dt)
-    dh_GF = grouped_matmul(dy_GD, wd, schedule, transpose_w=True)
-    dg_GF, du_GF = gate_up(x_GD, wg, wu, schedule, dh_GF=dh_GF)
-    dx_GD = grouped_matmul(dg_GF, wg, schedule, transpose_w=True, second=(du_GF, wu))
-    dw = lambda a, b, w: weight_grad(a, b, group_sizes_E).astype(w.dtype)
+    dh_GF = grouped_matmul(dy_GD, wd, sched, transpose_w=True, interpret=interpret)
+    dg_GF, du_GF = gate_up(x_GD, wg, wu, sched, dh_GF=dh_GF, interpret=interpret)
+    dx_GD = grouped_matmul(dg_GF, wg, sched, transpose_w=True, second=(du_GF, wu), interpret=interpret)
+    dw = lambda a, b, w: weight_grad(a, b, group_sizes_E, interpret=interpret).astype(w.dtype)
     return (_rows_in_groups(dx_GD, group_sizes_E), dw(x_GD, dg_GF, w_gate_EDF), dw(x_GD, du_GF, w_up_EDF),
             dw(h_GF, dy_GD, w_down_EFD), None)
 
 
-triton_grouped_mlp.defvjp(_fwd, _bwd)
+_grouped_mlp.defvjp(_fwd, _bwd)

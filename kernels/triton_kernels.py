@@ -1,5 +1,8 @@
 """The Triton kernels of the grouped gated MLP, over rows sorted by expert.
 
+Not imported directly: ``backend.kernels(interpret)`` loads this source for Triton's interpreter
+or its compiler, as Triton fixes the mode when ``@triton.jit`` runs.
+
 Every kernel walks a tile schedule (``grouped.tile_schedule``): tile ``t`` covers rows
 ``row[t] .. row[t] + valid[t]`` of expert ``expert[t]``, at most BLOCK_M rows, with a fixed
 number of tiles (cdiv(G, BLOCK_M) + E) so the grid is static; unused tiles have ``valid = 0``

@@ -1,13 +1,17 @@
-"""Shared fixtures: small shapes, fixed seeds; a runner for multi-device subprocesses."""
+"""Shared fixtures: small shapes, fixed seeds; a runner for multi-device subprocesses. Helpers
+that several test modules import live in ``helpers.py``."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
 import jax
 import pytest
 
-from dsmoe_jax import ModelConfig, MoEConfig
+from dsmoe_jax import ModelConfig, MoEConfig, grouped
+
+TESTS = pathlib.Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -34,10 +38,26 @@ def _token_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture
+def registered_backend():
+    """``register(name, fn)``: a grouped-MLP backend that exists for this test only."""
+    names = []
+
+    def register(name, fn):
+        grouped.register_backend(name, fn)
+        names.append(name)
+
+    yield register
+    for name in names:
+        grouped.unregister_backend(name)
+
+
 def run_python(script: str, *args: str, devices: int = 8, timeout: float = 600) -> str:
     """Run ``script`` in a fresh interpreter with ``devices`` fake CPU devices (the device count is
-    fixed when jax starts); returns its stdout, failing the test with its stderr if it fails."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    fixed when jax starts), able to import ``helpers``; returns its stdout, failing the test with
+    its stderr if it fails."""
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": path}
     out = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
                          timeout=timeout)
     assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"

@@ -8,7 +8,8 @@ import pytest
 
 import dsmoe_jax
 from dsmoe_jax import Config, TrainConfig, data
-from dsmoe_jax.train.checkpoint import Checkpointer, CheckpointError, write_config
+from dsmoe_jax.checkpoint import CheckpointError, write_config
+from dsmoe_jax.train.checkpoint import Checkpointer
 from dsmoe_jax.train.optimizer import make_optimizer
 from dsmoe_jax.train.step import init_state, make_train_step
 

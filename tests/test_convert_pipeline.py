@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_python
-from test_convert import TINY_HF, _qwen2moe_oracle, _random_hf_checkpoint
+from helpers import TINY_HF, qwen2moe_oracle, random_hf_checkpoint
 
 import dsmoe_jax
 from dsmoe_jax import ConfigError, cli, convert
@@ -45,7 +45,7 @@ def _assert_params_equal(a, b):
 
 def test_bf16_sharded_safetensors_round_trip_bit_exact_through_the_cli(tmp_path, capsys):
     cfg = convert.config_from_hf(TINY_HF)
-    tensors = {n: a.astype(ml_dtypes.bfloat16) for n, a in _random_hf_checkpoint(cfg, seed=3).items()}
+    tensors = {n: a.astype(ml_dtypes.bfloat16) for n, a in random_hf_checkpoint(cfg, seed=3).items()}
     hf_cfg = {**TINY_HF, "torch_dtype": "bfloat16"}
     hf = _write_hf(tmp_path / "hf", tensors, hf_cfg)
     _tiny_tokenizer(hf / "tokenizer.json")
@@ -78,7 +78,7 @@ def test_bf16_sharded_safetensors_round_trip_bit_exact_through_the_cli(tmp_path,
 
 def test_pytorch_bin_shards_convert_and_match_an_independent_pytorch_model(tmp_path):
     cfg = convert.config_from_hf(TINY_HF)
-    tensors = _random_hf_checkpoint(cfg, seed=4)
+    tensors = random_hf_checkpoint(cfg, seed=4)
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps(TINY_HF))
@@ -96,7 +96,7 @@ def test_pytorch_bin_shards_convert_and_match_an_independent_pytorch_model(tmp_p
     tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 12))
     ours, _ = dsmoe_jax.forward(params, tokens, loaded.model)
     with torch.no_grad():
-        ref = _qwen2moe_oracle(tensors, TINY_HF)(torch.from_numpy(tokens)).logits.numpy()
+        ref = qwen2moe_oracle(tensors, TINY_HF)(torch.from_numpy(tokens)).logits.numpy()
     assert np.abs(np.asarray(ours) - ref).max() < 1e-4, np.abs(np.asarray(ours) - ref).max()
 
 
@@ -115,7 +115,7 @@ def _leftovers(parent: pathlib.Path) -> list[str]:
 ])
 def test_a_bad_checkpoint_is_named_and_leaves_no_output(tmp_path, damage, message):
     cfg = convert.config_from_hf(TINY_HF)
-    tensors = _random_hf_checkpoint(cfg)
+    tensors = random_hf_checkpoint(cfg)
     damage(tensors)
     hf = _write_hf(tmp_path / "hf", tensors)
     with pytest.raises(convert.ConversionError, match=message):
@@ -125,7 +125,7 @@ def test_a_bad_checkpoint_is_named_and_leaves_no_output(tmp_path, damage, messag
 
 def test_existing_output_and_unsupported_models_are_refused(tmp_path, capsys):
     cfg = convert.config_from_hf(TINY_HF)
-    hf = _write_hf(tmp_path / "hf", _random_hf_checkpoint(cfg))
+    hf = _write_hf(tmp_path / "hf", random_hf_checkpoint(cfg))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert cli.main(["convert", "hf-to-jax", str(hf), str(tmp_path / "out")]) == 1
@@ -141,7 +141,8 @@ def test_existing_output_and_unsupported_models_are_refused(tmp_path, capsys):
 
 def test_a_training_workdir_exports_to_hf_and_back(tmp_path, small_cfg):
     from dsmoe_jax import Config, data
-    from dsmoe_jax.train.checkpoint import Checkpointer, write_config
+    from dsmoe_jax.checkpoint import write_config
+    from dsmoe_jax.train.checkpoint import Checkpointer
     from dsmoe_jax.train.optimizer import make_optimizer
     from dsmoe_jax.train.step import init_state
 
@@ -181,7 +182,7 @@ def test_peak_memory_is_a_small_multiple_of_the_largest_array(tmp_path):
     rng = np.random.default_rng(0)
     write_safetensors(((n, rng.standard_normal(s, dtype=np.float32)) for n, s in shapes.items()),
                       plan_shards(((n, s, np.float32) for n, s in shapes.items()), 100 * 2**20), hf)
-    _write_hf(tmp_path / "tiny", _random_hf_checkpoint(convert.config_from_hf(TINY_HF)))
+    _write_hf(tmp_path / "tiny", random_hf_checkpoint(convert.config_from_hf(TINY_HF)))
 
     out = run_python(MEMORY_SCRIPT, str(tmp_path / "tiny"), str(hf), str(tmp_path / "warm"), str(tmp_path / "out"),
                      devices=1)
@@ -210,6 +211,6 @@ MESH_SCRIPT = textwrap.dedent("""
 
 
 def test_load_checkpoint_restores_straight_into_mesh_shardings(tmp_path):
-    hf = _write_hf(tmp_path / "hf", _random_hf_checkpoint(convert.config_from_hf(TINY_HF)))
+    hf = _write_hf(tmp_path / "hf", random_hf_checkpoint(convert.config_from_hf(TINY_HF)))
     convert.hf_to_jax(hf, tmp_path / "jax", progress=False)
     assert run_python(MESH_SCRIPT, str(tmp_path / "jax")).strip().endswith("ok")

@@ -1,5 +1,7 @@
 """Tokenizers, the embedded corpus, user data and the grain pipeline."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -23,8 +25,16 @@ def test_hf_tokenizer_json(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     loaded = data.load_tokenizer(str(tmp_path))
     assert loaded.encode("hello world again") == [3, 4, 2]
-    assert (loaded.bos_id, loaded.eos_id, loaded.vocab_size) == (0, 1, 5)
+    assert (loaded.bos_id, loaded.eos_id, loaded.vocab_size) == (None, None, 5), "no tokenizer_config.json"
     assert loaded.decode([3, 4]) == "hello world"
+    # BOS/EOS come from tokenizer_config.json, as a string or as transformers' AddedToken dict
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": {"content": "</s>", "special": True}, "eos_token": "<s>"}))
+    loaded = data.load_tokenizer(str(tmp_path))
+    assert (loaded.bos_id, loaded.eos_id) == (1, 0)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>"}))
+    with pytest.raises(data.DataError, match="names the special token '<bos>'"):
+        data.load_tokenizer(str(tmp_path))
     with pytest.raises(data.DataError, match="no tokenizer.json"):
         data.load_tokenizer(str(tmp_path / "missing"))
 

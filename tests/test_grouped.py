@@ -6,65 +6,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import D, GROUPS, grouped_inputs, grouped_loss, numpy_grouped_reference
 
-from dsmoe_jax import grouped
-
-D, F = 16, 8
-
-GROUPS = {
-    "uneven_with_empty": [7, 0, 20, 13, 0, 4],
-    "all_in_one": [0, 0, 44, 0, 0, 0],
-    "single_rows": [1, 1, 1, 1, 1, 1],
-    "tile_multiple": [8, 16, 0, 8, 4, 8],
-}
-
-
-def _inputs(group_sizes, rows, dtype=jnp.float32):
-    E = len(group_sizes)
-    k = jax.random.split(jax.random.key(1), 4)
-    x = jax.random.normal(k[0], (rows, D), dtype)
-    ws = [0.3 * jax.random.normal(k[i], s, dtype) for i, s in ((1, (E, D, F)), (2, (E, D, F)), (3, (E, F, D)))]
-    return x, ws, jnp.asarray(group_sizes, jnp.int32)
-
-
-def _numpy_reference(x, ws, group_sizes):
-    """Row by row: the row's own expert's SwiGLU, zeros past the last group."""
-    x, (wg, wu, wd) = np.asarray(x, np.float64), [np.asarray(w, np.float64) for w in ws]
-    y = np.zeros_like(x)
-    row = 0
-    for e, n in enumerate(np.asarray(group_sizes)):
-        for r in range(row, row + n):
-            g, u = x[r] @ wg[e], x[r] @ wu[e]
-            y[r] = (g / (1 + np.exp(-g)) * u) @ wd[e]
-        row += n
-    return y
-
+from dsmoe_jax import MoEConfig, grouped
+from dsmoe_jax.config import ConfigError
 
 # The tiled backend at several tile sizes, including tiles larger than every group.
-for _m in (4, 8, 64):
-    grouped.register_backend(f"tiled{_m}", functools.partial(grouped.tiled_grouped_mlp, tile_rows=_m))
-
-
-def _loss(backend, group_sizes):
-    def loss(x, wg, wu, wd):
-        y = grouped.grouped_mlp(x, wg, wu, wd, group_sizes, backend=backend)
-        return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y
-    return loss
+TILED_SIZES = {f"tiled{m}": m for m in (4, 8, 64)}
 
 
 @pytest.mark.parametrize("groups", list(GROUPS), ids=list(GROUPS))
 def test_dense_reference_matches_row_by_row_numpy(groups):
-    x, ws, gs = _inputs(GROUPS[groups], rows=50)
+    x, ws, gs = grouped_inputs(GROUPS[groups], rows=50)
     y = grouped.grouped_mlp(x, *ws, gs, backend="dense")
-    np.testing.assert_allclose(y, _numpy_reference(x, ws, gs), atol=1e-5, err_msg="dense backend != numpy loop")
+    np.testing.assert_allclose(y, numpy_grouped_reference(x, ws, gs), atol=1e-5, err_msg="dense backend != numpy loop")
 
 
 @pytest.mark.parametrize("backend", ["ragged", "tiled", "tiled4", "tiled8", "tiled64"])
 @pytest.mark.parametrize("groups", list(GROUPS), ids=list(GROUPS))
-def test_backend_matches_dense_values_and_gradients(backend, groups):
-    x, ws, gs = _inputs(GROUPS[groups], rows=50)  # more rows than the groups hold
-    (_, y_ref), g_ref = jax.value_and_grad(_loss("dense", gs), argnums=(0, 1, 2, 3), has_aux=True)(x, *ws)
-    (_, y), g = jax.jit(jax.value_and_grad(_loss(backend, gs), argnums=(0, 1, 2, 3), has_aux=True))(x, *ws)
+def test_backend_matches_dense_values_and_gradients(backend, groups, registered_backend):
+    if backend in TILED_SIZES:
+        registered_backend(backend, functools.partial(grouped.tiled_grouped_mlp, tile_rows=TILED_SIZES[backend]))
+    x, ws, gs = grouped_inputs(GROUPS[groups], rows=50)  # more rows than the groups hold
+    (_, y_ref), g_ref = jax.value_and_grad(grouped_loss("dense", gs), argnums=(0, 1, 2, 3), has_aux=True)(x, *ws)
+    (_, y), g = jax.jit(jax.value_and_grad(grouped_loss(backend, gs), argnums=(0, 1, 2, 3), has_aux=True))(x, *ws)
     np.testing.assert_allclose(y, y_ref, atol=1e-5, err_msg=f"{backend} forward != dense")
     for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down"), g, g_ref):
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{backend} {name} != dense")
@@ -74,10 +39,10 @@ def test_backend_matches_dense_values_and_gradients(backend, groups):
 
 @pytest.mark.parametrize("backend", ["ragged", "tiled"])
 def test_bfloat16_close_to_float32(backend):
-    x, ws, gs = _inputs(GROUPS["uneven_with_empty"], rows=44, dtype=jnp.bfloat16)
+    x, ws, gs = grouped_inputs(GROUPS["uneven_with_empty"], rows=44, dtype=jnp.bfloat16)
     y = grouped.grouped_mlp(x, *ws, gs, backend=backend)
     assert y.dtype == jnp.bfloat16
-    ref = _numpy_reference(x.astype(jnp.float32), [w.astype(jnp.float32) for w in ws], gs)
+    ref = numpy_grouped_reference(x.astype(jnp.float32), [w.astype(jnp.float32) for w in ws], gs)
     err = np.abs(np.asarray(y, np.float32) - ref).max() / np.abs(ref).max()
     assert err < 2e-2, f"bf16 relative error {err}"
 
@@ -93,19 +58,32 @@ def test_tile_schedule_covers_every_row_once_per_expert():
 
 
 def test_unknown_backend_is_a_clear_error():
-    x, ws, gs = _inputs([2, 2], rows=4)
+    x, ws, gs = grouped_inputs([2, 2], rows=4)
     with pytest.raises(ValueError, match="unknown grouped-MLP backend 'nope'.*available"):
         grouped.grouped_mlp(x, *ws, gs, backend="nope")
 
 
-def test_registered_backend_is_used():
+def test_registered_backend_is_used_and_accepted_by_configs(registered_backend):
     calls = []
 
     def spy(x, wg, wu, wd, gs):
         calls.append(x.shape)
         return grouped.dense_grouped_mlp(x, wg, wu, wd, gs)
 
-    grouped.register_backend("spy", spy)
-    x, ws, gs = _inputs([3, 1], rows=4)
+    with pytest.raises(ConfigError, match="unknown moe.backend 'spy'"):
+        MoEConfig(n_routed_experts=2, expert_d_ff=4, backend="spy")
+    registered_backend("spy", spy)
+    assert MoEConfig(n_routed_experts=2, expert_d_ff=4, backend="spy").backend == "spy"
+    x, ws, gs = grouped_inputs([3, 1], rows=4)
     grouped.grouped_mlp(x, *ws, gs, backend="spy")
     assert calls == [(4, D)], "a registered backend must be called through grouped_mlp"
+
+
+def test_unregistered_backends_are_gone_and_builtins_stay():
+    grouped.register_backend("temporary", grouped.dense_grouped_mlp)
+    grouped.unregister_backend("temporary")
+    assert "temporary" not in grouped.available_backends()
+    with pytest.raises(ConfigError, match="unknown moe.backend 'temporary'"):
+        MoEConfig(n_routed_experts=2, expert_d_ff=4, backend="temporary")
+    with pytest.raises(ValueError, match="built-in"):
+        grouped.unregister_backend("tiled")

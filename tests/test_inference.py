@@ -1,5 +1,6 @@
 """Cached inference against full forward passes: logits, greedy decoding, ragged batches, EOS."""
 
+import dataclasses
 import functools
 
 import jax
@@ -20,7 +21,7 @@ def test_cached_decoding_reproduces_full_forward_logits(small_cfg, params):
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, small_cfg.vocab_size)
     full, _ = dsmoe_jax.forward(params, tokens, small_cfg)
     cache = inference.init_cache(small_cfg, batch=2, max_len=16)
-    logits, cache = inference.prefill(params, small_cfg, tokens[:, :5], cache)
+    logits, cache = jax.jit(inference.prefill, static_argnames="cfg")(params, tokens[:, :5], cache, small_cfg)
     np.testing.assert_allclose(logits, full[:, :5], atol=1e-5, err_msg="prefill")
     step = jax.jit(functools.partial(inference.decode_step, cfg=small_cfg))
     for t in range(5, 12):
@@ -46,26 +47,26 @@ _generate = jax.jit(inference.generate, static_argnames=("cfg", "max_new_tokens"
 def test_greedy_generation_matches_full_forward_and_is_deterministic(small_cfg, params):
     prompt = [5, 17, 3, 42, 8]
     gen = _generate
-    out = gen(params, small_cfg, jnp.asarray([prompt]), max_new_tokens=8, rng=jax.random.key(0), temperature=0.0)
+    out = gen(params, jnp.asarray([prompt]), small_cfg, max_new_tokens=8, rng=jax.random.key(0), temperature=0.0)
     assert out.tolist()[0] == _greedy_by_full_forward(params, small_cfg, prompt, 8)
-    again = gen(params, small_cfg, jnp.asarray([prompt]), max_new_tokens=8, rng=jax.random.key(1), temperature=0.0)
+    again = gen(params, jnp.asarray([prompt]), small_cfg, max_new_tokens=8, rng=jax.random.key(1), temperature=0.0)
     np.testing.assert_array_equal(out, again)
 
 
 def test_ragged_batch_equals_prompts_one_by_one(small_cfg, params):
     prompts = [[5, 17, 3, 42, 8, 9, 1], [60, 2], [11, 12, 13, 14]]
     ids, mask = inference.pad_prompts(prompts)
-    batch = _generate(params, small_cfg, ids, 6, jax.random.key(0), temperature=0.0, prompt_mask=mask)
+    batch = _generate(params, ids, small_cfg, 6, jax.random.key(0), temperature=0.0, prompt_mask=mask)
     for row, prompt in zip(batch.tolist(), prompts):
-        alone = _generate(params, small_cfg, jnp.asarray([prompt]), 6, jax.random.key(0), temperature=0.0)
+        alone = _generate(params, jnp.asarray([prompt]), small_cfg, 6, jax.random.key(0), temperature=0.0)
         assert row == alone.tolist()[0], f"prompt {prompt} differs in a batch"
 
 
 def test_generation_stops_at_eos(small_cfg, params):
     prompt = jnp.asarray([[5, 17, 3]])
-    free = _generate(params, small_cfg, prompt, 6, jax.random.key(0), temperature=0.0)
+    free = _generate(params, prompt, small_cfg, 6, jax.random.key(0), temperature=0.0)
     eos = int(free[0, 2])  # make the third generated token the end of sequence
-    out = _generate(params, small_cfg, prompt, 6, jax.random.key(0), temperature=0.0, eos=eos)
+    out = _generate(params, prompt, small_cfg, 6, jax.random.key(0), temperature=0.0, eos=eos)
     first = free.tolist()[0].index(eos)
     assert out.tolist()[0] == free.tolist()[0][: first + 1] + [eos] * (5 - first)
 
@@ -82,9 +83,25 @@ def test_sampling_respects_top_k_and_top_p():
 
 def test_stream_yields_the_generated_tokens(small_cfg, params):
     prompt = [5, 17, 3, 42]
-    out = _generate(params, small_cfg, jnp.asarray([prompt]), 6, jax.random.key(0), temperature=0.0)
-    streamed = list(inference.stream(params, small_cfg, prompt, 6, jax.random.key(0), temperature=0.0))
+    out = _generate(params, jnp.asarray([prompt]), small_cfg, 6, jax.random.key(0), temperature=0.0)
+    streamed = list(inference.stream(params, prompt, small_cfg, 6, jax.random.key(0), temperature=0.0))
     assert streamed == out.tolist()[0]
     eos = streamed[3]
-    cut = list(inference.stream(params, small_cfg, prompt, 6, jax.random.key(0), temperature=0.0, eos=eos))
+    cut = list(inference.stream(params, prompt, small_cfg, 6, jax.random.key(0), temperature=0.0, eos=eos))
     assert cut == streamed[: streamed.index(eos)], "stops before yielding eos"
+
+
+def test_the_old_argument_order_still_works_with_a_deprecation_warning(small_cfg):
+    cfg = dataclasses.replace(small_cfg, n_layers=1, first_k_dense=1)  # small: this runs eagerly
+    params = dsmoe_jax.init_params(cfg, jax.random.key(0))
+    prompt = jnp.asarray([[5, 17, 3]])
+    cache = inference.init_cache(cfg, batch=1, max_len=8)
+    new_logits, new_cache = inference.prefill(params, prompt, cache, cfg)
+    with pytest.warns(DeprecationWarning, match=r"prefill\(params, cfg, ...\) is deprecated"):
+        old_logits, _ = inference.prefill(params, cfg, prompt, cache=cache)
+    np.testing.assert_array_equal(old_logits, new_logits)
+    token, position = jnp.asarray([7]), jnp.asarray([3])
+    new_step, _ = inference.decode_step(params, token, position, new_cache, cfg)
+    with pytest.warns(DeprecationWarning, match="decode_step"):
+        old_step, _ = inference.decode_step(params, cfg, token, position, new_cache)
+    np.testing.assert_array_equal(old_step, new_step)

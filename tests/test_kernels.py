@@ -14,12 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_grouped import GROUPS, _inputs, _loss, _numpy_reference
+from helpers import GROUPS, grouped_inputs, grouped_loss, numpy_grouped_reference
 
 import dsmoe_jax
-import dsmoe_jax.kernels  # noqa: F401  (registers "triton"; picks the interpreter here)
 from dsmoe_jax import grouped
 from dsmoe_jax.kernels import backend as kb
+
+# Triton's interpreter without a GPU, the compiled kernels on one
+INTERPRET = {"interpret": kb.default_interpret()}
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2}  # bf16: relative to the float32 reference
 
@@ -42,32 +44,32 @@ def _close(got, want, dtype, what):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("groups", list(GROUPS), ids=list(GROUPS))
 def test_each_kernel_matches_jnp(groups, dtype):
-    x, (wg, wu, wd), gs = _inputs(GROUPS[groups], rows=50, dtype=dtype)  # more rows than the groups hold
+    x, (wg, wu, wd), gs = grouped_inputs(GROUPS[groups], rows=50, dtype=dtype)  # more rows than the groups hold
     routed = int(gs.sum())
     e_G = _expert_of_rows(gs, x.shape[0])[:routed]
-    sched = kb._schedule(gs, x.shape[0])
+    sched = kb.kernel_schedule(gs, x.shape[0], **INTERPRET)
     x32, wg32, wu32, wd32 = (jnp.asarray(a, jnp.float32) for a in (x, wg, wu, wd))
     g = jnp.einsum("gd,gdf->gf", x32[:routed], wg32[e_G])
     u = jnp.einsum("gd,gdf->gf", x32[:routed], wu32[e_G])
 
-    h = jax.jit(kb.gate_up)(x, wg, wu, sched)
+    h = jax.jit(functools.partial(kb.gate_up, **INTERPRET))(x, wg, wu, sched)
     _close(h[:routed], jax.nn.silu(g) * u, dtype, "gate_up forward")
 
     dh = jax.random.normal(jax.random.key(7), h.shape, dtype)
-    dg, du = jax.jit(kb.gate_up)(x, wg, wu, sched, dh_GF=dh)
+    dg, du = jax.jit(functools.partial(kb.gate_up, **INTERPRET))(x, wg, wu, sched, dh_GF=dh)
     _, vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)
     want_dg, want_du = vjp(jnp.asarray(dh[:routed], jnp.float32))
     _close(dg[:routed], want_dg, dtype, "gate_up backward dg")
     _close(du[:routed], want_du, dtype, "gate_up backward du")
 
-    y = jax.jit(kb.grouped_matmul)(h, wd, sched)
+    y = jax.jit(functools.partial(kb.grouped_matmul, **INTERPRET))(h, wd, sched)
     _close(y[:routed], jnp.einsum("gf,gfd->gd", _f32(h)[:routed], wd32[e_G]), dtype, "grouped_matmul")
-    both = jax.jit(functools.partial(kb.grouped_matmul, transpose_w=True, second=(du, wu)))(dg, wg, sched)
+    both = jax.jit(functools.partial(kb.grouped_matmul, transpose_w=True, second=(du, wu), **INTERPRET))(dg, wg, sched)
     want = (jnp.einsum("gf,gdf->gd", _f32(dg)[:routed], wg32[e_G])
             + jnp.einsum("gf,gdf->gd", _f32(du)[:routed], wu32[e_G]))
     _close(both[:routed], want, dtype, "grouped_matmul transposed, two operand pairs")
 
-    dw = jax.jit(kb.weight_grad)(x, dg, gs)
+    dw = jax.jit(functools.partial(kb.weight_grad, **INTERPRET))(x, dg, gs)
     onehot = jax.nn.one_hot(e_G, len(GROUPS[groups]))
     _close(dw, jnp.einsum("gd,gf,ge->edf", x32[:routed], _f32(dg)[:routed], onehot), dtype, "weight_grad")
     empty = np.asarray(GROUPS[groups]) == 0
@@ -76,23 +78,23 @@ def test_each_kernel_matches_jnp(groups, dtype):
 
 @pytest.mark.parametrize("groups", list(GROUPS), ids=list(GROUPS))
 def test_backend_values_and_gradients_match_dense(groups):
-    x, ws, gs = _inputs(GROUPS[groups], rows=50)
-    (_, y_ref), g_ref = jax.value_and_grad(_loss("dense", gs), argnums=(0, 1, 2, 3), has_aux=True)(x, *ws)
-    (_, y), g = jax.jit(jax.value_and_grad(_loss("triton", gs), argnums=(0, 1, 2, 3), has_aux=True))(x, *ws)
+    x, ws, gs = grouped_inputs(GROUPS[groups], rows=50)
+    (_, y_ref), g_ref = jax.value_and_grad(grouped_loss("dense", gs), argnums=(0, 1, 2, 3), has_aux=True)(x, *ws)
+    (_, y), g = jax.jit(jax.value_and_grad(grouped_loss("triton", gs), argnums=(0, 1, 2, 3), has_aux=True))(x, *ws)
     np.testing.assert_allclose(y, y_ref, atol=1e-5, err_msg="triton forward != dense")
     for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down"), g, g_ref):
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"triton {name} != dense")
 
 
 def test_bfloat16_backend_close_to_float32():
-    x, ws, gs = _inputs(GROUPS["uneven_with_empty"], rows=44, dtype=jnp.bfloat16)
+    x, ws, gs = grouped_inputs(GROUPS["uneven_with_empty"], rows=44, dtype=jnp.bfloat16)
     y = jax.jit(functools.partial(grouped.grouped_mlp, backend="triton"))(x, *ws, gs)
     assert y.dtype == jnp.bfloat16
-    ref = _numpy_reference(_f32(x), [_f32(w) for w in ws], gs)
+    ref = numpy_grouped_reference(_f32(x), [_f32(w) for w in ws], gs)
     err = np.abs(_f32(y) - ref).max() / np.abs(ref).max()
     assert err < 2e-2, f"bf16 relative error {err}"
-    grads = jax.jit(jax.grad(lambda *a: _loss("triton", gs)(*a)[0].astype(jnp.float32), argnums=(0, 1, 2, 3)))(x, *ws)
-    want = jax.grad(lambda *a: _loss("dense", gs)(*a)[0], argnums=(0, 1, 2, 3))(_f32(x), *[_f32(w) for w in ws])
+    grads = jax.jit(jax.grad(lambda *a: grouped_loss("triton", gs)(*a)[0].astype(jnp.float32), argnums=(0, 1, 2, 3)))(x, *ws)
+    want = jax.grad(lambda *a: grouped_loss("dense", gs)(*a)[0], argnums=(0, 1, 2, 3))(_f32(x), *[_f32(w) for w in ws])
     for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down"), grads, want):
         err = np.abs(_f32(a) - _f32(b)).max() / np.abs(_f32(b)).max()
         assert err < 3e-2, f"bf16 {name} relative error {err}"
@@ -113,9 +115,16 @@ def test_model_forward_and_backward_with_triton_equal_dense(small_cfg):
 
 
 AOT = textwrap.dedent("""
-    import json, triton
+    import json
+    from dsmoe_jax.kernels import backend as kb
+    tk = kb.kernels(interpret=False)  # the compiler's kernels, whatever TRITON_INTERPRET said
+    import triton
     from triton.backends.compiler import GPUTarget
-    from dsmoe_jax.kernels import backend as kb, triton_kernels as tk
+    try:
+        kb.kernels(interpret=True)
+        raise AssertionError("one process cannot have both modes: Triton fixes its mode on import")
+    except RuntimeError as e:
+        assert "needs a fresh process" in str(e), e
     blocks = kb.blocks(interpret=False)
     tiles = {k: blocks[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
     cases = [
@@ -150,7 +159,7 @@ AOT = textwrap.dedent("""
 
 
 def test_every_kernel_compiles_for_hopper():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the real compiler, not the interpreter
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # the explicit argument wins over the environment
     out = subprocess.run([sys.executable, "-c", AOT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])

@@ -68,9 +68,9 @@ def test_padding_is_invisible_to_real_tokens(small_cfg, key):
     out, aux = dsmoe_jax.forward(params, padded, small_cfg, attention_mask=mask, positions=positions)
     assert np.all(np.isfinite(out)), "fully masked query rows must stay finite"
     np.testing.assert_allclose(out[:, 3:], ref, atol=2e-5, err_msg="padding changed real tokens' logits")
-    np.testing.assert_allclose(aux["expert_balance_loss"], ref_aux["expert_balance_loss"], rtol=1e-5,
+    np.testing.assert_allclose(aux.expert_balance_loss, ref_aux.expert_balance_loss, rtol=1e-5,
                                err_msg="padding must stay out of the balance loss")
-    np.testing.assert_array_equal(aux["expert_load"], ref_aux["expert_load"])
+    np.testing.assert_array_equal(aux.expert_load, ref_aux.expert_load)
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -129,7 +129,7 @@ def test_full_model_gradients_match_dense_backend(small_cfg, key, backend):
 
         def loss(p):
             logits, aux = dsmoe_jax.forward(p, tokens, cfg)
-            return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux["balance_loss"]
+            return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux.balance_loss
 
         return jax.jit(jax.grad(loss))(params)
 
@@ -146,16 +146,16 @@ def test_every_variant_runs_at_small_width(name, key):
     logits, aux = _forward(cfg)(params, jnp.arange(16).reshape(2, 8) % 64)
     assert logits.shape == (2, 8, 64) and np.all(np.isfinite(logits))
     n_moe = cfg.model.n_moe_layers
-    assert aux["expert_load"].shape[0] == n_moe and aux["drop_fraction"].shape == (n_moe,)
+    assert aux.expert_load.shape[0] == n_moe and aux.drop_fraction.shape == (n_moe,)
 
 
 def test_aux_reports_per_layer_load(small_cfg, key):
     params = dsmoe_jax.init_params(small_cfg, key)
     _, aux = _forward(small_cfg)(params, jnp.zeros((3, 5), jnp.int32))
-    assert aux["expert_load"].shape == (2, 8), "two MoE layers, eight routed experts"
-    np.testing.assert_array_equal(aux["expert_load"].sum(-1), [15 * 3, 15 * 3])
-    assert float(aux["balance_loss"]) == pytest.approx(
-        float(aux["expert_balance_loss"] + aux["device_balance_loss"]))
+    assert aux.expert_load.shape == (2, 8), "two MoE layers, eight routed experts"
+    np.testing.assert_array_equal(aux.expert_load.sum(-1), [15 * 3, 15 * 3])
+    assert float(aux.balance_loss) == pytest.approx(
+        float(aux.expert_balance_loss + aux.device_balance_loss))
 
 
 def test_mismatched_params_are_a_clear_error(small_cfg, key):

@@ -1,5 +1,5 @@
 """Multi-process training for real: several CPU processes joined by jax.distributed and gloo
-(``parallel.initialize_distributed``, ``train/launch_local.sh``), experts spread across them."""
+(``train.distributed.initialize_distributed``, ``train/launch_local.sh``), experts spread across them."""
 
 import json
 import os

@@ -54,7 +54,7 @@ def test_cli_says_whether_it_fits(capsys):
 XLA = textwrap.dedent("""
     import json, jax
     import dsmoe_jax
-    from dsmoe_jax import parallel, plan
+    from dsmoe_jax import mesh as mesh_lib, plan
     from dsmoe_jax.train.optimizer import make_optimizer
     from dsmoe_jax.train.step import init_state, make_train_step, state_shardings
     out = []
@@ -62,9 +62,9 @@ XLA = textwrap.dedent("""
                              (["train.seq_len=512"], {"data": 8}),
                              (["model.d_model=256", "train.batch_size=32"], {"data": 2, "expert": 4})]:
         cfg = dsmoe_jax.load_config("tiny", ["moe.n_routed_experts=16", "train.batch_size=16", *overrides])
-        mesh, opt = parallel.make_mesh(sizes), make_optimizer(cfg.train)
+        mesh, opt = mesh_lib.make_mesh(sizes), make_optimizer(cfg.train)
         with jax.set_mesh(mesh):
-            sh, batch_sh = state_shardings(cfg, opt, mesh), parallel.batch_sharding(mesh)
+            sh, batch_sh = state_shardings(cfg, opt, mesh), mesh_lib.batch_sharding(mesh)
             state = jax.eval_shape(lambda: init_state(dsmoe_jax.param_shapes(cfg), opt))
             state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, sh)
             batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), "int32", sharding=batch_sh)

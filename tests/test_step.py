@@ -24,7 +24,7 @@ def test_repeated_batch_loss_falls(small_cfg):
     losses = []
     for _ in range(15):
         state, m = step(state, batch)
-        losses.append(float(m["loss"]))
+        losses.append(float(m.loss))
     assert losses[-1] < losses[0] - 1.0, f"memorising one batch should cut the loss: {losses}"
     assert int(state.step) == 15
 
@@ -37,7 +37,7 @@ def test_gradient_accumulation_matches_one_batch(small_cfg):
     cfg, cfg2 = (dataclasses.replace(c, model=no_aux) for c in (cfg, cfg2))
     one, m1 = jax.jit(make_train_step(cfg, opt))(state, batch)
     two, m2 = jax.jit(make_train_step(cfg2, opt))(state, batch)
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1.loss, m2.loss, rtol=1e-5)
     # Adam's first update is about lr * sign(g): where g is ~0, rounding may flip it slightly.
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
         np.testing.assert_allclose(a, b, atol=0.02 * cfg.train.lr)
@@ -48,7 +48,7 @@ def test_non_finite_step_changes_nothing(small_cfg):
     blowup = dataclasses.replace(small_cfg, dtype="bfloat16", init_std=1e20)
     cfg, opt, state, batch = _setup(blowup)
     new, m = jax.jit(make_train_step(cfg, opt))(state, batch)
-    assert not bool(m["finite"]), f"expected an overflow, got loss {float(m['loss'])}"
+    assert not bool(m.finite), f"expected an overflow, got loss {float(m.loss)}"
     assert int(new.step) == 1, "the step is counted (skipped), the update is not applied"
     for a, b in zip(jax.tree.leaves((new.params, new.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, b)

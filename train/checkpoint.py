@@ -1,53 +1,22 @@
-"""Checkpoints with Orbax: params, optimizer state, step and the data iterator, saved together.
+"""The training Checkpointer: params, optimizer state, step and the data iterator, saved together.
 
 A run's workdir holds ``config.json`` (the run's config, written before the first step) and
 ``checkpoints/<step>/`` with the items ``params``, ``opt`` (step and optimizer state) and
 ``data`` (the grain iterator). Orbax writes each checkpoint into a temporary directory and renames
-it when complete, so a crash mid-save never exposes a half-written checkpoint.
+it when complete, so a crash mid-save never exposes a half-written checkpoint. Reading
+checkpoints outside training (``load_checkpoint``) is library code: ``dsmoe_jax/checkpoint.py``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import tempfile
 
 import grain
-import jax
 import orbax.checkpoint as ocp
-from orbax.checkpoint import v1 as ocp_v1
 
-from dsmoe_jax.config import Config, DsmoeError, config_from_dict
-from dsmoe_jax.model import param_shapes
-from dsmoe_jax.parallel import param_shardings
-
-CONFIG_FILE = "config.json"
-# A converted checkpoint (``dsmoe-jax convert hf-to-jax``) is ``config.json``, the tokenizer files
-# and ``params/``: an Orbax checkpoint written one array at a time (Orbax's partial save), whose
-# single pytree Orbax names "state".
-PARAMS_DIR = "params"
-CONVERTED_ITEM = "state"
-
-
-class CheckpointError(DsmoeError, RuntimeError):
-    """A workdir or checkpoint that cannot be used as asked."""
-
-
-def write_config(directory: str | os.PathLike, cfg: Config) -> None:
-    """Write ``config.json`` atomically."""
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".json", delete=False) as f:
-        json.dump(cfg.to_dict(), f, indent=2)
-    os.replace(f.name, directory / CONFIG_FILE)
-
-
-def read_config(directory: str | os.PathLike) -> Config:
-    path = pathlib.Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{directory} has no {CONFIG_FILE}: not a dsmoe-jax run or checkpoint directory")
-    return config_from_dict(json.loads(path.read_text()))
+from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, CheckpointError, read_config
+from dsmoe_jax.config import Config
 
 
 def _model_differences(a: Config, b: Config) -> list[str]:
@@ -65,7 +34,7 @@ class Checkpointer:
         self.workdir = pathlib.Path(workdir).absolute()
         self.cfg = cfg
         self.manager = ocp.CheckpointManager(
-            self.workdir / "checkpoints",
+            self.workdir / CHECKPOINTS_DIR,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=cfg.train.keep_checkpoints, enable_async_checkpointing=True, create=True),
             item_handlers={"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
@@ -115,51 +84,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def params_location(directory: str | os.PathLike, step: int | None = None) -> tuple[pathlib.Path, str]:
-    """The Orbax checkpoint holding the params of a training workdir (its latest checkpoint, or
-    ``step``) or of a converted checkpoint directory, and the name of the params inside it."""
-    directory = pathlib.Path(directory).absolute()
-    if (directory / "checkpoints").is_dir():
-        with ocp.CheckpointManager(directory / "checkpoints") as manager:
-            steps = manager.all_steps()
-        if step is None and steps:
-            step = max(steps)
-        if step is None or step not in steps:
-            raise CheckpointError(f"{directory} holds no complete checkpoint" + (f" at step {step}; it has steps "
-                                  f"{sorted(steps)}" if step is not None and steps else ""))
-        return directory / "checkpoints" / str(step), "params"
-    if (directory / PARAMS_DIR).is_dir():
-        if step is not None:
-            raise CheckpointError(f"{directory} is a converted checkpoint: it has no steps to choose from")
-        return directory / PARAMS_DIR, CONVERTED_ITEM
-    raise CheckpointError(f"{directory} holds no complete checkpoint (neither checkpoints/ nor {PARAMS_DIR}/)")
-
-
-def restore_params(location: tuple[pathlib.Path, str], target) -> dict:
-    """Read the params at ``location`` (see ``params_location``) into the tree of
-    ``jax.ShapeDtypeStruct`` ``target``, each onto its ``sharding``; leaves set to
-    ``orbax.checkpoint.PLACEHOLDER`` are skipped (read part of a checkpoint)."""
-    path, name = location
-    try:
-        return ocp_v1.load(path, target, checkpointable_name=name)
-    except ValueError as e:
-        raise CheckpointError(f"{path} does not hold the parameters its config.json describes: {e}") from e
-
-
-def load_checkpoint(directory: str | os.PathLike, step: int | None = None,
-                    mesh: jax.sharding.Mesh | None = None) -> tuple[dict, Config]:
-    """``(params, cfg)`` from a training workdir (its latest checkpoint, or ``step``) or from a
-    converted checkpoint directory (``dsmoe-jax convert hf-to-jax``). With ``mesh`` every array is
-    read straight into its sharding from ``parallel.RULES`` (each process reads only its own
-    shards); without, onto the default device."""
-    cfg = read_config(directory)
-    location = params_location(directory, step)
-    if mesh is None:
-        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), param_shapes(cfg))
-    else:
-        shardings = param_shardings(cfg, mesh)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), param_shapes(cfg),
-                          shardings)
-    return restore_params(location, target), cfg

@@ -16,14 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from dsmoe_jax import data, parallel
+from dsmoe_jax import data
+from dsmoe_jax import mesh as mesh_lib
+from dsmoe_jax.checkpoint import write_config
 from dsmoe_jax.config import Config, DsmoeError
 from dsmoe_jax.model import flops_per_token
-from dsmoe_jax.train.checkpoint import Checkpointer, write_config
+from dsmoe_jax.plan import device_peak_flops
+from dsmoe_jax.train.checkpoint import Checkpointer
 from dsmoe_jax.train.optimizer import learning_rate, make_optimizer
-from dsmoe_jax.train.step import init_sharded_state, make_eval_step, make_train_step, state_shardings
+from dsmoe_jax.train.step import StepMetrics, init_sharded_state, make_eval_step, make_train_step, state_shardings
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, per device
 EVAL_BATCHES = 8
 
 
@@ -36,11 +38,6 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def _peak_flops() -> float | None:
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
-
-
 def evaluate(params, cfg: Config, tokens: np.ndarray, max_batches: int = EVAL_BATCHES,
              eval_step=None) -> tuple[float, int]:
     """Mean next-token cross-entropy over the first ``max_batches`` batches of ``tokens`` (in
@@ -50,7 +47,7 @@ def evaluate(params, cfg: Config, tokens: np.ndarray, max_batches: int = EVAL_BA
     ds = data.batches(tokens, batch_size, cfg.train.seq_len, seed=0, shuffle=False, num_epochs=1)
     mesh = jax.sharding.get_mesh()
     if not mesh.empty:  # every process reads the same batch; each places its own shards
-        sharding = parallel.batch_sharding(mesh)
+        sharding = mesh_lib.batch_sharding(mesh)
         global_batch = lambda b: jax.make_array_from_callback(b.shape, sharding, lambda index: b[index])
     else:
         global_batch = jnp.asarray
@@ -95,21 +92,21 @@ class _Logger:
         self.tb.close()
 
 
-def _step_metrics(m: dict, lr: float, tokens_per_s: float, cfg: Config) -> dict:
-    out = {"loss": float(m["loss"]), "ce": float(m["ce"]), "lr": lr, "tokens_per_s": tokens_per_s,
-           "grad_norm": float(m["grad_norm"]), "balance_loss": float(m["balance_loss"]),
-           "expert_balance_loss": float(m["expert_balance_loss"]),
-           "device_balance_loss": float(m["device_balance_loss"])}
+def _step_metrics(m: StepMetrics, lr: float, tokens_per_s: float, cfg: Config) -> dict:
+    out = {"loss": float(m.loss), "ce": float(m.ce), "lr": lr, "tokens_per_s": tokens_per_s,
+           "grad_norm": float(m.grad_norm), "balance_loss": float(m.aux.balance_loss),
+           "expert_balance_loss": float(m.aux.expert_balance_loss),
+           "device_balance_loss": float(m.aux.device_balance_loss)}
     model_flops = 3 * flops_per_token(cfg.model, cfg.train.seq_len) * tokens_per_s
     out["model_tflops_per_s"] = model_flops / 1e12
-    peak = _peak_flops()
+    peak = device_peak_flops()
     if peak:
         out["mfu"] = model_flops / (peak * jax.device_count())
-    load = np.asarray(m["expert_load"])
+    load = np.asarray(m.aux.expert_load)
     for layer, row in enumerate(load):
         out[f"load_max_over_mean/moe_layer_{layer}"] = float(row.max() / max(row.mean(), 1e-9))
-    if np.asarray(m["drop_fraction"]).size:
-        out["drop_fraction"] = float(np.mean(m["drop_fraction"]))
+    if np.asarray(m.aux.drop_fraction).size:
+        out["drop_fraction"] = float(np.mean(m.aux.drop_fraction))
     return out
 
 
@@ -122,8 +119,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False, progre
     every device of every process (``jax.distributed`` must be initialised first for several);
     each process loads its own slice of every batch.
     """
-    mesh = parallel.make_mesh(cfg.mesh)
-    parallel.check_expert_parallel(cfg.model.moe, parallel.expert_parallel_size(mesh))
+    mesh = mesh_lib.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
         return _train(cfg, workdir, resume, progress, mesh)
 
@@ -137,7 +133,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     if jax.process_index() == 0:
         write_config(workdir, cfg)
 
-    n_proc, shards = jax.process_count(), parallel.batch_shards(mesh)
+    n_proc, shards = jax.process_count(), mesh_lib.batch_shards(mesh)
     if t.batch_size % (n_proc * t.grad_accum) or (t.batch_size // t.grad_accum) % shards:
         raise TrainingError(f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
                             f"micro-batches that divide over the {shards} devices ({n_proc} processes)")
@@ -152,7 +148,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     if start:
         state = ckpt.restore(start, state, iterator)
     schedule = learning_rate(t)
-    batch_sharding = parallel.batch_sharding(mesh)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
     replicated = jax.NamedSharding(mesh, jax.P())
     train_step = jax.jit(make_train_step(cfg, optimizer), in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, replicated))
@@ -166,7 +162,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
             batch = jax.make_array_from_process_local_data(batch_sharding, next(iterator))
             try:
                 state, m = train_step(state, batch)
-                finite = bool(m["finite"])
+                finite = bool(m.finite)
             except jax.errors.JaxRuntimeError as e:
                 if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
                     raise TrainingError(f"a batch of {t.batch_size} x {t.seq_len} tokens does not fit in memory; "
@@ -183,8 +179,8 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
             elif not finite:
                 ckpt.wait()
                 raise TrainingError(
-                    f"non-finite loss or gradient at step {step} (loss {float(m['loss'])}, grad norm "
-                    f"{float(m['grad_norm'])}); the step was not applied and the last checkpoint "
+                    f"non-finite loss or gradient at step {step} (loss {float(m.loss)}, grad norm "
+                    f"{float(m.grad_norm)}); the step was not applied and the last checkpoint "
                     f"(step {ckpt.manager.latest_step()}) is intact. Lower train.lr, check the data, or set "
                     "train.on_nan = 'skip'.")
             if step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps:
@@ -194,7 +190,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
                 if step % t.eval_every == 0 or step == t.steps:
                     last["val_loss"], _ = evaluate(state.params, cfg, val_tokens, eval_step=eval_step)
                     last["val_perplexity"] = perplexity(last["val_loss"])
-                    load = np.asarray(m["expert_load"])
+                    load = np.asarray(m.aux.expert_load)
                 logger.log(step, last, load)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
                 tick, tokens_since = time.perf_counter(), 0  # evaluation and logging are not training time

@@ -11,15 +11,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dsmoe_jax import parallel
 from dsmoe_jax.config import Config
-from dsmoe_jax.model import forward, init_params, param_shapes
+from dsmoe_jax.model import Aux, forward, init_params, param_shapes
+from dsmoe_jax.sharding import param_shardings
 
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: train steps taken (batches consumed), skipped ones included
     params: dict  # float32 master weights
     opt_state: optax.OptState
+
+
+class StepMetrics(NamedTuple):
+    """What a train step reports (means over its micro-batches)."""
+
+    loss: jax.Array  # cross-entropy + balance losses: what the gradient is of
+    ce: jax.Array  # next-token cross-entropy
+    grad_norm: jax.Array  # global norm before clipping
+    finite: jax.Array  # bool: loss and gradient were finite, so the step was applied
+    aux: Aux  # balance losses and expert load, as ``forward`` reports them
 
 
 def init_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
@@ -29,7 +39,7 @@ def init_state(params: dict, optimizer: optax.GradientTransformation) -> TrainSt
 def state_shardings(cfg: Config, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> TrainState:
     """Where each part of the train state lives on ``mesh``: params and the optimizer's
     per-parameter moments by the logical-axis rules, everything else (step, counts) replicated."""
-    params = parallel.param_shardings(cfg, mesh)
+    params = param_shardings(cfg, mesh)
     replicated = jax.NamedSharding(mesh, jax.P())
     opt_state = optax.tree_map_params(
         optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, param_shapes(cfg)), params,
@@ -52,12 +62,13 @@ def cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Arr
     return jnp.sum(nll_BS * mask_BS) / jnp.maximum(jnp.sum(mask_BS), 1)
 
 
-def loss_fn(params: dict, windows_BS1: jax.Array, cfg: Config):
-    """Cross-entropy of each window's next tokens plus the configured balance losses."""
+def loss_fn(params: dict, windows_BS1: jax.Array, cfg: Config) -> tuple[jax.Array, tuple[jax.Array, Aux]]:
+    """Cross-entropy of each window's next tokens plus the configured balance losses; the
+    auxiliary output is ``(cross-entropy, aux)``."""
     inputs, targets = windows_BS1[:, :-1], windows_BS1[:, 1:]
     logits, aux = forward(params, inputs, cfg.model)
     ce = cross_entropy(logits, targets)
-    return ce + aux["balance_loss"], {"ce": ce, **aux}
+    return ce + aux.balance_loss, (ce, aux)
 
 
 def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
@@ -70,13 +81,13 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
         micro_ABS1 = windows_BS1.reshape(A, -1, *windows_BS1.shape[1:])
 
         def accumulate(grads, micro):
-            (loss, aux), g = grad_fn(state.params, micro, cfg)
-            return jax.tree.map(jnp.add, grads, g), (loss, aux)
+            (loss, (ce, aux)), g = grad_fn(state.params, micro, cfg)
+            return jax.tree.map(jnp.add, grads, g), (loss, ce, aux)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (loss_A, aux_A) = jax.lax.scan(accumulate, zeros, micro_ABS1)
+        grads, per_micro = jax.lax.scan(accumulate, zeros, micro_ABS1)
         grads = jax.tree.map(lambda g: g / A, grads)
-        loss, aux = jnp.mean(loss_A), jax.tree.map(lambda a: jnp.mean(a, axis=0), aux_A)
+        loss, ce, aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), per_micro)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -84,8 +95,7 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new = TrainState(state.step + 1, keep(optax.apply_updates(state.params, updates), state.params),
                          keep(opt_state, state.opt_state))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
-        return new, metrics
+        return new, StepMetrics(loss, ce, grad_norm, finite, aux)
 
     return step
 

@@ -11,13 +11,11 @@ from the shapes up front so each shard is written once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import pathlib
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 
 import ml_dtypes
@@ -138,22 +136,3 @@ def copy_tokenizer(source: pathlib.Path, target: pathlib.Path) -> list[str]:
     for name in copied:
         shutil.copy2(source / name, target / name)
     return copied
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str | os.PathLike) -> Iterator[pathlib.Path]:
-    """Yields a temporary directory beside ``out`` that becomes ``out`` only if the block
-    succeeds; on any error it is removed, so ``out`` never exists half-written. Refuses an
-    ``out`` that exists and is not empty."""
-    out = pathlib.Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConversionError(f"{out} already exists; choose a new output directory or remove it first")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

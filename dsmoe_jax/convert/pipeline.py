@@ -24,11 +24,12 @@ from orbax.checkpoint import PLACEHOLDER
 from orbax.checkpoint import v1 as ocp_v1
 from tqdm import tqdm
 
+from dsmoe_jax.atomic import atomic_directory
+from dsmoe_jax.checkpoint import PARAMS_DIR, params_location, read_config, restore_params, write_config
 from dsmoe_jax.config import Config
 from dsmoe_jax.convert.hf_files import (
     DTYPES,
     HFCheckpoint,
-    atomic_directory,
     copy_tokenizer,
     plan_shards,
     write_safetensors,
@@ -44,7 +45,6 @@ from dsmoe_jax.convert.mapping import (
     set_path,
 )
 from dsmoe_jax.model import param_shapes
-from dsmoe_jax.train.checkpoint import PARAMS_DIR, params_location, read_config, restore_params, write_config
 
 HF_CONFIG_COPY = "hf_config.json"  # the source config.json, so jax -> hf keeps fields we do not model (bos/eos ids)
 # Tensors some HF checkpoints carry that are derived, not learned: RoPE frequencies come from rope_theta.

@@ -1,104 +1,62 @@
-"""Meshes and logical-axis shardings, on 8 fake CPU devices (a subprocess: the device count is
-fixed when jax starts)."""
+"""The expert-parallel exchange on 8 fake CPU devices (a subprocess: the device count is fixed
+when jax starts): loss and gradients equal one device's, and the exchange equals a token-by-token
+reference, dense and (through an emulation of its semantics) ragged."""
 
+import json
 import textwrap
 
-import jax
-import pytest
 from conftest import run_python
-
-import dsmoe_jax
-from dsmoe_jax import ConfigError, parallel
-
-
-def test_logical_axes_come_from_the_parameters(small_cfg):
-    axes = dsmoe_jax.param_axes(small_cfg)
-    assert axes["layers"][1]["ffn"]["w_gate_EDF"] == ("expert", "embed", "mlp")
-    assert axes["layers"][0]["ffn"]["w_down_FD"] == ("mlp", "embed")
-    assert axes["embed_VD"] == ("vocab", "embed") and axes["final_norm"]["scale_D"] == ("embed",)
-
-
-def test_mesh_size_errors_name_the_problem():
-    with pytest.raises(ConfigError, match="needs 4 devices, there are 1"):
-        parallel.make_mesh({"data": 2, "expert": 2})
-    with pytest.raises(ConfigError, match="unknown mesh axes \\['tensor'\\]"):
-        parallel.make_mesh({"tensor": 1})
-    assert parallel.make_mesh({"data": -1}).shape == {"data": len(jax.devices()), "fsdp": 1, "expert": 1}
-
-
-SCRIPT = textwrap.dedent("""
-    import functools, jax, jax.numpy as jnp, numpy as np
-    import dsmoe_jax
-    from dsmoe_jax import parallel
-    from jax.sharding import PartitionSpec as P
-    cfg = dsmoe_jax.load_config("tiny", ["model.n_layers=2", "moe.n_routed_experts=16", "moe.top_k=2"]).model
-    params = dsmoe_jax.init_params(cfg, jax.random.key(0))
-    tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
-    ref, ref_aux = jax.jit(functools.partial(dsmoe_jax.forward, cfg=cfg))(params, tokens)
-    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "expert": 2})
-    assert parallel.logical_to_spec(("expert", "embed"), mesh, (3, 64)) == P(None, "fsdp"), "3 experts on 2 devices"
-    with jax.set_mesh(mesh):
-        sharded = parallel.shard_params(params, cfg)
-        w = sharded["layers"][1]["ffn"]["w_gate_EDF"]
-        assert w.sharding.spec == P("expert", "fsdp", None), w.sharding.spec
-        assert w.addressable_shards[0].data.shape == (8, 64, 128), w.addressable_shards[0].data.shape
-        batch = jax.device_put(tokens, parallel.batch_sharding(mesh))
-        out, aux = jax.jit(functools.partial(dsmoe_jax.forward, cfg=cfg))(sharded, batch)
-    np.testing.assert_allclose(out, ref, atol=2e-5)
-    np.testing.assert_allclose(aux["expert_load"], ref_aux["expert_load"])
-    print("OK")
-""")
-
-
-def test_sharded_forward_equals_single_device():
-    assert run_python(SCRIPT).strip().endswith("OK")
 
 
 EQUIVALENCE = textwrap.dedent("""
-    import dataclasses, functools, jax, jax.numpy as jnp, numpy as np
+    import dataclasses, functools, json, jax, jax.numpy as jnp, numpy as np
     import dsmoe_jax
-    from dsmoe_jax import parallel
+    from dsmoe_jax import mesh as mesh_lib, sharding
     from dsmoe_jax.train.step import loss_fn
     cfg = dsmoe_jax.load_config("tiny", ["model.n_layers=2", "moe.n_routed_experts=16", "moe.top_k=3",
                                          "moe.device_aux_alpha=0.01"])
     params = dsmoe_jax.init_params(cfg.model, jax.random.key(0))
     windows = jax.random.randint(jax.random.key(1), (8, 17), 0, cfg.model.vocab_size)
     grads = lambda c, p, w: jax.jit(jax.value_and_grad(functools.partial(loss_fn, cfg=c), has_aux=True))(p, w)
+    report = {"equal": []}
     for ep in (1, 2, 4, 8):
         # one device, the device-level loss told the grouping explicitly ...
         moe = dataclasses.replace(cfg.model.moe, device_groups=ep)
         one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
-        (ref, ref_aux), ref_g = grads(one, params, windows)
+        (ref, (_, ref_aux)), ref_g = grads(one, params, windows)
         # ... equals expert parallelism over ep devices, the grouping taken from the mesh
-        mesh = parallel.make_mesh({"data": 8 // ep, "expert": ep})
+        mesh = mesh_lib.make_mesh({"data": 8 // ep, "expert": ep})
         with jax.set_mesh(mesh):
-            (loss, aux), g = grads(cfg, parallel.shard_params(params, cfg),
-                                   jax.device_put(windows, parallel.batch_sharding(mesh)))
+            (loss, (_, aux)), g = grads(cfg, sharding.shard_params(params, cfg),
+                                   jax.device_put(windows, mesh_lib.batch_sharding(mesh)))
         w = g["layers"][1]["ffn"]["w_gate_EDF"]
         assert ep == 1 or w.sharding.spec[0] == "expert", (ep, w.sharding)
         assert abs(float(loss) - float(ref)) < 1e-5, (ep, float(loss), float(ref))
-        assert abs(float(aux["device_balance_loss"]) - float(ref_aux["device_balance_loss"])) < 1e-8, ep
+        assert abs(float(aux.device_balance_loss) - float(ref_aux.device_balance_loss)) < 1e-8, ep
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(ref_g)):
             err = float(jnp.abs(a - b).max() / jnp.abs(b).max())
             assert err < 1e-5, (ep, jax.tree_util.keystr(path), err)
-        print(ep, "ok")
+        report["equal"].append(ep)
     # a batch too small to split over the mesh (one sequence of 3 tokens) runs its experts in place
     ref, _ = dsmoe_jax.forward(params, windows[:1, :3], cfg.model)
-    with jax.set_mesh(parallel.make_mesh({"expert": 8})):
+    with jax.set_mesh(mesh_lib.make_mesh({"expert": 8})):
         out, _ = jax.jit(functools.partial(dsmoe_jax.forward, cfg=cfg.model))(
-            parallel.shard_params(params, cfg), windows[:1, :3])
+            sharding.shard_params(params, cfg), windows[:1, :3])
     np.testing.assert_allclose(out, ref, atol=2e-5)
-    print("small ok")
+    report["small_batch_in_place"] = True
+    print(json.dumps(report))
 """)
 
 
 def test_expert_parallel_loss_and_gradients_equal_one_device():
-    assert run_python(EQUIVALENCE).split() == ["1", "ok", "2", "ok", "4", "ok", "8", "ok", "small", "ok"]
+    report = json.loads(run_python(EQUIVALENCE).splitlines()[-1])
+    assert report == {"equal": [1, 2, 4, 8], "small_batch_in_place": True}, report
 
 
 EXCHANGE = textwrap.dedent("""
-    import math, sys, jax, jax.numpy as jnp, numpy as np
-    from dsmoe_jax import MoEConfig, parallel
+    import json, math, jax, jax.numpy as jnp, numpy as np
+    from dsmoe_jax import MoEConfig, expert_parallel as ep_lib, mesh as mesh_lib
+    from helpers import ragged_all_to_all_reference
     T, K, E, D, F, ep = 64, 3, 8, 16, 8, 4
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, D)).astype(np.float32)
@@ -110,14 +68,15 @@ EXCHANGE = textwrap.dedent("""
     wg, wu = (rng.standard_normal((E, D, F)).astype(np.float32) * 0.3 for _ in range(2))
     wd = rng.standard_normal((E, F, D)).astype(np.float32) * 0.3
     silu = lambda a: a / (1 + np.exp(-a))
-    mesh = parallel.make_mesh({"data": 2, "expert": ep})
+    mesh = mesh_lib.make_mesh({"data": 2, "expert": ep})
     shards = 2 * ep
+    report = {"dropped": {}}
     # the dense exchange, and the ragged one's bookkeeping (XLA:CPU has no ragged all_to_all)
-    for factor, ragged in ((0.0, None), (1.0, None), (0.0, parallel.ragged_all_to_all_reference),
-                           (1.0, parallel.ragged_all_to_all_reference)):
+    for factor, ragged in ((0.0, None), (1.0, None), (0.0, ragged_all_to_all_reference),
+                           (1.0, ragged_all_to_all_reference)):
         cfg = MoEConfig(n_routed_experts=E, top_k=K, expert_d_ff=F, capacity_factor=factor)
         with jax.set_mesh(mesh):
-            y, keep = jax.jit(lambda *a: parallel.expert_parallel(*a, cfg, ragged))(x, expert, gate, wg, wu, wd)
+            y, keep = jax.jit(lambda *a: ep_lib.expert_parallel(*a, cfg, ragged))(x, expert, gate, wg, wu, wd)
         # reference, token by token: each device's tokens compete for capacity on their own,
         # first choices of all tokens before any second choice, earlier tokens first (GShard)
         Tl = T // shards
@@ -134,24 +93,27 @@ EXCHANGE = textwrap.dedent("""
                         want_y[t] += gate[t, k] * (silu(x[t] @ wg[e]) * (x[t] @ wu[e])) @ wd[e]
         np.testing.assert_array_equal(np.asarray(keep), want_keep)
         np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-5, atol=1e-5)
-        print(factor, int((~want_keep).sum()))
+        report["dropped"][f"capacity {factor}, {'ragged' if ragged else 'dense'}"] = int((~want_keep).sum())
     # gradients through both exchanges agree (through the ragged one by the autodiff of its emulation)
     cfg = MoEConfig(n_routed_experts=E, top_k=K, expert_d_ff=F)
     def loss(ragged, *args):
-        y, _ = parallel.expert_parallel(*args, cfg, ragged)
+        y, _ = ep_lib.expert_parallel(*args, cfg, ragged)
         return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
     with jax.set_mesh(mesh):
         grads = [jax.jit(jax.grad(lambda *a, r=r: loss(r, *a), argnums=(0, 2, 3, 4, 5)))(x, expert, gate, wg, wu, wd)
-                 for r in (None, parallel.ragged_all_to_all_reference)]
+                 for r in (None, ragged_all_to_all_reference)]
     for a, b in zip(*grads):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-    print("grads ok")
+    report["gradients_agree"] = True
+    print(json.dumps(report))
 """)
 
 
 def test_expert_parallel_exchange_against_a_token_by_token_reference():
-    lines = run_python(EXCHANGE).split("\n")
-    assert lines[0] == lines[2] == "0.0 0", "dropless drops nothing"
-    assert lines[4] == "grads ok"
-    assert int(lines[1].split()[1]) > 0, "the capacity case must actually drop assignments"
+    report = json.loads(run_python(EXCHANGE).splitlines()[-1])
+    dropped = report["dropped"]
+    assert dropped["capacity 0.0, dense"] == dropped["capacity 0.0, ragged"] == 0, "dropless drops nothing"
+    assert dropped["capacity 1.0, dense"] == dropped["capacity 1.0, ragged"] > 0, \
+        "the capacity case must actually drop assignments"
+    assert report["gradients_agree"]
 

@@ -1,0 +1,81 @@
+"""Device meshes and the logical-axis rules.
+
+Model code names only logical axes (the ``axes`` metadata of every parameter: ``embed``,
+``mlp``, ``expert``, ``heads``, ...; activations: ``batch``). ``RULES`` is the one table mapping
+each to the mesh axes it is split over; every sharding in the project derives from it.
+
+    mesh = make_mesh({"data": 2, "expert": 4})
+    with jax.set_mesh(mesh):
+        ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from dsmoe_jax.config import MESH_AXES, MeshConfig
+
+EXPERT_AXIS = "expert"
+
+# logical axis -> mesh axes it is split over (None: replicated)
+RULES: Mapping[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp", "expert"),  # activations: every device holds different tokens
+    "embed": "fsdp",  # weights: fully sharded data parallelism splits the model width
+    "expert": "expert",  # routed experts: expert parallelism
+    "mlp": None,
+    "heads": None,
+    "kv_heads": None,
+    "head_dim": None,
+    "vocab": None,
+}
+
+
+def make_mesh(sizes: Mapping[str, int] | MeshConfig, devices=None) -> jax.sharding.Mesh:
+    """A mesh with axes ``data``, ``fsdp``, ``expert`` over ``devices`` (default all, ordered by
+    ``jax.make_mesh`` so that neighbouring mesh positions are close in the topology); one size
+    may be -1 (the devices left over); sizes not given are 1."""
+    devices = list(jax.devices() if devices is None else devices)
+    mesh_cfg = sizes if isinstance(sizes, MeshConfig) else MeshConfig.from_sizes(sizes)
+    shape = tuple(mesh_cfg.resolve(len(devices)).values())
+    # Auto axes: jit partitions everything outside the expert exchange from the shardings alone.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_spec(axes: tuple[str | None, ...], mesh, shape: tuple[int, ...]) -> PartitionSpec:
+    """The PartitionSpec of an array with logical ``axes``: each dimension is split over its
+    rule's mesh axes of size > 1, unless they do not divide it (then it stays replicated)."""
+    spec = []
+    for name, dim in zip(axes, shape):
+        rule = RULES.get(name) if name is not None else None
+        mesh_axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if mesh.shape[a] > 1)
+        if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def batch_axes(mesh) -> tuple[str, ...] | None:
+    """The mesh axes (of size > 1) a batch is split over, or None."""
+    return tuple(a for a in RULES["batch"] if mesh.shape[a] > 1) or None
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a ``[batch, ...]`` array: the batch split over every mesh axis of size > 1."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), *([None] * (ndim - 1))))
+
+
+def expert_parallel_size(mesh=None) -> int:
+    """The size of the ``expert`` axis of ``mesh`` (default: the context mesh); 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return 1 if mesh.empty or EXPERT_AXIS not in mesh.axis_names else mesh.shape[EXPERT_AXIS]
+
+
+def batch_shards(mesh=None) -> int:
+    """How many ways a batch is split on ``mesh`` (default: the context mesh)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return 1 if mesh.empty else math.prod(mesh.shape[a] for a in batch_axes(mesh) or ())

@@ -1,0 +1,29 @@
+"""Where parameters live on a mesh: NamedShardings from the logical axes and ``mesh.RULES``.
+
+    mesh = make_mesh({"data": 2, "expert": 4})
+    with jax.set_mesh(mesh):
+        params = shard_params(params, cfg)
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import NamedSharding
+
+from dsmoe_jax.config import Config, ModelConfig
+from dsmoe_jax.mesh import logical_to_spec
+from dsmoe_jax.model import param_axes, param_shapes
+
+
+def param_shardings(cfg: Config | ModelConfig, mesh) -> dict:
+    """NamedShardings of every parameter on ``mesh`` (a Mesh, or an AbstractMesh for planning)."""
+    return jax.tree.map(lambda a, s: NamedSharding(mesh, logical_to_spec(a, mesh, s.shape)), param_axes(cfg),
+                        param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def shard_params(params: dict, cfg: Config | ModelConfig, mesh: jax.sharding.Mesh | None = None) -> dict:
+    """Place ``params`` on ``mesh`` (default: the mesh set with ``jax.set_mesh``)."""
+    mesh = mesh or jax.sharding.get_mesh()
+    if mesh is None or mesh.empty:
+        raise ValueError("shard_params needs a mesh: pass one, or call it inside `with jax.set_mesh(mesh):`")
+    return jax.device_put(params, param_shardings(cfg, mesh))

@@ -1,0 +1,141 @@
+"""The package's imports, read with ast: they run one way (no cycles), and the library never
+reaches into the training package."""
+
+import ast
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Source directory -> the package it installs as (pyproject's package-dir).
+PACKAGES = {"dsmoe_jax": "dsmoe_jax", "kernels": "dsmoe_jax.kernels", "train": "dsmoe_jax.train"}
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for directory, package in PACKAGES.items():
+        for path in sorted((REPO / directory).rglob("*.py")):
+            parts = list(path.relative_to(REPO / directory).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([package, *parts])] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def _imports(name: str) -> set[str]:
+    """The project modules ``name`` imports, at any depth of its code (a function-level import
+    is an import too); ``from pkg import x`` counts as importing ``pkg.x`` when that is a module."""
+    path = MODULES[name]
+    package = name if _is_package(name) else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+    return {m for m in found if m in MODULES and m != name}
+
+
+GRAPH = {name: _imports(name) for name in MODULES}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a path that starts and ends at the same module, or None."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path + [node, nxt]
+            if nxt not in state:
+                found = visit(nxt, path + [node])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            found = visit(start, [])
+            if found:
+                return found[found.index(found[-1]):]
+    return None
+
+
+def test_the_graph_sees_the_packages_modules():
+    for name in ("dsmoe_jax.config", "dsmoe_jax.moe", "dsmoe_jax.kernels.backend", "dsmoe_jax.train.loop",
+                 "dsmoe_jax.convert.pipeline"):
+        assert name in MODULES, f"{name} missing from {sorted(MODULES)}"
+    assert "dsmoe_jax.grouped" in GRAPH["dsmoe_jax.kernels.backend"], "relative and absolute imports both count"
+    assert "dsmoe_jax.expert_parallel" in GRAPH["dsmoe_jax.moe"]
+
+
+def test_imports_have_no_cycle():
+    cycle = _cycle(GRAPH)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_a_cycle_would_be_found():
+    knotted = {**GRAPH, "dsmoe_jax.mesh": GRAPH["dsmoe_jax.mesh"] | {"dsmoe_jax.moe"}}
+    cycle = _cycle(knotted)
+    assert cycle and cycle[0] == cycle[-1] and {"dsmoe_jax.mesh", "dsmoe_jax.moe"} <= set(cycle), cycle
+
+
+@pytest.mark.parametrize("name", sorted(m for m in MODULES if not m.startswith(("dsmoe_jax.train", "dsmoe_jax.cli"))))
+def test_library_code_never_imports_the_training_package(name):
+    training = sorted(m for m in GRAPH[name] if m.startswith("dsmoe_jax.train"))
+    assert not training, f"{name} imports {training}: library code must not depend on dsmoe_jax.train"
+
+
+def _readme_rows() -> list[set[str]]:
+    """The modules of each row of README's "Where things are" table, top to bottom."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("## Where things are"):].split("\n## ")[0]
+    rows = []
+    for line in table.splitlines():
+        cells = line.strip("|").split("|")
+        if len(cells) != 2 or "`" not in cells[1]:
+            continue
+        names = set()
+        for path in cells[1].replace("`", "").replace(",", " ").split():
+            directory, _, rest = path.partition("/")
+            if directory not in PACKAGES:
+                continue
+            prefix = ".".join([PACKAGES[directory], *rest.removesuffix(".py").strip("/").split("/")]).rstrip(".")
+            names |= {m for m in MODULES if m == prefix or m.startswith(prefix + ".")} if rest.endswith("/") or not rest \
+                else {prefix}
+        if names:
+            rows.append(names)
+    return rows
+
+
+def test_readme_map_covers_the_tree_and_its_order_is_the_import_order():
+    rows = _readme_rows()
+    row_of = {m: i for i, names in enumerate(rows) for m in names}
+    assert set(MODULES) - {"dsmoe_jax"} <= set(row_of), f"not in README's map: {set(MODULES) - set(row_of)}"
+    for name, imported in GRAPH.items():
+        if name == "dsmoe_jax":  # the public API imports from everywhere
+            continue
+        later = sorted(m for m in imported if row_of[m] > row_of[name])
+        assert not later, f"{name} imports {later}, listed below it in README's map"
+
+
+def test_the_lower_layers_stay_low():
+    assert GRAPH["dsmoe_jax.config"] == set(), "config is the root: it imports nothing of the project"
+    assert GRAPH["dsmoe_jax.mesh"] == {"dsmoe_jax.config"}, "mesh imports only config"
+    model_and_above = {"dsmoe_jax.model", "dsmoe_jax.sharding", "dsmoe_jax.checkpoint", "dsmoe_jax.inference"}
+    for low in ("dsmoe_jax.layers", "dsmoe_jax.grouped", "dsmoe_jax.dispatch", "dsmoe_jax.expert_parallel",
+                "dsmoe_jax.moe"):
+        assert not GRAPH[low] & model_and_above, f"{low} imports {GRAPH[low] & model_and_above}"
