@@ -64,6 +64,9 @@ def test_overrides_apply_and_parse_values():
         ({"model": TINY["model"]}, r"no \[moe\] section"),
         ({"model": {"d_model": 32}}, r"\[model\]: .*missing"),
         (_with("train", decay_at=[0.9, 0.8]), r"train\.decay_at must be increasing"),
+        (_with("moe", backend="tiledd"), r"unknown moe\.backend 'tiledd'; valid: auto, dense, ragged, tiled, triton"),
+        ({**TINY, "moe": {"top_k": 1, "expert_d_ff": 8}}, r"\[moe\]: .*missing .*n_routed_experts"),
+        ({**TINY, "mesh": {"data": -1, "expert": -1}}, r"at most one mesh axis may be -1"),
     ],
 )
 def test_bad_configs_are_refused_with_the_reason(tables, message):
