@@ -29,7 +29,9 @@ from dsmoe_jax.checkpoint import load_checkpoint
 from dsmoe_jax.grouped import grouped_mlp, register_backend, unregister_backend
 from dsmoe_jax.inference import decode_step, generate, init_cache, pad_prompts, prefill
 from dsmoe_jax.mesh import make_mesh
+from dsmoe_jax.evaluation import Evaluation, evaluate
 from dsmoe_jax.model import Aux, count_params, flops_per_token, forward, init_params, param_axes, param_shapes
+from dsmoe_jax.moe import RouteOptions
 from dsmoe_jax.sharding import shard_params
 
 __all__ = [
@@ -38,12 +40,14 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DsmoeError",
+    "Evaluation",
     "MeshConfig",
     "ModelConfig",
     "MoEConfig",
     "TrainConfig",
     "count_params",
     "decode_step",
+    "evaluate",
     "flops_per_token",
     "forward",
     "generate",
@@ -57,6 +61,7 @@ __all__ = [
     "param_axes",
     "param_shapes",
     "prefill",
+    "RouteOptions",
     "register_backend",
     "shard_params",
     "unregister_backend",

@@ -10,6 +10,8 @@
     dsmoe-jax plan --config 16b --mesh data=8,expert=8 --batch 64 --seq 4096   # memory per device
     dsmoe-jax convert hf-to-jax deepseek-moe-16b-base ckpt/16b --dtype bfloat16
     dsmoe-jax convert jax-to-hf ckpt/16b hf-out       # sharded safetensors + index + config.json
+    dsmoe-jax experiment architectures --scale toy --seeds 0   # the paper's Table 1 in seconds
+    dsmoe-jax experiment architectures --scale paper --dry-run --mesh fsdp=8,expert=8   # arms, params, plan
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ import sys
 import jax
 import numpy as np
 
-from dsmoe_jax import convert, data, inference
+from dsmoe_jax import convert, data, inference, runtime
 from dsmoe_jax import plan as plan_lib
 from dsmoe_jax.checkpoint import load_checkpoint
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
+from dsmoe_jax.evaluation import evaluate
 from dsmoe_jax.model import count_params, flops_per_token
 from dsmoe_jax.train.distributed import initialize_distributed
-from dsmoe_jax.train.loop import evaluate, perplexity, train
+from dsmoe_jax.train.loop import train
+
+
+COMPILING = ("train", "eval", "generate", "experiment")  # the commands that jit a model
 
 
 def describe(cfg: Config, seq_len: int | None = None) -> str:
@@ -78,11 +84,12 @@ def _eval(args) -> None:
     if args.data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
     train_tokens, val_tokens, _ = data.load_tokens(cfg)
-    # Your own --data is evaluated whole; otherwise the run's validation split.
+    # Your own --data is evaluated whole; otherwise the run's validation sample (train.eval_tokens).
     tokens = np.concatenate([train_tokens, val_tokens]) if args.data else val_tokens
-    loss, n = evaluate(params, cfg, tokens, max_batches=args.batches)
-    print(f"loss {loss:.4f}  perplexity {perplexity(loss):.2f}  ({n} batches of at most "
-          f"{cfg.train.batch_size} x {cfg.train.seq_len} tokens)")
+    max_tokens = args.tokens if args.tokens is not None else (0 if args.data else None)
+    result = evaluate(params, cfg, tokens, max_tokens=max_tokens)
+    print(f"loss {result.loss:.4f} +- {result.stderr:.4f} (standard error)  perplexity {result.perplexity:.2f}  "
+          f"({result.tokens:,} tokens in {result.windows} windows of {cfg.train.seq_len})")
 
 
 def _load(directory: str) -> tuple[dict, Config]:
@@ -133,8 +140,33 @@ def _plan(args) -> None:
     print(plan_lib.format_plan(p, args.gpu_memory, args.peak_tflops))
 
 
+def _experiment(args) -> None:
+    from dsmoe_jax import experiments
+
+    if args.dry_run:
+        for row in experiments.describe_arms(args.name, args.scale):
+            overrides = " ".join(f"{k}={v}" for k, v in row["overrides"].items())
+            print(f"{row['arm']:<17} {row['structure']:<36} {row['params_total']:>15,} total "
+                  f"{row['params_activated']:>15,} activated   {overrides}")
+            if args.mesh:
+                try:
+                    plan = plan_lib.format_plan(plan_lib.make_plan(row["config"], _parse_mesh(args.mesh)), 80)
+                except ConfigError as e:  # e.g. 63 routed experts on an expert axis of 8
+                    plan = f"cannot run on this mesh: {e}"
+                print("    " + plan.replace("\n", "\n    "))
+        return
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    experiments.run_experiment(args.name, args.scale, seeds, args.workdir, resume=args.resume,
+                               progress=not args.quiet)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsmoe-jax", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not keep compiled XLA programs on disk for later runs (runtime.py)")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print a config's architecture, parameter counts and FLOPs")
     info.add_argument("--config", required=True, help="TOML file or shipped config name (tiny, 2b, 16b, ...)")
@@ -158,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint")
     ev.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint directory")
     ev.add_argument("--data", help="text file(s) or .npy tokens to evaluate (default: the run's validation split)")
-    ev.add_argument("--batches", type=int, default=32, help="at most this many batches")
+    ev.add_argument("--tokens", type=int, metavar="N",
+                    help="read N tokens spread evenly over the data; 0 = all (default: the run's train.eval_tokens "
+                         "for its validation split, all of --data)")
     ev.set_defaults(run=_eval)
 
     gen = sub.add_parser("generate", help="continue a prompt, printing tokens as they come")
@@ -192,7 +226,21 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--step", type=int, help="jax-to-hf: a training workdir's step (default: latest)")
     conv.add_argument("--max-shard-gb", type=float, default=2.0, help="jax-to-hf: safetensors shard size")
     conv.set_defaults(run=_convert)
+
+    ex = sub.add_parser("experiment", help="the paper's experiments: train every arm and seed, evaluate, report")
+    ex.add_argument("name", help="architectures | ablation | shared-ratio | specialisation | balance")
+    ex.add_argument("--scale", default="cpu", choices=["toy", "cpu", "paper"],
+                    help="toy: seconds (tests); cpu: under an hour on 2 cores; paper: the 2B setup (GPU mesh)")
+    ex.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    ex.add_argument("--workdir", help="trained arms and results (default runs/experiments/<scale>)")
+    ex.add_argument("--resume", action="store_true", help="continue unfinished arms from their last checkpoint")
+    ex.add_argument("--quiet", action="store_true", help="no progress output")
+    ex.add_argument("--dry-run", action="store_true", help="print each arm's overrides and parameter counts only")
+    ex.add_argument("--mesh", metavar="AXIS=SIZE,...", help="with --dry-run: plan every arm on this mesh")
+    ex.set_defaults(run=_experiment)
     args = parser.parse_args(argv)
+    if args.command in COMPILING and not args.no_compile_cache:
+        runtime.enable_compilation_cache()
     try:
         args.run(args)
     except ConfigError as e:

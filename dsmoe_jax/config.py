@@ -174,6 +174,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     eval_every: int = 100
+    eval_tokens: int = 262_144  # validation reads this many tokens, spread over the split; 0 = all of it
     log_every: int = 10
     seed: int = 0
     on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient: stop the run, or skip the step
@@ -183,6 +184,7 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.eval_tokens >= 0, f"train.eval_tokens must be >= 0 (0 = the whole split), got {self.eval_tokens}")
         _require(
             all(0 < f < 1 for f in self.decay_at) and list(self.decay_at) == sorted(self.decay_at),
             f"train.decay_at must be increasing fractions in (0, 1), got {list(self.decay_at)}",

@@ -13,6 +13,7 @@ its iterator state is saved in every checkpoint so a resumed run sees exactly th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import grain
 import numpy as np
 
+from dsmoe_jax import runtime
 from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.config import Config, DsmoeError
 
@@ -114,6 +116,7 @@ def load_tokenizer(spec: str):
     return HFTokenizer(path)
 
 
+@functools.lru_cache(maxsize=1)
 def embedded_documents() -> list[tuple[str, str]]:
     """(name, text) of the standard library's documentation topics and source files."""
     from pydoc_data.topics import topics
@@ -152,12 +155,6 @@ def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer) -> tuple[np.n
     return tuple(np.concatenate(p) if p else np.zeros((0,), dtype) for p in parts)
 
 
-def cache_dir() -> pathlib.Path:
-    root = os.environ.get("DSMOE_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dsmoe-jax")
-    return pathlib.Path(root)
-
-
 def load_tokens(cfg: Config) -> tuple[np.ndarray, np.ndarray, object]:
     """(train tokens, validation tokens, tokenizer) for ``cfg.data``, tokenized once and cached."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -180,7 +177,7 @@ def load_tokens(cfg: Config) -> tuple[np.ndarray, np.ndarray, object]:
         docs = embedded_documents()
     key = hashlib.sha256(json.dumps([cfg.data.tokenizer, sys.version_info[:2], [n for n, _ in docs],
                                      [len(t) for _, t in docs]]).encode()).hexdigest()[:16]
-    cached = [cache_dir() / f"tokens-{key}-{split}.npy" for split in ("train", "val")]
+    cached = [runtime.cache_dir() / f"tokens-{key}-{split}.npy" for split in ("train", "val")]
     if not all(p.is_file() for p in cached):
         for p, array in zip(cached, tokenize_documents(docs, tokenizer)):
             with atomic_file(p, "wb") as f:

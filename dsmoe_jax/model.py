@@ -20,7 +20,7 @@ from flax import nnx
 
 from dsmoe_jax.config import Config, ModelConfig, model_config
 from dsmoe_jax.layers import MLP, RMSNorm, param
-from dsmoe_jax.moe import MoE, MoEStats
+from dsmoe_jax.moe import MoE, MoEStats, RouteOptions
 
 
 def rope(x_BSNH: jax.Array, positions_BS: jax.Array, theta: float) -> jax.Array:
@@ -97,12 +97,12 @@ class Block(nnx.Module):
         else:
             self.ffn = MoE(cfg, rngs=rngs)
 
-    def __call__(self, x_BSD, positions_BS, valid_BS, tokens_BS, mask_B1ST, kv=None, index=0):
+    def __call__(self, x_BSD, positions_BS, valid_BS, tokens_BS, mask_B1ST, kv=None, index=0, route=None):
         a_BSD, kv = self.attn(self.attn_norm(x_BSD), positions_BS, mask_B1ST, kv, index)
         x_BSD = x_BSD + a_BSD
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
-            y_BSD, stats = self.ffn(h_BSD, tokens_BS, valid_BS)
+            y_BSD, stats = self.ffn(h_BSD, tokens_BS, valid_BS, route)
         else:
             y_BSD, stats = self.ffn(h_BSD), None
         return x_BSD + y_BSD, stats, kv
@@ -140,7 +140,8 @@ class Decoder(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.remat = cfg.remat
 
-    def __call__(self, tokens_BS, positions_BS, valid_BS, cache: KVCache | None = None):
+    def __call__(self, tokens_BS, positions_BS, valid_BS, cache: KVCache | None = None,
+                 route: RouteOptions | None = None):
         """Logits, aux statistics and the updated cache (None without one)."""
         B, S = tokens_BS.shape
         if cache is None:
@@ -151,7 +152,7 @@ class Decoder(nnx.Module):
         mask_B1ST = causal_mask(valid_keys_BT, index + jnp.arange(S))
         x_BSD = self.embed_VD[...][tokens_BS].astype(self.dtype)
         layer_stats, keys, values = [], [], []
-        run = lambda blk, *args: blk(*args)
+        run = lambda blk, *args: blk(*args, route=route)  # route is static: a closure, not an argument
         if self.remat and cache is None:  # rematerialise: the backward pass recomputes each block
             run = nnx.remat(run)
         for i, block in enumerate(self.layers):
@@ -218,14 +219,16 @@ def _check_params(params: dict, cfg: ModelConfig) -> None:
 
 
 def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
-            attention_mask: jax.Array | None = None, positions: jax.Array | None = None):
+            attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+            route: RouteOptions | None = None):
     """Logits ``[B, S, V]`` (float32) and ``Aux`` for integer ``tokens [B, S]``.
 
     ``attention_mask [B, S]`` (1 = real token, 0 = padding) hides padding keys and keeps
     padding out of the balance statistics; ``positions [B, S]`` default to ``arange(S)``.
     ``aux.balance_loss`` (expert + device level, summed over MoE layers) is what training adds
     to the loss; ``aux.expert_load [moe layers, E]`` counts the tokens routed to each expert.
-    Jit with ``cfg`` static.
+    ``route`` (``moe.RouteOptions``) changes a trained model's routing, to probe its experts.
+    Jit with ``cfg`` and ``route`` static.
     """
     cfg = model_config(cfg)
     B, S = tokens.shape
@@ -233,7 +236,7 @@ def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
         attention_mask = jnp.ones((B, S), jnp.int32)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(S), (B, S))
-    logits, aux, _ = _decoder(params, cfg)(tokens, positions, attention_mask)
+    logits, aux, _ = _decoder(params, cfg)(tokens, positions, attention_mask, route=route)
     return logits, aux
 
 

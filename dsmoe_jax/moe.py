@@ -10,6 +10,7 @@ per token (top-k), F expert hidden width, C sequences the balance statistics are
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsmoe_jax import mesh as mesh_lib
-from dsmoe_jax.config import ModelConfig, MoEConfig
+from dsmoe_jax.config import ConfigError, ModelConfig, MoEConfig
 from dsmoe_jax.dispatch import routed_experts
 from dsmoe_jax.expert_parallel import check_expert_parallel, expert_parallel
 from dsmoe_jax.layers import MLP, param
@@ -29,9 +30,42 @@ class Routing(NamedTuple):
     probs_TE: jax.Array | None  # softmax over all routed experts; None for hash routing
 
 
-def route_softmax(x_TD: jax.Array, w_router_DE: jax.Array, top_k: int, norm_topk_prob: bool) -> Routing:
-    """s = softmax(x e) in float32 over all routed experts; keep the top-k as gates."""
+@dataclasses.dataclass(frozen=True)
+class RouteOptions:
+    """Changes to a trained model's routing at inference, for probing its experts (the paper's
+    section 4.5). The defaults change nothing; pass them to ``forward(..., route=...)``.
+
+    ``exclude_top``: remove each token's ``exclude_top`` highest-scoring routed experts before
+    routing (their logits become -inf, so the softmax and the top-k run over the rest).
+    ``top_k``: activate this many routed experts instead of ``moe.top_k``.
+    ``shared``: False switches the shared experts off.
+    """
+
+    exclude_top: int = 0
+    top_k: int | None = None
+    shared: bool = True
+
+    def apply(self, cfg: MoEConfig) -> MoEConfig:
+        """``cfg`` with ``top_k`` replaced; refuses options this MoE layer cannot take."""
+        if self.exclude_top < 0 or (self.top_k is not None and self.top_k < 1):
+            raise ConfigError(f"route options need exclude_top >= 0 and top_k >= 1, got {self}")
+        top_k = cfg.top_k if self.top_k is None else self.top_k
+        if cfg.routing == "hash" and (self.exclude_top or top_k != 1):
+            raise ConfigError("hash routing has no scores to exclude experts by and sends each token to one expert")
+        if self.exclude_top + top_k > cfg.n_routed_experts:
+            raise ConfigError(f"excluding {self.exclude_top} and routing to {top_k} needs more than the "
+                              f"{cfg.n_routed_experts} routed experts")
+        return dataclasses.replace(cfg, top_k=top_k)
+
+
+def route_softmax(x_TD: jax.Array, w_router_DE: jax.Array, top_k: int, norm_topk_prob: bool,
+                  exclude_top: int = 0) -> Routing:
+    """s = softmax(x e) in float32 over all routed experts (but each token's ``exclude_top``
+    best, when set); keep the top-k as gates."""
     logits_TE = jnp.einsum("td,de->te", x_TD.astype(jnp.float32), w_router_DE.astype(jnp.float32))
+    if exclude_top:
+        _, best_TX = jax.lax.top_k(logits_TE, exclude_top)
+        logits_TE = jnp.put_along_axis(logits_TE, best_TX, -jnp.inf, axis=-1, inplace=False)
     probs_TE = jax.nn.softmax(logits_TE, axis=-1)
     gate_TK, expert_TK = jax.lax.top_k(probs_TE, top_k)
     if norm_topk_prob:
@@ -115,13 +149,16 @@ class MoE(nnx.Module):
         Ks = cfg.moe.n_shared_experts
         self.shared = MLP(D, Ks * F, std=std, param_dtype=dt, rngs=rngs) if Ks else None
 
-    def __call__(self, x_BSD: jax.Array, tokens_BS: jax.Array, valid_BS: jax.Array) -> tuple[jax.Array, MoEStats]:
-        """Returns the FFN output and this layer's ``MoEStats``.
+    def __call__(self, x_BSD: jax.Array, tokens_BS: jax.Array, valid_BS: jax.Array,
+                 route: RouteOptions | None = None) -> tuple[jax.Array, MoEStats]:
+        """Returns the FFN output and this layer's ``MoEStats``; ``route`` probes a trained
+        layer with changed routing (``RouteOptions``).
 
         Under a mesh with an ``expert`` axis the routed experts run expert-parallel; the route
         and the shared experts stay here either way, partitioned by jit.
         """
-        cfg = self.cfg
+        route = route or RouteOptions()
+        cfg = route.apply(self.cfg)
         B, S, D = x_BSD.shape
         x_TD, valid_T = x_BSD.reshape(B * S, D), valid_BS.reshape(B * S)
         E = cfg.n_routed_experts
@@ -129,7 +166,7 @@ class MoE(nnx.Module):
         if cfg.routing == "hash":
             routing = route_hash(tokens_BS.reshape(-1), E)
         else:
-            routing = route_softmax(x_TD, self.w_router_DE[...], cfg.top_k, cfg.norm_topk_prob)
+            routing = route_softmax(x_TD, self.w_router_DE[...], cfg.top_k, cfg.norm_topk_prob, route.exclude_top)
         ep = mesh_lib.expert_parallel_size()
         check_expert_parallel(cfg, ep)
         expert_loss, device_loss = balance_losses(routing, valid_T, cfg, num_seqs=B,
@@ -141,7 +178,7 @@ class MoE(nnx.Module):
         split = ep > 1 and (B * S) % mesh_lib.batch_shards() == 0
         routed = expert_parallel if split else routed_experts
         y_TD, keep_TK = routed(x_TD, routing.expert_TK, routing.gate_TK, *weights, cfg)
-        if self.shared is not None:
+        if self.shared is not None and route.shared:
             y_TD = y_TD + self.shared(x_TD).astype(jnp.float32)
 
         valid_TK = jnp.broadcast_to(valid_T[:, None], keep_TK.shape).astype(jnp.float32)

@@ -103,7 +103,7 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     m, t_cfg = cfg.model, cfg.train
     batch, seq = batch or t_cfg.batch_size, seq or t_cfg.seq_len
     devices, ep = mesh_lib.batch_shards(mesh), sizes["expert"]  # the batch splits over every device
-    check_expert_parallel(m.moe, ep)
+    check_expert_parallel(m.moe if m.n_moe_layers else None, ep)
     micro = batch // t_cfg.grad_accum
     if batch % t_cfg.grad_accum or micro % devices:
         raise ConfigError(f"a batch of {batch} in {t_cfg.grad_accum} micro-batches does not split over {devices} devices")

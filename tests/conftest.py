@@ -9,9 +9,14 @@ import sys
 import jax
 import pytest
 
-from dsmoe_jax import ModelConfig, MoEConfig, grouped
+from dsmoe_jax import ModelConfig, MoEConfig, grouped, runtime
+from dsmoe_jax.kernels import backend as kernel_backend
 
 TESTS = pathlib.Path(__file__).resolve().parent
+
+# Triton's interpreter-or-compiler mode is process-wide and fixed when Triton is first imported;
+# transformers imports it too. Fix it here, before any test runs, for the kernels' tests.
+kernel_backend.kernels(kernel_backend.default_interpret())
 
 
 @pytest.fixture
@@ -30,10 +35,17 @@ def key() -> jax.Array:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _token_cache(tmp_path_factory):
-    """Tokenized corpora go to a per-session directory, not the user's cache."""
+def _session_cache(tmp_path_factory):
+    """Tokenized corpora and compiled XLA programs go to a per-session directory, not the user's
+    cache; the compilation cache is shared with the tests' subprocesses (through the variables
+    jax reads at start-up), so each program compiles once per session."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("DSMOE_JAX_CACHE", str(tmp_path_factory.mktemp("token-cache")))
+    root = tmp_path_factory.mktemp("cache")
+    mp.setenv("DSMOE_JAX_CACHE", str(root))
+    xla = runtime.enable_compilation_cache(root / "xla")
+    mp.setenv("JAX_COMPILATION_CACHE_DIR", str(xla))
+    mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    mp.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     yield
     mp.undo()
 

@@ -38,7 +38,7 @@ def test_train_eval_generate_round_trip(tmp_path, capsys):
             "train.eval_every=3", "model.n_layers=2"]
     assert cli.main(["train", "--config", "tiny", "--workdir", workdir] + [a for s in sets for a in ("--set", s)]) == 0
     assert "validation loss" in capsys.readouterr().out
-    assert cli.main(["eval", "--checkpoint", workdir, "--batches", "2"]) == 0
+    assert cli.main(["eval", "--checkpoint", workdir, "--tokens", "128"]) == 0
     assert "perplexity" in capsys.readouterr().out
     assert cli.main(["generate", "--checkpoint", workdir, "--prompt", "import os", "--max-new-tokens", "5",
                      "--temperature", "0"]) == 0

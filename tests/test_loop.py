@@ -14,7 +14,8 @@ import pytest
 import dsmoe_jax
 from dsmoe_jax import data, load_config
 from dsmoe_jax.train import step as step_lib
-from dsmoe_jax.train.loop import TrainingError, evaluate, train
+from dsmoe_jax.evaluation import evaluate
+from dsmoe_jax.train.loop import TrainingError, train
 
 FAST = ["train.batch_size=8", "train.seq_len=64", "train.warmup_steps=5", "train.log_every=1"]
 
@@ -28,7 +29,7 @@ def _metrics(workdir) -> dict[int, dict]:
 def test_tiny_config_learns_and_logs(tmp_path):
     cfg = load_config("tiny", FAST + ["train.steps=40", "train.eval_every=20", "train.checkpoint_every=20"])
     _, val, _ = data.load_tokens(cfg)
-    initial, _ = evaluate(dsmoe_jax.init_params(cfg.model, jax.random.key(cfg.train.seed)), cfg, val)
+    initial = evaluate(dsmoe_jax.init_params(cfg.model, jax.random.key(cfg.train.seed)), cfg, val).loss
     last = train(cfg, tmp_path, progress=False)
     assert last["val_loss"] < initial - 2.0, f"validation loss {initial:.2f} -> {last['val_loss']:.2f}"
     m = _metrics(tmp_path)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsmoe_jax import ModelConfig, MoEConfig
+from dsmoe_jax import ConfigError, ModelConfig, MoEConfig
 from dsmoe_jax import moe as moe_lib
 
 # Router example: 3 tokens, 4 experts. The logits are logs of small integers, so the softmax
@@ -18,6 +18,38 @@ from dsmoe_jax import moe as moe_lib
 X_TD = jnp.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
 W_DE = jnp.log(jnp.array([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]))
 PROBS = np.array([[1, 2, 3, 4], [4, 3, 2, 1], [1, 4, 9, 16]], float) / np.array([[10], [10], [30]])
+
+
+def test_excluding_the_top_expert_equals_its_logit_at_minus_infinity():
+    r = moe_lib.route_softmax(X_TD, W_DE, top_k=2, norm_topk_prob=False, exclude_top=1)
+    # t0: e3 (4/10) excluded -> softmax over [1, 2, 3]/6; t1: e0 excluded -> [3, 2, 1]/6;
+    # t2: e3 (16/30) excluded -> [1, 4, 9]/14
+    np.testing.assert_allclose(r.probs_TE, [[1 / 6, 2 / 6, 3 / 6, 0], [0, 3 / 6, 2 / 6, 1 / 6],
+                                            [1 / 14, 4 / 14, 9 / 14, 0]], rtol=1e-6)
+    np.testing.assert_array_equal(r.expert_TK, [[2, 1], [1, 2], [2, 1]])
+    np.testing.assert_allclose(r.gate_TK, [[3 / 6, 2 / 6], [3 / 6, 2 / 6], [9 / 14, 4 / 14]], rtol=1e-6)
+    two = moe_lib.route_softmax(X_TD, W_DE, top_k=1, norm_topk_prob=False, exclude_top=2)
+    np.testing.assert_array_equal(two.expert_TK[:, 0], [1, 2, 1], err_msg="the third-best expert of each token")
+
+
+@pytest.mark.parametrize("options", [moe_lib.RouteOptions(exclude_top=2), moe_lib.RouteOptions(top_k=5),
+                                     moe_lib.RouteOptions(shared=False, top_k=4)], ids=["exclude2", "top5", "no_shared"])
+def test_route_options_match_the_token_by_token_reference(small_cfg, options):
+    layer = _layer(small_cfg)
+    x_BSD = jax.random.normal(jax.random.key(3), (2, 10, small_cfg.d_model))
+    y, stats = layer(x_BSD, jnp.zeros((2, 10), jnp.int32), jnp.ones((2, 10)), options)
+    ref = _numpy_moe(layer, x_BSD.reshape(20, -1), top_k=options.top_k, exclude_top=options.exclude_top,
+                     shared=options.shared)
+    np.testing.assert_allclose(y, ref.reshape(y.shape), atol=1e-5, err_msg=f"{options}")
+    assert float(stats.expert_load.sum()) == 20 * (options.top_k or small_cfg.moe.top_k)
+
+
+def test_impossible_route_options_are_refused(small_cfg):
+    with pytest.raises(ConfigError, match="needs more than the 8 routed experts"):
+        moe_lib.RouteOptions(exclude_top=6).apply(small_cfg.moe)
+    hashed = dataclasses.replace(small_cfg.moe, routing="hash", top_k=1)
+    with pytest.raises(ConfigError, match="hash routing"):
+        moe_lib.RouteOptions(exclude_top=1).apply(hashed)
 
 
 def test_router_top_k_and_gates_by_hand():
@@ -68,22 +100,26 @@ def _layer(cfg: ModelConfig, seed=0) -> moe_lib.MoE:
     return moe_lib.MoE(cfg, rngs=nnx.Rngs(seed))
 
 
-def _numpy_moe(layer: moe_lib.MoE, x_TD, keep_TK=None):
-    """Token by token: sum_k g_k FFN_{e_k}(x) + shared(x), routing recomputed in float64."""
+def _numpy_moe(layer: moe_lib.MoE, x_TD, keep_TK=None, top_k=None, exclude_top=0, shared=True):
+    """Token by token: sum_k g_k FFN_{e_k}(x) + shared(x), routing recomputed in float64;
+    ``exclude_top`` drops each token's best experts from the softmax, ``shared`` False the shared
+    experts."""
     c = layer.cfg
+    top_k = top_k or c.top_k
     p = jax.tree.map(lambda v: np.asarray(v, np.float64), nnx.to_pure_dict(nnx.state(layer, nnx.Param)))
     swiglu = lambda x, wg, wu, wd: ((x @ wg) / (1 + np.exp(-(x @ wg))) * (x @ wu)) @ wd
     x = np.asarray(x_TD, np.float64)
     y = np.zeros_like(x)
     for t in range(x.shape[0]):
         logits = x[t] @ p["w_router_DE"]
+        logits[np.argsort(-logits, kind="stable")[:exclude_top]] = -np.inf
         probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-        top = np.argsort(-probs, kind="stable")[: c.top_k]
+        top = np.argsort(-probs, kind="stable")[:top_k]
         gates = probs[top] / (probs[top].sum() if c.norm_topk_prob else 1.0)
         for k, (e, g) in enumerate(zip(top, gates)):
             if keep_TK is None or keep_TK[t, k]:
                 y[t] += g * swiglu(x[t], p["w_gate_EDF"][e], p["w_up_EDF"][e], p["w_down_EFD"][e])
-        if c.n_shared_experts:
+        if c.n_shared_experts and shared:
             y[t] += swiglu(x[t], *(p["shared"][n] for n in ("w_gate_DF", "w_up_DF", "w_down_FD")))
     return y
 

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -20,39 +18,17 @@ from dsmoe_jax import data
 from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.checkpoint import write_config
 from dsmoe_jax.config import Config, DsmoeError
+from dsmoe_jax.evaluation import evaluate, jitted_eval_step
 from dsmoe_jax.model import flops_per_token
 from dsmoe_jax.plan import device_peak_flops
 from dsmoe_jax.train.checkpoint import Checkpointer
 from dsmoe_jax.train.optimizer import learning_rate, make_optimizer
-from dsmoe_jax.train.step import StepMetrics, init_sharded_state, make_eval_step, make_train_step, state_shardings
+from dsmoe_jax.train.step import StepMetrics, init_sharded_state, make_train_step, state_shardings
 
-EVAL_BATCHES = 8
 
 
 class TrainingError(DsmoeError, RuntimeError):
     """The run cannot go on: a non-finite loss, a batch that does not fit, bad data."""
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), capped so that a diverged run reports a large number rather than inf."""
-    return math.exp(min(loss, 50.0))
-
-
-def evaluate(params, cfg: Config, tokens: np.ndarray, max_batches: int = EVAL_BATCHES,
-             eval_step=None) -> tuple[float, int]:
-    """Mean next-token cross-entropy over the first ``max_batches`` batches of ``tokens`` (in
-    order, not shuffled), and the number of batches it took."""
-    eval_step = eval_step or jax.jit(make_eval_step(cfg))
-    batch_size = min(cfg.train.batch_size, len(data.WindowSource(tokens, cfg.train.seq_len)))
-    ds = data.batches(tokens, batch_size, cfg.train.seq_len, seed=0, shuffle=False, num_epochs=1)
-    mesh = jax.sharding.get_mesh()
-    if not mesh.empty:  # every process reads the same batch; each places its own shards
-        sharding = mesh_lib.batch_sharding(mesh)
-        global_batch = lambda b: jax.make_array_from_callback(b.shape, sharding, lambda index: b[index])
-    else:
-        global_batch = jnp.asarray
-    losses = [float(eval_step(params, global_batch(ds[i]))) for i in range(min(max_batches, len(ds)))]
-    return float(np.mean(losses)), len(losses)
 
 
 def _load_image(load_LE: np.ndarray, pixels: int = 12) -> np.ndarray:
@@ -152,7 +128,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     replicated = jax.NamedSharding(mesh, jax.P())
     train_step = jax.jit(make_train_step(cfg, optimizer), in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, replicated))
-    eval_step = jax.jit(make_eval_step(cfg), out_shardings=replicated)
+    eval_step = jitted_eval_step(cfg, mesh=mesh)
     logger = _Logger(workdir)
     bar = tqdm(total=t.steps, initial=start, disable=not progress, dynamic_ncols=True, desc="train")
     last: dict = {}
@@ -188,8 +164,9 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
                 last = _step_metrics(m, float(schedule(step - 1)), tokens_since / (now - tick), cfg)
                 load = None
                 if step % t.eval_every == 0 or step == t.steps:
-                    last["val_loss"], _ = evaluate(state.params, cfg, val_tokens, eval_step=eval_step)
-                    last["val_perplexity"] = perplexity(last["val_loss"])
+                    result = evaluate(state.params, cfg, val_tokens, eval_step=eval_step)
+                    last.update(val_loss=result.loss, val_loss_stderr=result.stderr,
+                                val_perplexity=result.perplexity)
                     load = np.asarray(m.aux.expert_load)
                 logger.log(step, last, load)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from dsmoe_jax.config import Config
+from dsmoe_jax.evaluation import cross_entropy
 from dsmoe_jax.model import Aux, forward, init_params, param_shapes
 from dsmoe_jax.sharding import param_shardings
 
@@ -53,15 +54,6 @@ def init_sharded_state(cfg: Config, optimizer: optax.GradientTransformation, key
     return jax.jit(lambda k: init_state(init_params(cfg.model, k), optimizer), out_shardings=shardings)(key)
 
 
-def cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array | None = None) -> jax.Array:
-    """Mean next-token cross-entropy in float32 over the unmasked positions."""
-    logp = jax.nn.log_softmax(logits_BSV.astype(jnp.float32), axis=-1)
-    nll_BS = -jnp.take_along_axis(logp, targets_BS[..., None], axis=-1)[..., 0]
-    if mask_BS is None:
-        return jnp.mean(nll_BS)
-    return jnp.sum(nll_BS * mask_BS) / jnp.maximum(jnp.sum(mask_BS), 1)
-
-
 def loss_fn(params: dict, windows_BS1: jax.Array, cfg: Config) -> tuple[jax.Array, tuple[jax.Array, Aux]]:
     """Cross-entropy of each window's next tokens plus the configured balance losses; the
     auxiliary output is ``(cross-entropy, aux)``."""
@@ -96,15 +88,5 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
         new = TrainState(state.step + 1, keep(optax.apply_updates(state.params, updates), state.params),
                          keep(opt_state, state.opt_state))
         return new, StepMetrics(loss, ce, grad_norm, finite, aux)
-
-    return step
-
-
-def make_eval_step(cfg: Config):
-    """Mean cross-entropy of a batch of windows (no balance loss)."""
-
-    def step(params, windows_BS1):
-        logits, _ = forward(params, windows_BS1[:, :-1], cfg.model)
-        return cross_entropy(logits, windows_BS1[:, 1:])
 
     return step

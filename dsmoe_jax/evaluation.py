@@ -1,0 +1,118 @@
+"""Held-out loss: the one definition used by training, ``dsmoe-jax eval`` and the experiments.
+
+Validation reads fixed-length windows of ``train.seq_len + 1`` tokens of the validation split.
+``train.eval_tokens`` (default 262,144) caps how many tokens are read: the windows are then
+spread evenly over the whole split (window ``i * n_windows // n`` for ``i < n``), a sample of
+every part of it rather than its first documents; 0 reads the whole split. The same windows
+are read every time, so two evaluations of one checkpoint agree exactly, wherever they run.
+
+The loss is the mean next-token cross-entropy over all tokens read. Its standard error is taken
+over windows (``std(window means) / sqrt(windows)``): neighbouring tokens are correlated, whole
+windows much less so.
+
+Shape legend: B windows in a batch, S sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsmoe_jax import mesh as mesh_lib
+from dsmoe_jax.config import Config
+from dsmoe_jax.model import forward
+from dsmoe_jax.moe import RouteOptions
+
+
+class Evaluation(NamedTuple):
+    loss: float  # mean next-token cross-entropy over every token read
+    stderr: float  # standard error of ``loss`` over windows (0 for a single window)
+    tokens: int  # predicted tokens read
+    windows: int
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.loss)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so that a diverged run reports a large number rather than inf."""
+    return math.exp(min(loss, 50.0))
+
+
+def cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy in float32 over the unmasked positions."""
+    nll_BS = token_losses(logits_BSV, targets_BS)
+    if mask_BS is None:
+        return jnp.mean(nll_BS)
+    return jnp.sum(nll_BS * mask_BS) / jnp.maximum(jnp.sum(mask_BS), 1)
+
+
+def token_losses(logits_BSV: jax.Array, targets_BS: jax.Array) -> jax.Array:
+    """Cross-entropy of every position, float32 ``[B, S]``."""
+    logp = jax.nn.log_softmax(logits_BSV.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets_BS[..., None], axis=-1)[..., 0]
+
+
+def make_eval_step(cfg: Config, route: RouteOptions | None = None):
+    """``(params, windows [B, S+1]) -> mean cross-entropy of each window [B]`` (no balance loss);
+    ``route`` changes the routing at evaluation (``moe.RouteOptions``)."""
+
+    def step(params, windows_BS1):
+        logits, _ = forward(params, windows_BS1[:, :-1], cfg.model, route=route)
+        return jnp.mean(token_losses(logits, windows_BS1[:, 1:]), axis=-1)
+
+    return step
+
+
+@functools.lru_cache(maxsize=64)
+def jitted_eval_step(cfg: Config, route: RouteOptions | None = None, mesh=None):
+    """``make_eval_step`` jitted once per (config, route options, mesh): training's evaluations,
+    the final one, seeds and probes share it. On a mesh the per-window losses come back
+    replicated, so every process can read them."""
+    out = None if mesh is None else jax.NamedSharding(mesh, jax.P())
+    return jax.jit(make_eval_step(cfg, route), out_shardings=out)
+
+
+def validation_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> np.ndarray:
+    """The indices of the windows of ``seq_len + 1`` tokens that validation reads: all of them,
+    or, when ``max_tokens`` > 0 caps them, that many spread evenly over the split."""
+    total = (len(tokens) - 1) // seq_len
+    if total < 1:
+        raise ValueError(f"{len(tokens)} validation tokens cannot fill one window of {seq_len + 1}; lower "
+                         "train.seq_len or add data")
+    n = total if max_tokens <= 0 else max(1, min(total, max_tokens // seq_len))
+    return np.arange(n) * total // n
+
+
+def evaluate(params, cfg: Config, tokens: np.ndarray, max_tokens: int | None = None, eval_step=None,
+             route: RouteOptions | None = None) -> Evaluation:
+    """Validation loss of ``params`` on ``tokens`` (see the module docstring); ``max_tokens``
+    defaults to ``cfg.train.eval_tokens`` (0: every window). Runs on the context mesh, if any."""
+    seq = cfg.train.seq_len
+    max_tokens = cfg.train.eval_tokens if max_tokens is None else max_tokens
+    index = validation_windows(tokens, seq, max_tokens)
+    mesh = jax.sharding.get_mesh()
+    eval_step = eval_step or jitted_eval_step(cfg, route, None if mesh.empty else mesh)
+    batch = cfg.train.batch_size
+    if not mesh.empty:  # every process reads the same batch; each places its own shards
+        sharding = mesh_lib.batch_sharding(mesh)
+        place = lambda b: jax.make_array_from_callback(b.shape, sharding, lambda i: b[i])
+        batch = max(batch // mesh_lib.batch_shards(mesh), 1) * mesh_lib.batch_shards(mesh)
+    else:
+        place = jnp.asarray
+    window = lambda i: np.asarray(tokens[i * seq:i * seq + seq + 1], np.int32)
+    losses = []
+    for start in range(0, len(index), batch):
+        chosen = index[start:start + batch]
+        # pad the last batch to the full size (one compiled shape), then drop the padding
+        windows = np.stack([window(i) for i in np.pad(chosen, (0, batch - len(chosen)), mode="edge")])
+        losses.append(np.asarray(eval_step(params, place(windows)))[:len(chosen)])
+    per_window = np.concatenate(losses)
+    stderr = float(per_window.std(ddof=1) / math.sqrt(len(per_window))) if len(per_window) > 1 else 0.0
+    return Evaluation(float(per_window.mean()), stderr, len(per_window) * seq, len(per_window))

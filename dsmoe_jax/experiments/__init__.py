@@ -1,0 +1,11 @@
+"""The paper's experiments, one command each (``dsmoe-jax experiment NAME --scale toy|cpu|paper``).
+
+``specs``: scales, arms and experiments as data; ``runner``: training every arm and seed
+resumably, and results.json; ``measures``: the specialisation probes and load statistics;
+``report``: the Markdown table and the plots. EXPERIMENTS.md holds what came out.
+"""
+
+from dsmoe_jax.experiments.runner import ExperimentError, describe_arms, run_experiment
+from dsmoe_jax.experiments.specs import ARMS, EXPERIMENTS, SCALES, arm_config
+
+__all__ = ["ARMS", "EXPERIMENTS", "SCALES", "ExperimentError", "arm_config", "describe_arms", "run_experiment"]

@@ -1,0 +1,116 @@
+"""What the specialisation and balance experiments measure on trained arms, beyond their loss.
+
+Specialisation (the paper's section 4.5) probes a trained model by changing its routing at
+evaluation time (``moe.RouteOptions``), never its parameters:
+
+- disable top experts: each token's highest-scoring routed experts are removed, a fraction r of
+  the routed experts up to 4/64, and it routes top-k among the rest; a model whose experts are
+  less redundant loses more;
+- no shared expert: the shared experts are switched off and one more routed expert activated;
+- fewer activated experts: DeepSeekMoE evaluated with top-3 .. top-7 routed experts, against
+  GShard's loss with its own top-2.
+
+Balance: the number of validation tokens routed to each expert of each layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsmoe_jax import data
+from dsmoe_jax.checkpoint import load_checkpoint
+from dsmoe_jax.evaluation import evaluate, validation_windows
+from dsmoe_jax.experiments.specs import ARMS, Arm, Scale
+from dsmoe_jax.model import forward
+from dsmoe_jax.moe import RouteOptions
+
+MAX_DISABLED_FRACTION = 4 / 64  # the paper's largest ratio of disabled top routed experts
+DEVICE_GROUPS = 7  # the balance experiment's device-level groups (63 routed experts, 9 per group)
+
+RunDir = Callable[[pathlib.Path, Arm, int], pathlib.Path]
+
+
+def _load(directory: pathlib.Path):
+    params, cfg = load_checkpoint(directory)
+    _, val_tokens, _ = data.load_tokens(cfg)
+    return params, cfg, val_tokens
+
+
+def specialisation(root: pathlib.Path, scale: Scale, seeds: Sequence[int], run_dir: RunDir) -> dict:
+    """The three probes for every seed: losses keyed by probe, model and setting, one per seed."""
+    out: dict = {"disable_top": {}, "no_shared": {}, "top_k": {}}
+    for seed in seeds:
+        for name in ("deepseekmoe", "gshard_x1.5"):
+            params, cfg, val = _load(run_dir(root, ARMS[name], seed))
+            E = cfg.model.moe.n_routed_experts
+            for n in range(round(E * MAX_DISABLED_FRACTION) + 1):
+                loss = evaluate(params, cfg, val, scale.probe_tokens, route=RouteOptions(exclude_top=n)).loss
+                key = f"{n}/{E}"
+                out["disable_top"].setdefault(name, {}).setdefault(key, {"ratio": n / E, "losses": []})
+                out["disable_top"][name][key]["losses"].append(loss)
+            if name == "deepseekmoe":
+                K = cfg.model.moe.top_k
+                probes = {"standard": RouteOptions(),
+                          f"shared off, top-{K + 1} routed": RouteOptions(shared=False, top_k=K + 1)}
+                for label, route in probes.items():
+                    out["no_shared"].setdefault(label, []).append(evaluate(params, cfg, val, scale.probe_tokens,
+                                                                           route=route).loss)
+                for k in range(3, K + 1):
+                    loss = evaluate(params, cfg, val, scale.probe_tokens, route=RouteOptions(top_k=k)).loss
+                    out["top_k"].setdefault(str(k), []).append(loss)
+        params, cfg, val = _load(run_dir(root, ARMS["gshard"], seed))
+        out.setdefault("gshard_top2", []).append(evaluate(params, cfg, val, scale.probe_tokens).loss)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _load_step(cfg):
+    return jax.jit(lambda params, tokens: forward(params, tokens, cfg.model)[1].expert_load)
+
+
+def expert_load(params, cfg, tokens: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Validation tokens routed to each expert ``[MoE layers, E]`` over the same windows that
+    validation reads (``evaluation.validation_windows``)."""
+    index = validation_windows(tokens, cfg.train.seq_len, max_tokens)
+    seq, batch = cfg.train.seq_len, min(cfg.train.batch_size, len(index))
+    step = _load_step(cfg)
+    total = 0
+    for start in range(0, len(index) - batch + 1, batch):  # whole batches only: one compiled shape
+        windows = np.stack([np.asarray(tokens[i * seq:i * seq + seq], np.int32) for i in index[start:start + batch]])
+        total = total + np.asarray(step(params, jnp.asarray(windows)))
+    return np.asarray(total)
+
+
+def load_statistics(load_LE: np.ndarray, groups: int = DEVICE_GROUPS) -> dict:
+    """Per layer: max/mean expert load, normalised entropy of the load (1 = perfectly even), and
+    max/mean load of ``groups`` contiguous expert groups (devices)."""
+    share_LE = load_LE / load_LE.sum(-1, keepdims=True)
+    entropy = -(share_LE * np.log(np.where(share_LE > 0, share_LE, 1))).sum(-1) / math.log(load_LE.shape[-1])
+    group_LG = load_LE.reshape(load_LE.shape[0], groups, -1).sum(-1)
+    ratio = lambda a: (a.max(-1) / a.mean(-1)).tolist()
+    return {"max_over_mean": ratio(load_LE), "entropy": entropy.tolist(), "device_max_over_mean": ratio(group_LG)}
+
+
+def balance(root: pathlib.Path, arms: Sequence[Arm], scale: Scale, seeds: Sequence[int], run_dir: RunDir) -> dict:
+    """Load statistics of every arm and seed, and each arm's load matrix for the first seed."""
+    out: dict = {}
+    for arm in arms:
+        stats = []
+        for seed in seeds:
+            params, cfg, val = _load(run_dir(root, arm, seed))
+            load = expert_load(params, cfg, val, scale.probe_tokens)
+            stats.append(load_statistics(load))
+            if seed == seeds[0]:
+                out.setdefault(arm.name, {})["load"] = load.tolist()
+        out[arm.name]["per_seed"] = stats
+        out[arm.name]["max_over_mean"] = float(np.mean([np.mean(s["max_over_mean"]) for s in stats]))
+        out[arm.name]["entropy"] = float(np.mean([np.mean(s["entropy"]) for s in stats]))
+        out[arm.name]["device_max_over_mean"] = float(np.mean([np.mean(s["device_max_over_mean"]) for s in stats]))
+    return out

@@ -1,0 +1,163 @@
+"""An experiment's results as a Markdown table and PNG plots (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+
+def _pm(mean: float, spread: float) -> str:
+    return f"{mean:.4f} ± {spread:.4f}"
+
+
+def markdown(results: dict) -> str:
+    """The arms table, then the experiment's measurements, as Markdown."""
+    seeds = results["seeds"]
+    lines = [
+        f"### {results['experiment']} ({results['scale']} scale): {results['title']}",
+        "",
+        f"{len(seeds)} seed(s) {', '.join(map(str, seeds))}; {results['tokens_per_arm']:,} training tokens per arm; "
+        f"validation on {next(iter(results['arms'].values()))['eval_tokens']:,} held-out tokens; "
+        f"wall time {results['wall_s'] / 60:.1f} min.",
+        "",
+        "| arm | FFN | params total | activated | val loss (mean ± seed std) | per seed | eval SE | paper |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in results["arms"].values():
+        paper = f"{arm['paper_val_loss']:.3f}" if arm["paper_val_loss"] is not None else ""
+        lines.append(
+            f"| {arm['label']} | {arm['structure']} | {arm['params_total'] / 1e6:.2f}M | "
+            f"{arm['params_activated'] / 1e6:.2f}M | {_pm(arm['val_loss_mean'], arm['val_loss_seed_std'])} | "
+            f"{', '.join(f'{v:.4f}' for v in arm['val_loss'])} | {max(arm['val_loss_stderr']):.4f} | {paper} |")
+    if "specialisation" in results:
+        lines += ["", *_specialisation_lines(results["specialisation"])]
+    if "balance" in results:
+        lines += ["", *_balance_lines(results["balance"], results["arms"])]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_std(values) -> str:
+    return _pm(float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+
+
+def _specialisation_lines(s: dict) -> list[str]:
+    lines = ["Disabling each token's top routed experts (loss, mean ± seed std):", "",
+             "| model | disabled | ratio | val loss |", "|---|---|---|---|"]
+    for model, probes in s["disable_top"].items():
+        for key, p in probes.items():
+            lines.append(f"| {model} | {key} | {p['ratio']:.4f} | {_mean_std(p['losses'])} |")
+    lines += ["", "| DeepSeekMoE probe | val loss |", "|---|---|"]
+    lines += [f"| {label} | {_mean_std(v)} |" for label, v in s["no_shared"].items()]
+    lines += [f"| top-{k} routed | {_mean_std(v)} |" for k, v in s["top_k"].items()]
+    lines.append(f"| GShard (its own top-2) | {_mean_std(s['gshard_top2'])} |")
+    return lines
+
+
+def _balance_lines(b: dict, arms: dict) -> list[str]:
+    lines = ["Expert load on validation tokens (mean over layers and seeds):", "",
+             "| arm | max / mean expert load | load entropy (1 = even) | max / mean device-group load |",
+             "|---|---|---|---|"]
+    for name, stats in b.items():
+        lines.append(f"| {arms[name]['label']} | {stats['max_over_mean']:.2f} | {stats['entropy']:.3f} | "
+                     f"{stats['device_max_over_mean']:.2f} |")
+    return lines
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plots(results: dict, out: pathlib.Path, first_seed_runs: dict[str, pathlib.Path]) -> list[str]:
+    """Write the experiment's PNG plots into ``out``; returns their file names."""
+    plt = _pyplot()
+    names = [_loss_bars(plt, results, out), _loss_curves(plt, results, out, first_seed_runs)]
+    if "specialisation" in results:
+        names.append(_specialisation_plot(plt, results["specialisation"], out))
+    if "balance" in results:
+        names.append(_balance_plot(plt, results["balance"], results["arms"], out))
+    return names
+
+
+def _save(plt, fig, path: pathlib.Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _loss_bars(plt, results: dict, out: pathlib.Path) -> str:
+    arms = results["arms"]
+    labels = [a["label"] for a in arms.values()]
+    fig, ax = plt.subplots(figsize=(1.4 + 1.3 * len(arms), 4))
+    x = np.arange(len(arms))
+    for i, arm in enumerate(arms.values()):
+        ax.scatter([i] * len(arm["val_loss"]), arm["val_loss"], color="0.4", s=12, zorder=3)
+    ax.errorbar(x, [a["val_loss_mean"] for a in arms.values()], yerr=[a["val_loss_seed_std"] for a in arms.values()],
+                fmt="o", color="C0", capsize=4, label=f"ours, mean ± seed std ({len(results['seeds'])} seeds)")
+    ax.set_xticks(x, labels, rotation=20, ha="right")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"{results['experiment']} ({results['scale']} scale)")
+    paper = [(i, a["paper_val_loss"]) for i, a in enumerate(arms.values()) if a["paper_val_loss"] is not None]
+    if paper:
+        twin = ax.twinx()
+        twin.plot(*zip(*paper), "s", color="C3", label="paper (Pile loss, 2B)")
+        twin.set_ylabel("paper's Pile loss", color="C3")
+        twin.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    return _save(plt, fig, out / "val_loss.png")
+
+
+def _loss_curves(plt, results: dict, out: pathlib.Path, runs: dict[str, pathlib.Path]) -> str:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, arm in results["arms"].items():
+        rows = [json.loads(line) for line in (runs[name] / "metrics.jsonl").read_text().splitlines()]
+        last = {r["step"]: r["ce"] for r in rows}  # a resumed run logs some steps twice: keep the last
+        steps = sorted(last)
+        ax.plot(steps, [last[s] for s in steps], label=arm["label"], linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training cross-entropy")
+    ax.set_title(f"training curves, seed {results['seeds'][0]}")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, out / "train_loss.png")
+
+
+def _specialisation_plot(plt, s: dict, out: pathlib.Path) -> str:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for model, probes in s["disable_top"].items():
+        ratio = [p["ratio"] for p in probes.values()]
+        losses = [np.mean(p["losses"]) for p in probes.values()]
+        a.plot(ratio, losses, "o-", label=model)
+    a.set_xlabel("ratio of disabled top routed experts")
+    a.set_ylabel("validation loss")
+    a.set_title("expert redundancy")
+    a.legend()
+    ks = [int(k) for k in s["top_k"]]
+    b.plot(ks, [np.mean(v) for v in s["top_k"].values()], "o-", label="DeepSeekMoE, top-k routed")
+    b.axhline(np.mean(s["gshard_top2"]), color="C3", linestyle="--", label="GShard (top-2)")
+    b.set_xlabel("activated routed experts")
+    b.set_ylabel("validation loss")
+    b.set_title("fewer activated experts")
+    b.legend()
+    return _save(plt, fig, out / "specialisation.png")
+
+
+def _balance_plot(plt, b: dict, arms: dict, out: pathlib.Path) -> str:
+    fig, axes = plt.subplots(len(b), 1, figsize=(10, 1.2 + 1.1 * len(b)), squeeze=False)
+    for ax, (name, stats) in zip(axes[:, 0], b.items()):
+        load = np.asarray(stats["load"], float)
+        rel = load / load.mean(-1, keepdims=True)
+        image = ax.imshow(rel, aspect="auto", cmap="coolwarm", vmin=0, vmax=2)
+        ax.set_title(f"{arms[name]['label']}: max/mean {stats['max_over_mean']:.2f}", fontsize=9)
+        ax.set_ylabel("layer")
+    axes[-1, 0].set_xlabel("routed expert")
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label="load / mean load")
+    fig.savefig(out / "expert_load.png", dpi=110)
+    plt.close(fig)
+    return "expert_load.png"

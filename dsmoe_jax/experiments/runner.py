@@ -1,0 +1,150 @@
+"""Running an experiment: train each arm and seed once (resumably), evaluate, measure, report.
+
+A workdir (default ``runs/experiments/<scale>``) holds every trained arm under
+``runs/<arm>/seed<k>/`` (a normal training workdir, plus ``final.json`` once the arm is trained
+and evaluated) and each experiment's outputs under ``<experiment>/``: ``results.json``,
+``results.md`` and the plots. Arms are shared: an arm finished for one experiment is reused by
+every other that compares it. An interrupted experiment continues with ``resume``: finished arms
+are kept, an unfinished arm resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from dsmoe_jax import data
+from dsmoe_jax.atomic import atomic_file
+from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, load_checkpoint, read_config
+from dsmoe_jax.config import Config, DsmoeError
+from dsmoe_jax.evaluation import evaluate
+from dsmoe_jax.experiments import measures, report
+from dsmoe_jax.experiments.specs import ARMS, EXPERIMENTS, SCALES, Arm, Scale, arm_config, overrides_dict
+from dsmoe_jax.model import count_params
+from dsmoe_jax.train.loop import train
+
+FINAL = "final.json"
+RESULTS = "results.json"
+
+
+class ExperimentError(DsmoeError, RuntimeError):
+    """An experiment that cannot run as asked (an unknown name, a workdir of another config)."""
+
+
+def default_workdir(scale: str) -> pathlib.Path:
+    return pathlib.Path("runs") / "experiments" / scale
+
+
+def run_dir(root: pathlib.Path, arm: Arm, seed: int) -> pathlib.Path:
+    return root / "runs" / arm.name / f"seed{seed}"
+
+
+def _comparable(cfg: Config) -> dict:
+    """What must agree for a saved run to count as this arm (training keeps float32 weights)."""
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="float32"))
+    return {k: v for k, v in cfg.to_dict().items() if k in ("model", "moe", "train", "data")}
+
+
+def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume: bool = False,
+              progress: bool = True) -> dict:
+    """Train and evaluate one arm (or return the record of a finished one): ``final.json``."""
+    cfg = arm_config(arm, scale, seed)
+    final = directory / FINAL
+    if (directory / "config.json").is_file() and _comparable(read_config(directory)) != _comparable(cfg):
+        raise ExperimentError(f"{directory} holds a run of another config than arm {arm.name!r} at scale "
+                              f"{scale.name!r}, seed {seed}; choose a new --workdir")
+    if final.is_file():
+        return json.loads(final.read_text())
+    checkpoints = directory / CHECKPOINTS_DIR
+    started = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    if started and not resume:
+        raise ExperimentError(f"{directory} holds an unfinished run of arm {arm.name!r}; pass --resume to continue it")
+    tick = time.perf_counter()
+    train(cfg, directory, resume=started, progress=progress)
+    wall = time.perf_counter() - tick
+    params, _ = load_checkpoint(directory)
+    _, val_tokens, _ = data.load_tokens(cfg)
+    result = evaluate(params, cfg, val_tokens, max_tokens=scale.eval_tokens)
+    record = {"val_loss": result.loss, "val_loss_stderr": result.stderr, "eval_tokens": result.tokens,
+              "train_tokens": scale.tokens, "steps": scale.steps, "wall_s": wall, "resumed": started}
+    with atomic_file(final) as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def _arm_summary(arm: Arm, scale: Scale, records: list[dict], paper: float | None) -> dict:
+    total, activated = count_params(arm_config(arm, scale, 0))
+    losses = [r["val_loss"] for r in records]
+    return {
+        "label": arm.label, "structure": arm.structure(), "overrides": overrides_dict(arm, scale),
+        "params_total": total, "params_activated": activated,
+        "val_loss": losses, "val_loss_stderr": [r["val_loss_stderr"] for r in records],
+        "val_loss_mean": float(np.mean(losses)),
+        "val_loss_seed_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
+        "eval_tokens": records[0]["eval_tokens"], "wall_s": [r["wall_s"] for r in records],
+        "paper_val_loss": paper,
+    }
+
+
+def describe_arms(name: str, scale: str) -> list[dict]:
+    """Each arm's overrides and parameter counts, without training (``--dry-run``)."""
+    experiment, sc = _lookup(name, scale)
+    rows = []
+    for arm_name in experiment.arms:
+        arm = ARMS[arm_name]
+        total, activated = count_params(arm_config(arm, sc, 0))
+        rows.append({"arm": arm_name, "structure": arm.structure(), "overrides": overrides_dict(arm, sc),
+                     "params_total": total, "params_activated": activated, "config": arm_config(arm, sc, 0)})
+    return rows
+
+
+def _lookup(name: str, scale: str):
+    if name not in EXPERIMENTS:
+        raise ExperimentError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    if scale not in SCALES:
+        raise ExperimentError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    return EXPERIMENTS[name], SCALES[scale]
+
+
+def run_experiment(name: str, scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2),
+                   workdir: str | pathlib.Path | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """Train every arm of experiment ``name`` for every seed, evaluate them on the same held-out
+    tokens, run the experiment's measurements, and write ``results.json``, ``results.md`` and
+    the plots; returns the results."""
+    experiment, sc = _lookup(name, scale)
+    if not seeds:
+        raise ExperimentError("give at least one seed")
+    root = pathlib.Path(workdir) if workdir is not None else default_workdir(scale)
+    out = root / name
+    tick = time.perf_counter()
+    records: dict[str, list[dict]] = {}
+    runs = [(ARMS[a], s) for a in experiment.arms for s in seeds]
+    for i, (arm, seed) in enumerate(runs, 1):
+        if progress:
+            print(f"[{i}/{len(runs)}] {arm.name} ({arm.structure()}), seed {seed}", flush=True)
+        records.setdefault(arm.name, []).append(train_arm(arm, sc, seed, run_dir(root, arm, seed), resume, progress))
+    results = {
+        "experiment": name, "title": experiment.title, "scale": scale, "seeds": list(seeds),
+        "scale_config": dataclasses.asdict(sc), "tokens_per_arm": sc.tokens,
+        "arms": {a: _arm_summary(ARMS[a], sc, records[a], experiment.paper.get(a)) for a in experiment.arms},
+    }
+    if experiment.measure == "specialisation":
+        results["specialisation"] = measures.specialisation(root, sc, seeds, run_dir)
+    elif experiment.measure == "balance":
+        results["balance"] = measures.balance(root, [ARMS[a] for a in experiment.arms], sc, seeds, run_dir)
+    results["wall_s"] = time.perf_counter() - tick
+    out.mkdir(parents=True, exist_ok=True)
+    results["plots"] = report.plots(results, out, {a: run_dir(root, ARMS[a], seeds[0]) for a in experiment.arms})
+    table = report.markdown(results)
+    with atomic_file(out / RESULTS) as f:
+        json.dump(results, f, indent=2)
+    with atomic_file(out / "results.md") as f:
+        f.write(table)
+    if progress:
+        print(table)
+    return results

@@ -1,0 +1,117 @@
+"""The paper's experiments: arms sized as the paper requires, and the machinery end to end at toy
+scale (every number and plot, resuming without retraining)."""
+
+import json
+
+import pytest
+
+from dsmoe_jax import cli
+from dsmoe_jax.experiments import ARMS, EXPERIMENTS, SCALES, ExperimentError, arm_config, run_experiment
+from dsmoe_jax.experiments import runner
+from dsmoe_jax.model import count_params
+from dsmoe_jax.train.checkpoint import Checkpointer
+
+# In units of one dense FFN (F wide) per layer: (all expert parameters, activated expert parameters)
+PAPER_SIZES = {"dense": (1, 1), "hash": (16, 1), "switch": (16, 1), "gshard": (16, 2), "deepseekmoe": (16, 2),
+               "gshard_x1.5": (24, 3), "dense_x16": (16, 16), "shared_isolation": (16, 2), "fine_x2": (16, 2),
+               "shared_2": (16, 2), "shared_4": (16, 2)}
+
+
+@pytest.mark.parametrize("scale", list(SCALES))
+def test_arms_have_the_papers_total_and_activated_expert_parameters(scale):
+    sc = SCALES[scale]
+    ffn = 3 * sc.d_model * sc.ffn * sc.n_layers  # one dense SwiGLU FFN per layer
+    dense_total, _ = count_params(arm_config(ARMS["dense"], sc, 0))
+    rest = dense_total - ffn  # attention, norms, embeddings: the same in every arm
+    for name, (total_ffns, active_ffns) in PAPER_SIZES.items():
+        cfg = arm_config(ARMS[name], sc, 0)
+        moe = cfg.model.moe if cfg.model.n_moe_layers else None
+        router = sc.n_layers * sc.d_model * moe.n_routed_experts if moe and moe.routing == "softmax" else 0
+        total, activated = count_params(cfg)
+        assert total - rest - router == total_ffns * ffn, f"{name}: total expert parameters at {scale}"
+        assert activated - rest - router == active_ffns * ffn, f"{name}: activated expert parameters at {scale}"
+
+
+def test_every_experiment_names_known_arms_and_every_arm_builds():
+    for experiment in EXPERIMENTS.values():
+        assert set(experiment.arms) <= set(ARMS), experiment.name
+    for arm in ARMS.values():
+        for scale in SCALES.values():
+            arm_config(arm, scale, 0)
+
+
+def test_paper_scale_dry_run_plans_every_arm(capsys):
+    assert cli.main(["experiment", "architectures", "--scale", "paper", "--dry-run", "--mesh", "fsdp=8,expert=8"]) == 0
+    out = capsys.readouterr().out
+    assert "1 shared + 63 routed (F/4), top-7" in out and "FLOPs per step" in out
+    assert "cannot run on this mesh: moe.n_routed_experts=63 does not split" in out, "63 experts on 8 devices"
+    assert out.count("FLOPs per step") == 6, "every arm but DeepSeekMoE's 63 experts plans on expert=8"
+    assert cli.main(["experiment", "nope", "--dry-run"]) == 1
+    assert "unknown experiment 'nope'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def toy_workdir(tmp_path_factory):
+    """One workdir for the toy runs below, so later experiments reuse the arms trained earlier."""
+    return tmp_path_factory.mktemp("experiments")
+
+
+def test_toy_experiment_end_to_end_and_resume_without_retraining(toy_workdir, monkeypatch):
+    results = run_experiment("specialisation", "toy", seeds=[0, 1], workdir=toy_workdir, progress=False)
+    out = toy_workdir / "specialisation"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["arms"].keys() == {"deepseekmoe", "gshard", "gshard_x1.5"}
+    for arm in saved["arms"].values():
+        assert len(arm["val_loss"]) == 2 and all(v > 0 for v in arm["val_loss"])
+        assert arm["eval_tokens"] > 0 and all(se > 0 for se in arm["val_loss_stderr"])
+        assert arm["val_loss_seed_std"] > 0, "two seeds train two different models"
+    s = saved["specialisation"]
+    assert list(s["disable_top"]["deepseekmoe"]) == ["0/63", "1/63", "2/63", "3/63", "4/63"]
+    assert list(s["disable_top"]["gshard_x1.5"]) == ["0/16", "1/16"]
+    assert list(s["top_k"]) == ["3", "4", "5", "6", "7"] and len(s["gshard_top2"]) == 2
+    assert s["top_k"]["7"] == s["no_shared"]["standard"], "top-7 is the model as trained"
+    assert {"val_loss.png", "train_loss.png", "specialisation.png"} <= {p.name for p in out.iterdir()}
+    assert "DeepSeekMoE" in (out / "results.md").read_text() and results["scale"] == "toy"
+
+    # a second run reuses the trained arms: nothing is trained again
+    monkeypatch.setattr(runner, "train", lambda *a, **k: pytest.fail("a finished arm was retrained"))
+    again = run_experiment("specialisation", "toy", seeds=[0, 1], workdir=toy_workdir, progress=False)
+    assert again["arms"]["gshard"]["val_loss"] == results["arms"]["gshard"]["val_loss"]
+
+
+def test_balance_experiment_reports_load_statistics(toy_workdir):
+    results = run_experiment("balance", "toy", seeds=[0], workdir=toy_workdir, progress=False)
+    b = results["balance"]
+    assert b.keys() == {"balance_off", "deepseekmoe", "balance_10x", "balance_device"}
+    for stats in b.values():
+        assert stats["max_over_mean"] >= 1.0 and 0 < stats["entropy"] <= 1.0
+        assert len(stats["load"]) == SCALES["toy"].n_layers and len(stats["load"][0]) == 63
+        assert sum(stats["load"][0]) > 0
+    assert (toy_workdir / "balance" / "expert_load.png").is_file()
+
+
+class Stopped(Exception):
+    pass
+
+
+def test_an_interrupted_arm_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    arm, scale = ARMS["switch"], SCALES["toy"]
+    directory = runner.run_dir(tmp_path, arm, 0)
+    real_save = Checkpointer.save
+
+    def save_then_die(self, step, *args):
+        real_save(self, step, *args)
+        if step == 3:
+            raise Stopped  # as if the run were stopped right after its first checkpoint
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_die)
+    with pytest.raises(Stopped):
+        runner.train_arm(arm, scale, 0, directory, progress=False)
+    monkeypatch.undo()
+    assert not (directory / runner.FINAL).exists()
+    with pytest.raises(ExperimentError, match="pass --resume"):
+        runner.train_arm(arm, scale, 0, directory)
+    record = runner.train_arm(arm, scale, 0, directory, resume=True, progress=False)
+    assert record["resumed"] and record["steps"] == scale.steps
+    steps = [json.loads(line)["step"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, scale.steps + 1)), f"continued after step 3, not from the start: {steps}"
