@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ex = sub.add_parser("experiment", help="the paper's experiments: train every arm and seed, evaluate, report")
     ex.add_argument("name", help="architectures | ablation | shared-ratio | specialisation | balance")
-    ex.add_argument("--scale", default="cpu", choices=["toy", "cpu", "paper"],
-                    help="toy: seconds (tests); cpu: under an hour on 2 cores; paper: the 2B setup (GPU mesh)")
+    ex.add_argument("--scale", default="cpu", choices=["toy", "cpu", "cpu-long", "paper"],
+                    help="toy: seconds (tests); cpu: under an hour on 2 cores; cpu-long: 10x the tokens, hours; "
+                         "paper: the 2B setup (GPU mesh)")
     ex.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     ex.add_argument("--workdir", help="trained arms and results (default runs/experiments/<scale>)")
     ex.add_argument("--resume", action="store_true", help="continue unfinished arms from their last checkpoint")

@@ -32,6 +32,11 @@ def test_arms_have_the_papers_total_and_activated_expert_parameters(scale):
         assert activated - rest - router == active_ffns * ffn, f"{name}: activated expert parameters at {scale}"
 
 
+def test_the_command_offers_every_scale():
+    assert cli.main(["experiment", "architectures", "--scale", "cpu-long", "--dry-run"]) == 0
+    assert set(SCALES) == {"toy", "cpu", "cpu-long", "paper"}
+
+
 def test_every_experiment_names_known_arms_and_every_arm_builds():
     for experiment in EXPERIMENTS.values():
         assert set(experiment.arms) <= set(ARMS), experiment.name

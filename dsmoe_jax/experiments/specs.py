@@ -62,10 +62,14 @@ SCALES = {
     "toy": Scale("toy", d_model=32, n_layers=1, n_heads=2, head_dim=16, ffn=64, vocab_size=260, seq_len=32,
                  batch_size=4, steps=6, lr=2e-3, warmup_steps=2, eval_tokens=2048, probe_tokens=1024,
                  checkpoint_every=3),
-    # a 2-core CPU: every experiment, all arms and three seeds, in well under an hour each
-    "cpu": Scale("cpu", d_model=128, n_layers=4, n_heads=4, head_dim=32, ffn=256, vocab_size=512, seq_len=128,
-                 batch_size=16, steps=400, lr=2e-3, warmup_steps=40, eval_tokens=0, probe_tokens=131072,
+    # a 2-core CPU: each experiment, all arms and three seeds, in under an hour (614K tokens per arm)
+    "cpu": Scale("cpu", d_model=128, n_layers=2, n_heads=4, head_dim=32, ffn=256, vocab_size=512, seq_len=128,
+                 batch_size=16, steps=300, lr=2e-3, warmup_steps=30, eval_tokens=131072, probe_tokens=65536,
                  checkpoint_every=100),
+    # the same models 10x longer (6.1M tokens per arm): hours on a 2-core CPU, resumable with --resume
+    "cpu-long": Scale("cpu-long", d_model=128, n_layers=2, n_heads=4, head_dim=32, ffn=256, vocab_size=512,
+                      seq_len=128, batch_size=16, steps=3000, lr=2e-3, warmup_steps=100, eval_tokens=0,
+                      probe_tokens=131072, checkpoint_every=250),
     # the paper's 2B setup (its section 4.1): 9 layers, width 1280, 100B tokens, for a GPU mesh
     "paper": Scale("paper", d_model=1280, n_layers=9, n_heads=10, head_dim=128, ffn=3456, vocab_size=8192,
                    seq_len=2048, batch_size=2048, steps=25000, lr=1.08e-3, warmup_steps=2000, eval_tokens=0,
