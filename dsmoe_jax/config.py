@@ -174,7 +174,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     eval_every: int = 100
-    eval_tokens: int = 262_144  # validation reads this many tokens, spread over the split; 0 = all of it
+    eval_tokens: int = 65_536  # validation reads this many tokens, spread over the split; 0 = all of it
     log_every: int = 10
     seed: int = 0
     on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient: stop the run, or skip the step

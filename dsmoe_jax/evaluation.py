@@ -1,7 +1,7 @@
 """Held-out loss: the one definition used by training, ``dsmoe-jax eval`` and the experiments.
 
 Validation reads fixed-length windows of ``train.seq_len + 1`` tokens of the validation split.
-``train.eval_tokens`` (default 262,144) caps how many tokens are read: the windows are then
+``train.eval_tokens`` (default 65,536) caps how many tokens are read: the windows are then
 spread evenly over the whole split (window ``i * n_windows // n`` for ``i < n``), a sample of
 every part of it rather than its first documents; 0 reads the whole split. The same windows
 are read every time, so two evaluations of one checkpoint agree exactly, wherever they run.

@@ -17,7 +17,7 @@ from dsmoe_jax.train import step as step_lib
 from dsmoe_jax.evaluation import evaluate
 from dsmoe_jax.train.loop import TrainingError, train
 
-FAST = ["train.batch_size=8", "train.seq_len=64", "train.warmup_steps=5", "train.log_every=1"]
+FAST = ["train.batch_size=8", "train.seq_len=64", "train.warmup_steps=5", "train.log_every=1", "train.eval_tokens=8192"]
 
 
 def _metrics(workdir) -> dict[int, dict]:

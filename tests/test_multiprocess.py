@@ -19,7 +19,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # 16 experts over an expert axis of 4: with 4 devices per process the all_to_all stays inside a
 # process and the data axis crosses processes; with 2 x 4 and expert=8 the exchange crosses too.
 RUN = ["--config", "tiny", "--set", "moe.n_routed_experts=16", "--set", "train.log_every=1",
-       "--set", "train.eval_every=1000", "--set", "train.checkpoint_every=3", "--quiet"]
+       "--set", "train.eval_every=1000", "--set", "train.eval_tokens=4096", "--set", "train.checkpoint_every=3",
+       "--quiet"]
 
 
 def _env(devices: int) -> dict:
