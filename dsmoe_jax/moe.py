@@ -5,7 +5,8 @@ expert-parallel exchange in ``expert_parallel.py``; this module decides which ex
 token uses and ties the pieces together.
 
 Shape legend: B batch, S sequence, T tokens (B*S), D model width, E routed experts, K experts
-per token (top-k), F expert hidden width, C sequences the balance statistics are taken over.
+per token (top-k), F expert hidden width, C sequences the balance statistics are taken over,
+X experts excluded per token (``RouteOptions.exclude_top``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def markdown(results: dict) -> str:
         "",
         f"{len(seeds)} seed(s) {', '.join(map(str, seeds))}; {results['tokens_per_arm']:,} training tokens per arm; "
         f"validation on {next(iter(results['arms'].values()))['eval_tokens']:,} held-out tokens; "
-        f"wall time {results['wall_s'] / 60:.1f} min.",
+        f"wall time {results['wall_s'] / 60:.1f} min (this invocation: arms trained earlier are reused).",
         "",
         "| arm | FFN | params total | activated | val loss (mean ± seed std) | per seed | eval SE | paper |",
         "|---|---|---|---|---|---|---|---|",
@@ -149,7 +149,7 @@ def _specialisation_plot(plt, s: dict, out: pathlib.Path) -> str:
 
 
 def _balance_plot(plt, b: dict, arms: dict, out: pathlib.Path) -> str:
-    fig, axes = plt.subplots(len(b), 1, figsize=(10, 1.2 + 1.1 * len(b)), squeeze=False)
+    fig, axes = plt.subplots(len(b), 1, figsize=(10, 1.2 + 1.5 * len(b)), squeeze=False, constrained_layout=True)
     for ax, (name, stats) in zip(axes[:, 0], b.items()):
         load = np.asarray(stats["load"], float)
         rel = load / load.mean(-1, keepdims=True)
