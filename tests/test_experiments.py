@@ -84,6 +84,7 @@ def test_toy_experiment_end_to_end_and_resume_without_retraining(toy_workdir, mo
     assert again["arms"]["gshard"]["val_loss"] == results["arms"]["gshard"]["val_loss"]
 
 
+@pytest.mark.slow  # about 25 s: run with -m slow
 def test_balance_experiment_reports_load_statistics(toy_workdir):
     results = run_experiment("balance", "toy", seeds=[0], workdir=toy_workdir, progress=False)
     b = results["balance"]

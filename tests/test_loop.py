@@ -50,6 +50,7 @@ def _train_cmd(workdir, steps, resume=False):
     return cmd + (["--resume"] if resume else [])
 
 
+@pytest.mark.slow  # about 60 s: run with -m slow
 def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     steps = 200
     whole, broken = tmp_path / "whole", tmp_path / "broken"

@@ -45,6 +45,7 @@ def _losses(workdir) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in map(json.loads, lines)}
 
 
+@pytest.mark.slow  # about 100 s: run with -m slow
 def test_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
     _train_one_process(tmp_path / "one", "--set", "train.steps=6", "--set", "mesh.expert=4")
     _launch_local(tmp_path / "two", "--set", "train.steps=3", "--set", "mesh.expert=8")

@@ -77,6 +77,7 @@ XLA = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # about 40 s: run with -m slow
 def test_estimates_track_xla_memory_analysis_of_the_compiled_step():
     for case in json.loads(run_python(XLA).strip().splitlines()[-1]):
         # the state the step takes is exact (XLA's arguments add only the token batch)
