@@ -90,6 +90,16 @@ def validation_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> np.
     return np.arange(n) * total // n
 
 
+def window_batches(tokens: np.ndarray, seq_len: int, index: np.ndarray, batch: int):
+    """Yield ``(windows [batch, seq_len + 1] int32, real)`` over the windows at ``index``, in
+    order; the last batch is padded to full size by repeating its final window (one compiled
+    shape), and ``real`` counts the windows that are not padding."""
+    for start in range(0, len(index), batch):
+        chosen = index[start:start + batch]
+        padded = np.pad(chosen, (0, batch - len(chosen)), mode="edge")
+        yield np.stack([np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1], np.int32) for i in padded]), len(chosen)
+
+
 def evaluate(params, cfg: Config, tokens: np.ndarray, max_tokens: int | None = None, eval_step=None,
              route: RouteOptions | None = None) -> Evaluation:
     """Validation loss of ``params`` on ``tokens`` (see the module docstring); ``max_tokens``
@@ -106,13 +116,8 @@ def evaluate(params, cfg: Config, tokens: np.ndarray, max_tokens: int | None = N
         batch = max(batch // mesh_lib.batch_shards(mesh), 1) * mesh_lib.batch_shards(mesh)
     else:
         place = jnp.asarray
-    window = lambda i: np.asarray(tokens[i * seq:i * seq + seq + 1], np.int32)
-    losses = []
-    for start in range(0, len(index), batch):
-        chosen = index[start:start + batch]
-        # pad the last batch to the full size (one compiled shape), then drop the padding
-        windows = np.stack([window(i) for i in np.pad(chosen, (0, batch - len(chosen)), mode="edge")])
-        losses.append(np.asarray(eval_step(params, place(windows)))[:len(chosen)])
+    losses = [np.asarray(eval_step(params, place(windows)))[:real]
+              for windows, real in window_batches(tokens, seq, index, batch)]
     per_window = np.concatenate(losses)
     stderr = float(per_window.std(ddof=1) / math.sqrt(len(per_window))) if len(per_window) > 1 else 0.0
     return Evaluation(float(per_window.mean()), stderr, len(per_window) * seq, len(per_window))

@@ -26,7 +26,7 @@ import numpy as np
 
 from dsmoe_jax import data
 from dsmoe_jax.checkpoint import load_checkpoint
-from dsmoe_jax.evaluation import evaluate, validation_windows
+from dsmoe_jax.evaluation import evaluate, validation_windows, window_batches
 from dsmoe_jax.experiments.specs import ARMS, Arm, Scale
 from dsmoe_jax.model import forward
 from dsmoe_jax.moe import RouteOptions
@@ -72,20 +72,21 @@ def specialisation(root: pathlib.Path, scale: Scale, seeds: Sequence[int], run_d
 
 @functools.lru_cache(maxsize=8)
 def _load_step(cfg):
-    return jax.jit(lambda params, tokens: forward(params, tokens, cfg.model)[1].expert_load)
+    def step(params, windows_BS1, real):
+        # padding windows (index >= real) are masked out, so they route no tokens
+        mask_BS = jnp.broadcast_to((jnp.arange(windows_BS1.shape[0]) < real)[:, None], windows_BS1[:, :-1].shape)
+        return forward(params, windows_BS1[:, :-1], cfg.model, attention_mask=mask_BS)[1].expert_load
+
+    return jax.jit(step)
 
 
 def expert_load(params, cfg, tokens: np.ndarray, max_tokens: int) -> np.ndarray:
     """Validation tokens routed to each expert ``[MoE layers, E]`` over the same windows that
-    validation reads (``evaluation.validation_windows``)."""
+    validation reads (``evaluation.validation_windows`` and ``window_batches``)."""
     index = validation_windows(tokens, cfg.train.seq_len, max_tokens)
-    seq, batch = cfg.train.seq_len, min(cfg.train.batch_size, len(index))
     step = _load_step(cfg)
-    total = 0
-    for start in range(0, len(index) - batch + 1, batch):  # whole batches only: one compiled shape
-        windows = np.stack([np.asarray(tokens[i * seq:i * seq + seq], np.int32) for i in index[start:start + batch]])
-        total = total + np.asarray(step(params, jnp.asarray(windows)))
-    return np.asarray(total)
+    batches = window_batches(tokens, cfg.train.seq_len, index, min(cfg.train.batch_size, len(index)))
+    return sum(np.asarray(step(params, jnp.asarray(windows), real)) for windows, real in batches)
 
 
 def load_statistics(load_LE: np.ndarray, groups: int = DEVICE_GROUPS) -> dict:

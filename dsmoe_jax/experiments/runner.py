@@ -96,10 +96,10 @@ def describe_arms(name: str, scale: str) -> list[dict]:
     experiment, sc = _lookup(name, scale)
     rows = []
     for arm_name in experiment.arms:
-        arm = ARMS[arm_name]
-        total, activated = count_params(arm_config(arm, sc, 0))
+        arm, cfg = ARMS[arm_name], arm_config(ARMS[arm_name], sc, 0)
+        total, activated = count_params(cfg)
         rows.append({"arm": arm_name, "structure": arm.structure(), "overrides": overrides_dict(arm, sc),
-                     "params_total": total, "params_activated": activated, "config": arm_config(arm, sc, 0)})
+                     "params_total": total, "params_activated": activated, "config": cfg})
     return rows
 
 
