@@ -72,11 +72,12 @@ def prompt_positions(mask_BS: jax.Array) -> jax.Array:
 @_old_argument_order_deprecated
 def prefill(params: dict, tokens: jax.Array, cache: KVCache, cfg: Config | ModelConfig,
             attention_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-    """Run (left-padded) prompts ``[B, S]`` through the model, filling ``cache``; returns the
-    logits ``[B, S, V]`` of every prompt position and the cache."""
+    """Run (left-padded) prompts ``[B, S]`` through the model, filling ``cache`` from its first
+    slot (what it held before is forgotten); returns the logits ``[B, S, V]`` of every prompt
+    position and the cache. To extend cached sequences instead, use ``forward_cached``."""
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
-    return forward_cached(params, tokens, cache, cfg, attention_mask, prompt_positions(attention_mask))
+    return forward_cached(params, tokens, cache, cfg, attention_mask, prompt_positions(attention_mask), fresh=True)
 
 
 @_old_argument_order_deprecated

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsmoe_jax.attention import attention
 from dsmoe_jax.config import Config, ModelConfig, model_config
 from dsmoe_jax.layers import MLP, RMSNorm, param
 from dsmoe_jax.moe import MoE, MoEStats, RouteOptions
@@ -66,7 +67,10 @@ class Attention(nnx.Module):
     def __call__(self, x_BSD, positions_BS, mask_B1ST, kv=None, index=0):
         """Attend from ``x``'s positions to ``T`` key slots: its own keys (``kv`` None, T = S) or
         a cache's, into which this call's keys and values are first written at ``index``.
-        Returns the output and the keys and values attended to."""
+        Returns the output and the keys and values (the cache's when there is one).
+
+        At ``index`` 0 (a Python int: a fresh cache) the cache holds nothing before this call's
+        own keys, so attention reads those directly, the same as without a cache."""
         (B, S, D), dt = x_BSD.shape, x_BSD.dtype
         # Projections see tokens as one flat axis T = B * S: XLA:CPU computes weight gradients
         # that contract over two axes (batch and sequence) several times slower than over one.
@@ -75,10 +79,14 @@ class Attention(nnx.Module):
         q_BSNH = rope(proj(self.w_q_DNH), positions_BS, self.theta)
         k_BTKH = rope(proj(self.w_k_DKH), positions_BS, self.theta)
         v_BTKH = proj(self.w_v_DKH)
+        own_keys = kv is None or (isinstance(index, int) and index == 0)
+        if own_keys:
+            out_BSNH = attention(q_BSNH, k_BTKH, v_BTKH, mask_B1ST[..., :S], own_keys=True)
         if kv is not None:
             write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, 1)
             k_BTKH, v_BTKH = write(kv[0], k_BTKH).astype(dt), write(kv[1], v_BTKH).astype(dt)
-        out_BSNH = jax.nn.dot_product_attention(q_BSNH, k_BTKH, v_BTKH, mask=mask_B1ST)
+        if not own_keys:
+            out_BSNH = attention(q_BSNH, k_BTKH, v_BTKH, mask_B1ST, own_keys=False)
         out_TNH = out_BSNH.reshape(B * S, *out_BSNH.shape[2:])
         y_BSD = jnp.einsum("tnh,nhd->td", out_TNH, self.w_o_NHD[...].astype(dt)).reshape(B, S, D)
         return y_BSD, (k_BTKH, v_BTKH)
@@ -141,14 +149,16 @@ class Decoder(nnx.Module):
         self.remat = cfg.remat
 
     def __call__(self, tokens_BS, positions_BS, valid_BS, cache: KVCache | None = None,
-                 route: RouteOptions | None = None):
-        """Logits, aux statistics and the updated cache (None without one)."""
+                 route: RouteOptions | None = None, fresh: bool = False):
+        """Logits, aux statistics and the updated cache (None without one); ``fresh``: fill the
+        cache from its first slot, whatever it held."""
         B, S = tokens_BS.shape
         if cache is None:
             index, valid_keys_BT = 0, valid_BS
         else:
-            index = cache.index
-            valid_keys_BT = jax.lax.dynamic_update_slice_in_dim(cache.valid_BT, valid_BS.astype(bool), index, 1)
+            index = 0 if fresh else cache.index
+            before_BT = jnp.zeros_like(cache.valid_BT) if fresh else cache.valid_BT
+            valid_keys_BT = jax.lax.dynamic_update_slice_in_dim(before_BT, valid_BS.astype(bool), index, 1)
         mask_B1ST = causal_mask(valid_keys_BT, index + jnp.arange(S))
         x_BSD = self.embed_VD[...][tokens_BS].astype(self.dtype)
         layer_stats, keys, values = [], [], []
@@ -166,7 +176,7 @@ class Decoder(nnx.Module):
         logits_TV = jnp.einsum("td,dv->tv", x_TD, self.lm_head_DV[...].astype(self.dtype),
                                preferred_element_type=jnp.float32)
         if cache is not None:
-            cache = KVCache(tuple(keys), tuple(values), valid_keys_BT, index + S)
+            cache = KVCache(tuple(keys), tuple(values), valid_keys_BT, jnp.asarray(index + S, jnp.int32))
         return logits_TV.reshape(B, S, -1), Aux.from_layers(layer_stats), cache
 
 
@@ -241,10 +251,12 @@ def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
 
 
 def forward_cached(params: dict, tokens: jax.Array, cache: KVCache, cfg: Config | ModelConfig,
-                   attention_mask: jax.Array, positions: jax.Array) -> tuple[jax.Array, KVCache]:
+                   attention_mask: jax.Array, positions: jax.Array, *, fresh: bool = False) -> tuple[jax.Array, KVCache]:
     """Like ``forward`` for ``tokens`` that continue the sequences in ``cache``: their keys and
-    values are written at ``cache.index`` and they attend to everything cached before them."""
-    logits, _, cache = _decoder(params, model_config(cfg))(tokens, positions, attention_mask, cache)
+    values are written at ``cache.index`` and they attend to everything cached before them.
+    ``fresh=True`` (static) starts the sequences over instead: they are written from the first
+    slot and the cache's previous content is forgotten."""
+    logits, _, cache = _decoder(params, model_config(cfg))(tokens, positions, attention_mask, cache, fresh=fresh)
     return logits, cache
 
 

@@ -105,3 +105,31 @@ def test_the_old_argument_order_still_works_with_a_deprecation_warning(small_cfg
     with pytest.warns(DeprecationWarning, match="decode_step"):
         old_step, _ = inference.decode_step(params, cfg, token, position, new_cache)
     np.testing.assert_array_equal(old_step, new_step)
+
+
+def test_prefill_starts_a_used_cache_over(small_cfg, params):
+    """A cache that already holds a longer sequence is reused for a new prompt: nothing of the
+    old sequence may be attended to, and decoding continues the new one exactly."""
+    tokens = jax.random.randint(jax.random.key(2), (2, 14), 0, small_cfg.vocab_size)
+    prefill = jax.jit(inference.prefill, static_argnames="cfg")
+    step = jax.jit(functools.partial(inference.decode_step, cfg=small_cfg))
+    cache = inference.init_cache(small_cfg, batch=2, max_len=16)
+    _, cache = prefill(params, tokens[:, 6:], cache, small_cfg)  # 8 slots of another sequence
+    logits, cache = prefill(params, tokens[:, :4], cache, small_cfg)
+    full, _ = dsmoe_jax.forward(params, tokens[:, :6], small_cfg)
+    np.testing.assert_allclose(logits, full[:, :4], atol=1e-5, err_msg="prefill over a used cache")
+    for t in (4, 5):
+        logits_BV, cache = step(params, token_B=tokens[:, t], positions_B=jnp.full((2,), t), cache=cache)
+        np.testing.assert_allclose(logits_BV, full[:, t], atol=1e-5, err_msg=f"decode at position {t}")
+
+
+def test_forward_cached_extends_a_prefilled_cache_by_a_chunk(small_cfg, params):
+    tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, small_cfg.vocab_size)
+    full, _ = dsmoe_jax.forward(params, tokens, small_cfg)
+    cache = inference.init_cache(small_cfg, batch=2, max_len=12)
+    _, cache = inference.prefill(params, tokens[:, :5], cache, small_cfg)
+    chunk = jax.jit(dsmoe_jax.model.forward_cached, static_argnames="cfg")
+    logits, cache = chunk(params, tokens[:, 5:], cache, small_cfg, jnp.ones((2, 7), jnp.int32),
+                          jnp.broadcast_to(jnp.arange(5, 12), (2, 7)))
+    np.testing.assert_allclose(logits, full[:, 5:], atol=1e-5, err_msg="a 7-token chunk after a 5-token prefill")
+    assert int(cache.index) == 12
