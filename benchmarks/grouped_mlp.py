@@ -13,6 +13,8 @@ ragged --dtype float32``. Routing is uniform at random, so every expert gets abo
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import time
 
 import jax
@@ -59,11 +61,22 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--backends", nargs="+", default=["triton", "ragged"])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
     print("| tokens | backend | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd vs dense GEMM | fwd+bwd vs dense GEMM |")
     print("|---|---|---|---|---|---|")
+    rows = []
+
+    def row(tokens, backend, flops, fwd, both, dense_fwd, dense_both):
+        rows.append({"tokens": tokens, "backend": backend, "fwd_tflops": flops / fwd / 1e12,
+                     "fwd_bwd_tflops": 3 * flops / both / 1e12, "fwd_vs_dense": dense_fwd / fwd,
+                     "fwd_bwd_vs_dense": dense_both / both})
+        r = rows[-1]
+        print(f"| {tokens} | {backend} | {r['fwd_tflops']:.1f} | {r['fwd_bwd_tflops']:.1f} | "
+              f"{r['fwd_vs_dense']:.2f}x | {r['fwd_bwd_vs_dense']:.2f}x |", flush=True)
+
     for tokens in args.tokens:
         x, wg, wu, wd, sizes = _inputs(tokens, args.d_model, args.d_ff, args.experts, args.top_k, dtype)
         flops = 2 * 3 * x.shape[0] * args.d_model * args.d_ff  # three GEMMs over every routed row
@@ -75,12 +88,12 @@ def main() -> None:
             return fwd, both
 
         dense_fwd, dense_both = timings(_dense_chain)
-        print(f"| {tokens} | dense GEMM | {flops / dense_fwd / 1e12:.1f} | {3 * flops / dense_both / 1e12:.1f} | "
-              "1.00x | 1.00x |", flush=True)
+        row(tokens, "dense GEMM", flops, dense_fwd, dense_both, dense_fwd, dense_both)
         for backend in args.backends:
             fwd, both = timings(lambda *a, b=backend: grouped.grouped_mlp(*a, sizes, backend=b))
-            print(f"| {tokens} | {backend} | {flops / fwd / 1e12:.1f} | {3 * flops / both / 1e12:.1f} | "
-                  f"{dense_fwd / fwd:.2f}x | {dense_both / both:.2f}x |", flush=True)
+            row(tokens, backend, flops, fwd, both, dense_fwd, dense_both)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

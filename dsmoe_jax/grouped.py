@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -37,6 +39,9 @@ GroupedMLP = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], j
 _BACKENDS: dict[str, GroupedMLP] = {}
 # Backends that live in another package, as (module, attribute), imported when first used.
 _PLUGINS = {"triton": ("dsmoe_jax.kernels", "triton_grouped_mlp")}
+# What a plugin needs installed, by platform ("*": any other): on a GPU the Triton kernels are
+# launched through jax-triton, elsewhere they run under Triton's interpreter.
+_PLUGIN_NEEDS = {"triton": {"gpu": ("triton", "jax_triton"), "*": ("triton",)}}
 _BUILTIN = frozenset(GROUPED_BACKENDS)
 
 TILE_ROWS = 256  # rows per tile of the "tiled" backend: 128 and 256 measured in BENCHMARKS.md
@@ -60,8 +65,16 @@ def available_backends() -> tuple[str, ...]:
     return ("auto", *sorted({*_BACKENDS, *_PLUGINS}))
 
 
+def _missing(name: str) -> list[str]:
+    """The modules plugin ``name`` needs on this platform that are not installed."""
+    needs = _PLUGIN_NEEDS.get(name, {})
+    return [m for m in needs.get(jax.default_backend(), needs.get("*", ())) if importlib.util.find_spec(m) is None]
+
+
 def _load_plugin(name: str) -> bool:
     """Import and register a plugin backend; False when its dependencies are not installed."""
+    if _missing(name):
+        return False
     if name not in _BACKENDS:
         module, attribute = _PLUGINS[name]
         try:
@@ -75,11 +88,15 @@ def resolve_backend(name: str) -> str:
     """The concrete backend for ``name``; ``"auto"`` picks by platform."""
     if name == "auto":
         platform = jax.default_backend()
-        if platform == "gpu" and _load_plugin("triton"):
-            return "triton"
+        if platform == "gpu":
+            if _load_plugin("triton"):
+                return "triton"
+            warnings.warn(f"moe.backend 'auto': the triton backend needs {' and '.join(_missing('triton'))} on a GPU "
+                          "(pip install -e '.[gpu]'); using 'ragged' (lax.ragged_dot) instead", stacklevel=2)
         return "tiled" if platform == "cpu" else "ragged"
     if name in _PLUGINS and not _load_plugin(name):
-        raise ValueError("the triton backend needs Triton (and jax-triton on a GPU): pip install -e '.[gpu]'")
+        raise ValueError(f"the {name} backend needs {' and '.join(_missing(name))} on {jax.default_backend()}: "
+                         "pip install -e '.[gpu]'")
     if name not in _BACKENDS:
         raise ValueError(f"unknown grouped-MLP backend {name!r}; available: {', '.join(available_backends())}")
     return name

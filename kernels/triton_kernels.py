@@ -6,7 +6,7 @@ or its compiler, as Triton fixes the mode when ``@triton.jit`` runs.
 Every kernel walks a tile schedule (``grouped.tile_schedule``): tile ``t`` covers rows
 ``row[t] .. row[t] + valid[t]`` of expert ``expert[t]``, at most BLOCK_M rows, with a fixed
 number of tiles (cdiv(G, BLOCK_M) + E) so the grid is static; unused tiles have ``valid = 0``
-and touch nothing. Operands are read in their dtype and accumulated in float32.
+and return at once. Operands are read in their dtype and accumulated in float32.
 
     gate_up        h = silu(x Wg_e) * (x Wu_e): x read once for both GEMMs, the gate fused in the
                    epilogue. With BACKWARD it recomputes both and turns dh into dg and du, the
@@ -30,12 +30,16 @@ import triton.language as tl
 
 @triton.jit
 def _tile(expert_ptr, row_ptr, valid_ptr, BLOCK_M: tl.constexpr):
+    """This program's tile: its expert, rows, which rows are real, and how many are. Expert and
+    rows are int64: offsets such as ``e * D * F`` and ``rows * D`` pass 2^31 elements at real
+    sizes (about 524K routed rows at D = 4096) and would wrap silently in int32."""
     t = tl.program_id(0)
-    e = tl.load(expert_ptr + t)
-    row = tl.load(row_ptr + t)
+    e = tl.load(expert_ptr + t).to(tl.int64)
+    row = tl.load(row_ptr + t).to(tl.int64)
+    valid = tl.load(valid_ptr + t)
     rows_m = row + tl.arange(0, BLOCK_M)
-    mask_m = tl.arange(0, BLOCK_M) < tl.load(valid_ptr + t)
-    return e, rows_m, mask_m
+    mask_m = tl.arange(0, BLOCK_M) < valid
+    return e, rows_m, mask_m, valid
 
 
 @triton.jit
@@ -54,7 +58,9 @@ def gate_up_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Forward: out = h = silu(x Wg_e) * (x Wu_e) (dh, out2 unused). BACKWARD: out = dg, out2 = du."""
-    e, rows_m, mask_m = _tile(expert_ptr, row_ptr, valid_ptr, BLOCK_M)
+    e, rows_m, mask_m, valid = _tile(expert_ptr, row_ptr, valid_ptr, BLOCK_M)
+    if valid == 0:  # a tile past the used ones (most of them when decoding): nothing to do
+        return
     cols_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols_n < F
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -103,7 +109,9 @@ def grouped_matmul_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """out[rows of tile] = a W_e (+ a2 W2_e); W element (e, k, n) at e*STRIDE_WE + k*STRIDE_WK + n*STRIDE_WN."""
-    e, rows_m, mask_m = _tile(expert_ptr, row_ptr, valid_ptr, BLOCK_M)
+    e, rows_m, mask_m, valid = _tile(expert_ptr, row_ptr, valid_ptr, BLOCK_M)
+    if valid == 0:
+        return
     cols_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -124,11 +132,11 @@ def weight_grad_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """out[e] = a[rows of e]^T b[rows of e]: grid (E, cdiv(K, BLOCK_K), cdiv(N, BLOCK_N))."""
-    e = tl.program_id(0)
+    e = tl.program_id(0).to(tl.int64)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     cols_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k, mask_n = ks < K, cols_n < N
-    start = tl.load(start_ptr + e)
+    start = tl.load(start_ptr + e).to(tl.int64)
     size = tl.load(size_ptr + e)
     acc = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)
     for r0 in range(0, size, BLOCK_R):

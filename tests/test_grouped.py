@@ -57,6 +57,18 @@ def test_tile_schedule_covers_every_row_once_per_expert():
     assert covered == expected, f"tiles must cover each expert's rows exactly once: {covered}"
 
 
+def test_auto_on_a_gpu_without_jax_triton_falls_back_with_a_warning(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jax_triton" else find_spec(name, *a))
+    with pytest.warns(UserWarning, match="needs jax_triton on a GPU.*using 'ragged'"):
+        assert grouped.resolve_backend("auto") == "ragged"
+    with pytest.raises(ValueError, match="the triton backend needs jax_triton on gpu"):
+        grouped.resolve_backend("triton")
+
+
 def test_unknown_backend_is_a_clear_error():
     x, ws, gs = grouped_inputs([2, 2], rows=4)
     with pytest.raises(ValueError, match="unknown grouped-MLP backend 'nope'.*available"):
