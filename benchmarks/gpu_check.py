@@ -49,7 +49,7 @@ def _pytest(args: list[str]) -> dict:
     return {"pytest_args": args}
 
 
-def step_kernels(dry: bool) -> dict:
+def step_kernels(dry: bool, out: pathlib.Path) -> dict:
     # The dry run keeps the interpreter's share small: one group layout per kernel test.
     return _pytest(["tests/test_kernels.py", *(["-k", "uneven_with_empty or compiles"] if dry else [])])
 
@@ -104,7 +104,7 @@ def _copy_bandwidth(dry: bool) -> float:
     return 2 * x.nbytes / _seconds(lambda: copy(x), 3 if dry else 20)
 
 
-def step_train(dry: bool) -> dict:
+def step_train(dry: bool, out: pathlib.Path) -> dict:
     import jax
 
     import dsmoe_jax
@@ -135,7 +135,7 @@ def step_train(dry: bool) -> dict:
             "model_tflops": model_flops / 1e12, "matmul_peak_tflops": peak / 1e12, "mfu": model_flops / peak}
 
 
-def step_decode(dry: bool) -> dict:
+def step_decode(dry: bool, out: pathlib.Path) -> dict:
     import functools
 
     import jax
@@ -172,7 +172,7 @@ def step_decode(dry: bool) -> dict:
             **rows}
 
 
-def step_tests(dry: bool) -> dict:
+def step_tests(dry: bool, out: pathlib.Path) -> dict:
     return _pytest(["tests/test_config.py"] if dry else ["-x"])
 
 
@@ -230,8 +230,7 @@ def main() -> int:
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.step:
-        fn = STEPS[args.step]
-        numbers = fn(args.dry_run, out) if args.step == "grouped_mlp" else fn(args.dry_run)
+        numbers = STEPS[args.step](args.dry_run, out)  # every step: (dry, out folder) -> numbers
         (out / f"{args.step}.result.json").write_text(json.dumps(numbers, indent=1))
         return 0
 

@@ -67,6 +67,11 @@ def seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
+def decode_seconds(greedy, ids: np.ndarray, new: int) -> float:
+    """Seconds per decoded token: generating ``new`` tokens minus generating one (the prefill)."""
+    return (seconds(lambda: greedy(ids, new)) - seconds(lambda: greedy(ids, 1))) / (new - 1)
+
+
 # ---- the two sides: each builds its model from the same HF tensors and times one cell --------
 
 
@@ -116,8 +121,7 @@ class Jax:
             ids = self.jnp.asarray(tokens(self.cfg.vocab_size, c["batch"], c["seq"]))
             cache = self.inference.init_cache(self.cfg, c["batch"], c["seq"])
             return seconds(lambda: block(self.prefill(self.params, ids, cache, cfg=self.cfg)))
-        ids = tokens(self.cfg.vocab_size, c["batch"], c["prompt"])
-        return (seconds(lambda: self.greedy(ids, c["new"])) - seconds(lambda: self.greedy(ids, 1))) / (c["new"] - 1)
+        return decode_seconds(self.greedy, tokens(self.cfg.vocab_size, c["batch"], c["prompt"]), c["new"])
 
 
 class Torch:
@@ -172,8 +176,7 @@ class Torch:
                     self.model(ids, use_cache=True)
 
             return seconds(prefill)
-        ids = tokens(self.cfg.vocab_size, c["batch"], c["prompt"])
-        return (seconds(lambda: self.greedy(ids, c["new"])) - seconds(lambda: self.greedy(ids, 1))) / (c["new"] - 1)
+        return decode_seconds(self.greedy, tokens(self.cfg.vocab_size, c["batch"], c["prompt"]), c["new"])
 
 
 def worker(side: str, model: str, weights_path: str) -> None:

@@ -79,17 +79,17 @@ class Attention(nnx.Module):
         q_BSNH = rope(proj(self.w_q_DNH), positions_BS, self.theta)
         k_BTKH = rope(proj(self.w_k_DKH), positions_BS, self.theta)
         v_BTKH = proj(self.w_v_DKH)
-        own_keys = kv is None or (isinstance(index, int) and index == 0)
-        if own_keys:
-            out_BSNH = attention(q_BSNH, k_BTKH, v_BTKH, mask_B1ST[..., :S], own_keys=True)
+        k_cache, v_cache = k_BTKH, v_BTKH
         if kv is not None:
             write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, 1)
-            k_BTKH, v_BTKH = write(kv[0], k_BTKH).astype(dt), write(kv[1], v_BTKH).astype(dt)
-        if not own_keys:
-            out_BSNH = attention(q_BSNH, k_BTKH, v_BTKH, mask_B1ST, own_keys=False)
+            k_cache, v_cache = write(kv[0], k_BTKH).astype(dt), write(kv[1], v_BTKH).astype(dt)
+        if kv is None or (isinstance(index, int) and index == 0):
+            out_BSNH = attention(q_BSNH, k_BTKH, v_BTKH, mask_B1ST[..., :S], own_keys=True)
+        else:
+            out_BSNH = attention(q_BSNH, k_cache, v_cache, mask_B1ST, own_keys=False)
         out_TNH = out_BSNH.reshape(B * S, *out_BSNH.shape[2:])
         y_BSD = jnp.einsum("tnh,nhd->td", out_TNH, self.w_o_NHD[...].astype(dt)).reshape(B, S, D)
-        return y_BSD, (k_BTKH, v_BTKH)
+        return y_BSD, (k_cache, v_cache)
 
 
 class Block(nnx.Module):
