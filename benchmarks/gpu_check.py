@@ -6,6 +6,8 @@ not stop the others:
   kernels      tests/test_kernels.py on the GPU, natively (values and gradients vs jnp, bf16/fp32)
   grouped_mlp  benchmarks/grouped_mlp.py at the 16B layer shapes: TFLOP/s of the triton backend,
                lax.ragged_dot and a dense GEMM chain of equal FLOPs, forward and forward+backward
+  attention    causal attention at 4K tokens in bf16: cuDNN's flash kernel (the GPU default) against
+               the masked and blocked paths, error against a float32 reference, time and memory
   train        training steps of the 2B config in bf16: tokens/s and model-FLOPs utilisation
                against the bf16 matmul peak measured in the same process
   decode       greedy decoding tokens/s at batch 1 and 64 for the same model, against the bound
@@ -35,8 +37,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Seconds per step on the GPU (about 8 minutes in all, installation included) and in a dry run.
-TIME_BOX = {"kernels": 75, "grouped_mlp": 75, "train": 110, "decode": 75, "tests": 120}
-DRY_TIME_BOX = {"kernels": 120, "grouped_mlp": 60, "train": 90, "decode": 90, "tests": 60}
+TIME_BOX = {"kernels": 75, "grouped_mlp": 75, "attention": 45, "train": 100, "decode": 75, "tests": 95}
+DRY_TIME_BOX = {"kernels": 120, "grouped_mlp": 60, "attention": 60, "train": 90, "decode": 90, "tests": 60}
 PACKAGES = ["jax", "jaxlib", "jax-cuda13-plugin", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore",
             "triton", "jax-triton", "torch", "transformers", "numpy"]
 OWED = ["the expert-parallel exchange (ragged all_to_all between GPUs) needs at least two GPUs: not checked here"]
@@ -104,10 +106,41 @@ def _copy_bandwidth(dry: bool) -> float:
     return 2 * x.nbytes / _seconds(lambda: copy(x), 3 if dry else 20)
 
 
+def step_attention(dry: bool, out: pathlib.Path) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from dsmoe_jax.attention import attention, causal_mask, resolve_implementation
+
+    B, S, N, H, dtype = (2, 256, 4, 32, jnp.float32) if dry else (2, 4096, 16, 128, jnp.bfloat16)
+    ks = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(kk, (B, S, N, H), dtype) for kk in ks)
+    valid = jnp.ones((B, S), bool).at[0, : S // 8].set(False)  # a left-padded row, as pad_prompts makes
+    real = valid[:, :, None, None]
+    mask = causal_mask(valid, jnp.arange(S))
+    reference = jax.nn.dot_product_attention(*(a.astype(jnp.float32) for a in (q, k, v)), mask=mask)
+    rows = {"auto_resolves_to": resolve_implementation("auto", dtype=dtype), "shape": [B, S, N, H],
+            "dtype": str(jnp.dtype(dtype))}
+    for name in ("cudnn", "xla", "blocked"):
+        fwd = jax.jit(lambda q, k, v, name=name: attention(q, k, v, valid, implementation=name))
+        loss = lambda q, k, v, name=name: jnp.sum(jnp.where(real, attention(q, k, v, valid, implementation=name), 0)
+                                                  .astype(jnp.float32) ** 2)
+        fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        error = jnp.max(jnp.abs(jnp.where(real, fwd(q, k, v).astype(jnp.float32) - reference, 0)))
+        memory = fwd_bwd.lower(q, k, v).compile().memory_analysis()
+        reps = 2 if dry else 10
+        rows[name] = {"max_abs_error_vs_f32": float(error),
+                      "forward_ms": 1e3 * _seconds(lambda: fwd(q, k, v), reps),
+                      "forward_backward_ms": 1e3 * _seconds(lambda: fwd_bwd(q, k, v), reps),
+                      "forward_backward_temp_mib": memory.temp_size_in_bytes / 2**20 if memory else None}
+    return rows
+
+
 def step_train(dry: bool, out: pathlib.Path) -> dict:
     import jax
 
     import dsmoe_jax
+    from dsmoe_jax.attention import resolve_implementation
     from dsmoe_jax.model import flops_per_token
     from dsmoe_jax.train.optimizer import make_optimizer
     from dsmoe_jax.train.step import init_state, make_train_step
@@ -130,7 +163,9 @@ def step_train(dry: bool, out: pathlib.Path) -> dict:
     tokens_s = B * S / seconds
     model_flops = 3 * flops_per_token(cfg.model, S) * tokens_s  # forward + backward
     peak = _matmul_peak(dry)
-    return {"config": "tiny" if dry else "2b", "dtype": cfg.model.dtype, "batch": [B, S], "loss": loss,
+    attention = resolve_implementation(cfg.model.attention, dtype=cfg.model.dtype)
+    return {"config": "tiny" if dry else "2b", "dtype": cfg.model.dtype, "attention": attention,
+            "batch": [B, S], "loss": loss,
             "first_step_s": compile_and_first, "step_s": seconds, "tokens_per_s": tokens_s,
             "model_tflops": model_flops / 1e12, "matmul_peak_tflops": peak / 1e12, "mfu": model_flops / peak}
 
@@ -176,7 +211,7 @@ def step_tests(dry: bool, out: pathlib.Path) -> dict:
     return _pytest(["tests/test_config.py"] if dry else ["-x"])
 
 
-STEPS = {"kernels": step_kernels, "grouped_mlp": step_grouped_mlp, "train": step_train,
+STEPS = {"kernels": step_kernels, "grouped_mlp": step_grouped_mlp, "attention": step_attention, "train": step_train,
          "decode": step_decode, "tests": step_tests}
 
 

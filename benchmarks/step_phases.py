@@ -25,7 +25,7 @@ import dsmoe_jax
 from dsmoe_jax import grouped
 from dsmoe_jax.evaluation import cross_entropy
 from dsmoe_jax.layers import MLP, RMSNorm
-from dsmoe_jax.model import Attention, causal_mask
+from dsmoe_jax.model import Attention
 from dsmoe_jax.moe import MoE
 from dsmoe_jax.train.optimizer import make_optimizer
 from dsmoe_jax.train.step import init_state, make_train_step
@@ -58,7 +58,6 @@ def phases(name: str, batch: int, seq: int, reps: int) -> list[tuple[str, int, f
     B, S, D = batch, seq, m.d_model
     x_BSD = jax.random.normal(jax.random.key(1), (B, S, D), dt)
     positions = jnp.broadcast_to(jnp.arange(S), (B, S))
-    mask = causal_mask(jnp.ones((B, S), bool), jnp.arange(S))
     tokens = jax.random.randint(jax.random.key(2), (B, S), 0, m.vocab_size)
     valid = jnp.ones((B, S), bool)
     n_moe, n_dense = m.n_layers - m.first_k_dense, m.first_k_dense
@@ -77,7 +76,7 @@ def phases(name: str, batch: int, seq: int, reps: int) -> list[tuple[str, int, f
             self.norm, self.attn = RMSNorm(D, m.norm_eps, dt), Attention(m, rngs=rngs)
 
         def __call__(self, x):
-            return self.attn(self.norm(x), positions, mask)[0]
+            return self.attn(self.norm(x), positions, valid)[0]
 
     # The MoE layer with an identity grouped MLP: router, sort, gathers, combine, shared experts.
     grouped.register_backend("identity", lambda x_GD, *_: x_GD)

@@ -3,16 +3,26 @@
 Shape legend: B batch, S query slots, T key slots, N query heads, K key/value heads,
 G = N / K query heads per key head (grouped-query attention), H head width.
 
-Two implementations with one contract (softmax in float32, scale 1/sqrt(H), output in the
-queries' dtype; a query row whose keys are all masked gives an arbitrary finite value):
-  "xla"      ``jax.nn.dot_product_attention``: the score of every query against every key slot.
-  "blocked"  for a sequence attending to its own keys (no cache: T = S and query slot s is key
-             slot s): queries in blocks of ``QUERY_BLOCK`` rows, block i scoring only the keys
-             up to its own end. The scores above the causal diagonal, about half of them, are
-             never computed, and no [S, S] matrix is materialised at once. On XLA:CPU this is
-             2-4x faster than "xla" forward and backward (BENCHMARKS.md).
-``attention(..., own_keys=True)`` picks "blocked" on CPU; a cache (``own_keys=False``) always
-uses "xla", because the number of keys a query can see is then only known at run time.
+The queries sit at slots ``start .. start + S - 1`` of the ``T`` key slots; query slot s sees
+key slot t when t <= s and ``valid_BT[b, t]`` (a real token, not padding). When ``start`` is
+the Python int 0 and T = S, the keys are the queries' own sequence ("own keys": training,
+evaluation, a prefill); otherwise they come from a KV cache.
+
+Implementations share one contract (softmax in float32, scale 1/sqrt(H), output in the queries'
+dtype; a query row that sees no key gives an arbitrary finite value):
+  "xla"      ``jax.nn.dot_product_attention`` with a [B, 1, S, T] mask: the score of every query
+             against every key slot. The only one that serves a cache.
+  "blocked"  own keys only: queries in blocks of ``QUERY_BLOCK`` rows, block i scoring only the
+             keys up to its own end, so the scores above the causal diagonal (about half) are
+             never computed and no [S, S] matrix exists at once. On XLA:CPU 2-4x faster than
+             "xla" forward and backward (BENCHMARKS.md).
+  "cudnn"    own keys only: cuDNN's fused flash attention (``is_causal`` and per-row sequence
+             lengths, no mask and no materialised scores). cuDNN only knows padding at the end
+             of a row, so left-padded rows (``inference.pad_prompts``) are rolled to start at
+             slot 0 and rolled back; each row's real tokens must be one contiguous run. Off a
+             GPU the same call runs through XLA's reference implementation, which is how the
+             tests check these arguments on CPU.
+``resolve_implementation`` maps "auto" (and a cache) to one of them.
 """
 
 from __future__ import annotations
@@ -21,7 +31,34 @@ import jax
 import jax.numpy as jnp
 
 QUERY_BLOCK = 128  # rows per query block of "blocked": 64 and 128 measured in BENCHMARKS.md
-IMPLEMENTATIONS = ("auto", "xla", "blocked")
+IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn")
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # what cuDNN's fused attention takes
+
+
+def resolve_implementation(name: str, own_keys: bool = True, platform: str | None = None,
+                           dtype="bfloat16") -> str:
+    """The implementation ``attention`` runs for ``name`` on ``platform`` (default: JAX's backend)
+    with queries of ``dtype``.
+
+    "auto" is "blocked" on CPU, and on GPU "cudnn" for the 16-bit dtypes cuDNN's kernel takes
+    ("xla" for float32); attention over a cache is always "xla"."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; one of {', '.join(IMPLEMENTATIONS)}")
+    if not own_keys:
+        return "xla"
+    if name == "auto":
+        platform = platform or jax.default_backend()
+        if platform == "gpu":
+            return "cudnn" if jnp.dtype(dtype) in CUDNN_DTYPES else "xla"
+        return "blocked" if platform == "cpu" else "xla"
+    return name
+
+
+def causal_mask(valid_keys_BT: jax.Array, query_slots_S: jax.Array) -> jax.Array:
+    """[B, 1, S, T]: query slot s sees key slot t when t <= s and key t is a real token."""
+    T = valid_keys_BT.shape[1]
+    causal_ST = jnp.arange(T)[None, :] <= query_slots_S[:, None]
+    return valid_keys_BT.astype(bool)[:, None, None, :] & causal_ST[None, None]
 
 
 def _grouped(x_BSNH: jax.Array, K: int) -> jax.Array:
@@ -30,7 +67,7 @@ def _grouped(x_BSNH: jax.Array, K: int) -> jax.Array:
     return x_BSNH.reshape(B, S, K, N // K, H).transpose(0, 2, 3, 1, 4)
 
 
-def blocked_attention(q_BSNH, k_BSKH, v_BSKH, mask_B1SS, block: int = QUERY_BLOCK) -> jax.Array:
+def blocked_attention(q_BSNH, k_BSKH, v_BSKH, valid_BS, block: int = QUERY_BLOCK) -> jax.Array:
     """Causal attention of a sequence over its own keys, one block of queries at a time."""
     (B, S, N, H), K = q_BSNH.shape, k_BSKH.shape[2]
     q_BKGSH = _grouped(q_BSNH, K)
@@ -40,7 +77,7 @@ def blocked_attention(q_BSNH, k_BSKH, v_BSKH, mask_B1SS, block: int = QUERY_BLOC
         end = min(start + block, S)  # a query in this block sees no key at or past ``end``
         s_BKGQT = jnp.einsum("bkgqh,bkth->bkgqt", q_BKGSH[:, :, :, start:end], k_BKSH[:, :, :end],
                              preferred_element_type=jnp.float32) * H**-0.5
-        visible_B1QT = mask_B1SS[:, :, start:end, :end]
+        visible_B1QT = causal_mask(valid_BS[:, :end], jnp.arange(start, end))
         s_BKGQT = jnp.where(visible_B1QT[:, :, None], s_BKGQT, jnp.finfo(jnp.float32).min)
         p_BKGQT = jax.nn.softmax(s_BKGQT, axis=-1).astype(v_BKSH.dtype)
         outs.append(jnp.einsum("bkgqt,bkth->bkgqh", p_BKGQT, v_BKSH[:, :, :end]))
@@ -48,17 +85,39 @@ def blocked_attention(q_BSNH, k_BSKH, v_BSKH, mask_B1SS, block: int = QUERY_BLOC
     return out_BKGSH.transpose(0, 3, 1, 2, 4).reshape(B, S, N, H).astype(q_BSNH.dtype)
 
 
-def attention(q_BSNH, k_BTKH, v_BTKH, mask_B1ST, *, own_keys: bool, implementation: str = "auto") -> jax.Array:
-    """Attention output ``[B, S, N, H]``; ``mask_B1ST`` says which key slots each query sees.
+def _roll_rows(x_BS___: jax.Array, shift_B: jax.Array) -> jax.Array:
+    """Row b rolled left by ``shift_B[b]`` slots along axis 1."""
+    S = x_BS___.shape[1]
+    index_BS = (jnp.arange(S)[None, :] + shift_B[:, None]) % S
+    return jnp.take_along_axis(x_BS___, index_BS.reshape(*index_BS.shape, *[1] * (x_BS___.ndim - 2)), axis=1)
 
-    ``own_keys``: the keys are the queries' own sequence in order (T = S, causal), which is what
-    lets "blocked" skip the scores above the diagonal."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; one of {IMPLEMENTATIONS}")
-    if implementation == "auto":
-        implementation = "blocked" if own_keys and jax.default_backend() == "cpu" else "xla"
-    if implementation == "blocked":
-        if not own_keys:
-            raise ValueError("blocked attention needs own_keys=True (a sequence over its own keys, no cache)")
-        return blocked_attention(q_BSNH, k_BTKH, v_BTKH, mask_B1ST)
-    return jax.nn.dot_product_attention(q_BSNH, k_BTKH, v_BTKH, mask=mask_B1ST)
+
+def flash_attention(q_BSNH, k_BSKH, v_BSKH, valid_BS) -> jax.Array:
+    """Causal attention of a sequence over its own keys through cuDNN's fused kernel (XLA's
+    reference implementation of the same call off a GPU); see the module docstring."""
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and q_BSNH.dtype not in CUDNN_DTYPES:
+        raise ValueError(f"cuDNN flash attention takes bfloat16 or float16, not {q_BSNH.dtype}: set "
+                         "model.dtype = 'bfloat16', or model.attention = 'auto' (which uses 'xla' for float32)")
+    lead_B = jnp.argmax(valid_BS, axis=1)  # the first real slot: left padding ends there
+    length_B = jnp.sum(valid_BS, axis=1, dtype=jnp.int32)
+    q_BSNH, k_BSKH, v_BSKH = (_roll_rows(a, lead_B) for a in (q_BSNH, k_BSKH, v_BSKH))
+    out_BSNH = jax.nn.dot_product_attention(
+        q_BSNH, k_BSKH, v_BSKH, is_causal=True, query_seq_lengths=length_B, key_value_seq_lengths=length_B,
+        implementation="cudnn" if on_gpu else "xla")
+    return _roll_rows(out_BSNH, -lead_B)
+
+
+def attention(q_BSNH, k_BTKH, v_BTKH, valid_BT, *, start=0, implementation: str = "auto") -> jax.Array:
+    """Attention output ``[B, S, N, H]`` of queries at slots ``start ..`` over ``T`` key slots of
+    which ``valid_BT`` marks the real tokens. ``implementation`` applies to attention over the
+    queries' own keys; over a cache it is always "xla" (``resolve_implementation``)."""
+    own_keys = isinstance(start, int) and start == 0 and k_BTKH.shape[1] == q_BSNH.shape[1]
+    match resolve_implementation(implementation, own_keys, dtype=q_BSNH.dtype):
+        case "blocked":
+            return blocked_attention(q_BSNH, k_BTKH, v_BTKH, valid_BT)
+        case "cudnn":
+            return flash_attention(q_BSNH, k_BTKH, v_BTKH, valid_BT)
+        case _:
+            mask_B1ST = causal_mask(valid_BT, start + jnp.arange(q_BSNH.shape[1]))
+            return jax.nn.dot_product_attention(q_BSNH, k_BTKH, v_BTKH, mask=mask_B1ST)

@@ -26,9 +26,11 @@ import numpy as np
 
 from dsmoe_jax import convert, data, inference, runtime
 from dsmoe_jax import plan as plan_lib
+from dsmoe_jax.attention import resolve_implementation
 from dsmoe_jax.checkpoint import load_checkpoint
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
 from dsmoe_jax.evaluation import evaluate
+from dsmoe_jax.grouped import resolve_backend
 from dsmoe_jax.model import count_params, flops_per_token
 from dsmoe_jax.train.distributed import initialize_distributed
 from dsmoe_jax.train.loop import train
@@ -62,8 +64,19 @@ def describe(cfg: Config, seq_len: int | None = None) -> str:
     return "\n".join(lines)
 
 
+def run_paths(cfg: Config) -> str:
+    """Which implementations a run of ``cfg`` takes on this machine's JAX backend."""
+    m, platform = cfg.model, jax.default_backend()
+    parts = [f"attention {resolve_implementation(m.attention, dtype=m.dtype)} (xla over a KV cache)"]
+    if m.moe is not None and m.n_moe_layers:
+        parts.insert(0, f"grouped MLP backend {resolve_backend(m.moe.backend)}")
+    return f"on {platform:<10}{', '.join(parts)}"
+
+
 def _info(args) -> None:
-    print(describe(load_config(args.config, args.set)))
+    cfg = load_config(args.config, args.set)
+    print(describe(cfg))
+    print(run_paths(cfg))
 
 
 def _train(args) -> None:
@@ -135,7 +148,7 @@ def _parse_mesh(text: str) -> dict[str, int]:
 
 def _plan(args) -> None:
     cfg = load_config(args.config, args.set)
-    p = plan_lib.make_plan(cfg, _parse_mesh(args.mesh), batch=args.batch, seq=args.seq)
+    p = plan_lib.make_plan(cfg, _parse_mesh(args.mesh), batch=args.batch, seq=args.seq, platform=args.platform)
     print(describe(cfg, args.seq))
     print(plan_lib.format_plan(p, args.gpu_memory, args.peak_tflops))
 
@@ -211,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--mesh", required=True, metavar="AXIS=SIZE,...", help="e.g. data=8,expert=8 (fsdp too)")
     pl.add_argument("--batch", type=int, help="global batch in sequences (default train.batch_size)")
     pl.add_argument("--seq", type=int, help="sequence length (default train.seq_len)")
+    pl.add_argument("--platform", choices=("gpu", "cpu"), default="gpu",
+                    help="the devices of the mesh: they decide the attention implementation (default gpu)")
     pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per device (H100: 80)")
     pl.add_argument("--peak-tflops", type=float, default=plan_lib.DEFAULT_PEAK_TFLOPS,
                     help=f"dense bf16 TFLOP/s per device (default: H100, {plan_lib.DEFAULT_PEAK_TFLOPS:g})")

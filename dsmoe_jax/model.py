@@ -45,13 +45,6 @@ class KVCache(NamedTuple):
     index: jax.Array  # int32: the next slot to write
 
 
-def causal_mask(valid_keys_BT: jax.Array, query_slots_S: jax.Array) -> jax.Array:
-    """[B, 1, S, T]: query slot s sees key slot t when t <= s and key t is a real token."""
-    T = valid_keys_BT.shape[1]
-    causal_ST = jnp.arange(T)[None, :] <= query_slots_S[:, None]
-    return valid_keys_BT.astype(bool)[:, None, None, :] & causal_ST[None, None]
-
-
 class Attention(nnx.Module):
     """Causal multi-head attention (grouped-query when n_kv_heads < n_heads), no biases."""
 
@@ -63,11 +56,13 @@ class Attention(nnx.Module):
         self.w_v_DKH = p((D, K, H), ("embed", "kv_heads", "head_dim"))
         self.w_o_NHD = p((N, H, D), ("heads", "head_dim", "embed"))
         self.theta = cfg.rope_theta
+        self.implementation = cfg.attention
 
-    def __call__(self, x_BSD, positions_BS, mask_B1ST, kv=None, index=0):
-        """Attend from ``x``'s positions to ``T`` key slots: its own keys (``kv`` None, T = S) or
-        a cache's, into which this call's keys and values are first written at ``index``.
-        Returns the output and the keys and values (the cache's when there is one).
+    def __call__(self, x_BSD, positions_BS, valid_keys_BT, kv=None, index=0):
+        """Attend from ``x``'s positions to ``T`` key slots, of which ``valid_keys_BT`` marks the
+        real tokens: its own keys (``kv`` None, T = S) or a cache's, into which this call's keys
+        and values are first written at ``index``. Returns the output and the keys and values
+        (the cache's when there is one).
 
         At ``index`` 0 (a Python int: a fresh cache) the cache holds nothing before this call's
         own keys, so attention reads those directly, the same as without a cache."""
@@ -84,9 +79,9 @@ class Attention(nnx.Module):
             write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, 1)
             k_cache, v_cache = write(kv[0], k_BTKH).astype(dt), write(kv[1], v_BTKH).astype(dt)
         if kv is None or (isinstance(index, int) and index == 0):
-            out_BSNH = attention(q_BSNH, k_BTKH, v_BTKH, mask_B1ST[..., :S], own_keys=True)
+            out_BSNH = attention(q_BSNH, k_BTKH, v_BTKH, valid_keys_BT[:, :S], implementation=self.implementation)
         else:
-            out_BSNH = attention(q_BSNH, k_cache, v_cache, mask_B1ST, own_keys=False)
+            out_BSNH = attention(q_BSNH, k_cache, v_cache, valid_keys_BT, start=index)
         out_TNH = out_BSNH.reshape(B * S, *out_BSNH.shape[2:])
         y_BSD = jnp.einsum("tnh,nhd->td", out_TNH, self.w_o_NHD[...].astype(dt)).reshape(B, S, D)
         return y_BSD, (k_cache, v_cache)
@@ -105,8 +100,8 @@ class Block(nnx.Module):
         else:
             self.ffn = MoE(cfg, rngs=rngs)
 
-    def __call__(self, x_BSD, positions_BS, valid_BS, tokens_BS, mask_B1ST, kv=None, index=0, route=None):
-        a_BSD, kv = self.attn(self.attn_norm(x_BSD), positions_BS, mask_B1ST, kv, index)
+    def __call__(self, x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv=None, index=0, route=None):
+        a_BSD, kv = self.attn(self.attn_norm(x_BSD), positions_BS, valid_keys_BT, kv, index)
         x_BSD = x_BSD + a_BSD
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
@@ -159,7 +154,6 @@ class Decoder(nnx.Module):
             index = 0 if fresh else cache.index
             before_BT = jnp.zeros_like(cache.valid_BT) if fresh else cache.valid_BT
             valid_keys_BT = jax.lax.dynamic_update_slice_in_dim(before_BT, valid_BS.astype(bool), index, 1)
-        mask_B1ST = causal_mask(valid_keys_BT, index + jnp.arange(S))
         x_BSD = self.embed_VD[...][tokens_BS].astype(self.dtype)
         layer_stats, keys, values = [], [], []
         run = lambda blk, *args: blk(*args, route=route)  # route is static: a closure, not an argument
@@ -167,7 +161,7 @@ class Decoder(nnx.Module):
             run = nnx.remat(run)
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x_BSD, stats, (k, v) = run(block, x_BSD, positions_BS, valid_BS, tokens_BS, mask_B1ST, kv, index)
+            x_BSD, stats, (k, v) = run(block, x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv, index)
             keys.append(k)
             values.append(v)
             if stats is not None:

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import jax
 
 from dsmoe_jax import mesh as mesh_lib
+from dsmoe_jax.attention import QUERY_BLOCK, resolve_implementation
 from dsmoe_jax.config import MESH_AXES, Config, ConfigError, MeshConfig, ModelConfig
 from dsmoe_jax.expert_parallel import check_expert_parallel, send_buffer_rows
 from dsmoe_jax.model import flops_per_token, param_shapes
@@ -46,6 +47,7 @@ class Plan:
     """Per-device bytes and per-step work of one training step of a config on a mesh."""
 
     mesh: dict[str, int]
+    attention: str  # the implementation the step's attention takes (dsmoe_jax.attention)
     tokens_per_device: int  # per micro-batch
     params: int
     grads: int
@@ -73,14 +75,24 @@ def _device_elements(cfg: ModelConfig, mesh: jax.sharding.AbstractMesh) -> int:
                for sharding, shape in zip(jax.tree.leaves(shardings), jax.tree.leaves(shapes)))
 
 
-def _layer_activation_bytes(cfg: ModelConfig, ffn: dict, t: int, seq: int, ep: int) -> int:
+def _scores_bytes(implementation: str, N: int, seq: int) -> int:
+    """Float32 bytes per token that attention keeps for the backward pass beyond its inputs and
+    output: the scores, masked scores and probabilities of each query row ("xla": a row of
+    ``seq`` keys; "blocked": the keys up to the end of the row's block, (seq + block) / 2 on
+    average), or only the softmax's log-sum-exp for the fused flash kernel ("cudnn")."""
+    if implementation == "cudnn":
+        return 4 * N
+    keys = seq if implementation == "xla" else (seq + min(QUERY_BLOCK, seq)) // 2
+    return 3 * 4 * N * keys
+
+
+def _layer_activation_bytes(cfg: ModelConfig, ffn: dict, t: int, seq: int, ep: int, attention_impl: str) -> int:
     """Bytes the backward pass keeps for one block over ``t`` tokens; ``ffn`` is the block's FFN
     parameter shapes (from ``param_shapes``), which give every width the FFN has."""
     c = 4 if cfg.dtype == "float32" else 2
     D, N, Kv, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-    # norm in/out, q k v before and after RoPE, attention output, o-projection; the scores, masked
-    # scores and probabilities are float32 [N, S] rows per token
-    attention = t * c * (3 * D + 2 * (N + 2 * Kv) * H + N * H) + t * 3 * 4 * N * seq
+    # norm in/out, q k v before and after RoPE, attention output, o-projection, then the scores
+    attention = t * c * (3 * D + 2 * (N + 2 * Kv) * H + N * H) + t * _scores_bytes(attention_impl, N, seq)
     if "w_gate_EDF" not in ffn:  # a dense block
         return attention + t * c * (2 * D + 3 * ffn["w_gate_DF"].shape[1])
     m = cfg.moe
@@ -95,9 +107,11 @@ def _layer_activation_bytes(cfg: ModelConfig, ffn: dict, t: int, seq: int, ep: i
     return attention + router + grouped + shared + t * (2 * c * D + 4 * D)  # norm, combine (float32)
 
 
-def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = None, seq: int | None = None) -> Plan:
+def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = None, seq: int | None = None,
+              platform: str = "gpu") -> Plan:
     """The plan of ``cfg`` (``train.batch_size`` x ``train.seq_len`` unless given) on a mesh of
-    ``mesh_sizes`` (axes ``data``, ``fsdp``, ``expert``; missing axes are 1)."""
+    ``mesh_sizes`` (axes ``data``, ``fsdp``, ``expert``; missing axes are 1) of ``platform``
+    devices, which decides the attention implementation and so its activations."""
     sizes = MeshConfig.from_sizes(mesh_sizes).resolve()
     mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), MESH_AXES)
     m, t_cfg = cfg.model, cfg.train
@@ -110,7 +124,9 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     t = micro * seq // devices
 
     elements = _device_elements(m, mesh)
-    layers = [_layer_activation_bytes(m, block["ffn"], t, seq, ep) for block in param_shapes(m)["layers"].values()]
+    attention = resolve_implementation(m.attention, platform=platform, dtype=m.dtype)
+    layers = [_layer_activation_bytes(m, block["ffn"], t, seq, ep, attention)
+              for block in param_shapes(m)["layers"].values()]
     c = 4 if m.dtype == "float32" else 2
     logits = t * m.vocab_size * 4 * 2  # float32 logits and their log-softmax
     residual = t * m.d_model * c  # each block's input, all that remat keeps
@@ -124,7 +140,7 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     routed = 0 if ep == 1 else m.moe.top_k * t * m.d_model * c
     leaves = (ep - 1) / ep
     return Plan(
-        mesh=sizes, tokens_per_device=t, params=4 * elements, grads=4 * elements, optimizer=8 * elements,
+        mesh=sizes, attention=attention, tokens_per_device=t, params=4 * elements, grads=4 * elements, optimizer=8 * elements,
         update=8 * elements,
         activations=activations, activations_remat=activations_remat,
         flops_per_step=(passes + 1) * flops_per_token(m, seq) * batch * seq,  # backward = 2 forwards
@@ -142,7 +158,8 @@ def format_plan(plan: Plan, gpu_memory_gib: float | None = None, peak_tflops: fl
         f"gradients         {g(plan.grads)}",
         f"optimizer state   {g(plan.optimizer)}   Adam moments",
         f"step transients   {g(plan.update)}   gradient accumulator, optimizer updates",
-        f"activations       {g(plan.activations)}   ({g(plan.activations_remat).strip()} with model.remat = true)",
+        f"activations       {g(plan.activations)}   ({g(plan.activations_remat).strip()} with model.remat = true), "
+        f"{plan.attention} attention",
         f"total             {g(plan.total(False))}   ({g(plan.total(True)).strip()} with remat)",
         f"FLOPs per step    {plan.flops_per_step:.3e} ({plan.flops_per_step / plan.devices:.3e} per device)",
         f"all_to_all        {plan.all_to_all_bytes / GIB:.2f} GiB sent per device per step "

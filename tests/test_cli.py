@@ -13,6 +13,7 @@ def test_info_prints_architecture_and_counts(capsys):
     assert "16,375,728,128 total" in out
     assert "2 shared + 64 routed experts of width 1408, top-6" in out
     assert "GFLOP forward" in out
+    assert "on cpu       grouped MLP backend tiled, attention blocked (xla over a KV cache)" in out, out
 
 
 def test_info_override_changes_the_count(capsys):

@@ -37,12 +37,16 @@ def test_dry_run_runs_every_step_and_reports_its_numbers(tmp_path):
     proc = _run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], tmp_path, timeout=900)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     statuses = {name: step["status"] for name, step in report["steps"].items()}
-    assert statuses == dict.fromkeys(["kernels", "grouped_mlp", "train", "decode", "tests"], "ok"), (
+    assert statuses == dict.fromkeys(["kernels", "grouped_mlp", "attention", "train", "decode", "tests"], "ok"), (
         statuses, proc.stdout[-2000:], proc.stderr[-2000:])
     assert proc.returncode == 0, proc.stderr[-2000:]
     steps = {name: step["numbers"] for name, step in report["steps"].items()}
     backends = {row["backend"] for row in steps["grouped_mlp"]["rows"]}
     assert backends == {"dense GEMM", "triton", "ragged", "tiled"}, backends
+    attention = steps["attention"]
+    for name in ("cudnn", "xla", "blocked"):  # float32 in the dry run: all three agree to rounding
+        assert attention[name]["max_abs_error_vs_f32"] < 1e-5 and attention[name]["forward_backward_ms"] > 0, attention
+    assert attention["auto_resolves_to"] == "blocked", attention
     train = steps["train"]
     assert math.isfinite(train["loss"]) and 0 < train["mfu"] < 1.5 and train["tokens_per_s"] > 0, train
     for batch in ("batch_1", "batch_64"):

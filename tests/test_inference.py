@@ -10,6 +10,7 @@ import pytest
 
 import dsmoe_jax
 from dsmoe_jax import inference
+from helpers import CUDNN_ARGUMENTS
 
 
 @pytest.fixture
@@ -17,9 +18,13 @@ def params(small_cfg, key):
     return dsmoe_jax.init_params(small_cfg, key)
 
 
-def test_cached_decoding_reproduces_full_forward_logits(small_cfg, params):
+@pytest.mark.parametrize("attention", ["auto", CUDNN_ARGUMENTS])
+def test_cached_decoding_reproduces_full_forward_logits(small_cfg, params, attention):
+    """Prefill and decode (own-keys attention by ``attention``, then the cache) against a full
+    forward pass with every score masked explicitly ("xla")."""
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, small_cfg.vocab_size)
-    full, _ = dsmoe_jax.forward(params, tokens, small_cfg)
+    full, _ = dsmoe_jax.forward(params, tokens, dataclasses.replace(small_cfg, attention="xla"))
+    small_cfg = dataclasses.replace(small_cfg, attention=attention)
     cache = inference.init_cache(small_cfg, batch=2, max_len=16)
     logits, cache = jax.jit(inference.prefill, static_argnames="cfg")(params, tokens[:, :5], cache, small_cfg)
     np.testing.assert_allclose(logits, full[:, :5], atol=1e-5, err_msg="prefill")
@@ -53,7 +58,9 @@ def test_greedy_generation_matches_full_forward_and_is_deterministic(small_cfg, 
     np.testing.assert_array_equal(out, again)
 
 
-def test_ragged_batch_equals_prompts_one_by_one(small_cfg, params):
+@pytest.mark.parametrize("attention", ["auto", CUDNN_ARGUMENTS])
+def test_ragged_batch_equals_prompts_one_by_one(small_cfg, params, attention):
+    small_cfg = dataclasses.replace(small_cfg, attention=attention)
     prompts = [[5, 17, 3, 42, 8, 9, 1], [60, 2], [11, 12, 13, 14]]
     ids, mask = inference.pad_prompts(prompts)
     batch = _generate(params, ids, small_cfg, 6, jax.random.key(0), temperature=0.0, prompt_mask=mask)

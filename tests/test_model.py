@@ -89,7 +89,7 @@ def test_attention_matches_naive_softmax(small_cfg, key):
     attn = model_lib.Attention(small_cfg, rngs=__import__("flax").nnx.Rngs(0))
     x = jax.random.normal(key, (1, 5, small_cfg.d_model))
     pos = jnp.arange(5)[None]
-    out, _ = attn(x, pos, model_lib.causal_mask(jnp.ones((1, 5)), jnp.arange(5)))
+    out, _ = attn(x, pos, jnp.ones((1, 5), bool))
     q = model_lib.rope(jnp.einsum("bsd,dnh->bsnh", x, attn.w_q_DNH[...]), pos, small_cfg.rope_theta)
     k = model_lib.rope(jnp.einsum("bsd,dnh->bsnh", x, attn.w_k_DKH[...]), pos, small_cfg.rope_theta)
     v = jnp.einsum("bsd,dnh->bsnh", x, attn.w_v_DKH[...])

@@ -35,6 +35,24 @@ def test_all_to_all_bytes_by_hand():
     assert plan.make_plan(cfg, {"data": 8}).all_to_all_bytes == 0
 
 
+def test_attention_activations_follow_the_implementation_by_hand():
+    """Per token and layer: float32 scores, masked scores and probabilities over every key
+    ("xla"), over the keys up to the end of the query's block of 128 ("blocked": (S + 128) / 2
+    on average), or only the log-sum-exp of each head (cuDNN's flash kernel)."""
+    N, S = 16, 4096
+    base = dsmoe_jax.load_config("16b", ["model.attention=xla"])  # 16b computes in bfloat16
+    plans = {"xla": plan.make_plan(base, {"data": 8, "expert": 8}, batch=64, seq=S)}
+    plans["blocked"] = plan.make_plan(dsmoe_jax.load_config("16b"), {"data": 8, "expert": 8}, batch=64, seq=S,
+                                      platform="cpu")
+    plans["cudnn"] = plan.make_plan(dsmoe_jax.load_config("16b"), {"data": 8, "expert": 8}, batch=64, seq=S)
+    t, layers = 64 * S // 64, 28
+    assert {name: p.attention for name, p in plans.items()} == {n: n for n in plans}, "auto: blocked on CPU, cudnn on GPU"
+    per_layer = {"xla": 3 * 4 * N * S, "blocked": 3 * 4 * N * (S + 128) // 2, "cudnn": 4 * N}
+    for name in ("blocked", "cudnn"):
+        saved = plans["xla"].activations - plans[name].activations
+        assert saved == t * layers * (per_layer["xla"] - per_layer[name]), name
+
+
 def test_bad_meshes_are_refused():
     cfg = dsmoe_jax.load_config("tiny")
     with pytest.raises(ConfigError, match="n_routed_experts=15 does not split over the mesh's expert axis of size 4"):
@@ -70,7 +88,7 @@ XLA = textwrap.dedent("""
             batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), "int32", sharding=batch_sh)
             step = jax.jit(make_train_step(cfg, opt), in_shardings=(sh, batch_sh))
             m = step.lower(state, batch).compile().memory_analysis()
-        p = plan.make_plan(cfg, sizes)
+        p = plan.make_plan(cfg, sizes, platform="cpu")  # the step compiled here takes CPU's attention
         out.append({"ours": p.total(remat=False), "state": p.params + p.optimizer,
                     "xla": m.argument_size_in_bytes + m.temp_size_in_bytes, "xla_args": m.argument_size_in_bytes})
     print(json.dumps(out))
