@@ -30,7 +30,16 @@ from dsmoe_jax.grouped import grouped_mlp, register_backend, unregister_backend
 from dsmoe_jax.inference import decode_step, generate, init_cache, pad_prompts, prefill
 from dsmoe_jax.mesh import make_mesh
 from dsmoe_jax.evaluation import Evaluation, evaluate
-from dsmoe_jax.model import Aux, count_params, flops_per_token, forward, init_params, param_axes, param_shapes
+from dsmoe_jax.model import (
+    Aux,
+    count_params,
+    flops_per_token,
+    forward,
+    init_params,
+    match_layout,
+    param_axes,
+    param_shapes,
+)
 from dsmoe_jax.moe import RouteOptions
 from dsmoe_jax.sharding import shard_params
 
@@ -57,6 +66,7 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "make_mesh",
+    "match_layout",
     "pad_prompts",
     "param_axes",
     "param_shapes",

@@ -114,6 +114,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; the router and the logits are always float32
     remat: bool = False  # keep only each block's input for the backward pass; recompute the rest
+    # run the blocks as a lax.scan over their stacked parameters (dense blocks, then MoE blocks),
+    # so compile time no longer grows with depth; changes the params layout (model.match_layout)
+    scan_layers: bool = False
     # attention over a sequence's own keys (dsmoe_jax.attention): "auto" is "blocked" on CPU and
     # cuDNN's flash attention on GPU; "cudnn" needs each row's real tokens contiguous
     attention: Literal["auto", "xla", "blocked", "cudnn"] = "auto"

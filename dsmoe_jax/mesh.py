@@ -31,6 +31,7 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "kv_heads": None,
     "head_dim": None,
     "vocab": None,
+    "layers": None,  # the stacked blocks of model.scan_layers: every device holds every layer
 }
 
 

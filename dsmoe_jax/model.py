@@ -7,6 +7,13 @@ Every block: RMSNorm -> causal attention with RoPE -> residual -> RMSNorm -> FFN
 The FFN of the first ``first_k_dense`` blocks is a dense SwiGLU, the rest are DeepSeekMoE.
 Params cross the API as plain nested dicts; ``nnx.merge`` rebuilds the modules inside
 ``forward``, so everything jits, vmaps and shards.
+
+Two params layouts, chosen by ``model.scan_layers``:
+  unrolled  ``layers/{i}/...``: one subtree per block, run one after another (the HF layout);
+  scanned   ``dense_layers/...`` and ``moe_layers/...``: each group's blocks stacked on a leading
+            ``layers`` axis and run by one ``lax.scan``, so the compiled program holds one
+            block per group whatever the depth. Same seed, same parameters: ``init_params``
+            stacks the unrolled ones. ``match_layout`` converts params between the two.
 """
 
 from __future__ import annotations
@@ -121,14 +128,32 @@ class Aux(NamedTuple):
     drop_fraction: jax.Array  # [MoE layers] assignments dropped by the capacity limit
 
     @classmethod
-    def from_layers(cls, layer_stats: list[MoEStats]) -> Aux:
-        """Balance losses summed over MoE layers; load and drop fraction per MoE layer."""
-        if not layer_stats:
+    def from_layers(cls, stacked: MoEStats | None) -> Aux:
+        """Balance losses summed over MoE layers; load and drop fraction per MoE layer, from
+        the statistics of every MoE layer stacked on a leading axis (None: no MoE layer)."""
+        if stacked is None:
             zero = jnp.zeros((), jnp.float32)
             return cls(zero, zero, zero, jnp.zeros((0, 0), jnp.float32), jnp.zeros((0,), jnp.float32))
-        stacked = jax.tree.map(lambda *a: jnp.stack(a), *layer_stats)
         expert, device = stacked.expert_balance_loss.sum(), stacked.device_balance_loss.sum()
         return cls(expert + device, expert, device, stacked.expert_load, stacked.drop_fraction)
+
+
+def layer_groups(cfg: ModelConfig) -> dict[str, range]:
+    """The scanned layout's groups of blocks: their params key and block indices (non-empty only)."""
+    groups = {"dense_layers": range(cfg.first_k_dense), "moe_layers": range(cfg.first_k_dense, cfg.n_layers)}
+    return {name: blocks for name, blocks in groups.items() if blocks}
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose every parameter is those of ``blocks`` stacked on a leading ``layers`` axis."""
+    graphdef, _ = nnx.split(blocks[0])
+    states = [nnx.split(b)[1] for b in blocks]
+    stack = lambda *vs: vs[0].replace(jnp.stack([v[...] for v in vs]), axes=("layers", *vs[0].get_metadata()["axes"]))
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=_is_var))
 
 
 class Decoder(nnx.Module):
@@ -137,11 +162,27 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         V, D, dt = cfg.vocab_size, cfg.d_model, jnp.dtype(cfg.param_dtype)
         self.embed_VD = param(rngs, (V, D), ("vocab", "embed"), cfg.init_std, dt)
-        self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+        blocks = [Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)]
+        if cfg.scan_layers:
+            for name, indices in layer_groups(cfg).items():
+                setattr(self, name, _stack_blocks([blocks[i] for i in indices]))
+        else:
+            self.layers = nnx.List(blocks)
         self.final_norm = RMSNorm(D, cfg.norm_eps, dt)
         self.lm_head_DV = param(rngs, (D, V), ("embed", "vocab"), cfg.init_std, dt)
         self.dtype = jnp.dtype(cfg.dtype)
         self.remat = cfg.remat
+        self.groups = tuple(layer_groups(cfg)) if cfg.scan_layers else None
+
+    def _blocks(self):
+        """Every block in order; in the scanned layout each is a slice of its group's stack."""
+        if self.groups is None:
+            yield from self.layers
+            return
+        for name in self.groups:
+            graphdef, state = nnx.split(getattr(self, name))
+            for i in range(jax.tree.leaves(state)[0].shape[0]):
+                yield nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
     def __call__(self, tokens_BS, positions_BS, valid_BS, cache: KVCache | None = None,
                  route: RouteOptions | None = None, fresh: bool = False):
@@ -155,23 +196,43 @@ class Decoder(nnx.Module):
             before_BT = jnp.zeros_like(cache.valid_BT) if fresh else cache.valid_BT
             valid_keys_BT = jax.lax.dynamic_update_slice_in_dim(before_BT, valid_BS.astype(bool), index, 1)
         x_BSD = self.embed_VD[...][tokens_BS].astype(self.dtype)
-        layer_stats, keys, values = [], [], []
         run = lambda blk, *args: blk(*args, route=route)  # route is static: a closure, not an argument
         if self.remat and cache is None:  # rematerialise: the backward pass recomputes each block
             run = nnx.remat(run)
-        for i, block in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x_BSD, stats, (k, v) = run(block, x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv, index)
-            keys.append(k)
-            values.append(v)
-            if stats is not None:
-                layer_stats.append(stats)
+        layer_stats, keys, values = [], [], []
+        if self.groups is not None and cache is None:
+            x_BSD, layer_stats = self._scan(run, x_BSD, positions_BS, valid_BS, tokens_BS)
+        else:
+            for i, block in enumerate(self._blocks()):
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                x_BSD, stats, (k, v) = run(block, x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv, index)
+                keys.append(k)
+                values.append(v)
+                if stats is not None:
+                    layer_stats.append(jax.tree.map(lambda a: a[None], stats))
         x_TD = self.final_norm(x_BSD).reshape(B * S, -1)  # one token axis, as in Attention
         logits_TV = jnp.einsum("td,dv->tv", x_TD, self.lm_head_DV[...].astype(self.dtype),
                                preferred_element_type=jnp.float32)
         if cache is not None:
             cache = KVCache(tuple(keys), tuple(values), valid_keys_BT, jnp.asarray(index + S, jnp.int32))
-        return logits_TV.reshape(B, S, -1), Aux.from_layers(layer_stats), cache
+        stats = jax.tree.map(lambda *a: jnp.concatenate(a), *layer_stats) if layer_stats else None
+        return logits_TV.reshape(B, S, -1), Aux.from_layers(stats), cache
+
+    def _scan(self, run, x_BSD, positions_BS, valid_BS, tokens_BS):
+        """Each group of stacked blocks as one ``lax.scan``; the MoE statistics come out stacked."""
+        layer_stats = []
+        for name in self.groups:
+            graphdef, state = nnx.split(getattr(self, name))
+
+            def body(x_BSD, layer_state, graphdef=graphdef):
+                x_BSD, stats, _ = run(nnx.merge(graphdef, layer_state), x_BSD, positions_BS, valid_BS, tokens_BS,
+                                      valid_BS)
+                return x_BSD, stats
+
+            x_BSD, stats = jax.lax.scan(body, x_BSD, state)
+            if stats is not None:
+                layer_stats.append(stats)
+        return x_BSD, layer_stats
 
 
 # ---- functional API -------------------------------------------------------------------------
@@ -209,7 +270,33 @@ def _decoder(params: dict, cfg: ModelConfig) -> Decoder:
     return nnx.merge(_abstract(cfg)[0], jax.tree.map(jnp.asarray, params))
 
 
+def _layout(params: dict) -> str:
+    return "unrolled" if "layers" in params else "scanned"
+
+
+def match_layout(params: dict, cfg: Config | ModelConfig) -> dict:
+    """``params`` of ``cfg``'s model, given in either layout (see the module docstring), in the
+    layout ``model.scan_layers`` names: stacked or sliced per block as needed."""
+    cfg = model_config(cfg)
+    want = "scanned" if cfg.scan_layers else "unrolled"
+    if _layout(params) == want:
+        return params
+    groups = layer_groups(cfg)
+    out = {k: v for k, v in params.items() if k not in ("layers", *groups)}
+    if want == "scanned":
+        for name, blocks in groups.items():
+            out[name] = jax.tree.map(lambda *a: jnp.stack(a), *[params["layers"][i] for i in blocks])
+    else:
+        out["layers"] = {i: jax.tree.map(lambda a, j=j: a[j], params[name])
+                         for name, blocks in groups.items() for j, i in enumerate(blocks)}
+    return out
+
+
 def _check_params(params: dict, cfg: ModelConfig) -> None:
+    want = "scanned" if cfg.scan_layers else "unrolled"
+    if _layout(params) != want:
+        raise ValueError(f"params are in the {_layout(params)} layout but the config has model.scan_layers = "
+                         f"{cfg.scan_layers}: convert them with dsmoe_jax.match_layout(params, cfg)")
     expected = param_shapes(cfg)
     if jax.tree.structure(params) != jax.tree.structure(expected):
         got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}

@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping
 
 import jax
+from jax.sharding import AxisType
 
 from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.attention import QUERY_BLOCK, resolve_implementation
@@ -113,7 +114,8 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     ``mesh_sizes`` (axes ``data``, ``fsdp``, ``expert``; missing axes are 1) of ``platform``
     devices, which decides the attention implementation and so its activations."""
     sizes = MeshConfig.from_sizes(mesh_sizes).resolve()
-    mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), MESH_AXES)
+    # Auto axes, as make_mesh builds them (jax 0.11 made Explicit the AbstractMesh default)
+    mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     m, t_cfg = cfg.model, cfg.train
     batch, seq = batch or t_cfg.batch_size, seq or t_cfg.seq_len
     devices, ep = mesh_lib.batch_shards(mesh), sizes["expert"]  # the batch splits over every device
@@ -125,8 +127,8 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
 
     elements = _device_elements(m, mesh)
     attention = resolve_implementation(m.attention, platform=platform, dtype=m.dtype)
-    layers = [_layer_activation_bytes(m, block["ffn"], t, seq, ep, attention)
-              for block in param_shapes(m)["layers"].values()]
+    blocks = param_shapes(dataclasses.replace(m, scan_layers=False))["layers"].values()  # one per block
+    layers = [_layer_activation_bytes(m, block["ffn"], t, seq, ep, attention) for block in blocks]
     c = 4 if m.dtype == "float32" else 2
     logits = t * m.vocab_size * 4 * 2  # float32 logits and their log-softmax
     residual = t * m.d_model * c  # each block's input, all that remat keeps

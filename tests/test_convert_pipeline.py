@@ -139,13 +139,19 @@ def test_existing_output_and_unsupported_models_are_refused(tmp_path, capsys):
         convert.config_to_hf(dsmoe_jax.load_config("hash-2b").model)
 
 
-def test_a_training_workdir_exports_to_hf_and_back(tmp_path, small_cfg):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_a_training_workdir_exports_to_hf_and_back(tmp_path, small_cfg, scan_layers):
+    """A run in either params layout exports to HF; importing gives the unrolled layout (HF's),
+    equal tensor for tensor."""
+    import dataclasses
+
     from dsmoe_jax import Config, data
     from dsmoe_jax.checkpoint import write_config
     from dsmoe_jax.train.checkpoint import Checkpointer
     from dsmoe_jax.train.optimizer import make_optimizer
     from dsmoe_jax.train.step import init_state
 
+    small_cfg = dataclasses.replace(small_cfg, scan_layers=scan_layers)
     cfg = Config(model=small_cfg)
     state = init_state(dsmoe_jax.init_params(small_cfg, jax.random.key(0)), make_optimizer(cfg.train))
     write_config(tmp_path / "run", cfg)
@@ -155,8 +161,9 @@ def test_a_training_workdir_exports_to_hf_and_back(tmp_path, small_cfg):
     convert.jax_to_hf(tmp_path / "run", tmp_path / "hf", step=7, progress=False)
     assert (tmp_path / "hf" / "model.safetensors").is_file(), "a small model is one unsharded file"
     convert.hf_to_jax(tmp_path / "hf", tmp_path / "jax", progress=False)
-    params, _ = dsmoe_jax.load_checkpoint(tmp_path / "jax")
-    _assert_params_equal(params, state.params)
+    params, imported = dsmoe_jax.load_checkpoint(tmp_path / "jax")
+    assert not imported.model.scan_layers, "HF checkpoints import in the unrolled layout"
+    _assert_params_equal(params, dsmoe_jax.match_layout(state.params, imported))
 
 
 MEMORY_SCRIPT = textwrap.dedent("""

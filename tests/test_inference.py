@@ -69,6 +69,14 @@ def test_ragged_batch_equals_prompts_one_by_one(small_cfg, params, attention):
         assert row == alone.tolist()[0], f"prompt {prompt} differs in a batch"
 
 
+def test_scanned_layout_generates_what_the_unrolled_one_does(small_cfg, params):
+    """Decoding with a cache runs the scanned layout's blocks one slice at a time."""
+    scanned = dataclasses.replace(small_cfg, scan_layers=True)
+    prompt = jnp.asarray([[5, 17, 3, 42, 8]])
+    out = _generate(dsmoe_jax.match_layout(params, scanned), prompt, scanned, 8, jax.random.key(0), temperature=0.0)
+    assert out.tolist()[0] == _greedy_by_full_forward(params, small_cfg, [5, 17, 3, 42, 8], 8)
+
+
 def test_generation_stops_at_eos(small_cfg, params):
     prompt = jnp.asarray([[5, 17, 3]])
     free = _generate(params, prompt, small_cfg, 6, jax.random.key(0), temperature=0.0)

@@ -166,3 +166,47 @@ def test_mismatched_params_are_a_clear_error(small_cfg, key):
     del params["lm_head_DV"]
     with pytest.raises(ValueError, match="missing.*lm_head_DV"):
         dsmoe_jax.forward(params, jnp.zeros((1, 4), jnp.int32), small_cfg)
+
+
+def _both_layouts(cfg):
+    return dataclasses.replace(cfg, scan_layers=False), dataclasses.replace(cfg, scan_layers=True)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_and_unrolled_blocks_give_equal_logits_aux_and_gradients(small_cfg, remat):
+    """The same parameters in both layouts: one lax.scan per group of blocks (a dense group and a
+    MoE group here) computes what the unrolled blocks compute, forward and backward."""
+    unrolled, scanned = _both_layouts(dataclasses.replace(small_cfg, remat=remat))
+    params = model_lib.init_params(unrolled, jax.random.key(0))
+    stacked = model_lib.match_layout(params, scanned)
+    assert stacked["moe_layers"]["ffn"]["w_gate_EDF"].shape == (2, 8, 32, 16), "2 MoE blocks stacked"
+    assert stacked["dense_layers"]["ffn"]["w_gate_DF"].shape == (1, 32, 64), "1 dense block stacked"
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, small_cfg.vocab_size)
+
+    def loss(p, cfg):
+        logits, aux = model_lib.forward(p, tokens, cfg)
+        return jnp.mean(logits**2) + aux.balance_loss, (logits, aux)
+
+    (l_u, (logits_u, aux_u)), g_u = jax.value_and_grad(loss, has_aux=True)(params, unrolled)
+    (l_s, (logits_s, aux_s)), g_s = jax.value_and_grad(loss, has_aux=True)(stacked, scanned)
+    np.testing.assert_allclose(logits_s, logits_u, atol=1e-5, err_msg="logits")
+    for name, a, b in zip(aux_u._fields, aux_s, aux_u):
+        np.testing.assert_allclose(a, b, atol=1e-6, err_msg=f"aux.{name}")
+    g_s = model_lib.match_layout(g_s, unrolled)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_s), jax.tree.leaves(g_u)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def test_scanned_layout_same_seed_same_params_and_a_clear_error_for_the_wrong_layout(small_cfg):
+    unrolled, scanned = _both_layouts(small_cfg)
+    params = model_lib.init_params(unrolled, jax.random.key(3))
+    stacked = model_lib.init_params(scanned, jax.random.key(3))
+    assert set(stacked) == {"embed_VD", "dense_layers", "moe_layers", "final_norm", "lm_head_DV"}, set(stacked)
+    for a, b in zip(jax.tree.leaves(model_lib.match_layout(params, scanned)), jax.tree.leaves(stacked)):
+        np.testing.assert_array_equal(a, b)
+    back = model_lib.match_layout(stacked, unrolled)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    axes = model_lib.param_axes(scanned)
+    assert axes["moe_layers"]["ffn"]["w_gate_EDF"] == ("layers", "expert", "embed", "mlp"), axes["moe_layers"]
+    with pytest.raises(ValueError, match="unrolled layout but the config has model.scan_layers = True"):
+        model_lib.forward(params, jnp.zeros((1, 4), jnp.int32), scanned)

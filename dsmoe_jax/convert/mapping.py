@@ -4,12 +4,16 @@ Two declarative pieces: the config fields (``CONFIG_FIELDS``: HF key -> ours, pl
 must hold a given value) and the tensor names (``TENSORS``: HF name pattern -> our param path and
 the per-tensor transform). Everything else walks these tables; there is no per-tensor ``if``.
 
+``TENSORS`` name our params in the unrolled layout (one subtree per block, as HF has them); a
+model with ``scan_layers`` is converted through it (``model.match_layout``).
+
 Shape legend: D model width, F hidden width, E routed experts, N heads, K kv heads, H head
 width, V vocabulary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -17,7 +21,7 @@ import jax
 import numpy as np
 
 from dsmoe_jax.config import ConfigError, DsmoeError, ModelConfig, MoEConfig
-from dsmoe_jax.model import param_shapes
+from dsmoe_jax.model import layer_groups, match_layout, param_shapes
 
 HF_MODEL_TYPE = "deepseek"
 
@@ -145,9 +149,33 @@ def _entries(cfg: ModelConfig) -> Iterator[tuple[Tensor, int | None, tuple]]:
             yield t, i, path
 
 
+def _unrolled(cfg: ModelConfig) -> ModelConfig:
+    return dataclasses.replace(cfg, scan_layers=False)
+
+
+def _unrolled_reader(read: Callable[[tuple], np.ndarray], cfg: ModelConfig) -> Callable[[tuple], np.ndarray]:
+    """A reader of unrolled-layout paths over ``read``, a reader of ``cfg``'s scanned layout. It
+    keeps the last stacked array it read: ``params_to_hf`` asks for the blocks of one parameter
+    one after another, so each stacked array is read once."""
+    stack_of = {i: (name, j) for name, blocks in layer_groups(cfg).items() for j, i in enumerate(blocks)}
+    last: dict = {}
+
+    def unrolled(path: tuple) -> np.ndarray:
+        if path[0] != "layers":
+            return read(path)
+        name, j = stack_of[path[1]]
+        stacked = (name, *path[2:])
+        if last.get("path") != stacked:
+            last.clear()
+            last.update(path=stacked, array=np.asarray(read(stacked)))
+        return last["array"][j]
+
+    return unrolled
+
+
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor of the model of ``cfg`` and its shape, in a fixed order (nothing allocated)."""
-    shapes, out = param_shapes(cfg), {}
+    shapes, out = param_shapes(_unrolled(cfg)), {}
     for t, i, path in _entries(cfg):
         s = get_path(shapes, path)
         one = jax.ShapeDtypeStruct(s.shape[1:] if t.experts else s.shape, s.dtype)
@@ -181,9 +209,10 @@ def params_from_hf(read: Callable[[str], np.ndarray], has: Callable[[str], bool]
     """Our params tree from HF tensors, one output array at a time: ``read(name)`` gives an HF
     tensor, ``has(name)`` says whether it exists (every name and shape is checked);
     ``on_array(path, array)`` (default: keep it) may write the array away and return what goes
-    in the tree instead, so that only one output array need be in memory at a time."""
+    in the tree instead, so that only one output array need be in memory at a time. The tree
+    is in the unrolled layout with ``on_array``, otherwise in ``cfg``'s."""
     out: dict = {}
-    shapes, expected = param_shapes(cfg), hf_shapes(cfg)
+    shapes, expected = param_shapes(_unrolled(cfg)), hf_shapes(cfg)
 
     def source(name: str) -> np.ndarray:
         if not has(name):
@@ -200,13 +229,17 @@ def params_from_hf(read: Callable[[str], np.ndarray], has: Callable[[str], bool]
         else:
             array = t.transform.to_ours(source(t.hf.format(i=i)), shape)
         set_path(out, path, on_array(path, array) if on_array else array)
-    return out
+    return out if on_array else match_layout(out, cfg)
 
 
 def params_to_hf(params: dict | Callable[[tuple], np.ndarray], cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array) for every tensor, in ``hf_names`` order. ``params`` is our params tree, or
-    a function from a param path to its array (read one parameter at a time)."""
-    read = params if callable(params) else lambda path: get_path(params, path)
+    a function from a param path of ``cfg``'s layout to its array (read one parameter at a time)."""
+    if callable(params):
+        read = _unrolled_reader(params, cfg) if cfg.scan_layers else params
+    else:
+        unrolled = match_layout(params, _unrolled(cfg))
+        read = lambda path: get_path(unrolled, path)
     for t, i, path in _entries(cfg):
         array = np.asarray(read(path))
         if t.experts:
