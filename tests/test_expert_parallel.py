@@ -37,6 +37,16 @@ EQUIVALENCE = textwrap.dedent("""
             err = float(jnp.abs(a - b).max() / jnp.abs(b).max())
             assert err < 1e-5, (ep, jax.tree_util.keystr(path), err)
         report["equal"].append(ep)
+    # the scanned layout under the same mesh (ep = 8): stacked experts split on their expert axis
+    scanned = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=True))
+    with jax.set_mesh(mesh):
+        (loss_s, _), g_s = grads(scanned, sharding.shard_params(dsmoe_jax.match_layout(params, scanned), scanned),
+                                 jax.device_put(windows, mesh_lib.batch_sharding(mesh)))
+    assert g_s["moe_layers"]["ffn"]["w_gate_EDF"].sharding.spec[:2] == (None, "expert"), g_s["moe_layers"]
+    assert abs(float(loss_s) - float(loss)) < 1e-5, (float(loss_s), float(loss))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(dsmoe_jax.match_layout(g_s, cfg)), jax.tree.leaves(g)):
+        assert float(jnp.abs(a - b).max() / jnp.abs(b).max()) < 1e-5, jax.tree_util.keystr(path)
+    report["scanned"] = True
     # a batch too small to split over the mesh (one sequence of 3 tokens) runs its experts in place
     ref, _ = dsmoe_jax.forward(params, windows[:1, :3], cfg.model)
     with jax.set_mesh(mesh_lib.make_mesh({"expert": 8})):
@@ -50,7 +60,7 @@ EQUIVALENCE = textwrap.dedent("""
 
 def test_expert_parallel_loss_and_gradients_equal_one_device():
     report = json.loads(run_python(EQUIVALENCE).splitlines()[-1])
-    assert report == {"equal": [1, 2, 4, 8], "small_batch_in_place": True}, report
+    assert report == {"equal": [1, 2, 4, 8], "scanned": True, "small_batch_in_place": True}, report
 
 
 EXCHANGE = textwrap.dedent("""

@@ -39,6 +39,7 @@ class Scale:
     eval_tokens: int  # the final evaluation (0: the whole validation split)
     probe_tokens: int  # each specialisation probe and load measurement
     checkpoint_every: int
+    scan_layers: bool = False  # the CPU scales keep the unrolled blocks their published results used
 
     def overrides(self) -> list[str]:
         return [
@@ -48,7 +49,7 @@ class Scale:
             f"train.batch_size={self.batch_size}", f"train.steps={self.steps}", f"train.lr={self.lr}",
             f"train.warmup_steps={self.warmup_steps}", f"train.checkpoint_every={self.checkpoint_every}",
             f"train.eval_every={self.steps}", f"train.eval_tokens={self.probe_tokens}",
-            f"train.log_every={max(self.steps // 50, 1)}",
+            f"train.log_every={max(self.steps // 50, 1)}", f"model.scan_layers={str(self.scan_layers).lower()}",
         ]
 
     @property
@@ -73,7 +74,7 @@ SCALES = {
     # the paper's 2B setup (its section 4.1): 9 layers, width 1280, 100B tokens, for a GPU mesh
     "paper": Scale("paper", d_model=1280, n_layers=9, n_heads=10, head_dim=128, ffn=3456, vocab_size=8192,
                    seq_len=2048, batch_size=2048, steps=25000, lr=1.08e-3, warmup_steps=2000, eval_tokens=0,
-                   probe_tokens=2**22, checkpoint_every=1000),
+                   probe_tokens=2**22, checkpoint_every=1000, scan_layers=True),
 }
 
 
