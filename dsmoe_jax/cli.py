@@ -262,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dsmoe-jax: config error: {e}", file=sys.stderr)
         return 2
-    except DsmoeError as e:  # bad data, an unusable workdir, a diverged run
+    except DsmoeError as e:  # bad data, an unusable workdir, a diverged or interrupted run
         print(f"dsmoe-jax: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 1)
     return 0
 
 

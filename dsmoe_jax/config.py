@@ -188,6 +188,8 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1: it is how many of the newest "
+                 f"checkpoints are kept, and with {self.keep_checkpoints} the trained model would be deleted")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(self.eval_tokens >= 0, f"train.eval_tokens must be >= 0 (0 = the whole split), got {self.eval_tokens}")

@@ -15,14 +15,17 @@ import dsmoe_jax
 from dsmoe_jax import data, load_config
 from dsmoe_jax.train import step as step_lib
 from dsmoe_jax.evaluation import evaluate
-from dsmoe_jax.train.loop import TrainingError, train
+from dsmoe_jax.checkpoint import CheckpointError
+from dsmoe_jax.train.loop import TrainingError, TrainingInterrupted, train
 
 FAST = ["train.batch_size=8", "train.seq_len=64", "train.warmup_steps=5", "train.log_every=1", "train.eval_tokens=8192"]
 
 
 def _metrics(workdir) -> dict[int, dict]:
-    """The last logged record of each step (a resumed run logs some steps twice)."""
+    """The logged record of each step; asserts that no step was logged twice."""
     rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {sorted(s for s in set(steps) if steps.count(s) > 1)}"
     return {r["step"]: r for r in rows}
 
 
@@ -69,10 +72,8 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert killed_at < steps, "the run must be killed mid-way for this test to mean anything"
 
     subprocess.run(_train_cmd(broken, steps, resume=True), check=True, capture_output=True)
-    a, b = _metrics(whole), _metrics(broken)
+    a, b = _metrics(whole), _metrics(broken)  # each step logged once, though some ran twice
     assert sorted(b) == list(range(1, steps + 1))
-    logged = [json.loads(line)["step"] for line in (broken / "metrics.jsonl").read_text().splitlines()]
-    assert logged.count(1) == 1, "the resumed run must continue from a checkpoint, not start over"
     assert [a[s]["loss"] for s in range(1, steps + 1)] == [b[s]["loss"] for s in range(1, steps + 1)], \
         f"losses after resuming (killed at step {killed_at}) differ from the uninterrupted run"
 
@@ -113,3 +114,68 @@ def test_nan_skip_mode_skips_the_step(tmp_path, monkeypatch):
     assert np.isnan(m[7]["loss"]) and np.isfinite(m[8]["loss"]) and max(m) == 10
     params, _ = dsmoe_jax.load_checkpoint(tmp_path)
     assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+
+
+def _signal_at_call(monkeypatch, call: int, signum: int):
+    """Send this process ``signum`` during the ``call``-th execution of the train step, as a
+    scheduler would while a step runs."""
+    import os
+
+    calls = {"n": 0}
+    real = step_lib.loss_fn
+
+    def maybe_signal():
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signum)
+        return np.float32(1.0)
+
+    def signalling(params, windows, cfg):
+        one = jax.pure_callback(maybe_signal, jax.ShapeDtypeStruct((), np.float32))
+        loss, aux = real(params, windows, cfg)
+        return loss * one, aux
+
+    monkeypatch.setattr(step_lib, "loss_fn", signalling)
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_path, monkeypatch):
+    cfg = load_config("tiny", FAST + ["train.steps=10", "train.checkpoint_every=100", "train.eval_every=1000"])
+    _signal_at_call(monkeypatch, 10**9, signal.SIGTERM)  # the same program, never signalling
+    train(cfg, tmp_path / "whole", progress=False)
+    _signal_at_call(monkeypatch, 4, signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match=r"stopped by SIGTERM after step 4, with a checkpoint .*--resume") as e:
+        train(cfg, tmp_path / "stopped", progress=False)
+    assert e.value.exit_code == 143, "128 + SIGTERM, as a shell reports a job it terminated"
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["4"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the loop's handlers are gone after the run"
+    _signal_at_call(monkeypatch, 10**9, signal.SIGTERM)
+    train(cfg, tmp_path / "stopped", resume=True, progress=False)
+    whole, stopped = _metrics(tmp_path / "whole"), _metrics(tmp_path / "stopped")
+    assert [stopped[s]["loss"] for s in range(1, 11)] == [whole[s]["loss"] for s in range(1, 11)]
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_logs_each_step_once(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in range(1, 50)))
+    cfg = load_config("tiny", FAST + ["train.steps=6", "train.checkpoint_every=3", "train.eval_every=1000"])
+    train(cfg, run, progress=False)
+    assert sorted(_metrics(run)) == list(range(1, 7)), "a fresh run replaces an old run's metrics, never appends"
+    assert "dropped 49 lines logged after step 0" in capsys.readouterr().out
+    for f in (run / "checkpoints" / "6" / "params").rglob("*"):  # damage the latest checkpoint
+        if f.is_file():
+            f.write_bytes(b"")
+    longer = load_config("tiny", FAST + ["train.steps=8", "train.checkpoint_every=3", "train.eval_every=1000"])
+    train(longer, run, resume=True, progress=False)
+    out = capsys.readouterr().out
+    assert "checkpoint step 6" in out and "is damaged" in out and "damaged_checkpoints/6" in out, out
+    assert (run / "damaged_checkpoints" / "6" / "params").is_dir(), "the damaged checkpoint is kept, not deleted"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["3", "6", "8"]
+    assert sorted(_metrics(run)) == list(range(1, 9)), "steps 4-6 ran twice but are logged once"
+
+
+def test_resume_of_a_workdir_without_checkpoints_is_refused(tmp_path):
+    cfg = load_config("tiny", FAST + ["train.steps=2"])
+    with pytest.raises(CheckpointError, match=r"--resume: .*typo.* holds no checkpoint to resume from .*drop --resume"):
+        train(cfg, tmp_path / "typo", resume=True, progress=False)
+    assert not (tmp_path / "typo" / "metrics.jsonl").exists(), "nothing was trained"

@@ -3,17 +3,23 @@
 A run's workdir holds ``config.json`` (the run's config, written before the first step) and
 ``checkpoints/<step>/`` with the items ``params``, ``opt`` (step and optimizer state) and
 ``data`` (the grain iterator). Orbax writes each checkpoint into a temporary directory and renames
-it when complete, so a crash mid-save never exposes a half-written checkpoint. Reading
-checkpoints outside training (``load_checkpoint``) is library code: ``dsmoe_jax/checkpoint.py``.
+it when complete, so a crash mid-save never exposes a half-written checkpoint. A checkpoint
+damaged afterwards (a disk error, a file removed by hand) is moved to ``damaged_checkpoints/``
+on resume, with a warning, and the run resumes from the newest intact one. Reading checkpoints
+outside training (``load_checkpoint``) is library code: ``dsmoe_jax/checkpoint.py``.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, CheckpointError, read_config
 from dsmoe_jax.config import Config
@@ -24,6 +30,9 @@ def _model_differences(a: Config, b: Config) -> list[str]:
     return [f"{s}.{k}: {da.get(s, {}).get(k)!r} (saved) vs {db.get(s, {}).get(k)!r} (now)"
             for s in ("model", "moe") for k in sorted(set(da.get(s, {})) | set(db.get(s, {})))
             if da.get(s, {}).get(k) != db.get(s, {}).get(k)]
+
+
+DAMAGED_DIR = "damaged_checkpoints"
 
 
 class Checkpointer:
@@ -46,6 +55,10 @@ class Checkpointer:
         model's checkpoints, or checkpoints when ``resume`` is off."""
         latest = self.manager.latest_step()
         if latest is None:
+            if resume:
+                raise CheckpointError(f"--resume: {self.workdir} holds no checkpoint to resume from (a mistyped "
+                                      "--workdir, or a run stopped before its first checkpoint); check the path, "
+                                      "or drop --resume to start a new run there")
             return None
         if not resume:
             raise CheckpointError(f"{self.workdir} already holds checkpoints (latest step {latest}); pass --resume "
@@ -78,6 +91,33 @@ class Checkpointer:
             # the same windows whatever the process count (data.batches), so position by step.
             data_iterator.set_state({"next_index": step})
         return type(abstract_state)(restored.opt["step"], restored.params, restored.opt["opt_state"])
+
+    def restore_latest(self, abstract_state, data_iterator):
+        """``(step, state)`` of the newest checkpoint that restores; each damaged newer one is
+        moved to ``damaged_checkpoints/`` (never deleted) with a warning naming it."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return step, self.restore(step, abstract_state, data_iterator)
+            except Exception as e:  # noqa: BLE001 - Orbax and tensorstore report damage as many error types
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                tqdm.write(f"warning: checkpoint step {step} in {self.workdir / CHECKPOINTS_DIR} is damaged "
+                           f"({reason}); moved to {self._set_aside(step)}, trying the next older checkpoint")
+        raise CheckpointError(f"{self.workdir} holds no intact checkpoint (the damaged ones are in "
+                              f"{self.workdir / DAMAGED_DIR}); start a new run, or restore them from a backup")
+
+    def _set_aside(self, step: int) -> pathlib.Path:
+        """Move checkpoint ``step`` out of Orbax's sight, so that a later save of the same step
+        does not collide with it; process 0 moves, every process waits for it."""
+        target = self.workdir / DAMAGED_DIR / str(step)
+        if jax.process_index() == 0:
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():  # damaged at this step before: keep both
+                target = target.with_name(f"{step}.{len(list(target.parent.glob(f'{step}*')))}")
+            shutil.move(self.workdir / CHECKPOINTS_DIR / str(step), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside damaged checkpoint {step}")
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -8,11 +8,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import signal
+import threading
 import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
+
+from dsmoe_jax.atomic import atomic_file
 
 from dsmoe_jax import data
 from dsmoe_jax import mesh as mesh_lib
@@ -31,6 +36,52 @@ class TrainingError(DsmoeError, RuntimeError):
     """The run cannot go on: a non-finite loss, a batch that does not fit, bad data."""
 
 
+class TrainingInterrupted(DsmoeError, RuntimeError):
+    """SIGINT or SIGTERM stopped the run after a checkpoint; ``exit_code`` is 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class _StopSignals:
+    """The first SIGINT (Ctrl-C) or SIGTERM (what schedulers such as SLURM send before killing a
+    job) asks the loop to finish its step, write a checkpoint and stop; the handlers are then
+    the previous ones again, so a second Ctrl-C interrupts at once. Signals reach only the main
+    thread, so elsewhere (train() called from a thread) this does nothing."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self._restore()
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+                   "(Ctrl-C again to stop at once, without one)")
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def requested(self) -> int:
+        """The signal that asked to stop (0: none), agreed by every process: all of them must
+        stop at the same step, since checkpointing is collective."""
+        signum = self.signum or 0
+        if jax.process_count() > 1:
+            signum = int(np.max(multihost_utils.process_allgather(np.int32(signum))))
+        return signum
+
+
 def _load_image(load_LE: np.ndarray, pixels: int = 12) -> np.ndarray:
     """Expert load heat map, HWC uint8: rows are MoE layers, columns experts; blue = idle,
     white = the mean load, red = twice the mean or more."""
@@ -41,15 +92,26 @@ def _load_image(load_LE: np.ndarray, pixels: int = 12) -> np.ndarray:
 
 class _Logger:
     """metrics.jsonl (one object per logged step) and TensorBoard event files, written by
-    process 0 only."""
+    process 0 only. A run that starts at step ``start`` (0: a fresh run) first drops what an
+    earlier run logged after it: the lines of later steps from metrics.jsonl, and TensorBoard's
+    later events through its ``purge_step``. So no step is ever logged twice."""
 
-    def __init__(self, workdir: pathlib.Path):
+    def __init__(self, workdir: pathlib.Path, start: int):
         from tensorboardX import SummaryWriter
 
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            self.jsonl = open(workdir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            path = workdir / "metrics.jsonl"
+            if path.is_file():
+                lines = path.read_text().splitlines(keepends=True)
+                kept = [line for line in lines if _logged_step(line) <= start]
+                if len(kept) < len(lines):
+                    tqdm.write(f"{path}: dropped {len(lines) - len(kept)} lines logged after step {start} by an "
+                               "earlier run" + ("" if start else " without a checkpoint"))
+                    with atomic_file(path) as f:
+                        f.writelines(kept)
+            self.jsonl = open(path, "a")
+            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
 
     def log(self, step: int, metrics: dict, load_LE: np.ndarray | None = None) -> None:
         if not self.enabled:
@@ -66,6 +128,13 @@ class _Logger:
             return
         self.jsonl.close()
         self.tb.close()
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a crash mid-write
+        return float("inf")
 
 
 def _step_metrics(m: StepMetrics, lr: float, tokens_per_s: float, cfg: Config) -> dict:
@@ -122,58 +191,65 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     shardings = state_shardings(cfg, optimizer, mesh)
     state = init_sharded_state(cfg, optimizer, jax.random.key(t.seed), shardings)
     if start:
-        state = ckpt.restore(start, state, iterator)
+        start, state = ckpt.restore_latest(state, iterator)
     schedule = learning_rate(t)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     replicated = jax.NamedSharding(mesh, jax.P())
     train_step = jax.jit(make_train_step(cfg, optimizer), in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, replicated))
     eval_step = jitted_eval_step(cfg, mesh=mesh)
-    logger = _Logger(workdir)
+    logger = _Logger(workdir, start)
     bar = tqdm(total=t.steps, initial=start, disable=not progress, dynamic_ncols=True, desc="train")
     last: dict = {}
     tick, tokens_since = time.perf_counter(), 0
     try:
-        for step in range(start + 1, t.steps + 1):
-            batch = jax.make_array_from_process_local_data(batch_sharding, next(iterator))
-            try:
-                state, m = train_step(state, batch)
-                finite = bool(m.finite)
-            except jax.errors.JaxRuntimeError as e:
-                if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-                    raise TrainingError(f"a batch of {t.batch_size} x {t.seq_len} tokens does not fit in memory; "
-                                        "lower train.batch_size or raise train.grad_accum") from e
-                if n_proc > 1:
+        with _StopSignals() as stop:
+            for step in range(start + 1, t.steps + 1):
+                batch = jax.make_array_from_process_local_data(batch_sharding, next(iterator))
+                try:
+                    state, m = train_step(state, batch)
+                    finite = bool(m.finite)
+                except jax.errors.JaxRuntimeError as e:
+                    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+                        raise TrainingError(f"a batch of {t.batch_size} x {t.seq_len} tokens does not fit in memory; "
+                                            "lower train.batch_size or raise train.grad_accum") from e
+                    if n_proc > 1:
+                        raise TrainingError(
+                            f"step {step} failed in a collective with the other processes ({str(e).splitlines()[0]}): "
+                            f"another process of this {n_proc}-process run has probably died. Restart all of them "
+                            f"with --resume; the last complete checkpoint is step {ckpt.manager.latest_step()}") from e
+                    raise
+                tokens_since += batch.shape[0] * t.seq_len
+                if not finite and t.on_nan == "skip":
+                    tqdm.write(f"step {step}: non-finite loss or gradient, step skipped (train.on_nan = 'skip')")
+                elif not finite:
+                    ckpt.wait()
                     raise TrainingError(
-                        f"step {step} failed in a collective with the other processes ({str(e).splitlines()[0]}): "
-                        f"another process of this {n_proc}-process run has probably died. Restart all of them "
-                        f"with --resume; the last complete checkpoint is step {ckpt.manager.latest_step()}") from e
-                raise
-            tokens_since += batch.shape[0] * t.seq_len
-            if not finite and t.on_nan == "skip":
-                tqdm.write(f"step {step}: non-finite loss or gradient, step skipped (train.on_nan = 'skip')")
-            elif not finite:
-                ckpt.wait()
-                raise TrainingError(
-                    f"non-finite loss or gradient at step {step} (loss {float(m.loss)}, grad norm "
-                    f"{float(m.grad_norm)}); the step was not applied and the last checkpoint "
-                    f"(step {ckpt.manager.latest_step()}) is intact. Lower train.lr, check the data, or set "
-                    "train.on_nan = 'skip'.")
-            if step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps:
-                now = time.perf_counter()
-                last = _step_metrics(m, float(schedule(step - 1)), tokens_since / (now - tick), cfg)
-                load = None
-                if step % t.eval_every == 0 or step == t.steps:
-                    result = evaluate(state.params, cfg, val_tokens, eval_step=eval_step)
-                    last.update(val_loss=result.loss, val_loss_stderr=result.stderr,
-                                val_perplexity=result.perplexity)
-                    load = np.asarray(m.aux.expert_load)
-                logger.log(step, last, load)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
-                tick, tokens_since = time.perf_counter(), 0  # evaluation and logging are not training time
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                ckpt.save(step, state, iterator)
-            bar.update(1)
+                        f"non-finite loss or gradient at step {step} (loss {float(m.loss)}, grad norm "
+                        f"{float(m.grad_norm)}); the step was not applied and the last checkpoint "
+                        f"(step {ckpt.manager.latest_step()}) is intact. Lower train.lr, check the data, or set "
+                        "train.on_nan = 'skip'.")
+                if step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps:
+                    now = time.perf_counter()
+                    last = _step_metrics(m, float(schedule(step - 1)), tokens_since / (now - tick), cfg)
+                    load = None
+                    if step % t.eval_every == 0 or step == t.steps:
+                        result = evaluate(state.params, cfg, val_tokens, eval_step=eval_step)
+                        last.update(val_loss=result.loss, val_loss_stderr=result.stderr,
+                                    val_perplexity=result.perplexity)
+                        load = np.asarray(m.aux.expert_load)
+                    logger.log(step, last, load)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+                    tick, tokens_since = time.perf_counter(), 0  # evaluation and logging are not training time
+                signum = stop.requested()
+                if step % t.checkpoint_every == 0 or step == t.steps or signum:
+                    ckpt.save(step, state, iterator)
+                bar.update(1)
+                if signum and step < t.steps:
+                    ckpt.wait()
+                    raise TrainingInterrupted(
+                        f"stopped by {signal.Signals(signum).name} after step {step}, with a checkpoint of it in "
+                        f"{workdir / 'checkpoints'}; continue with the same command plus --resume", signum)
     finally:
         bar.close()
         ckpt.wait()
