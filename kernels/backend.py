@@ -81,6 +81,43 @@ def blocks(interpret: bool) -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 
 
+def compile_for_hopper(tiles: dict, dtype: str = "bf16", only: tuple[str, ...] | None = None,
+                       D: int = 2048, F: int = 1408) -> dict:
+    """Each kernel variant (or those in ``only``) compiled ahead of time for sm_90, no GPU needed,
+    at ``tiles`` (the keys of ``blocks``) for a layer of width ``D`` and expert width ``F``:
+    ``{variant: Triton's compiled kernel}`` (its ``asm`` holds the PTX and the cubin)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    tk = kernels(interpret=False)
+    mnk = {k: tiles[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    variants = {
+        "gate_up": (tk.gate_up_kernel, dict(D=D, F=F, BACKWARD=False, **mnk)),
+        "gate_up_backward": (tk.gate_up_kernel, dict(D=D, F=F, BACKWARD=True, **mnk)),
+        "down": (tk.grouped_matmul_kernel, dict(K=F, N=D, STRIDE_WE=F * D, STRIDE_WK=D, STRIDE_WN=1,
+                                                HAS_SECOND=False, **mnk)),
+        "gate_up_input_grad": (tk.grouped_matmul_kernel, dict(K=F, N=D, STRIDE_WE=F * D, STRIDE_WK=1, STRIDE_WN=F,
+                                                              HAS_SECOND=True, **mnk)),
+        "weight_grad": (tk.weight_grad_kernel, dict(K=D, N=F, BLOCK_R=mnk["BLOCK_M"], BLOCK_K=mnk["BLOCK_K"],
+                                                    BLOCK_N=mnk["BLOCK_N"])),
+    }
+    int_ptrs = {"expert_ptr", "row_ptr", "valid_ptr", "start_ptr", "size_ptr"}
+    compiled = {}
+    for name, (kernel, consts) in variants.items():
+        if only is not None and name not in only:
+            continue
+        names = kernel.arg_names
+        sig = {n: ("*i32" if n in int_ptrs else "*fp32" if n == "out_ptr" and kernel is tk.weight_grad_kernel
+                   else f"*{dtype}") for n in names if n.endswith("_ptr")}
+        consts = {**consts, "UPCAST": False, "PRECISION": "tf32" if dtype == "bf16" else "ieee"}
+        sig.update(dict.fromkeys(consts, "constexpr"))
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig,
+                                        constexprs={(names.index(k),): v for k, v in consts.items()})
+        compiled[name] = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                        options={"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]})
+    return compiled
+
+
 def _to_torch(a: np.ndarray):
     import torch
 

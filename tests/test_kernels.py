@@ -126,43 +126,18 @@ def test_model_forward_and_backward_with_triton_equal_dense(small_cfg):
 AOT = textwrap.dedent("""
     import json
     from dsmoe_jax.kernels import backend as kb
-    tk = kb.kernels(interpret=False)  # the compiler's kernels, whatever TRITON_INTERPRET said
-    import triton
-    from triton.backends.compiler import GPUTarget
+    kb.kernels(interpret=False)  # the compiler's kernels, whatever TRITON_INTERPRET said
     try:
         kb.kernels(interpret=True)
         raise AssertionError("one process cannot have both modes: Triton fixes its mode on import")
     except RuntimeError as e:
         assert "needs a fresh process" in str(e), e
-    blocks = kb.blocks(interpret=False)
-    tiles = {k: blocks[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-    cases = [
-        (tk.gate_up_kernel, dict(D=2048, F=1408, BACKWARD=False, **tiles)),
-        (tk.gate_up_kernel, dict(D=2048, F=1408, BACKWARD=True, **tiles)),
-        (tk.grouped_matmul_kernel, dict(K=1408, N=2048, STRIDE_WE=1408 * 2048, STRIDE_WK=2048, STRIDE_WN=1,
-                                        HAS_SECOND=False, **tiles)),
-        (tk.grouped_matmul_kernel, dict(K=1408, N=2048, STRIDE_WE=1408 * 2048, STRIDE_WK=1, STRIDE_WN=1408,
-                                        HAS_SECOND=True, **tiles)),
-        (tk.weight_grad_kernel, dict(K=2048, N=1408, BLOCK_R=tiles["BLOCK_M"], BLOCK_K=tiles["BLOCK_K"],
-                                     BLOCK_N=tiles["BLOCK_N"])),
-    ]
     out = []
     # every kernel in bf16 (the training dtype); fp32 with ieee precision once (compiles are ~5 s each)
-    variants = [(case, "bf16", "tf32") for case in cases] + [(cases[0], "fp32", "ieee")]
-    for (kernel, consts), dtype, precision in variants:
-        names = kernel.arg_names
-        pointers = [n for n in names if n.endswith("_ptr")]
-        int_ptrs = {"expert_ptr", "row_ptr", "valid_ptr", "start_ptr", "size_ptr"}
-        sig = {n: ("*i32" if n in int_ptrs else "*fp32" if n == "out_ptr" and kernel is tk.weight_grad_kernel
-                   else f"*{dtype}") for n in pointers}
-        consts = {**consts, "UPCAST": False, "PRECISION": precision}
-        sig.update({k: "constexpr" for k in consts})
-        src = triton.compiler.ASTSource(fn=kernel, signature=sig,
-                                        constexprs={(names.index(k),): v for k, v in consts.items()})
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": blocks["num_warps"], "num_stages": blocks["num_stages"]})
-        out.append({"kernel": kernel.__name__, "dtype": dtype, "cubin": len(compiled.asm["cubin"]),
-                    "wgmma": "wgmma" in compiled.asm["ptx"]})
+    for dtype, only in (("bf16", None), ("fp32", ("gate_up",))):
+        for name, compiled in kb.compile_for_hopper(kb.blocks(interpret=False), dtype, only).items():
+            out.append({"kernel": name, "dtype": dtype, "cubin": len(compiled.asm["cubin"]),
+                        "wgmma": "wgmma" in compiled.asm["ptx"]})
     print(json.dumps(out))
 """)
 
