@@ -32,6 +32,7 @@ from dsmoe_jax.mesh import make_mesh
 from dsmoe_jax.evaluation import Evaluation, evaluate
 from dsmoe_jax.model import (
     Aux,
+    InputError,
     count_params,
     flops_per_token,
     forward,
@@ -50,6 +51,7 @@ __all__ = [
     "DataConfig",
     "DsmoeError",
     "Evaluation",
+    "InputError",
     "MeshConfig",
     "ModelConfig",
     "MoEConfig",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import tempfile
 
 import jax
 import orbax.checkpoint as ocp
@@ -45,7 +46,37 @@ def read_config(directory: str | os.PathLike) -> Config:
     path = pathlib.Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {CONFIG_FILE}: not a dsmoe-jax run or checkpoint directory")
-    return config_from_dict(json.loads(path.read_text()))
+    try:
+        tables = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): damaged; restore it from a copy, or train or "
+                              "convert again") from None
+    if isinstance(tables, dict) and "model_type" in tables and "model" not in tables:
+        raise _hf_checkpoint(directory, tables["model_type"])
+    return config_from_dict(tables)
+
+
+def _hf_checkpoint(directory: str | os.PathLike, model_type: str | None = None) -> CheckpointError:
+    kind = f" (model_type {model_type!r})" if model_type else ""
+    return CheckpointError(f"{directory} is a Hugging Face checkpoint{kind}, not a dsmoe-jax one: convert it "
+                           f"first with `dsmoe-jax convert hf-to-jax {directory} OUT`, then use OUT")
+
+
+def check_workdir_writable(workdir: str | os.PathLike) -> None:
+    """Create ``workdir`` if needed and prove a file can be written in it, so a workdir that is
+    a file, on a read-only disk or without permission fails before training starts, not at its
+    first checkpoint."""
+    workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise CheckpointError(f"the workdir {workdir} is a file, not a directory; pass a directory to --workdir "
+                              "(a new one for a new run)")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"the workdir {workdir} is not writable ({e.strerror}); pass a --workdir on a "
+                              "writable disk, or make this one writable") from None
 
 
 def params_location(directory: str | os.PathLike, step: int | None = None) -> tuple[pathlib.Path, str]:
@@ -65,6 +96,8 @@ def params_location(directory: str | os.PathLike, step: int | None = None) -> tu
         if step is not None:
             raise CheckpointError(f"{directory} is a converted checkpoint: it has no steps to choose from")
         return directory / PARAMS_DIR, CONVERTED_ITEM
+    if any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin")):
+        raise _hf_checkpoint(directory)
     raise CheckpointError(f"{directory} holds no complete checkpoint (neither checkpoints/ nor {PARAMS_DIR}/)")
 
 

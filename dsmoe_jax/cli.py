@@ -96,7 +96,7 @@ def _eval(args) -> None:
     params, cfg = _load(args.checkpoint)
     if args.data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
-    train_tokens, val_tokens, _ = data.load_tokens(cfg)
+    train_tokens, val_tokens, _ = data.load_tokens(cfg, checkpoint=args.checkpoint)
     # Your own --data is evaluated whole; otherwise the run's validation sample (train.eval_tokens).
     tokens = np.concatenate([train_tokens, val_tokens]) if args.data else val_tokens
     max_tokens = args.tokens if args.tokens is not None else (0 if args.data else None)
@@ -118,11 +118,14 @@ def _load(directory: str) -> tuple[dict, Config]:
 def _generate(args) -> None:
     params, cfg = _load(args.checkpoint)
     tok = data.load_tokenizer(cfg.data.tokenizer)
+    data.check_tokenizer(tok, cfg, checkpoint=args.checkpoint)
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + [int(i) for i in tok.encode(args.prompt)]
+    # stream checks the prompt and the sampling options when called: before anything is printed
+    tokens = inference.stream(params, ids, cfg, args.max_new_tokens, jax.random.key(args.seed), args.temperature,
+                              args.top_k, args.top_p, eos=tok.eos_id)
     print(args.prompt, end="", flush=True)
     out, shown = [], ""
-    for token in inference.stream(params, ids, cfg, args.max_new_tokens, jax.random.key(args.seed),
-                                  args.temperature, args.top_k, args.top_p, eos=tok.eos_id):
+    for token in tokens:
         out.append(token)
         text = tok.decode(out)  # decode everything so far: a token may complete a character
         print(text[len(shown):], end="", flush=True)

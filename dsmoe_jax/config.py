@@ -372,6 +372,11 @@ def load_config(path_or_name: str | pathlib.Path, overrides: Sequence[str] = ())
         section, name, value = _parse_override(item)
         tables.setdefault(section, {})[name] = value
     try:
-        return config_from_dict(tables)
+        cfg = config_from_dict(tables)
+        # here, not in Config: a converted checkpoint keeps the default train section whatever its context
+        _require(cfg.train.seq_len <= cfg.model.max_seq_len,
+                 f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}, the longest "
+                 "sequence the model takes; lower train.seq_len or raise model.max_seq_len")
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

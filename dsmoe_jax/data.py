@@ -3,8 +3,9 @@
 The default corpus needs no download: it is the Python standard library's own source and its
 documentation topics (``pydoc_data``), present in every CPython installation. It is tokenized
 once and cached on disk as a flat ``uint16``/``uint32`` token array, split deterministically into
-train and validation by document. ``data.path`` may instead point at a text file, a directory of
-text files, or a pre-tokenized ``.npy`` token array.
+train and validation by document. ``data.path`` may instead point at a UTF-8 text file, a
+directory of text files, or a pre-tokenized ``.npy`` token array; text with too few documents for
+that split (a single file) is split by windows, its end going to validation.
 
 Batches come from a grain ``MapDataset`` over fixed-length windows of the token array:
 shuffled per epoch with the run's seed, batched, and sliced per process for multi-host runs;
@@ -63,7 +64,12 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         path = pathlib.Path(path)
-        self._tok = Tokenizer.from_file(str(path))
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception for every parse error
+            raise DataError(f"{path} is not a valid tokenizer.json ({e}): use one saved by the tokenizers or "
+                            "transformers library (it comes with the model's files), or data.tokenizer='byte'"
+                            ) from None
         self.vocab_size = self._tok.get_vocab_size()
         special = _special_tokens(path.with_name(TOKENIZER_CONFIG))
         self.bos_id = bos_id if bos_id is not None else self._id(special.get("bos_token"), path)
@@ -139,7 +145,25 @@ def _user_documents(path: pathlib.Path) -> list[tuple[str, str]]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
     if not files:
         raise DataError(f"data.path {str(path)!r} holds no text files (looked for {', '.join(TEXT_SUFFIXES)})")
-    return [(str(p), p.read_text(encoding="utf-8", errors="replace")) for p in files]
+    docs = [(str(p), _read_text(p)) for p in files]
+    if not any(text.strip() for _, text in docs):
+        raise DataError(f"data.path {str(path)!r} holds only empty text files; point it at files with text in them")
+    return docs
+
+
+def _read_text(path: pathlib.Path) -> str:
+    """A data file's text; a binary file (not UTF-8, or with NUL bytes) is refused, not read as
+    replacement characters that would train the model on noise."""
+    fix = ("data.path takes UTF-8 text files, a directory of them or a .npy token array; re-encode it as UTF-8 "
+           "(iconv -t UTF-8) or leave it out")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}; a binary "
+                        f"file?): {fix}") from None
+    if "\0" in text:
+        raise DataError(f"{path} holds NUL bytes, so it is a binary file or UTF-16 text, not UTF-8 text: {fix}")
+    return text
 
 
 def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -155,12 +179,52 @@ def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer) -> tuple[np.n
     return tuple(np.concatenate(p) if p else np.zeros((0,), dtype) for p in parts)
 
 
-def load_tokens(cfg: Config) -> tuple[np.ndarray, np.ndarray, object]:
-    """(train tokens, validation tokens, tokenizer) for ``cfg.data``, tokenized once and cached."""
+def check_tokenizer(tokenizer, cfg: Config, checkpoint: str | None = None) -> None:
+    """Refuse a tokenizer with ids the model has no embedding for. ``checkpoint``: the directory
+    of the trained model it is for (evaluation, generation), where the fix is the tokenizer the
+    model was trained with; without it the model is a new one, which may grow its vocabulary."""
+    n, V = tokenizer.vocab_size, cfg.model.vocab_size
+    if n <= V:
+        return
+    if checkpoint is None:
+        raise DataError(f"the tokenizer {cfg.data.tokenizer!r} has {n} tokens but model.vocab_size is {V}; raise "
+                        f"model.vocab_size to at least {n}, or set data.tokenizer to a smaller tokenizer")
+    fix = (f"copy the tokenizer.json the model was trained with into {checkpoint} (or set data.tokenizer in "
+           f"{checkpoint}/config.json to its path)")
+    if cfg.data.tokenizer == "byte":
+        raise DataError(f"{checkpoint} has no tokenizer.json and its config names the byte tokenizer ({n} tokens), "
+                        f"but its model.vocab_size is {V}, so the model was trained with another tokenizer; {fix}")
+    raise DataError(f"the tokenizer {cfg.data.tokenizer!r} has {n} tokens but the checkpoint's model.vocab_size is "
+                    f"{V}, so it is not the tokenizer the model was trained with; {fix}")
+
+
+def _check_token_array(tokens: np.ndarray, path: pathlib.Path, cfg: Config, checkpoint: str | None) -> None:
+    """A ``.npy`` token file must be a flat integer array of ids in [0, model.vocab_size): the
+    embedding lookup would read any other id as a clamped or wrapped one, silently."""
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise DataError(f"{path} holds {tokens.dtype} values, but token ids are integers; save them with an integer "
+                        "dtype, e.g. np.save(path, ids.astype(np.int32)) (floats are refused, not rounded)")
+    if tokens.ndim != 1:
+        raise DataError(f"{path} holds an array of shape {tokens.shape}, but a token file is one flat sequence of "
+                        "ids (documents one after another); save ids.reshape(-1)")
+    if not tokens.size:
+        return
+    lo, hi, V = int(tokens.min()), int(tokens.max()), cfg.model.vocab_size
+    retokenize = (f"tokenize the data with the tokenizer the model in {checkpoint} was trained with" if checkpoint
+                  else "tokenize the data with data.tokenizer")
+    if lo < 0:
+        raise DataError(f"{path} holds token id {lo} < 0, but ids lie in [0, {V}); {retokenize}")
+    if hi >= V:
+        raise DataError(f"{path} holds token id {hi} >= model.vocab_size {V}; {retokenize}"
+                        + ("" if checkpoint else ", or raise model.vocab_size"))
+
+
+def load_tokens(cfg: Config, checkpoint: str | None = None) -> tuple[np.ndarray, np.ndarray, object]:
+    """(train tokens, validation tokens, tokenizer) for ``cfg.data``, tokenized once and cached.
+    ``checkpoint``: the trained model's directory, when the tokens are for it (evaluation):
+    a mismatch then asks for its tokenizer rather than a larger vocabulary."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                        f"{cfg.model.vocab_size}; raise model.vocab_size")
+    check_tokenizer(tokenizer, cfg, checkpoint)
     if cfg.data.path is not None:
         path = pathlib.Path(cfg.data.path)
         if not path.exists():
@@ -168,8 +232,7 @@ def load_tokens(cfg: Config) -> tuple[np.ndarray, np.ndarray, object]:
                             "of text files or a .npy token array, or unset it for the embedded corpus")
         if path.suffix == ".npy":
             tokens = np.load(path, mmap_mode="r")
-            if tokens.size and int(tokens.max()) >= cfg.model.vocab_size:
-                raise DataError(f"{path} holds token id {int(tokens.max())} >= model.vocab_size {cfg.model.vocab_size}")
+            _check_token_array(tokens, path, cfg, checkpoint)
             n_val = max(len(tokens) // VAL_EVERY, 1)
             return tokens[:-n_val], tokens[-n_val:], tokenizer  # memory-mapped views: nothing is loaded
         docs = _user_documents(path)
@@ -183,7 +246,23 @@ def load_tokens(cfg: Config) -> tuple[np.ndarray, np.ndarray, object]:
             with atomic_file(p, "wb") as f:
                 np.save(f, array)
     train, val = (np.load(p, mmap_mode="r") for p in cached)
+    if cfg.data.path is not None and len(val) < cfg.train.seq_len + 1:
+        train, val = _split_by_windows(train, val, cfg)
     return train, val, tokenizer
+
+
+def _split_by_windows(train: np.ndarray, val: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Too few documents to split by document (fewer than ``VAL_EVERY``, or validation documents
+    shorter than one window, e.g. a single text file): validation is the end of the text instead,
+    about one part in ``VAL_EVERY`` and at least one window of ``train.seq_len + 1``."""
+    tokens = np.concatenate([train, val]) if len(val) else train
+    window = cfg.train.seq_len + 1
+    n_val = max(len(tokens) // VAL_EVERY, window)
+    if len(tokens) - n_val < window:
+        raise DataError(f"data.path {cfg.data.path!r} gives {len(tokens)} tokens, too few for one training and one "
+                        f"validation window of train.seq_len + 1 = {window} tokens each; add text or lower "
+                        "train.seq_len")
+    return tokens[:-n_val], tokens[-n_val:]
 
 
 class WindowSource:

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+import operator
 import warnings
 from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dsmoe_jax.config import Config, ModelConfig, model_config
-from dsmoe_jax.model import KVCache, forward_cached
+from dsmoe_jax.model import InputError, KVCache, check_tokens, forward_cached
 
 
 def _old_argument_order_deprecated(fn):
@@ -47,9 +50,73 @@ def _old_argument_order_deprecated(fn):
     return wrapper
 
 
+def _int(x) -> int | None:
+    """``x`` as a Python int when it is one (a Python, numpy or concrete jax integer), else None."""
+    try:
+        return None if isinstance(x, bool) else operator.index(x)
+    except TypeError:
+        return None
+
+
+def _number(x) -> float | None:
+    """``x`` as a float when it is a real number (traced values are not), else None."""
+    if isinstance(x, (bool, jax.core.Tracer)):
+        return None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_sampling(temperature, top_k, top_p, vocab_size: int, where: str) -> None:
+    """Refuse sampling settings that would sample garbage: a negative or NaN temperature, a
+    top_k outside the vocabulary, a top_p outside (0, 1] (which keeps no token: id 0 forever).
+    They are static, so this runs at trace time, under ``jit`` too; traced values are skipped."""
+    t = _number(temperature)
+    if not isinstance(temperature, jax.core.Tracer) and (t is None or not math.isfinite(t) or t < 0):
+        raise InputError(f"{where}: temperature must be a finite number >= 0 (0 = greedy decoding), got "
+                         f"{temperature!r}; pass e.g. 0.8, or 0 for greedy")
+    if top_k is not None and not isinstance(top_k, jax.core.Tracer):
+        k = _int(top_k)
+        if k is None or not 0 <= k <= vocab_size:
+            raise InputError(f"{where}: top_k must be an integer from 0 to the vocabulary size {vocab_size}, got "
+                             f"{top_k!r}; pass e.g. 50, or None (or 0) to sample from every token")
+    if top_p is not None and not isinstance(top_p, jax.core.Tracer):
+        p = _number(top_p)
+        if p is None or not 0 < p <= 1:  # NaN fails both comparisons
+            raise InputError(f"{where}: top_p must be in (0, 1], the probability mass sampled from, got {top_p!r}; "
+                             "pass e.g. 0.9, or None to sample from every token")
+
+
+def _check_generation(cfg: ModelConfig, prompt_len: int, max_new_tokens, temperature, top_k, top_p, eos,
+                      where: str) -> None:
+    """The static settings of ``generate`` and ``stream``, before anything runs."""
+    _check_sampling(temperature, top_k, top_p, cfg.vocab_size, where)
+    n = _int(max_new_tokens)
+    if n is None or n < 1:
+        raise InputError(f"{where}: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if prompt_len < 1:
+        raise InputError(f"{where}: the prompt is empty; give at least one token (e.g. the tokenizer's BOS id)")
+    if prompt_len + n > cfg.max_seq_len:
+        room = cfg.max_seq_len - prompt_len
+        fix = (f"lower max_new_tokens to at most {room}, or shorten the prompt" if room >= 1
+               else f"shorten the prompt to at most {cfg.max_seq_len - 1} tokens")
+        raise InputError(f"{where}: the prompt's {prompt_len} tokens plus max_new_tokens={n} make {prompt_len + n}, "
+                         f"more than model.max_seq_len {cfg.max_seq_len}; {fix}")
+    if eos is not None and not isinstance(eos, jax.core.Tracer):
+        e = _int(eos)
+        if e is None or not 0 <= e < cfg.vocab_size:
+            raise InputError(f"{where}: eos {eos!r} is not a token id of the model (ids are 0 to "
+                             f"{cfg.vocab_size - 1}); pass the end-of-sequence id of the model's tokenizer, or None")
+
+
 def init_cache(cfg: Config | ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (prompt included)."""
+    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (prompt included);
+    ``max_len`` may not exceed ``model.max_seq_len``."""
     cfg = model_config(cfg)
+    if max_len > cfg.max_seq_len:
+        raise InputError(f"init_cache: max_len {max_len} exceeds model.max_seq_len {cfg.max_seq_len}, the longest "
+                         f"sequence the model takes; lower max_len to at most {cfg.max_seq_len}")
     shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
     zeros = jnp.zeros(shape, dtype or jnp.dtype(cfg.dtype))
     layers = tuple(zeros for _ in range(cfg.n_layers))
@@ -74,7 +141,13 @@ def prefill(params: dict, tokens: jax.Array, cache: KVCache, cfg: Config | Model
             attention_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Run (left-padded) prompts ``[B, S]`` through the model, filling ``cache`` from its first
     slot (what it held before is forgotten); returns the logits ``[B, S, V]`` of every prompt
-    position and the cache. To extend cached sequences instead, use ``forward_cached``."""
+    position and the cache. To extend cached sequences instead, use ``forward_cached``.
+    ``tokens`` are checked as in ``forward``: their ids only outside ``jit``."""
+    check_tokens(tokens, model_config(cfg), "prefill")
+    S, T = tokens.shape[1], cache.valid_BT.shape[1]
+    if S > T:
+        raise InputError(f"prefill: {S} prompt tokens do not fit the cache's {T} slots; make the cache with "
+                         f"init_cache(cfg, batch, max_len) for max_len >= {S} plus the tokens to generate")
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
     return forward_cached(params, tokens, cache, cfg, attention_mask, prompt_positions(attention_mask), fresh=True)
@@ -92,11 +165,13 @@ def decode_step(params: dict, token_B: jax.Array, positions_B: jax.Array, cache:
 def sample(logits_BV: jax.Array, rng: jax.Array, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None) -> jax.Array:
     """Greedy when ``temperature`` is 0; otherwise sample from the tempered distribution,
-    restricted to the ``top_k`` most likely tokens and to the smallest set with mass ``top_p``."""
+    restricted to the ``top_k`` most likely tokens (None or 0: all) and to the smallest set with
+    mass ``top_p`` (None: all). Refuses settings outside those ranges (``InputError``)."""
+    _check_sampling(temperature, top_k, top_p, logits_BV.shape[-1], "sample")
     if temperature == 0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits = logits_BV.astype(jnp.float32) / temperature
-    if top_k is not None:
+    if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p is not None:
@@ -117,8 +192,18 @@ def generate(params: dict, prompt_ids: jax.Array, cfg: Config | ModelConfig, max
 
     A row that emits ``eos`` repeats it from then on; the loop ends early once every row has.
     Jit with ``cfg``, ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p`` and ``eos`` static.
+
+    Refuses (``InputError``) before running anything: sampling settings out of range (see
+    ``sample``), ``max_new_tokens < 1``, an ``eos`` outside the vocabulary, a prompt longer than
+    ``model.max_seq_len - max_new_tokens``, and non-integer or non-2-D ``prompt_ids``; these are
+    static, so they are checked under ``jit`` too. The prompt's ids are checked to lie in
+    ``[0, vocab_size)`` only outside ``jit``: traced, an out-of-range id silently reads a clamped
+    or wrapped embedding (check them with ``model.check_tokens`` before the jitted call).
     """
+    cfg_m = model_config(cfg)
+    check_tokens(prompt_ids, cfg_m, "generate")
     B, S = prompt_ids.shape
+    _check_generation(cfg_m, S, max_new_tokens, temperature, top_k, top_p, eos, "generate")
     mask = jnp.ones((B, S), jnp.int32) if prompt_mask is None else prompt_mask.astype(jnp.int32)
     cache = init_cache(cfg, B, S + max_new_tokens)
     logits, cache = prefill(params, prompt_ids, cache, cfg, mask)
@@ -153,8 +238,18 @@ def stream(params: dict, prompt_ids: Sequence[int], cfg: Config | ModelConfig, m
            rng: jax.Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            eos: int | None = None) -> Iterator[int]:
     """Yield one prompt's new tokens as they are decoded (a host loop: for printing as they come;
-    ``generate`` is the all-on-device version). Stops after ``eos``, which is not yielded."""
+    ``generate`` is the all-on-device version). Stops after ``eos``, which is not yielded.
+
+    Checks everything ``generate`` does, the prompt's ids included, when called (not at the
+    first ``next``)."""
     cfg = model_config(cfg)
+    _check_generation(cfg, len(prompt_ids), max_new_tokens, temperature, top_k, top_p, eos, "stream")
+    check_tokens(np.asarray(prompt_ids)[None], cfg, "stream")
+    return _stream(params, prompt_ids, cfg, max_new_tokens, rng, temperature, top_k, top_p, eos)
+
+
+def _stream(params, prompt_ids, cfg, max_new_tokens, rng, temperature, top_k, top_p, eos) -> Iterator[int]:
+    """``stream``'s loop, a generator apart from it: a generator's checks would wait for ``next``."""
     prefill_fn = jax.jit(functools.partial(prefill, cfg=cfg))
     decode_fn = jax.jit(functools.partial(decode_step, cfg=cfg))
     sample_fn = jax.jit(sample, static_argnames=("temperature", "top_k", "top_p"))

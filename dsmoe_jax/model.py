@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsmoe_jax.attention import attention
-from dsmoe_jax.config import Config, ModelConfig, model_config
+from dsmoe_jax.config import Config, DsmoeError, ModelConfig, model_config
 from dsmoe_jax.layers import MLP, RMSNorm, param
 from dsmoe_jax.moe import MoE, MoEStats, RouteOptions
 
@@ -238,6 +238,41 @@ class Decoder(nnx.Module):
 # ---- functional API -------------------------------------------------------------------------
 
 
+class InputError(DsmoeError, ValueError):
+    """Arguments the model cannot run as given: token ids, lengths, sampling settings."""
+
+    exit_code = 2  # the CLI's exit status: a usage error, like a bad option
+
+
+def check_tokens(tokens, cfg: ModelConfig, where: str) -> None:
+    """Refuse token ids the model would misread: ``tokens`` must be an integer array ``[B, S]``
+    with ``S <= model.max_seq_len`` and every id in ``[0, model.vocab_size)``.
+
+    The embedding lookup never fails: an id past the vocabulary reads the last row and a
+    negative one wraps around, so a bad id gives plausible logits. Dtype, rank and length are
+    static and always checked. The ids are checked only when concrete: under ``jit`` they are
+    tracers and go unchecked (check them before jitting, e.g. with this function)."""
+    dtype, shape = getattr(tokens, "dtype", None), getattr(tokens, "shape", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        got = dtype if dtype is not None else type(tokens).__name__
+        raise InputError(f"{where}: token ids must be an integer array, got {got}; pass "
+                         "jnp.asarray(ids, jnp.int32) (floats are refused, not rounded)")
+    if len(shape) != 2:
+        raise InputError(f"{where}: tokens must have shape [batch, seq], got {tuple(shape)}"
+                         + ("; add a batch axis with tokens[None]" if len(shape) == 1 else "; reshape them"))
+    if shape[1] > cfg.max_seq_len:
+        raise InputError(f"{where}: {shape[1]} tokens per sequence exceed model.max_seq_len {cfg.max_seq_len}; "
+                         f"shorten the sequences to at most {cfg.max_seq_len} tokens")
+    if isinstance(tokens, jax.core.Tracer) or not tokens.size:
+        return
+    with jax.ensure_compile_time_eval():  # concrete ids closed over by a traced function, too
+        lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise InputError(f"{where}: token id {lo if lo < 0 else hi} is outside the vocabulary: ids must lie in "
+                         f"[0, {cfg.vocab_size}) (model.vocab_size); encode text with the tokenizer the model "
+                         "was trained with")
+
+
 @functools.lru_cache(maxsize=32)
 def _abstract(cfg: ModelConfig):
     """The graph definition and the parameter shapes of ``cfg``'s model (nothing allocated)."""
@@ -320,8 +355,13 @@ def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
     to the loss; ``aux.expert_load [moe layers, E]`` counts the tokens routed to each expert.
     ``route`` (``moe.RouteOptions``) changes a trained model's routing, to probe its experts.
     Jit with ``cfg`` and ``route`` static.
+
+    Refuses (``InputError``) tokens that are not integers, not 2-D or longer than
+    ``model.max_seq_len``, and, outside ``jit``, ids outside ``[0, vocab_size)``. Under ``jit``
+    the ids are not checked: an out-of-range id silently reads a clamped or wrapped embedding.
     """
     cfg = model_config(cfg)
+    check_tokens(tokens, cfg, "forward")
     B, S = tokens.shape
     if attention_mask is None:
         attention_mask = jnp.ones((B, S), jnp.int32)
@@ -336,8 +376,11 @@ def forward_cached(params: dict, tokens: jax.Array, cache: KVCache, cfg: Config 
     """Like ``forward`` for ``tokens`` that continue the sequences in ``cache``: their keys and
     values are written at ``cache.index`` and they attend to everything cached before them.
     ``fresh=True`` (static) starts the sequences over instead: they are written from the first
-    slot and the cache's previous content is forgotten."""
-    logits, _, cache = _decoder(params, model_config(cfg))(tokens, positions, attention_mask, cache, fresh=fresh)
+    slot and the cache's previous content is forgotten. ``tokens`` are checked as in ``forward``
+    (ids only outside ``jit``)."""
+    cfg = model_config(cfg)
+    check_tokens(tokens, cfg, "forward_cached")
+    logits, _, cache = _decoder(params, cfg)(tokens, positions, attention_mask, cache, fresh=fresh)
     return logits, cache
 
 

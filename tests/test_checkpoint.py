@@ -1,14 +1,19 @@
 """Orbax checkpoints: exact round trip, the data position, and refusing the wrong workdir."""
 
 import dataclasses
+import errno
+import json
+import os
+import tempfile
 
 import jax
 import numpy as np
 import pytest
+from helpers import TINY_HF
 
 import dsmoe_jax
-from dsmoe_jax import Config, TrainConfig, data
-from dsmoe_jax.checkpoint import CheckpointError, write_config
+from dsmoe_jax import Config, TrainConfig, convert, data
+from dsmoe_jax.checkpoint import CheckpointError, check_workdir_writable, params_location, write_config
 from dsmoe_jax.train.checkpoint import Checkpointer
 from dsmoe_jax.train.optimizer import make_optimizer
 from dsmoe_jax.train.step import init_state, make_train_step
@@ -66,3 +71,36 @@ def test_refuses_unrequested_resume_and_other_models(tmp_path, run):
 def test_load_checkpoint_of_an_empty_directory_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         dsmoe_jax.load_checkpoint(tmp_path)
+
+
+def test_a_hugging_face_folder_is_named_with_the_convert_command(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY_HF))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is a Hugging Face checkpoint \\(model_type 'deepseek'\\), "
+                       f"not a dsmoe-jax one: convert it first with `dsmoe-jax convert hf-to-jax {tmp_path} OUT`"):
+        dsmoe_jax.load_checkpoint(tmp_path)
+    # our config.json beside HF weights: found where the params are looked for
+    write_config(tmp_path, Config(model=convert.config_from_hf(TINY_HF)))
+    with pytest.raises(CheckpointError, match="is a Hugging Face checkpoint, not a dsmoe-jax one"):
+        params_location(tmp_path)
+    (tmp_path / "config.json").write_text('{"model": {"d_mo')
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON .*: damaged; restore it from a copy"):
+        dsmoe_jax.load_checkpoint(tmp_path)
+
+
+def test_an_unusable_workdir_is_refused_before_training(tmp_path, monkeypatch):
+    check_workdir_writable(tmp_path / "new" / "run")
+    assert (tmp_path / "new" / "run").is_dir() and not any((tmp_path / "new" / "run").iterdir()), "no probe left"
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(CheckpointError, match="the workdir .*file is a file, not a directory; pass a directory"):
+        check_workdir_writable(tmp_path / "file")
+    with pytest.raises(CheckpointError, match=r"the workdir .*file/run is not writable \(Not a directory\)"):
+        check_workdir_writable(tmp_path / "file" / "run")
+    assert (tmp_path / "file").read_text() == "mine"
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(CheckpointError, match=r"is not writable \(Read-only file system\); pass a --workdir on a "
+                                              "writable disk"):
+        check_workdir_writable(tmp_path / "new" / "run")

@@ -1,10 +1,17 @@
 """The ``dsmoe-jax`` command line."""
 
+import json
 import pathlib
 import subprocess
 import sys
 
-from dsmoe_jax import cli
+import jax
+import numpy as np
+import pytest
+from helpers import TINY_HF
+
+import dsmoe_jax
+from dsmoe_jax import Config, cli, load_config
 
 
 def test_info_prints_architecture_and_counts(capsys):
@@ -47,3 +54,74 @@ def test_train_eval_generate_round_trip(tmp_path, capsys):
     assert out.startswith("import os") and len(out.rstrip("\n")) > len("import os"), out
     assert cli.main(["train", "--config", "tiny", "--workdir", workdir, "--set", "model.n_layers=2"]) == 1
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_eval_and_generate_on_a_hugging_face_folder_name_the_convert_command(tmp_path, capsys):
+    hf = tmp_path / "deepseek-moe-16b-base"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(TINY_HF))
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"")
+    for command in (["generate", "--checkpoint", str(hf), "--prompt", "hi"], ["eval", "--checkpoint", str(hf)]):
+        assert cli.main(command) == 1
+        err = capsys.readouterr().err
+        assert "is a Hugging Face checkpoint (model_type 'deepseek')" in err, err
+        assert f"`dsmoe-jax convert hf-to-jax {hf} OUT`, then use OUT" in err and "Traceback" not in err, err
+
+
+@pytest.fixture
+def checkpoint(tmp_path, monkeypatch):
+    """``make(cfg)``: a checkpoint directory whose loading returns ``cfg`` and its fresh params
+    (``load_checkpoint`` stubbed: these tests are about the checks before anything runs)."""
+
+    def make(cfg):
+        params = dsmoe_jax.init_params(cfg, jax.random.key(0))
+        monkeypatch.setattr(cli, "load_checkpoint", lambda directory: (params, cfg))
+        return str(tmp_path)
+
+    return make
+
+
+def test_generate_refuses_the_byte_tokenizer_for_a_smaller_vocabulary(checkpoint, small_cfg, capsys):
+    ckpt = checkpoint(Config(model=small_cfg))  # vocab 97, no tokenizer.json: bytes would be out of range
+    assert cli.main(["generate", "--checkpoint", ckpt, "--prompt", "hi"]) == 1
+    out, err = capsys.readouterr()
+    assert not out
+    assert err.startswith(f"dsmoe-jax: {ckpt} has no tokenizer.json and its config names the byte tokenizer"), err
+    assert f"copy the tokenizer.json the model was trained with into {ckpt}" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--temperature", "nan"], "temperature must be a finite number >= 0"),
+    (["--top-k", "-2"], "top_k must be an integer from 0 to the vocabulary size 512"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    (["--max-new-tokens", "600"], "more than model.max_seq_len 512; lower max_new_tokens to at most"),
+])
+def test_generate_refuses_bad_options_in_one_line(checkpoint, capsys, option, message):
+    ckpt = checkpoint(load_config("tiny", ["model.n_layers=1"]))
+    assert cli.main(["generate", "--checkpoint", ckpt, "--prompt", "hi", *option]) == 2
+    out, err = capsys.readouterr()
+    assert not out, "nothing is printed before the options are checked"
+    assert err.startswith("dsmoe-jax: stream: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.array([1.0, 2.0]), "holds float64 values, but token ids are integers; save them with an integer dtype"),
+    (np.array([1, -3, 2]), "holds token id -3 < 0, but ids lie in [0, 512); tokenize the data with the tokenizer "
+                           "the model in"),
+])
+def test_eval_refuses_bad_token_files(checkpoint, tmp_path, capsys, array, message):
+    ckpt = checkpoint(load_config("tiny", ["model.n_layers=1"]))
+    np.save(tmp_path / "tokens.npy", array)
+    assert cli.main(["eval", "--checkpoint", ckpt, "--data", str(tmp_path / "tokens.npy")]) == 1
+    err = capsys.readouterr().err
+    assert f"tokens.npy {message}" in err and err.count("\n") == 1, err
+
+
+def test_eval_asks_for_the_checkpoint_tokenizer_not_a_larger_vocabulary(checkpoint, small_cfg, capsys):
+    ckpt = checkpoint(Config(model=small_cfg))
+    assert cli.main(["eval", "--checkpoint", ckpt]) == 1
+    err = capsys.readouterr().err
+    assert "has no tokenizer.json" in err and "copy the tokenizer.json the model was trained with" in err, err
+    assert "raise model.vocab_size" not in err

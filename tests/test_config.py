@@ -89,3 +89,10 @@ def test_dense_model_needs_no_moe_section():
     cfg = config_from_dict({"model": {**TINY["model"], "first_k_dense": 2}})
     assert cfg.model.moe is None and cfg.model.n_moe_layers == 0
     assert dsmoe_jax.count_params(cfg)[0] == dsmoe_jax.count_params(cfg)[1]
+
+
+def test_training_sequences_longer_than_the_model_takes_are_refused_at_load():
+    with pytest.raises(ConfigError, match=r"tiny.toml: train.seq_len=1024 exceeds model.max_seq_len=512, the longest "
+                                          "sequence the model takes; lower train.seq_len or raise model.max_seq_len"):
+        load_config("tiny", ["train.seq_len=1024"])
+    assert load_config("tiny", ["train.seq_len=512"]).train.seq_len == 512, "equal is fine"

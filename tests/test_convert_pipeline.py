@@ -3,6 +3,7 @@
 
 import json
 import pathlib
+import re
 import textwrap
 
 import jax
@@ -137,6 +138,54 @@ def test_existing_output_and_unsupported_models_are_refused(tmp_path, capsys):
     assert "MLA" in capsys.readouterr().err and not (tmp_path / "v3").exists()
     with pytest.raises(ConfigError, match="only DeepSeek-v1 models convert"):
         convert.config_to_hf(dsmoe_jax.load_config("hash-2b").model)
+
+
+def _truncate(path: pathlib.Path, keep: float = 0.5) -> None:
+    path.write_bytes(path.read_bytes()[:int(path.stat().st_size * keep)])
+
+
+def _bin_shards(hf: pathlib.Path) -> None:
+    """Replace the safetensors of ``hf`` by two PyTorch .bin shards and their index."""
+    source = convert.HFCheckpoint(hf)
+    names = source.names()
+    weight_map = {}
+    for i, chunk in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        torch.save({n: torch.from_numpy(source.read(n)) for n in chunk}, hf / f"pytorch_model-{i + 1:05d}-of-00002.bin")
+        weight_map.update(dict.fromkeys(chunk, f"pytorch_model-{i + 1:05d}-of-00002.bin"))
+    for f in [*hf.glob("*.safetensors"), hf / "model.safetensors.index.json"]:
+        f.unlink()
+    (hf / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda hf: _truncate(hf / "model-00003-of-00014.safetensors"),
+     r"hf/model-00003-of-00014.safetensors is damaged or truncated \(.*\): an interrupted download\? Download it "
+     "again"),
+    (lambda hf: _truncate(hf / "model.safetensors.index.json"),
+     r"hf/model.safetensors.index.json \(the index of the weight shards\) is not valid JSON \(.*\); download it "
+     "again"),
+    (lambda hf: (hf / "model.safetensors.index.json").write_text("{}"),
+     "hf/model.safetensors.index.json has no valid weight_map .*; download it again"),
+    (lambda hf: (hf / "model-00002-of-00014.safetensors").unlink(),
+     "lists shards that are not in .*hf: model-00002-of-00014.safetensors; download them"),
+    (lambda hf: _truncate(hf / "config.json"),
+     r"hf/config.json \(the model's config\) is not valid JSON \(.*\); download it again"),
+    (lambda hf: (hf / "config.json").write_text(json.dumps({k: v for k, v in TINY_HF.items() if k != "hidden_size"})),
+     "hf/config.json is damaged: KeyError 'hidden_size' reading it; download it again"),
+    (lambda hf: (hf / "config.json").unlink(),
+     "hf has no config.json: not an HF checkpoint directory; pass the directory that holds config.json"),
+    # found only when that shard is read, after earlier arrays were written
+    (lambda hf: (_bin_shards(hf), _truncate(hf / "pytorch_model-00002-of-00002.bin", 0.9)),
+     r"hf/pytorch_model-00002-of-00002.bin is damaged or truncated \(.*\): an interrupted download\?"),
+])
+def test_damaged_hf_files_are_named_with_the_fix_and_leave_no_output(tmp_path, capsys, damage, message):
+    hf = _write_hf(tmp_path / "hf", random_hf_checkpoint(convert.config_from_hf(TINY_HF)))
+    assert len(list(hf.glob("model-*-of-00014.safetensors"))) == 14
+    damage(hf)
+    assert cli.main(["convert", "hf-to-jax", str(hf), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err.splitlines()[-1]) and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])

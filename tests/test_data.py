@@ -1,11 +1,13 @@
 """Tokenizers, the embedded corpus, user data and the grain pipeline."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from dsmoe_jax import data, load_config
+from dsmoe_jax.evaluation import validation_windows
 
 
 def test_byte_tokenizer_round_trip():
@@ -98,3 +100,79 @@ def test_iterator_state_resumes_at_the_next_batch():
     it2 = iter(ds)
     it2.set_state(state)
     np.testing.assert_array_equal(next(it2), expected)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.array([1.0, 2.0, 3.5]), r"holds float64 values, but token ids are integers; save them with an integer dtype"),
+    (np.arange(12).reshape(3, 4), r"holds an array of shape \(3, 4\), but a token file is one flat sequence of ids.*"
+                                  r"save ids.reshape\(-1\)"),
+    (np.array([1, -1, 3]), r"holds token id -1 < 0, but ids lie in \[0, 512\); tokenize the data with data.tokenizer"),
+    (np.array([1, 512, 3]), r"holds token id 512 >= model.vocab_size 512; tokenize the data with data.tokenizer, or "
+                            "raise model.vocab_size"),
+])
+def test_npy_token_files_must_be_flat_integer_ids_in_the_vocabulary(tmp_path, array, message):
+    """The embedding lookup clamps or wraps a bad id: such a file would train and evaluate silently."""
+    np.save(tmp_path / "tokens.npy", array)
+    with pytest.raises(data.DataError, match=re.escape(str(tmp_path / "tokens.npy")) + " " + message):
+        data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / 'tokens.npy'}'"]))
+
+
+def test_a_too_large_tokenizer_asks_a_trained_model_for_its_own_tokenizer(tmp_path):
+    """Training a new model may raise model.vocab_size; a trained checkpoint needs its tokenizer."""
+    cfg = load_config("tiny", ["model.vocab_size=100"])
+    with pytest.raises(data.DataError, match=r"the tokenizer 'byte' has 258 tokens but model.vocab_size is 100; "
+                                             "raise model.vocab_size to at least 258"):
+        data.load_tokens(cfg)
+    with pytest.raises(data.DataError, match=r"ckpt has no tokenizer.json and its config names the byte tokenizer "
+                                             r"\(258 tokens\), but its model.vocab_size is 100.*copy the "
+                                             "tokenizer.json the model was trained with into ckpt") as error:
+        data.load_tokens(cfg, checkpoint="ckpt")
+    assert "raise model.vocab_size" not in str(error.value)
+    np.save(tmp_path / "tokens.npy", np.array([1, 300]))
+    cfg = load_config("tiny", ["model.vocab_size=300", f"data.path='{tmp_path / 'tokens.npy'}'"])
+    with pytest.raises(data.DataError, match=r"holds token id 300 >= model.vocab_size 300; tokenize the data with "
+                                             "the tokenizer the model in ckpt was trained with$"):
+        data.load_tokens(cfg, checkpoint="ckpt")
+
+
+def test_an_invalid_tokenizer_json_is_named(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "WordLev')
+    with pytest.raises(data.DataError, match=f"{tmp_path / 'tokenizer.json'} is not a valid tokenizer.json "
+                                             r"\(.*\): use one saved by the tokenizers or transformers library"):
+        data.load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("weights.bin", np.arange(300, dtype=np.float32).tobytes(),
+     r"weights.bin is not UTF-8 text \(byte 0x80 at offset 6; a binary file\?\): data.path takes UTF-8 text files"),
+    ("utf16.txt", "text".encode("utf-16-le"), "utf16.txt holds NUL bytes, so it is a binary file or UTF-16 text"),
+    ("empty.txt", b"\n\n", "holds only empty text files; point it at files with text in them"),
+])
+def test_binary_or_empty_text_is_named(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(data.DataError, match=message):
+        data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / name}'"]))
+    (tmp_path / "corpus").mkdir()  # one bad file in a directory of good ones is named too
+    (tmp_path / "corpus" / "good.txt").write_text("some text " * 10)
+    (tmp_path / "corpus" / (name if name.endswith(".txt") else "latin1.txt")).write_bytes(
+        content if name.endswith(".txt") else "café".encode("latin-1"))
+    if name != "empty.txt":
+        with pytest.raises(data.DataError, match="is not UTF-8 text|holds NUL bytes"):
+            data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / 'corpus'}'"]))
+
+
+def test_a_single_text_file_is_split_by_windows(tmp_path):
+    """One file is one document: validation is the end of its text, at least one window."""
+    text = "".join(f"line {i}: the quick brown fox\n" for i in range(300))
+    (tmp_path / "book.txt").write_text(text)
+    cfg = load_config("tiny", [f"data.path='{tmp_path / 'book.txt'}'"])  # seq_len 128
+    train, val, tok = data.load_tokens(cfg)
+    whole = np.concatenate([[tok.bos_id], tok.encode(text), [tok.eos_id]])
+    np.testing.assert_array_equal(np.concatenate([train, val]), whole)
+    assert len(val) == len(whole) // data.VAL_EVERY >= cfg.train.seq_len + 1
+    assert len(validation_windows(val, cfg.train.seq_len, 0)) >= 1
+    assert len(data.batches(train, cfg.train.batch_size, cfg.train.seq_len, seed=0)) > 0
+    (tmp_path / "note.txt").write_text("too short")
+    with pytest.raises(data.DataError, match=r"gives 11 tokens, too few for one training and one validation window "
+                                             r"of train.seq_len \+ 1 = 129 tokens each; add text or lower"):
+        data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / 'note.txt'}'"]))

@@ -148,3 +148,69 @@ def test_forward_cached_extends_a_prefilled_cache_by_a_chunk(small_cfg, params):
                           jnp.broadcast_to(jnp.arange(5, 12), (2, 7)))
     np.testing.assert_allclose(logits, full[:, 5:], atol=1e-5, err_msg="a 7-token chunk after a 5-token prefill")
     assert int(cache.index) == 12
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(temperature=-1.0), r"temperature must be a finite number >= 0 .*got -1.0; pass e.g. 0.8"),
+    (dict(temperature=float("nan")), r"temperature must be a finite number >= 0 .*got nan"),
+    (dict(top_k=-1), r"top_k must be an integer from 0 to the vocabulary size 97, got -1; pass e.g. 50, or None"),
+    (dict(top_k=98), r"top_k must be an integer from 0 to the vocabulary size 97, got 98"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\], the probability mass sampled from, got 0.0; pass e.g. 0.9"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\].*got 1.5"),
+    (dict(top_p=float("nan")), r"top_p must be in \(0, 1\].*got nan"),
+    (dict(max_new_tokens=0), r"max_new_tokens must be an integer >= 1, got 0"),
+    (dict(eos=97), r"eos 97 is not a token id of the model \(ids are 0 to 96\); pass the end-of-sequence id"),
+])
+def test_bad_generation_settings_are_refused_before_anything_runs(small_cfg, params, setting, message):
+    """They are static: refused at trace time under jit too; stream refuses when called."""
+    kwargs = dict(max_new_tokens=4, temperature=1.0) | setting
+    jitted = jax.jit(inference.generate, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p",
+                                                           "eos"))
+    with pytest.raises(dsmoe_jax.InputError, match="generate: " + message):
+        jitted(params, jnp.asarray([[5, 17]]), small_cfg, rng=jax.random.key(0), **kwargs)
+    with pytest.raises(dsmoe_jax.InputError, match="stream: " + message):
+        inference.stream(params, [5, 17], small_cfg, rng=jax.random.key(0), **kwargs)  # no next() needed
+
+
+def test_sample_refuses_bad_settings_and_top_k_zero_is_no_limit():
+    logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]] * 500))
+    with pytest.raises(dsmoe_jax.InputError, match=r"sample: top_p must be in \(0, 1\]"):
+        inference.sample(logits, jax.random.key(0), 1.0, top_p=0.0)
+    with pytest.raises(dsmoe_jax.InputError, match="sample: top_k must be an integer from 0 to the vocabulary size 4"):
+        inference.sample(logits, jax.random.key(0), 1.0, top_k=5)
+    assert set(np.asarray(inference.sample(logits, jax.random.key(0), 1.0, top_k=0)).tolist()) == {0, 1, 2, 3}
+
+
+def test_sequences_past_max_seq_len_are_refused(small_cfg, params):
+    """small_cfg.max_seq_len is 64."""
+    prompt = jnp.zeros((1, 60), jnp.int32)
+    with pytest.raises(dsmoe_jax.InputError, match=r"generate: the prompt's 60 tokens plus max_new_tokens=5 make "
+                                                   r"65, more than model.max_seq_len 64; lower max_new_tokens to at "
+                                                   "most 4, or shorten the prompt"):
+        inference.generate(params, prompt, small_cfg, 5, jax.random.key(0))
+    with pytest.raises(dsmoe_jax.InputError, match="stream: the prompt's 64 tokens plus max_new_tokens=1 make 65, "
+                                                   "more than model.max_seq_len 64; shorten the prompt to at most 63"):
+        inference.stream(params, [0] * 64, small_cfg, 1, jax.random.key(0))
+    with pytest.raises(dsmoe_jax.InputError, match="init_cache: max_len 65 exceeds model.max_seq_len 64.*lower "
+                                                   "max_len to at most 64"):
+        inference.init_cache(small_cfg, 1, 65)
+    with pytest.raises(dsmoe_jax.InputError, match="prefill: 65 tokens per sequence exceed model.max_seq_len 64"):
+        inference.prefill(params, jnp.zeros((1, 65), jnp.int32), inference.init_cache(small_cfg, 1, 64), small_cfg)
+    with pytest.raises(dsmoe_jax.InputError, match=r"prefill: 9 prompt tokens do not fit the cache's 8 slots; make "
+                                                   r"the cache with init_cache\(cfg, batch, max_len\)"):
+        inference.prefill(params, jnp.zeros((1, 9), jnp.int32), inference.init_cache(small_cfg, 1, 8), small_cfg)
+
+
+def test_prompt_token_ids_are_checked(small_cfg, params):
+    cache = inference.init_cache(small_cfg, 1, 8)
+    with pytest.raises(dsmoe_jax.InputError, match=r"generate: token id 97 is outside the vocabulary: ids must lie "
+                                                   r"in \[0, 97\)"):
+        inference.generate(params, jnp.asarray([[5, 97]]), small_cfg, 2, jax.random.key(0))
+    with pytest.raises(dsmoe_jax.InputError, match=r"prefill: token id -1 is outside the vocabulary"):
+        inference.prefill(params, jnp.asarray([[-1, 5]]), cache, small_cfg)
+    with pytest.raises(dsmoe_jax.InputError, match="stream: token ids must be an integer array, got float64"):
+        inference.stream(params, [5, 2.5], small_cfg, 2, jax.random.key(0))
+    with pytest.raises(dsmoe_jax.InputError, match="stream: the prompt is empty; give at least one token"):
+        inference.stream(params, [], small_cfg, 2, jax.random.key(0))
+    with pytest.raises(dsmoe_jax.InputError, match="generate: token ids must be an integer array, got float32"):
+        _generate(params, jnp.asarray([[5.0, 2.0]]), small_cfg, 2, jax.random.key(0))  # dtype is static: under jit too

@@ -210,3 +210,32 @@ def test_scanned_layout_same_seed_same_params_and_a_clear_error_for_the_wrong_la
     assert axes["moe_layers"]["ffn"]["w_gate_EDF"] == ("layers", "expert", "embed", "mlp"), axes["moe_layers"]
     with pytest.raises(ValueError, match="unrolled layout but the config has model.scan_layers = True"):
         model_lib.forward(params, jnp.zeros((1, 4), jnp.int32), scanned)
+
+
+@pytest.mark.parametrize("bad_id", [97, -1])
+def test_forward_refuses_token_ids_outside_the_vocabulary(small_cfg, key, bad_id):
+    """The embedding lookup would read id 97 of 97 as 96 and -1 as 96: plausible, wrong logits."""
+    params = dsmoe_jax.init_params(small_cfg, key)
+    with pytest.raises(dsmoe_jax.InputError, match=rf"forward: token id {bad_id} is outside the vocabulary: ids "
+                                                   r"must lie in \[0, 97\) .*encode text with the tokenizer"):
+        dsmoe_jax.forward(params, jnp.asarray([[5, bad_id, 3]]), small_cfg)
+
+
+def test_forward_refuses_float_unbatched_and_too_long_tokens_also_under_jit(small_cfg, key):
+    params = dsmoe_jax.init_params(small_cfg, key)
+    for forward in (functools.partial(dsmoe_jax.forward, cfg=small_cfg), _forward(small_cfg)):
+        with pytest.raises(dsmoe_jax.InputError, match=r"must be an integer array, got float32; pass "
+                                                       r"jnp.asarray\(ids, jnp.int32\) \(floats are refused"):
+            forward(params, jnp.asarray([[5.0, 3.7]]))
+        with pytest.raises(dsmoe_jax.InputError, match=r"shape \[batch, seq\], got \(2,\); add a batch axis"):
+            forward(params, jnp.asarray([5, 3]))
+        with pytest.raises(dsmoe_jax.InputError, match="65 tokens per sequence exceed model.max_seq_len 64; "
+                                                       "shorten the sequences to at most 64 tokens"):
+            forward(params, jnp.zeros((1, 65), jnp.int32))
+
+
+def test_check_tokens_leaves_traced_ids_unchecked(small_cfg):
+    """Under jit the ids are unknown: only what is static is checked, as the docstrings say."""
+    jax.jit(lambda t: model_lib.check_tokens(t, small_cfg, "test"))(jnp.asarray([[97]]))
+    with pytest.raises(dsmoe_jax.InputError, match="test: token id 97"):
+        model_lib.check_tokens(jnp.asarray([[97]]), small_cfg, "test")

@@ -35,6 +35,12 @@ def _model_differences(a: Config, b: Config) -> list[str]:
 DAMAGED_DIR = "damaged_checkpoints"
 
 
+def nothing_to_resume(workdir: pathlib.Path) -> CheckpointError:
+    return CheckpointError(f"--resume: {workdir} holds no checkpoint to resume from (a mistyped --workdir, or a run "
+                           "stopped before its first checkpoint); check the path, or drop --resume to start a new "
+                           "run there")
+
+
 class Checkpointer:
     """Saves every ``train.checkpoint_every`` steps asynchronously, keeps the last
     ``train.keep_checkpoints``; restores the latest complete one."""
@@ -56,9 +62,7 @@ class Checkpointer:
         latest = self.manager.latest_step()
         if latest is None:
             if resume:
-                raise CheckpointError(f"--resume: {self.workdir} holds no checkpoint to resume from (a mistyped "
-                                      "--workdir, or a run stopped before its first checkpoint); check the path, "
-                                      "or drop --resume to start a new run there")
+                raise nothing_to_resume(self.workdir)
             return None
         if not resume:
             raise CheckpointError(f"{self.workdir} already holds checkpoints (latest step {latest}); pass --resume "

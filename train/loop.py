@@ -21,12 +21,12 @@ from dsmoe_jax.atomic import atomic_file
 
 from dsmoe_jax import data
 from dsmoe_jax import mesh as mesh_lib
-from dsmoe_jax.checkpoint import write_config
+from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, write_config
 from dsmoe_jax.config import Config, DsmoeError
 from dsmoe_jax.evaluation import evaluate, jitted_eval_step
 from dsmoe_jax.model import flops_per_token
 from dsmoe_jax.plan import device_peak_flops
-from dsmoe_jax.train.checkpoint import Checkpointer
+from dsmoe_jax.train.checkpoint import Checkpointer, nothing_to_resume
 from dsmoe_jax.train.optimizer import learning_rate, make_optimizer
 from dsmoe_jax.train.step import StepMetrics, init_sharded_state, make_train_step, state_shardings
 
@@ -173,6 +173,10 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="float32"))
     t = cfg.train
     workdir = pathlib.Path(workdir)
+    if resume and not (workdir / CHECKPOINTS_DIR).is_dir():  # before anything is created there
+        raise nothing_to_resume(workdir)
+    if jax.process_index() == 0:
+        check_workdir_writable(workdir)
     ckpt = Checkpointer(workdir, cfg)
     start = ckpt.check_compatible(resume) or 0
     if jax.process_index() == 0:

@@ -15,12 +15,13 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import shutil
 from collections.abc import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from dsmoe_jax.convert.mapping import ConversionError
@@ -39,22 +40,34 @@ class HFCheckpoint:
     def __init__(self, directory: str | os.PathLike):
         self.directory = pathlib.Path(directory)
         if not (self.directory / "config.json").is_file():
-            raise ConversionError(f"{directory} has no config.json: not an HF checkpoint directory")
-        self.config = json.loads((self.directory / "config.json").read_text())
+            raise ConversionError(f"{directory} has no config.json: not an HF checkpoint directory; pass the "
+                                  "directory that holds config.json and the *.safetensors files (download the "
+                                  "whole model repository, not only its weights)")
+        self.config = _read_json(self.directory / "config.json", "the model's config")
         self.files = self._weight_map()
 
     def _weight_map(self) -> dict[str, pathlib.Path]:
         d = self.directory
         for index in (SAFETENSORS_INDEX, BIN_INDEX):
             if (d / index).is_file():
-                weight_map = json.loads((d / index).read_text())["weight_map"]
+                weight_map = _read_json(d / index, "the index of the weight shards").get("weight_map")
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise ConversionError(f"{d / index} has no valid weight_map (tensor name -> shard file); "
+                                          "download it again")
                 missing = sorted({f for f in weight_map.values() if not (d / f).is_file()})
                 if missing:
-                    raise ConversionError(f"{index} lists shards that are not in {d}: {', '.join(missing)}")
+                    raise ConversionError(f"{index} lists shards that are not in {d}: {', '.join(missing)}; "
+                                          "download them (an interrupted download?)")
+                if index == SAFETENSORS_INDEX:  # headers only: a damaged shard fails now, not hours in
+                    for f in sorted(set(weight_map.values())):
+                        keys = set(_keys(d / f))
+                        absent = sorted(n for n, g in weight_map.items() if g == f and n not in keys)
+                        if absent:
+                            raise ConversionError(f"{d / f} lacks tensors that {index} places in it "
+                                                  f"({', '.join(absent[:3])}); download both files again")
                 return {name: d / f for name, f in weight_map.items()}
         if (d / "model.safetensors").is_file():
-            with safe_open(d / "model.safetensors", "np") as f:
-                return dict.fromkeys(f.keys(), d / "model.safetensors")
+            return dict.fromkeys(_keys(d / "model.safetensors"), d / "model.safetensors")
         if (d / "pytorch_model.bin").is_file():
             return dict.fromkeys(_torch_load(d / "pytorch_model.bin"), d / "pytorch_model.bin")
         raise ConversionError(f"{d} has no weights: expected {SAFETENSORS_INDEX}, {BIN_INDEX}, model.safetensors "
@@ -69,9 +82,39 @@ class HFCheckpoint:
     def read(self, name: str) -> np.ndarray:
         path = self.files[name]
         if path.suffix == ".safetensors":
-            with safe_open(path, "np") as f:  # closing it unmaps the file again
-                return f.get_tensor(name)
+            try:
+                with safe_open(path, "np") as f:  # closing it unmaps the file again
+                    return f.get_tensor(name)
+            except SafetensorError as e:
+                raise ConversionError(_damaged(path, e)) from None
         return _torch_to_numpy(_torch_load(path)[name])
+
+
+def _damaged(path: pathlib.Path, error: Exception) -> str:
+    reason = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0]  # torch's run on
+    return (f"{path} is damaged or truncated ({reason}): an interrupted download? Download it again "
+            "(its size must match the one listed on the model's page)")
+
+
+def _read_json(path: pathlib.Path, what: str) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} ({what}) is not valid JSON ({e}); download it again") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} ({what}) holds a JSON {type(value).__name__}, not an object; "
+                              "download it again")
+    return value
+
+
+def _keys(path: pathlib.Path) -> list[str]:
+    """The tensor names of a safetensors file; reads only its header, which also proves the file
+    is as long as the header says."""
+    try:
+        with safe_open(path, "np") as f:
+            return list(f.keys())
+    except SafetensorError as e:
+        raise ConversionError(_damaged(path, e)) from None
 
 
 def _torch_load(path: pathlib.Path) -> dict:
@@ -81,7 +124,12 @@ def _torch_load(path: pathlib.Path) -> dict:
         raise ConversionError(f"{path.name} is a PyTorch pickle: reading it needs torch (pip install torch), "
                               "or convert from the safetensors copy of the checkpoint") from e
     # mmap: only the tensors read are paged in; weights_only refuses arbitrary pickled code.
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except PermissionError:
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # what torch raises for a cut-off file
+        raise ConversionError(_damaged(path, e)) from None
 
 
 def _torch_to_numpy(t) -> np.ndarray:

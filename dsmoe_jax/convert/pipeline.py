@@ -57,7 +57,11 @@ def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
     (``config.json``, Orbax ``params/``, tokenizer files). ``dtype`` (float32 | bfloat16) defaults
     to the checkpoint's ``torch_dtype`` (float16 becomes float32). Returns the converted config."""
     source = HFCheckpoint(hf_dir)
-    model = config_from_hf(source.config)
+    try:
+        model = config_from_hf(source.config)
+    except (KeyError, TypeError) as e:  # a field missing or of the wrong type
+        raise ConversionError(f"{source.directory / 'config.json'} is damaged: {type(e).__name__} {e} reading it; "
+                              "download it again") from None
     if dtype is not None:
         if dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"dtype {dtype!r}: choose float32 or bfloat16")
