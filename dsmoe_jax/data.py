@@ -233,8 +233,8 @@ def load_tokens(cfg: Config, checkpoint: str | None = None) -> tuple[np.ndarray,
         if path.suffix == ".npy":
             tokens = np.load(path, mmap_mode="r")
             _check_token_array(tokens, path, cfg, checkpoint)
-            n_val = max(len(tokens) // VAL_EVERY, 1)
-            return tokens[:-n_val], tokens[-n_val:], tokenizer  # memory-mapped views: nothing is loaded
+            # memory-mapped views: nothing is loaded
+            return (*_split_by_windows(tokens, tokens[:0], cfg), tokenizer)
         docs = _user_documents(path)
     else:
         docs = embedded_documents()

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsmoe_jax import mesh as mesh_lib
-from dsmoe_jax.config import Config
+from dsmoe_jax.config import Config, ConfigError
 from dsmoe_jax.model import forward
 from dsmoe_jax.moe import RouteOptions
 
@@ -84,7 +84,7 @@ def validation_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> np.
     or, when ``max_tokens`` > 0 caps them, that many spread evenly over the split."""
     total = (len(tokens) - 1) // seq_len
     if total < 1:
-        raise ValueError(f"{len(tokens)} validation tokens cannot fill one window of {seq_len + 1}; lower "
+        raise ConfigError(f"{len(tokens)} validation tokens cannot fill one window of {seq_len + 1}; lower "
                          "train.seq_len or add data")
     n = total if max_tokens <= 0 else max(1, min(total, max_tokens // seq_len))
     return np.arange(n) * total // n

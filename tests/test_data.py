@@ -62,7 +62,10 @@ def test_user_text_files_and_token_arrays(tmp_path):
     assert len(val) == 2 * (1 + len("document 19 " * 50) + 1), "documents 19 and 39 are validation"
     np.save(tmp_path / "tokens.npy", np.arange(1000) % 300)
     train, val, _ = data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / 'tokens.npy'}'"]))
-    assert len(train) + len(val) == 1000 and len(val) == 50
+    assert len(train) + len(val) == 1000 and len(val) == 129, "the last 1/20, but at least one window of 129"
+    np.save(tmp_path / "long.npy", np.arange(20_000) % 300)
+    train, val, _ = data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / 'long.npy'}'"]))
+    assert len(val) == 1000 and np.array_equal(val, np.arange(19_000, 20_000) % 300), "the last 1/20"
 
 
 def test_bad_data_is_a_clear_error(tmp_path):
