@@ -1,6 +1,7 @@
 """The training loop end to end: learning, logs, kill -9 and resume, non-finite losses."""
 
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -78,25 +79,28 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
         f"losses after resuming (killed at step {killed_at}) differ from the uninterrupted run"
 
 
-def _nan_at_call(monkeypatch, bad_call: int):
-    """Make the loss NaN on the ``bad_call``-th execution of the train step."""
+def _on_call(monkeypatch, call: int, scale_then: float = 1.0, signum: int | None = None):
+    """On the ``call``-th execution of the train step, scale the loss by ``scale_then`` (NaN
+    poisons it) and/or send this process ``signum``, as a scheduler would while a step runs."""
     calls = {"n": 0}
     real = step_lib.loss_fn
 
     def count():
         calls["n"] += 1
-        return np.float32(np.nan if calls["n"] == bad_call else 1.0)
+        if calls["n"] == call and signum is not None:
+            os.kill(os.getpid(), signum)
+        return np.float32(scale_then if calls["n"] == call else 1.0)
 
-    def poisoned(params, windows, cfg):
+    def instrumented(params, windows, cfg):
         scale = jax.pure_callback(count, jax.ShapeDtypeStruct((), np.float32))
         loss, aux = real(params, windows, cfg)
         return loss * scale, aux
 
-    monkeypatch.setattr(step_lib, "loss_fn", poisoned)
+    monkeypatch.setattr(step_lib, "loss_fn", instrumented)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    _nan_at_call(monkeypatch, bad_call=12)
+    _on_call(monkeypatch, 12, scale_then=np.nan)
     cfg = load_config("tiny", FAST + ["train.steps=20", "train.checkpoint_every=5", "train.eval_every=1000"])
     with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step 12 .*last checkpoint \(step 10\)"):
         train(cfg, tmp_path, progress=False)
@@ -106,7 +110,7 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
 
 def test_nan_skip_mode_skips_the_step(tmp_path, monkeypatch):
-    _nan_at_call(monkeypatch, bad_call=7)
+    _on_call(monkeypatch, 7, scale_then=np.nan)
     cfg = load_config("tiny", FAST + ["train.steps=10", "train.checkpoint_every=10", "train.eval_every=1000",
                                       "train.on_nan='skip'"])
     train(cfg, tmp_path, progress=False)
@@ -116,39 +120,17 @@ def test_nan_skip_mode_skips_the_step(tmp_path, monkeypatch):
     assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
 
 
-def _signal_at_call(monkeypatch, call: int, signum: int):
-    """Send this process ``signum`` during the ``call``-th execution of the train step, as a
-    scheduler would while a step runs."""
-    import os
-
-    calls = {"n": 0}
-    real = step_lib.loss_fn
-
-    def maybe_signal():
-        calls["n"] += 1
-        if calls["n"] == call:
-            os.kill(os.getpid(), signum)
-        return np.float32(1.0)
-
-    def signalling(params, windows, cfg):
-        one = jax.pure_callback(maybe_signal, jax.ShapeDtypeStruct((), np.float32))
-        loss, aux = real(params, windows, cfg)
-        return loss * one, aux
-
-    monkeypatch.setattr(step_lib, "loss_fn", signalling)
-
-
 def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_path, monkeypatch):
     cfg = load_config("tiny", FAST + ["train.steps=10", "train.checkpoint_every=100", "train.eval_every=1000"])
-    _signal_at_call(monkeypatch, 10**9, signal.SIGTERM)  # the same program, never signalling
+    _on_call(monkeypatch, 10**9, signum=signal.SIGTERM)  # the same program, never signalling
     train(cfg, tmp_path / "whole", progress=False)
-    _signal_at_call(monkeypatch, 4, signal.SIGTERM)
+    _on_call(monkeypatch, 4, signum=signal.SIGTERM)
     with pytest.raises(TrainingInterrupted, match=r"stopped by SIGTERM after step 4, with a checkpoint .*--resume") as e:
         train(cfg, tmp_path / "stopped", progress=False)
     assert e.value.exit_code == 143, "128 + SIGTERM, as a shell reports a job it terminated"
     assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["4"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the loop's handlers are gone after the run"
-    _signal_at_call(monkeypatch, 10**9, signal.SIGTERM)
+    _on_call(monkeypatch, 10**9, signum=signal.SIGTERM)
     train(cfg, tmp_path / "stopped", resume=True, progress=False)
     whole, stopped = _metrics(tmp_path / "whole"), _metrics(tmp_path / "stopped")
     assert [stopped[s]["loss"] for s in range(1, 11)] == [whole[s]["loss"] for s in range(1, 11)]
