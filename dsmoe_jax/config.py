@@ -54,8 +54,15 @@ class MoEConfig:
     expert_d_ff: int
     n_shared_experts: int = 0
     top_k: int = 1
-    routing: Literal["softmax", "hash"] = "softmax"
+    routing: Literal["softmax", "sigmoid", "hash"] = "softmax"  # scores: softmax (v1, V2), sigmoid (V3)
     norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0  # multiplies the gates (V2, V3)
+    # group-limited routing (V2's group_limited_greedy, V3's noaux_tc): experts in n_group
+    # contiguous groups; a token first keeps its topk_group best groups, scored by their best
+    # expert ("max") or the sum of their best two ("top2_sum"), then picks top_k inside them
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: Literal["max", "top2_sum"] = "max"
     capacity_factor: float = 0.0
     aux_loss_alpha: float = 0.0  # a1, expert-level balance
     device_aux_alpha: float = 0.0  # a2, device-level balance
@@ -75,6 +82,21 @@ class MoEConfig:
             self.routing != "hash" or self.top_k == 1,
             f"hash routing sends each token to exactly one expert; set moe.top_k = 1 (got {self.top_k})",
         )
+        _require(self.routed_scaling_factor > 0, f"moe.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+        _require(
+            self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+            f"moe.n_group={self.n_group} must be >= 1 and divide moe.n_routed_experts={self.n_routed_experts}",
+        )
+        if self.n_group > 1:
+            per_group = self.n_routed_experts // self.n_group
+            _require(1 <= self.topk_group <= self.n_group,
+                     f"moe.topk_group={self.topk_group} must be between 1 and moe.n_group={self.n_group}")
+            _require(self.top_k <= self.topk_group * per_group,
+                     f"moe.top_k={self.top_k} experts cannot be chosen from moe.topk_group={self.topk_group} groups "
+                     f"of {per_group}; raise topk_group or lower top_k")
+            _require(self.group_score != "top2_sum" or per_group >= 2,
+                     f"moe.group_score 'top2_sum' needs groups of at least 2 experts, got {per_group}")
+            _require(self.routing != "hash", "hash routing has no scores to limit by group; set moe.n_group = 1")
         _require(self.capacity_factor >= 0, f"moe.capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
         _require(
             self.aux_loss_alpha >= 0 and self.device_aux_alpha >= 0,

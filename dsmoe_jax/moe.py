@@ -59,19 +59,43 @@ class RouteOptions:
         return dataclasses.replace(cfg, top_k=top_k)
 
 
-def route_softmax(x_TD: jax.Array, w_router_DE: jax.Array, top_k: int, norm_topk_prob: bool,
-                  exclude_top: int = 0) -> Routing:
-    """s = softmax(x e) in float32 over all routed experts (but each token's ``exclude_top``
-    best, when set); keep the top-k as gates."""
+def route_scores(x_TD: jax.Array, w_router_DE: jax.Array, cfg: MoEConfig, exclude_top: int = 0) -> Routing:
+    """Learned routing: scores s = softmax or sigmoid (``cfg.routing``) of the float32 logits
+    x e over all routed experts; each token's ``exclude_top`` best are removed first, when set.
+    With ``n_group`` > 1 a token keeps only the experts of its ``topk_group`` best groups. The
+    top-k scores are the gates, renormalised to sum 1 with ``norm_topk_prob``, then times
+    ``routed_scaling_factor``. ``probs_TE`` (for the balance losses) are the scores made to
+    sum to 1 per token: the softmax itself, or the sigmoids divided by their sum."""
     logits_TE = jnp.einsum("td,de->te", x_TD.astype(jnp.float32), w_router_DE.astype(jnp.float32))
     if exclude_top:
         _, best_TX = jax.lax.top_k(logits_TE, exclude_top)
         logits_TE = jnp.put_along_axis(logits_TE, best_TX, -jnp.inf, axis=-1, inplace=False)
-    probs_TE = jax.nn.softmax(logits_TE, axis=-1)
-    gate_TK, expert_TK = jax.lax.top_k(probs_TE, top_k)
-    if norm_topk_prob:
-        gate_TK = gate_TK / jnp.sum(gate_TK, axis=-1, keepdims=True)
-    return Routing(gate_TK, expert_TK.astype(jnp.int32), probs_TE)
+    if cfg.routing == "softmax":
+        scores_TE = probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+    else:
+        scores_TE = jax.nn.sigmoid(logits_TE)
+        probs_TE = scores_TE / jnp.maximum(jnp.sum(scores_TE, axis=-1, keepdims=True), 1e-20)
+    choose_TE = jnp.where(jnp.isneginf(logits_TE), -jnp.inf, scores_TE)  # an excluded expert is never chosen
+    if cfg.n_group > 1:
+        choose_TE = _within_best_groups(choose_TE, cfg)
+    _, expert_TK = jax.lax.top_k(choose_TE, cfg.top_k)
+    gate_TK = jnp.take_along_axis(scores_TE, expert_TK, axis=-1)
+    if cfg.norm_topk_prob:
+        gate_TK = gate_TK / jnp.maximum(jnp.sum(gate_TK, axis=-1, keepdims=True), 1e-20)
+    return Routing(gate_TK * cfg.routed_scaling_factor, expert_TK.astype(jnp.int32), probs_TE)
+
+
+def _within_best_groups(choose_TE: jax.Array, cfg: MoEConfig) -> jax.Array:
+    """``choose_TE`` with the experts outside each token's ``topk_group`` best groups at -inf."""
+    T, E = choose_TE.shape
+    groups_TGe = choose_TE.reshape(T, cfg.n_group, E // cfg.n_group)
+    if cfg.group_score == "max":
+        group_TG = jnp.max(groups_TGe, axis=-1)
+    else:
+        group_TG = jnp.sum(jax.lax.top_k(groups_TGe, 2)[0], axis=-1)
+    _, best_TJ = jax.lax.top_k(group_TG, cfg.topk_group)
+    kept_TG = jnp.any(best_TJ[:, :, None] == jnp.arange(cfg.n_group), axis=1)
+    return jnp.where(jnp.repeat(kept_TG, E // cfg.n_group, axis=1), choose_TE, -jnp.inf)
 
 
 def route_hash(tokens_T: jax.Array, num_experts: int) -> Routing:
@@ -127,8 +151,10 @@ class MoEStats(NamedTuple):
 class MoE(nnx.Module):
     """DeepSeekMoE FFN: fine-grained routed experts plus fused shared experts.
 
-    route    float32 softmax over all routed experts, top-k gates (not renormalised unless
-             ``norm_topk_prob``), or a fixed token hash; balance losses from the probabilities.
+    route    float32 softmax (or sigmoid) scores over all routed experts, optionally limited to
+             each token's best expert groups, top-k gates (renormalised with ``norm_topk_prob``,
+             scaled by ``routed_scaling_factor``), or a fixed token hash; balance losses from
+             the scores.
     dispatch sort the (token, slot) assignments by expert into contiguous groups, dropping those
              over capacity when ``capacity_factor`` is set.
     experts  the grouped SwiGLU MLP over the groups, by the configured backend (grouped.py);
@@ -142,7 +168,7 @@ class MoE(nnx.Module):
         self.cfg = cfg.moe
         E, D, F = cfg.moe.n_routed_experts, cfg.d_model, cfg.moe.expert_d_ff
         std, dt = cfg.init_std, jnp.dtype(cfg.param_dtype)
-        if cfg.moe.routing == "softmax":
+        if cfg.moe.routing != "hash":
             self.w_router_DE = param(rngs, (D, E), ("embed", None), std, dt)
         self.w_gate_EDF = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std, dt)
         self.w_up_EDF = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std, dt)
@@ -167,7 +193,7 @@ class MoE(nnx.Module):
         if cfg.routing == "hash":
             routing = route_hash(tokens_BS.reshape(-1), E)
         else:
-            routing = route_softmax(x_TD, self.w_router_DE[...], cfg.top_k, cfg.norm_topk_prob, route.exclude_top)
+            routing = route_scores(x_TD, self.w_router_DE[...], cfg, route.exclude_top)
         ep = mesh_lib.expert_parallel_size()
         check_expert_parallel(cfg, ep)
         expert_loss, device_loss = balance_losses(routing, valid_T, cfg, num_seqs=B,

@@ -20,15 +20,19 @@ W_DE = jnp.log(jnp.array([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]))
 PROBS = np.array([[1, 2, 3, 4], [4, 3, 2, 1], [1, 4, 9, 16]], float) / np.array([[10], [10], [30]])
 
 
+def _router(**fields) -> MoEConfig:
+    return MoEConfig(**{"n_routed_experts": 4, "expert_d_ff": 1, **fields})
+
+
 def test_excluding_the_top_expert_equals_its_logit_at_minus_infinity():
-    r = moe_lib.route_softmax(X_TD, W_DE, top_k=2, norm_topk_prob=False, exclude_top=1)
+    r = moe_lib.route_scores(X_TD, W_DE, _router(top_k=2), exclude_top=1)
     # t0: e3 (4/10) excluded -> softmax over [1, 2, 3]/6; t1: e0 excluded -> [3, 2, 1]/6;
     # t2: e3 (16/30) excluded -> [1, 4, 9]/14
     np.testing.assert_allclose(r.probs_TE, [[1 / 6, 2 / 6, 3 / 6, 0], [0, 3 / 6, 2 / 6, 1 / 6],
                                             [1 / 14, 4 / 14, 9 / 14, 0]], rtol=1e-6)
     np.testing.assert_array_equal(r.expert_TK, [[2, 1], [1, 2], [2, 1]])
     np.testing.assert_allclose(r.gate_TK, [[3 / 6, 2 / 6], [3 / 6, 2 / 6], [9 / 14, 4 / 14]], rtol=1e-6)
-    two = moe_lib.route_softmax(X_TD, W_DE, top_k=1, norm_topk_prob=False, exclude_top=2)
+    two = moe_lib.route_scores(X_TD, W_DE, _router(top_k=1), exclude_top=2)
     np.testing.assert_array_equal(two.expert_TK[:, 0], [1, 2, 1], err_msg="the third-best expert of each token")
 
 
@@ -53,19 +57,60 @@ def test_impossible_route_options_are_refused(small_cfg):
 
 
 def test_router_top_k_and_gates_by_hand():
-    r = moe_lib.route_softmax(X_TD, W_DE, top_k=2, norm_topk_prob=False)
+    r = moe_lib.route_scores(X_TD, W_DE, _router(top_k=2))
     np.testing.assert_allclose(r.probs_TE, PROBS, rtol=1e-6, err_msg="softmax over all routed experts")
     np.testing.assert_array_equal(r.expert_TK, [[3, 2], [0, 1], [3, 2]])
     np.testing.assert_allclose(r.gate_TK, [[0.4, 0.3], [0.4, 0.3], [16 / 30, 9 / 30]], rtol=1e-6,
                                err_msg="gates are the raw probabilities, not renormalised")
-    normed = moe_lib.route_softmax(X_TD, W_DE, top_k=2, norm_topk_prob=True)
+    normed = moe_lib.route_scores(X_TD, W_DE, _router(top_k=2, norm_topk_prob=True))
     np.testing.assert_allclose(normed.gate_TK, [[4 / 7, 3 / 7], [4 / 7, 3 / 7], [16 / 25, 9 / 25]], rtol=1e-6)
+
+
+def test_sigmoid_scores_and_scaled_gates_by_hand():
+    """V3's scoring: sigmoid(logit) = n / (n + 1) for logit log n; the chosen scores renormalised
+    to sum 1, then times routed_scaling_factor; the balance statistics see the scores / their sum."""
+    r = moe_lib.route_scores(X_TD, W_DE, _router(top_k=2, routing="sigmoid", norm_topk_prob=True,
+                                                 routed_scaling_factor=2.5))
+    sig = np.array([[1 / 2, 2 / 3, 3 / 4, 4 / 5], [4 / 5, 3 / 4, 2 / 3, 1 / 2], [1 / 2, 4 / 5, 9 / 10, 16 / 17]])
+    np.testing.assert_array_equal(r.expert_TK, [[3, 2], [0, 1], [3, 2]])
+    top = np.array([[4 / 5, 3 / 4], [4 / 5, 3 / 4], [16 / 17, 9 / 10]])
+    np.testing.assert_allclose(r.gate_TK, 2.5 * top / top.sum(1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(r.probs_TE, sig / sig.sum(1, keepdims=True), rtol=1e-6)
+    raw = moe_lib.route_scores(X_TD, W_DE, _router(top_k=2, routing="sigmoid"))
+    np.testing.assert_allclose(raw.gate_TK, top, rtol=1e-6, err_msg="without norm_topk_prob: the sigmoids")
+
+
+def test_group_limited_routing_by_hand():
+    """Two groups {e0, e1} and {e2, e3}; each token keeps its best group, then its top-2 inside.
+    Softmax scores (PROBS): t0 [1,2,3,4]/10 -> group 1 (max 4 > 2, top-2 sum 7 > 3): e3, e2;
+    t1 [4,3,2,1]/10 -> group 0: e0, e1; t2 [1,4,9,16]/30 -> group 1: e3, e2. With top-1 and a
+    group scored by its max, a group that holds the best expert wins; by the sum of its best two
+    a group of two good experts beats one holding a single best one."""
+    limited = moe_lib.route_scores(X_TD, W_DE, _router(top_k=2, n_group=2, topk_group=1))
+    np.testing.assert_array_equal(limited.expert_TK, [[3, 2], [0, 1], [3, 2]])
+    np.testing.assert_allclose(limited.gate_TK, [[0.4, 0.3], [0.4, 0.3], [16 / 30, 9 / 30]], rtol=1e-6)
+    # logits log [5, 4, 6, 1]: the max picks group 1 (6 > 5), the top-2 sum group 0 (9 > 7)
+    x = jnp.array([[1.0]])
+    w = jnp.log(jnp.array([[5.0, 4.0, 6.0, 1.0]]))
+    by_max = moe_lib.route_scores(x, w, _router(top_k=2, n_group=2, topk_group=1))
+    by_sum = moe_lib.route_scores(x, w, _router(top_k=2, n_group=2, topk_group=1, group_score="top2_sum"))
+    np.testing.assert_array_equal(by_max.expert_TK, [[2, 3]], err_msg="group {e2, e3} holds the best expert")
+    np.testing.assert_array_equal(by_sum.expert_TK, [[0, 1]], err_msg="group {e0, e1} has the best two")
+    free = moe_lib.route_scores(x, w, _router(top_k=2))
+    np.testing.assert_array_equal(free.expert_TK, [[2, 0]], err_msg="without groups: the two best anywhere")
+
+
+def test_impossible_group_settings_are_refused():
+    with pytest.raises(ConfigError, match="moe.n_group=3 must be >= 1 and divide moe.n_routed_experts=4"):
+        _router(n_group=3)
+    with pytest.raises(ConfigError, match="moe.top_k=3 experts cannot be chosen from moe.topk_group=1 groups of 2"):
+        _router(top_k=3, n_group=2, topk_group=1)
 
 
 def _losses(seq_aux, num_seqs, valid=(1, 1, 1)):
     cfg = MoEConfig(n_routed_experts=4, top_k=2, expert_d_ff=1, aux_loss_alpha=0.1, device_aux_alpha=0.2,
                     seq_aux=seq_aux)
-    r = moe_lib.route_softmax(X_TD, W_DE, top_k=2, norm_topk_prob=False)
+    r = moe_lib.route_scores(X_TD, W_DE, _router(top_k=2))
     return [float(v) for v in moe_lib.balance_losses(r, jnp.array(valid), cfg, num_seqs, device_groups=2)]
 
 
@@ -101,9 +146,10 @@ def _layer(cfg: ModelConfig, seed=0) -> moe_lib.MoE:
 
 
 def _numpy_moe(layer: moe_lib.MoE, x_TD, keep_TK=None, top_k=None, exclude_top=0, shared=True):
-    """Token by token: sum_k g_k FFN_{e_k}(x) + shared(x), routing recomputed in float64;
-    ``exclude_top`` drops each token's best experts from the softmax, ``shared`` False the shared
-    experts."""
+    """Token by token: sum_k g_k FFN_{e_k}(x) + shared(x), routing recomputed in float64
+    (softmax or sigmoid scores, the best groups first when ``n_group`` > 1, gates scaled);
+    ``exclude_top`` drops each token's best experts from the scores, ``shared`` False the
+    shared experts."""
     c = layer.cfg
     top_k = top_k or c.top_k
     p = jax.tree.map(lambda v: np.asarray(v, np.float64), nnx.to_pure_dict(nnx.state(layer, nnx.Param)))
@@ -113,9 +159,18 @@ def _numpy_moe(layer: moe_lib.MoE, x_TD, keep_TK=None, top_k=None, exclude_top=0
     for t in range(x.shape[0]):
         logits = x[t] @ p["w_router_DE"]
         logits[np.argsort(-logits, kind="stable")[:exclude_top]] = -np.inf
-        probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-        top = np.argsort(-probs, kind="stable")[:top_k]
-        gates = probs[top] / (probs[top].sum() if c.norm_topk_prob else 1.0)
+        if c.routing == "softmax":
+            scores = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        else:
+            scores = 1 / (1 + np.exp(-logits))
+        choose = scores.copy()
+        if c.n_group > 1:
+            groups = choose.reshape(c.n_group, -1)
+            group_score = groups.max(1) if c.group_score == "max" else np.sort(groups, 1)[:, -2:].sum(1)
+            dropped = np.argsort(-group_score, kind="stable")[c.topk_group:]
+            groups[dropped] = -np.inf
+        top = np.argsort(-choose, kind="stable")[:top_k]
+        gates = scores[top] / (scores[top].sum() if c.norm_topk_prob else 1.0) * c.routed_scaling_factor
         for k, (e, g) in enumerate(zip(top, gates)):
             if keep_TK is None or keep_TK[t, k]:
                 y[t] += g * swiglu(x[t], p["w_gate_EDF"][e], p["w_up_EDF"][e], p["w_down_EFD"][e])
@@ -138,13 +193,27 @@ def test_moe_layer_matches_token_by_token_reference(small_cfg, backend, norm_top
     assert float(stats.drop_fraction) == 0.0
 
 
+@pytest.mark.parametrize("routing", [
+    dict(routing="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5, n_group=4, topk_group=2,
+         group_score="top2_sum"),
+    dict(routing="softmax", routed_scaling_factor=16.0, n_group=2, topk_group=1),
+], ids=["v3_sigmoid_top2sum_groups", "v2_softmax_max_groups"])
+def test_moe_layer_with_deepseek_v2_v3_routing_matches_reference(small_cfg, routing):
+    cfg = dataclasses.replace(small_cfg, moe=dataclasses.replace(small_cfg.moe, **routing))
+    layer = _layer(cfg)
+    x_BSD = jax.random.normal(jax.random.key(5), (2, 10, cfg.d_model))
+    y, stats = layer(x_BSD, jnp.zeros((2, 10), jnp.int32), jnp.ones((2, 10)))
+    np.testing.assert_allclose(y, _numpy_moe(layer, x_BSD.reshape(20, -1)).reshape(y.shape), atol=1e-5)
+    assert float(stats.expert_load.sum()) == 20 * cfg.moe.top_k
+
+
 def test_moe_layer_with_capacity_matches_reference_with_drops(small_cfg):
     cfg = dataclasses.replace(small_cfg, moe=dataclasses.replace(small_cfg.moe, capacity_factor=0.5))
     layer = _layer(cfg)
     x_TD = jax.random.normal(jax.random.key(4), (16, cfg.d_model))
     y, stats = layer(x_TD[None], jnp.zeros((1, 16), jnp.int32), jnp.ones((1, 16)))
     # Recompute which assignments survive, independently: slot-major, first come first served.
-    r = moe_lib.route_softmax(x_TD, layer.w_router_DE[...], cfg.moe.top_k, False)
+    r = moe_lib.route_scores(x_TD, layer.w_router_DE[...], cfg.moe)
     C = math.ceil(0.5 * 16 * cfg.moe.top_k / cfg.moe.n_routed_experts)
     used, keep = np.zeros(cfg.moe.n_routed_experts, int), np.zeros((16, cfg.moe.top_k), bool)
     for k in range(cfg.moe.top_k):
