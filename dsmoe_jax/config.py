@@ -63,6 +63,11 @@ class MoEConfig:
     n_group: int = 1
     topk_group: int = 1
     group_score: Literal["max", "top2_sum"] = "max"
+    # auxiliary-loss-free balancing (V3): a per-expert bias added to the scores for choosing the
+    # experts only (gates use the unbiased scores); after each training step
+    # b_i += bias_update_speed * sign(mean load - load_i). 0 keeps the bias as it is.
+    score_bias: bool = False
+    bias_update_speed: float = 0.0
     capacity_factor: float = 0.0
     aux_loss_alpha: float = 0.0  # a1, expert-level balance
     device_aux_alpha: float = 0.0  # a2, device-level balance
@@ -82,6 +87,12 @@ class MoEConfig:
             self.routing != "hash" or self.top_k == 1,
             f"hash routing sends each token to exactly one expert; set moe.top_k = 1 (got {self.top_k})",
         )
+        _require(self.bias_update_speed >= 0, f"moe.bias_update_speed must be >= 0, got {self.bias_update_speed}")
+        _require(self.score_bias or not self.bias_update_speed,
+                 "moe.bias_update_speed updates the score bias, which moe.score_bias = false leaves out; set "
+                 "moe.score_bias = true")
+        _require(not (self.score_bias and self.routing == "hash"), "hash routing has no scores to bias; set "
+                 "moe.score_bias = false")
         _require(self.routed_scaling_factor > 0, f"moe.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
         _require(
             self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,

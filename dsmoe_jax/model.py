@@ -138,9 +138,12 @@ class Aux(NamedTuple):
         return cls(expert + device, expert, device, stacked.expert_load, stacked.drop_fraction)
 
 
+STACKED_GROUPS = ("dense_layers", "moe_layers")  # the params keys of the scanned layout
+
+
 def layer_groups(cfg: ModelConfig) -> dict[str, range]:
     """The scanned layout's groups of blocks: their params key and block indices (non-empty only)."""
-    groups = {"dense_layers": range(cfg.first_k_dense), "moe_layers": range(cfg.first_k_dense, cfg.n_layers)}
+    groups = dict(zip(STACKED_GROUPS, (range(cfg.first_k_dense), range(cfg.first_k_dense, cfg.n_layers))))
     return {name: blocks for name, blocks in groups.items() if blocks}
 
 
@@ -382,6 +385,25 @@ def forward_cached(params: dict, tokens: jax.Array, cache: KVCache, cfg: Config 
     check_tokens(tokens, cfg, "forward_cached")
     logits, _, cache = _decoder(params, cfg)(tokens, positions, attention_mask, cache, fresh=fresh)
     return logits, cache
+
+
+def update_score_bias(params: dict, expert_load_LE: jax.Array, cfg: Config | ModelConfig) -> dict:
+    """Auxiliary-loss-free balancing (DeepSeek-V3): each MoE layer's ``score_bias_E`` moves by
+    ``moe.bias_update_speed`` toward balance, b_i += speed * sign(mean load - load_i), from
+    ``expert_load_LE`` (tokens per expert of each MoE layer over the whole batch, as
+    ``Aux.expert_load`` reports). Returns new params; ``params`` is unchanged."""
+    cfg = model_config(cfg)
+    step_LE = cfg.moe.bias_update_speed * jnp.sign(jnp.mean(expert_load_LE, axis=-1, keepdims=True) - expert_load_LE)
+    out = dict(params)
+    if cfg.scan_layers:
+        ffn = out["moe_layers"]["ffn"]
+        out["moe_layers"] = {**out["moe_layers"], "ffn": {**ffn, "score_bias_E": ffn["score_bias_E"] + step_LE}}
+        return out
+    out["layers"] = dict(out["layers"])
+    for j, i in enumerate(layer_groups(cfg)["moe_layers"]):
+        ffn = out["layers"][i]["ffn"]
+        out["layers"][i] = {**out["layers"][i], "ffn": {**ffn, "score_bias_E": ffn["score_bias_E"] + step_LE[j]}}
+    return out
 
 
 def count_params(cfg: Config | ModelConfig) -> tuple[int, int]:

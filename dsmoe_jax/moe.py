@@ -59,12 +59,14 @@ class RouteOptions:
         return dataclasses.replace(cfg, top_k=top_k)
 
 
-def route_scores(x_TD: jax.Array, w_router_DE: jax.Array, cfg: MoEConfig, exclude_top: int = 0) -> Routing:
+def route_scores(x_TD: jax.Array, w_router_DE: jax.Array, cfg: MoEConfig, exclude_top: int = 0,
+                 bias_E: jax.Array | None = None) -> Routing:
     """Learned routing: scores s = softmax or sigmoid (``cfg.routing``) of the float32 logits
     x e over all routed experts; each token's ``exclude_top`` best are removed first, when set.
     With ``n_group`` > 1 a token keeps only the experts of its ``topk_group`` best groups. The
     top-k scores are the gates, renormalised to sum 1 with ``norm_topk_prob``, then times
-    ``routed_scaling_factor``. ``probs_TE`` (for the balance losses) are the scores made to
+    ``routed_scaling_factor``. ``bias_E`` (auxiliary-loss-free balancing) is added to the scores
+    for choosing the groups and experts only, never to the gates. ``probs_TE`` (for the balance losses) are the scores made to
     sum to 1 per token: the softmax itself, or the sigmoids divided by their sum."""
     logits_TE = jnp.einsum("td,de->te", x_TD.astype(jnp.float32), w_router_DE.astype(jnp.float32))
     if exclude_top:
@@ -75,7 +77,8 @@ def route_scores(x_TD: jax.Array, w_router_DE: jax.Array, cfg: MoEConfig, exclud
     else:
         scores_TE = jax.nn.sigmoid(logits_TE)
         probs_TE = scores_TE / jnp.maximum(jnp.sum(scores_TE, axis=-1, keepdims=True), 1e-20)
-    choose_TE = jnp.where(jnp.isneginf(logits_TE), -jnp.inf, scores_TE)  # an excluded expert is never chosen
+    choose_TE = scores_TE if bias_E is None else scores_TE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
+    choose_TE = jnp.where(jnp.isneginf(logits_TE), -jnp.inf, choose_TE)  # an excluded expert is never chosen
     if cfg.n_group > 1:
         choose_TE = _within_best_groups(choose_TE, cfg)
     _, expert_TK = jax.lax.top_k(choose_TE, cfg.top_k)
@@ -170,6 +173,8 @@ class MoE(nnx.Module):
         std, dt = cfg.init_std, jnp.dtype(cfg.param_dtype)
         if cfg.moe.routing != "hash":
             self.w_router_DE = param(rngs, (D, E), ("embed", None), std, dt)
+        if cfg.moe.score_bias:  # changed by the train step's balancing rule, not by gradients
+            self.score_bias_E = nnx.Param(jnp.zeros((E,), jnp.float32), axes=(None,))
         self.w_gate_EDF = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std, dt)
         self.w_up_EDF = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std, dt)
         self.w_down_EFD = param(rngs, (E, F, D), ("expert", "mlp", "embed"), std, dt)
@@ -193,7 +198,8 @@ class MoE(nnx.Module):
         if cfg.routing == "hash":
             routing = route_hash(tokens_BS.reshape(-1), E)
         else:
-            routing = route_scores(x_TD, self.w_router_DE[...], cfg, route.exclude_top)
+            bias_E = self.score_bias_E[...] if cfg.score_bias else None
+            routing = route_scores(x_TD, self.w_router_DE[...], cfg, route.exclude_top, bias_E)
         ep = mesh_lib.expert_parallel_size()
         check_expert_parallel(cfg, ep)
         expert_loss, device_loss = balance_losses(routing, valid_T, cfg, num_seqs=B,

@@ -100,6 +100,16 @@ def test_group_limited_routing_by_hand():
     np.testing.assert_array_equal(free.expert_TK, [[2, 0]], err_msg="without groups: the two best anywhere")
 
 
+def test_a_score_bias_changes_the_choice_not_the_gates_by_hand():
+    """t0's scores [1,2,3,4]/10: a bias of +0.25 lifts e0's 0.1 to 0.35, above e2's 0.3, so the
+    top-2 is e3, e0, gated by their unbiased scores 0.4 and 0.1."""
+    bias = jnp.array([0.25, 0.0, 0.0, 0.0])
+    r = moe_lib.route_scores(X_TD[:1], W_DE, _router(top_k=2), bias_E=bias)
+    np.testing.assert_array_equal(r.expert_TK, [[3, 0]])
+    np.testing.assert_allclose(r.gate_TK, [[0.4, 0.1]], rtol=1e-6, err_msg="gates come from the unbiased scores")
+    np.testing.assert_allclose(r.probs_TE, PROBS[:1], rtol=1e-6, err_msg="so do the balance statistics")
+
+
 def test_impossible_group_settings_are_refused():
     with pytest.raises(ConfigError, match="moe.n_group=3 must be >= 1 and divide moe.n_routed_experts=4"):
         _router(n_group=3)

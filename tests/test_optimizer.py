@@ -30,3 +30,21 @@ def test_weight_decay_applies_to_matrices_not_norms():
     np.testing.assert_allclose(updates["w_DF"], -0.1 * 0.5, rtol=1e-6, err_msg="decoupled decay: -lr * wd * w")
     np.testing.assert_array_equal(updates["scale_D"], 0.0)
 
+
+
+def test_weight_decay_mask_is_the_same_in_both_params_layouts(small_cfg):
+    """Stacked blocks add a leading axis: their norm scales are [layers, D], still not decayed."""
+    import dataclasses
+
+    import jax
+
+    import dsmoe_jax
+    from dsmoe_jax.train.optimizer import decay_mask
+
+    scanned = dataclasses.replace(small_cfg, scan_layers=True)
+    unrolled_mask = decay_mask(dsmoe_jax.param_shapes(small_cfg))
+    scanned_mask = decay_mask(dsmoe_jax.param_shapes(scanned))
+    assert scanned_mask["moe_layers"]["attn_norm"]["scale_D"] is False
+    assert scanned_mask["moe_layers"]["ffn"]["w_gate_EDF"] is True
+    stacked = dsmoe_jax.match_layout(jax.tree.map(jnp.asarray, unrolled_mask), scanned)
+    assert jax.tree.map(lambda a: bool(a.all()), stacked) == scanned_mask

@@ -4,8 +4,9 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 
-from dsmoe_jax import Config, TrainConfig, init_params
+from dsmoe_jax import Config, TrainConfig, init_params, match_layout
 from dsmoe_jax.train.optimizer import make_optimizer
 from dsmoe_jax.train.step import init_state, make_train_step
 
@@ -52,3 +53,20 @@ def test_non_finite_step_changes_nothing(small_cfg):
     assert int(new.step) == 1, "the step is counted (skipped), the update is not applied"
     for a, b in zip(jax.tree.leaves((new.params, new.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_auxiliary_loss_free_bias_moves_toward_balance_by_hand(small_cfg, scan_layers):
+    """After a step, each MoE layer's score bias is b + speed * sign(mean load - load), from the
+    step's expert load; the optimizer leaves it alone (no gradient, no weight decay)."""
+    moe = dataclasses.replace(small_cfg.moe, score_bias=True, bias_update_speed=0.01)
+    cfg, opt, state, batch = _setup(dataclasses.replace(small_cfg, moe=moe, scan_layers=scan_layers),
+                                    weight_decay=0.5)
+    new, m = jax.jit(make_train_step(cfg, opt))(state, batch)
+    params = match_layout(new.params, dataclasses.replace(cfg.model, scan_layers=False))
+    load_LE = np.asarray(m.aux.expert_load)
+    assert load_LE.shape == (2, 8) and load_LE.sum() == 2 * 4 * 16 * 3, "2 MoE layers, 64 tokens, top-3"
+    for j, i in enumerate((1, 2)):
+        want = 0.01 * np.sign(load_LE[j].mean() - load_LE[j])
+        np.testing.assert_array_equal(params["layers"][i]["ffn"]["score_bias_E"], want.astype(np.float32))
+    assert np.any(want != 0), "the example must be unbalanced"

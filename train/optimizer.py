@@ -6,6 +6,7 @@ import jax
 import optax
 
 from dsmoe_jax.config import TrainConfig
+from dsmoe_jax.model import STACKED_GROUPS
 
 
 def learning_rate(cfg: TrainConfig) -> optax.Schedule:
@@ -21,8 +22,11 @@ def learning_rate(cfg: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Weight decay on matrices only: norm scales (1-D) are not decayed."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on matrices only: norm scales and score biases (one vector per block) are not
+    decayed. In the scanned layout the leading axis of stacked blocks does not count."""
+    def is_matrix(path, p) -> bool:
+        return p.ndim - (path[0].key in STACKED_GROUPS) >= 2
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:

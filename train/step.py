@@ -13,7 +13,7 @@ import optax
 
 from dsmoe_jax.config import Config
 from dsmoe_jax.evaluation import cross_entropy
-from dsmoe_jax.model import Aux, forward, init_params, param_shapes
+from dsmoe_jax.model import Aux, forward, init_params, param_shapes, update_score_bias
 from dsmoe_jax.sharding import param_shardings
 
 
@@ -66,7 +66,7 @@ def loss_fn(params: dict, windows_BS1: jax.Array, cfg: Config) -> tuple[jax.Arra
 def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
     """The train step for ``cfg``: gradient accumulation over ``train.grad_accum`` micro-batches,
     clipping and AdamW; a non-finite loss or gradient leaves the state unchanged and reports it."""
-    A = cfg.train.grad_accum
+    A, moe = cfg.train.grad_accum, cfg.model.moe
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, windows_BS1: jax.Array):
@@ -83,10 +83,12 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if moe is not None and moe.bias_update_speed:
+            params = update_score_bias(params, jnp.sum(per_micro[2].expert_load, axis=0), cfg.model)
         # A bad step leaves params and optimizer state as they were: nothing non-finite is kept.
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new = TrainState(state.step + 1, keep(optax.apply_updates(state.params, updates), state.params),
-                         keep(opt_state, state.opt_state))
+        new = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state))
         return new, StepMetrics(loss, ce, grad_norm, finite, aux)
 
     return step
