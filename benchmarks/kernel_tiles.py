@@ -17,8 +17,8 @@ import subprocess
 import tempfile
 
 CANDIDATES = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages
-    (64, 128, 64, 4, 3),
     (64, 128, 64, 8, 3),
+    (64, 128, 64, 4, 3),
     (64, 64, 64, 4, 3),
     (128, 128, 64, 8, 3),
     (64, 128, 32, 4, 4),

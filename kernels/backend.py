@@ -73,12 +73,13 @@ def kernels(interpret: bool) -> types.ModuleType:
 
 @functools.lru_cache(maxsize=None)
 def blocks(interpret: bool) -> dict:
-    """Tile sizes. Hopper: 64-row tiles, 128 columns, 64-deep K steps, 4 warps (chosen from
-    the usual H100 grouped-GEMM configs; not yet tuned on a GPU here). The interpreter gets
-    the smallest sizes tl.dot accepts, since its cost grows with the tile volume."""
+    """Tile sizes. Hopper: 64-row tiles, 128 columns, 64-deep K steps, 8 warps: compiled ahead of
+    time for sm_90, 4 warps make two of the five kernels spill registers and 8 warps none
+    (``benchmarks/kernel_tiles.py``, BENCHMARKS.md); not yet timed on a GPU. The interpreter
+    gets the smallest sizes tl.dot accepts, since its cost grows with the tile volume."""
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
 def compile_for_hopper(tiles: dict, dtype: str = "bf16", only: tuple[str, ...] | None = None,
