@@ -55,8 +55,9 @@ def test_blocked_equals_masked_attention(shape):
 
 
 @CUDNN_ARGUMENTS.marks[0]
-@pytest.mark.parametrize("padding", PADDING)
-@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize(("shape", "padding"), [(SHAPES["one_block"], p) for p in PADDING]
+                         + [(SHAPES["ragged_last_block"], "left"), (SHAPES["grouped_query"], "right")],
+                         ids=[f"one_block-{p}" for p in PADDING] + ["ragged_last_block-left", "grouped_query-right"])
 def test_the_arguments_of_the_cudnn_path_equal_masked_attention(shape, padding):
     """Off a GPU ``flash_attention`` hands cuDNN's arguments (is_causal, sequence lengths, rows
     rolled past their left padding) to XLA's reference implementation: this is the GPU path's

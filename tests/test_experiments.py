@@ -61,6 +61,7 @@ def toy_workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("experiments")
 
 
+@pytest.mark.slow  # about 65 s: run with -m slow
 def test_toy_experiment_end_to_end_and_resume_without_retraining(toy_workdir, monkeypatch):
     results = run_experiment("specialisation", "toy", seeds=[0, 1], workdir=toy_workdir, progress=False)
     out = toy_workdir / "specialisation"

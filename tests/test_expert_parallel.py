@@ -5,6 +5,8 @@ reference, dense and (through an emulation of its semantics) ragged."""
 import json
 import textwrap
 
+import pytest
+
 from conftest import run_python
 
 
@@ -58,6 +60,7 @@ EQUIVALENCE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # about 60 s (8 fake devices, four meshes and the scanned layout): run with -m slow
 def test_expert_parallel_loss_and_gradients_equal_one_device():
     report = json.loads(run_python(EQUIVALENCE).splitlines()[-1])
     assert report == {"equal": [1, 2, 4, 8], "scanned": True, "small_batch_in_place": True}, report

@@ -172,7 +172,7 @@ def _both_layouts(cfg):
     return dataclasses.replace(cfg, scan_layers=False), dataclasses.replace(cfg, scan_layers=True)
 
 
-@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("remat", [pytest.param(False, marks=pytest.mark.slow), True])  # False: 25 s, -m slow
 def test_scanned_and_unrolled_blocks_give_equal_logits_aux_and_gradients(small_cfg, remat):
     """The same parameters in both layouts: one lax.scan per group of blocks (a dense group and a
     MoE group here) computes what the unrolled blocks compute, forward and backward."""
