@@ -1,10 +1,12 @@
 """The ``dsmoe-jax`` command line.
 
+    dsmoe-jax prepare-data corpus/*.jsonl.zst --out data/web [--tokenizer tokenizer.json]  # token shards
     dsmoe-jax train --config tiny --set train.steps=50 --workdir runs/tiny    # minutes on a CPU
     dsmoe-jax train --config tiny --workdir runs/tiny --resume                # continue that run
     dsmoe-jax train --config tiny --set mesh.expert=... --coordinator 127.0.0.1:7777 --num-processes 2 \
         --process-id 0                     # one of several processes (train/launch_local.sh starts them)
     dsmoe-jax eval --checkpoint runs/tiny                                     # loss and perplexity
+    dsmoe-jax eval --checkpoint ckpt/16b --tasks hellaswag,piqa --limit 100   # lm-evaluation-harness
     dsmoe-jax generate --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 64
     dsmoe-jax info --config 16b                       # architecture, parameters, FLOPs per token
     dsmoe-jax plan --config 16b --mesh data=8,expert=8 --batch 64 --seq 4096   # memory per device
@@ -18,20 +20,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import sys
 
 import jax
 import numpy as np
 
-from dsmoe_jax import convert, data, inference, runtime
+from dsmoe_jax import convert, data, inference, prepare, runtime
 from dsmoe_jax import plan as plan_lib
 from dsmoe_jax.attention import resolve_implementation
 from dsmoe_jax.checkpoint import load_checkpoint
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
 from dsmoe_jax.evaluation import evaluate
 from dsmoe_jax.grouped import resolve_backend
-from dsmoe_jax.model import count_params, flops_per_token
+from dsmoe_jax.model import cache_bytes_per_token, count_params, flops_per_token
 from dsmoe_jax.train.distributed import initialize_distributed
 from dsmoe_jax.train.loop import train
 
@@ -47,7 +50,11 @@ def describe(cfg: Config, seq_len: int | None = None) -> str:
     fwd = flops_per_token(m, seq_len)
     lines = [
         f"layers        {m.n_layers} ({m.first_k_dense} dense, {m.n_moe_layers} MoE), d_model {m.d_model}",
-        f"attention     {m.n_heads} heads x {m.head_dim} ({m.kv_heads} kv heads), RoPE theta {m.rope_theta:g}",
+        f"attention     {m.n_heads} heads x {m.head_dim} ({m.kv_heads} kv heads), RoPE theta {m.rope_theta:g}"
+        if m.mla is None else
+        f"attention     MLA, {m.n_heads} heads: q/k {m.mla.qk_nope_head_dim} + rope {m.mla.qk_rope_head_dim}, v "
+        f"{m.mla.v_head_dim}; latents q {m.mla.q_lora_rank or 'none'}, kv {m.mla.kv_lora_rank}; RoPE theta "
+        f"{m.rope_theta:g}" + (f", YaRN x{m.yarn.factor:g}" if m.yarn else ""),
         f"dense FFN     {m.d_ff}",
     ]
     if m.moe is not None and m.n_moe_layers:
@@ -60,6 +67,7 @@ def describe(cfg: Config, seq_len: int | None = None) -> str:
         f"vocabulary    {m.vocab_size}, untied LM head; params {m.param_dtype}, compute {m.dtype}",
         f"parameters    {total:,} total, {activated:,} activated per token",
         f"FLOPs/token   {fwd / 1e9:.3f} GFLOP forward, {3 * fwd / 1e9:.3f} GFLOP train step (seq {seq_len})",
+        f"KV cache      {cache_bytes_per_token(m) / 1024:.1f} KiB per token, all layers, in {m.dtype}",
     ]
     return "\n".join(lines)
 
@@ -92,7 +100,27 @@ def _train(args) -> None:
         print(f"final: loss {last['loss']:.4f}, validation loss {last['val_loss']:.4f}")
 
 
+def _prepare_data(args) -> None:
+    options = prepare.Options(tokenizer=args.tokenizer, text_field=args.text_field, val_every=args.val_every,
+                              shard_tokens=args.shard_tokens, on_error=args.on_error)
+    m = prepare.prepare(args.inputs, args.out, options, workers=args.workers, progress=not args.quiet)
+    t = m["totals"]
+    skipped = f", {t['skipped']} bad records skipped (listed in manifest.json)" if t["skipped"] else ""
+    print(f"wrote {args.out}: {len(m['shards'])} shards of {m['dtype']} tokens; train {t['train']['tokens']:,} tokens "
+          f"in {t['train']['documents']:,} documents, validation {t['val']['tokens']:,} in "
+          f"{t['val']['documents']:,}{skipped}")
+
+
 def _eval(args) -> None:
+    if args.tasks:
+        _eval_tasks(args)
+        return
+    task_only = [flag for flag, value in (("--limit", args.limit), ("--include-path", args.include_path),
+                                          ("--num-fewshot", args.num_fewshot), ("--output", args.output),
+                                          ("--no-builtin-tasks", args.no_builtin_tasks),
+                                          ("--allow-code-execution", args.allow_code_execution)) if value]
+    if task_only:
+        raise ConfigError(f"{', '.join(task_only)}: only with --tasks (lm-evaluation-harness tasks)")
     params, cfg = _load(args.checkpoint)
     if args.data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
@@ -103,6 +131,25 @@ def _eval(args) -> None:
     result = evaluate(params, cfg, tokens, max_tokens=max_tokens)
     print(f"loss {result.loss:.4f} +- {result.stderr:.4f} (standard error)  perplexity {result.perplexity:.2f}  "
           f"({result.tokens:,} tokens in {result.windows} windows of {cfg.train.seq_len})")
+
+
+def _eval_tasks(args) -> None:
+    """``eval --tasks``: lm-evaluation-harness tasks through ``harness.evaluate_tasks``."""
+    from dsmoe_jax import harness
+
+    if args.data or args.tokens is not None:
+        raise ConfigError("--data and --tokens are for the loss evaluation; with --tasks the tasks bring their data")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = harness.evaluate_tasks(args.checkpoint, tasks, limit=limit, batch_size=args.batch_size,
+                                     include_path=args.include_path, include_builtin=not args.no_builtin_tasks,
+                                     num_fewshot=args.num_fewshot,
+                                     allow_code_execution=args.allow_code_execution)
+    print(harness.format_results(results))
+    if args.output:
+        pathlib.Path(args.output).write_text(json.dumps(
+            {k: results[k] for k in ("results", "groups", "configs", "versions", "n-shot") if k in results},
+            indent=2, default=str))
 
 
 def _load(directory: str) -> tuple[dict, Config]:
@@ -135,7 +182,7 @@ def _generate(args) -> None:
 
 def _convert(args) -> None:
     if args.direction == "hf-to-jax":
-        cfg = convert.hf_to_jax(args.source, args.out, dtype=args.dtype)
+        cfg = convert.hf_to_jax(args.source, args.out, dtype=args.dtype, drop_mtp=args.drop_mtp)
         print(f"wrote {args.out}: {count_params(cfg.model)[0]:,} parameters in {cfg.model.param_dtype}")
     else:
         convert.jax_to_hf(args.source, args.out, step=args.step, max_shard_bytes=int(args.max_shard_gb * 1e9))
@@ -189,6 +236,24 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
     info.set_defaults(run=_info)
 
+    prep = sub.add_parser("prepare-data", help="tokenize text (.txt, .jsonl[.gz|.zst], .parquet) into token shards "
+                                               "for data.path / data.mix")
+    prep.add_argument("inputs", nargs="+", help="files, directories (searched recursively) or globs")
+    prep.add_argument("--out", required=True, help="the dataset directory; rerun the same command to resume it")
+    prep.add_argument("--tokenizer", default="byte", help="'byte' (default) or an HF tokenizer.json (or its folder)")
+    prep.add_argument("--text-field", default="text", help="JSON key / Parquet column of the text (default text)")
+    prep.add_argument("--val-every", type=int, default=data.VAL_EVERY, metavar="N",
+                      help=f"hold out every N-th record for validation (default {data.VAL_EVERY}; 0: none; 1: all, "
+                           "for a validation-only set)")
+    prep.add_argument("--shard-tokens", type=int, default=prepare.Options.shard_tokens, metavar="N",
+                      help=f"tokens per shard (default {prepare.Options.shard_tokens:,})")
+    prep.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                      help="a bad record: stop naming it (default), or skip it and count it in the manifest")
+    prep.add_argument("--workers", type=int, help="tokenizing processes (default: one per core; 1 for the byte "
+                                                  "tokenizer, whose tokenizing is cheaper than sending text to workers)")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(run=_prepare_data)
+
     train = sub.add_parser("train", help="train a model; the embedded corpus unless data.path is set")
     train.add_argument("--config", required=True, help="TOML file or shipped config name (tiny, 2b, 16b, ...)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
@@ -203,12 +268,23 @@ def main(argv: list[str] | None = None) -> int:
                        help="fail the run when a process is silent this many seconds")
     train.set_defaults(run=_train)
 
-    ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint")
+    ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint, or lm-eval benchmarks (--tasks)")
     ev.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint directory")
     ev.add_argument("--data", help="text file(s) or .npy tokens to evaluate (default: the run's validation split)")
     ev.add_argument("--tokens", type=int, metavar="N",
                     help="read N tokens spread evenly over the data; 0 = all (default: the run's train.eval_tokens "
                          "for its validation split, all of --data)")
+    lm = ev.add_argument_group("lm-evaluation-harness tasks (needs the eval extra: pip install -e \".[eval]\")")
+    lm.add_argument("--tasks", metavar="T1,T2", help="lm-eval task or group names, e.g. hellaswag,piqa,arc_easy")
+    lm.add_argument("--limit", type=float, metavar="N", help="at most N documents per task (a fraction if < 1)")
+    lm.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default 8)")
+    lm.add_argument("--include-path", action="append", metavar="DIR", help="a directory of your own task YAMLs")
+    lm.add_argument("--no-builtin-tasks", action="store_true",
+                    help="only the --include-path tasks (skips indexing lm-eval's 15,000 task files, ~15 s)")
+    lm.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: each task's own)")
+    lm.add_argument("--allow-code-execution", action="store_true",
+                    help="let code tasks (humaneval, mbpp) run the generated code: do it in a sandbox")
+    lm.add_argument("--output", metavar="FILE", help="also write the results as JSON")
     ev.set_defaults(run=_eval)
 
     gen = sub.add_parser("generate", help="continue a prompt, printing tokens as they come")
@@ -234,13 +310,15 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"dense bf16 TFLOP/s per device (default: H100, {plan_lib.DEFAULT_PEAK_TFLOPS:g})")
     pl.set_defaults(run=_plan)
 
-    conv = sub.add_parser("convert", help="HF DeepSeek-v1 checkpoint <-> dsmoe-jax checkpoint, streaming")
+    conv = sub.add_parser("convert", help="HF DeepSeek checkpoint (v1, V2, V3) <-> dsmoe-jax checkpoint, streaming")
     conv.add_argument("direction", choices=["hf-to-jax", "jax-to-hf"])
     conv.add_argument("source", help="HF checkpoint directory (hf-to-jax), or a dsmoe-jax checkpoint directory "
                                      "or training workdir (jax-to-hf)")
     conv.add_argument("out", help="output directory; must not exist yet (it appears only when complete)")
     conv.add_argument("--dtype", choices=["float32", "bfloat16"],
                       help="hf-to-jax: parameter dtype (default: the checkpoint's torch_dtype)")
+    conv.add_argument("--drop-mtp", action="store_true",
+                      help="hf-to-jax: leave out DeepSeek-V3's multi-token-prediction layers (not built here)")
     conv.add_argument("--step", type=int, help="jax-to-hf: a training workdir's step (default: latest)")
     conv.add_argument("--max-shard-gb", type=float, default=2.0, help="jax-to-hf: safetensors shard size")
     conv.set_defaults(run=_convert)

@@ -1,8 +1,9 @@
 """Configuration: small frozen dataclasses, one per concern, validated when built.
 
-A config file is TOML with the sections ``[model]``, ``[moe]``, ``[train]``, ``[data]`` and
-``[mesh]``. ``[moe]`` describes the FFN of the MoE blocks and lives at ``Config.model.moe`` so that
-the model functions need only a ``ModelConfig``. Every key is checked: an unknown key or a value
+A config file is TOML with the sections ``[model]``, ``[moe]``, ``[mla]``, ``[yarn]``, ``[train]``,
+``[data]`` and ``[mesh]``. ``[moe]`` (the FFN of the MoE blocks), ``[mla]`` (multi-head latent
+attention) and ``[yarn]`` (rope scaling) live inside ``Config.model`` so that the model functions
+need only a ``ModelConfig``. Every key is checked: an unknown key or a value
 of the wrong type is a ``ConfigError`` naming the key and the valid ones, and impossible
 combinations are refused with the reason.
 """
@@ -13,6 +14,7 @@ import dataclasses
 import importlib.resources
 import math
 import pathlib
+import re
 import tomllib
 import types
 import typing
@@ -125,6 +127,55 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): every head's keys and values are expanded
+    from one per-token latent of ``kv_lora_rank`` (plus one rope key of ``qk_rope_head_dim``
+    shared by all heads), and that latent and key are all an inference cache holds. Queries go
+    through a ``q_lora_rank`` bottleneck, or straight from the model width when it is 0 (V2-Lite).
+    """
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int  # per head, the query/key part without position
+    qk_rope_head_dim: int  # per head (queries) and shared (the key), the part rotated by RoPE
+    v_head_dim: int
+    q_lora_rank: int = 0
+
+    def __post_init__(self):
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _require(getattr(self, name) >= 1, f"mla.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.q_lora_rank >= 0, f"mla.q_lora_rank must be >= 0 (0 = no query compression), got "
+                 f"{self.q_lora_rank}")
+        _require(self.qk_rope_head_dim % 2 == 0, f"mla.qk_rope_head_dim must be even for rotary embeddings, got "
+                 f"{self.qk_rope_head_dim}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    """YaRN rope scaling (Peng et al. 2023) as DeepSeek-V2/V3 use it: frequencies interpolated by
+    ``factor`` below the ``beta_slow``..``beta_fast`` rotation band of ``original_max_seq_len``,
+    and the attention temperature corrected by ``mscale`` / ``mscale_all_dim``."""
+
+    factor: float
+    original_max_seq_len: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    def __post_init__(self):
+        _require(self.factor >= 1, f"yarn.factor must be >= 1, got {self.factor}")
+        _require(self.original_max_seq_len >= 1, f"yarn.original_max_seq_len must be >= 1, got "
+                 f"{self.original_max_seq_len}")
+        _require(self.beta_fast > self.beta_slow > 0, f"yarn needs beta_fast > beta_slow > 0, got {self.beta_fast} "
+                 f"and {self.beta_slow}")
+        _require(self.mscale >= 0 and self.mscale_all_dim >= 0, "yarn.mscale and yarn.mscale_all_dim must be >= 0")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The decoder: sizes, positions, dtypes; the MoE blocks' FFN in ``moe``.
 
@@ -154,10 +205,21 @@ class ModelConfig:
     # cuDNN's flash attention on GPU; "cudnn" needs each row's real tokens contiguous
     attention: Literal["auto", "xla", "blocked", "cudnn"] = "auto"
     moe: MoEConfig | None = None
+    mla: MLAConfig | None = None  # None: multi-head attention with n_kv_heads key/value heads
+    yarn: YarnConfig | None = None  # None: plain RoPE
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mla is not None:
+            # MLA's heads have their own widths ([mla]); head_dim names the query/key head width
+            _require(self.head_dim in (None, self.mla.qk_head_dim),
+                     f"model.head_dim={self.head_dim} does not apply to MLA attention, whose query/key heads are "
+                     f"mla.qk_nope_head_dim + mla.qk_rope_head_dim = {self.mla.qk_head_dim} wide; remove it")
+            _require(self.n_kv_heads in (None, self.n_heads),
+                     "model.n_kv_heads does not apply to MLA attention (every head expands its keys and values "
+                     "from the shared latent); remove it")
+            object.__setattr__(self, "head_dim", self.mla.qk_head_dim)
         if self.head_dim is None:
             _require(
                 self.d_model % self.n_heads == 0,
@@ -166,7 +228,7 @@ class ModelConfig:
             )
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         _require(self.head_dim >= 1, f"model.head_dim must be >= 1, got {self.head_dim}")
-        _require(self.head_dim % 2 == 0, f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        _require(self.mla is not None or self.head_dim % 2 == 0, f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
         _require(
             self.n_heads % self.kv_heads == 0,
             f"model.n_kv_heads={self.kv_heads} must divide model.n_heads={self.n_heads}",
@@ -233,11 +295,44 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DataSource:
+    """A named dataset: a source of a training mixture (``[[data.mix]]``, drawn in proportion to
+    ``weight``) or a validation-only set (``[[data.val]]``, no weight). ``path`` is anything
+    ``data.path`` takes, usually a ``dsmoe-jax prepare-data`` directory."""
+
+    name: str
+    path: str
+    weight: float = 1.0
+
+    def __post_init__(self):
+        # the name becomes a metric key (val_loss/<name>): keep it to characters every logger takes
+        _require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None,
+                 f"data source name {self.name!r} must be letters, digits, '_', '.' or '-' (it names the metric "
+                 "val_loss/<name>)")
+        _require(math.isfinite(self.weight) and self.weight > 0,
+                 f"data source {self.name!r}: weight must be a finite number > 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    """Where tokens come from: the embedded corpus (``path`` unset) or the user's files."""
+    """Where tokens come from: the embedded corpus (``path`` unset), the user's files or a
+    prepared dataset (``path``), or a weighted mixture of named sources (``mix``); ``val`` adds
+    named validation-only sets, each evaluated and logged as ``val_loss/<name>``. ``path`` and
+    ``mix`` together are refused when training starts (``data.load_training_data``), not here:
+    evaluation may point ``path`` at other data for a run trained on a mixture."""
 
     path: str | None = None
     tokenizer: str = "byte"  # "byte" or a path to an HF tokenizer.json
+    mix: tuple[DataSource, ...] = ()
+    val: tuple[DataSource, ...] = ()
+
+    def __post_init__(self):
+        names = [s.name for s in (*self.mix, *self.val)]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        _require(not repeated, f"data source names must be unique across data.mix and data.val; repeated: "
+                 f"{', '.join(repeated)}")
+        _require(all(s.weight == 1.0 for s in self.val), "data.val sets are only evaluated, so they take no weight; "
+                 "remove weight from the [[data.val]] tables")
 
 
 @dataclass(frozen=True)
@@ -296,14 +391,18 @@ class Config:
         out = {}
         for section, obj in self._sections().items():
             if obj is not None:
-                out[section] = {k: v for k, v in dataclasses.asdict(obj).items() if v is not None and k != "moe"}
+                out[section] = {k: v for k, v in dataclasses.asdict(obj).items()
+                                if v is not None and k not in _MODEL_PARTS}
         return out
 
     def _sections(self) -> dict:
-        return {"model": self.model, "moe": self.model.moe, "train": self.train, "data": self.data, "mesh": self.mesh}
+        parts = {name: getattr(self.model, name) for name in _MODEL_PARTS}
+        return {"model": self.model, **parts, "train": self.train, "data": self.data, "mesh": self.mesh}
 
 
-_SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "train": TrainConfig, "data": DataConfig, "mesh": MeshConfig}
+# sections that live inside ModelConfig, under their own name
+_MODEL_PARTS = {"moe": MoEConfig, "mla": MLAConfig, "yarn": YarnConfig}
+_SECTIONS = {"model": ModelConfig, **_MODEL_PARTS, "train": TrainConfig, "data": DataConfig, "mesh": MeshConfig}
 
 
 def model_config(cfg: Config | ModelConfig) -> ModelConfig:
@@ -344,6 +443,11 @@ def _coerce(value, hint, where: str):
     if hint is int:
         _require(isinstance(value, int) and not isinstance(value, bool), f"{where} must be an integer, got {value!r}")
         return value
+    if dataclasses.is_dataclass(hint):  # a table inside a section, e.g. one [[data.mix]] entry
+        if isinstance(value, hint):
+            return value
+        _require(isinstance(value, Mapping), f"{where} must be a table, got {value!r}")
+        return _build(hint, value, where)
     _require(isinstance(value, hint), f"{where} must be of type {hint.__name__}, got {value!r}")
     return value
 
@@ -364,8 +468,8 @@ def config_from_dict(tables: Mapping[str, Mapping]) -> Config:
     for section in tables:
         _require(section in _SECTIONS, f"unknown section [{section}]; valid sections: {', '.join(_SECTIONS)}")
     _require("model" in tables, "a config needs a [model] section")
-    moe = _build(MoEConfig, tables["moe"], "moe") if "moe" in tables else None
-    model = _build(ModelConfig, tables["model"], "model", moe=moe)
+    parts = {name: _build(cls, tables[name], name) if name in tables else None for name, cls in _MODEL_PARTS.items()}
+    model = _build(ModelConfig, tables["model"], "model", **parts)
     rest = {s: _build(_SECTIONS[s], tables[s], s) for s in ("train", "data", "mesh") if s in tables}
     return Config(model=model, **rest)
 

@@ -5,7 +5,10 @@ documentation topics (``pydoc_data``), present in every CPython installation. It
 once and cached on disk as a flat ``uint16``/``uint32`` token array, split deterministically into
 train and validation by document. ``data.path`` may instead point at a UTF-8 text file, a
 directory of text files, or a pre-tokenized ``.npy`` token array; text with too few documents for
-that split (a single file) is split by windows, its end going to validation.
+that split (a single file) is split by windows, its end going to validation. It may also be a
+dataset directory written by ``dsmoe-jax prepare-data`` (``prepare.py`` writes it, this module
+reads it: memory-mapped token shards seen as one flat sequence per split, ``TokenShards``), and
+``data.mix`` names several of them with weights, mixed by grain (``mixture_batches``).
 
 Batches come from a grain ``MapDataset`` over fixed-length windows of the token array:
 shuffled per epoch with the run's seed, batched, and sliced per process for multi-host runs;
@@ -14,6 +17,7 @@ its iterator state is saved in every checkpoint so a resumed run sees exactly th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -22,18 +26,25 @@ import pathlib
 import sys
 import sysconfig
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import grain
 import numpy as np
 
 from dsmoe_jax import runtime
 from dsmoe_jax.atomic import atomic_file
-from dsmoe_jax.config import Config, DsmoeError
+from dsmoe_jax.config import Config, DataSource, DsmoeError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".toml", ".html", ".c", ".h")
 VAL_EVERY = 20  # every 20th document goes to validation
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CORPUS_MAX_BYTES = 8 * 2**20  # the embedded corpus: about 8 MiB of documents, in sorted order
+# A prepared dataset directory (prepare.py): the manifest is written last, so it marks a complete one.
+MANIFEST = "manifest.json"
+SETTINGS = "settings.json"  # written first: what an unfinished prepare-data run is preparing
+SHARDS_DIR = "shards"
+FORMAT = "dsmoe-jax token shards v1"
+SPLITS = ("train", "val")
 
 
 class DataError(DsmoeError, ValueError):
@@ -48,6 +59,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), np.uint8)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -64,6 +78,7 @@ class HFTokenizer:
         from tokenizers import Tokenizer
 
         path = pathlib.Path(path)
+        self.path = path
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception for every parse error
@@ -87,6 +102,9 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids))
 
@@ -108,6 +126,22 @@ def _special_tokens(path: pathlib.Path) -> dict[str, str]:
         if value is not None:
             out[key] = value
     return out
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What a prepared dataset records of its tokenizer, and training compares: the sha256 of the
+    ``tokenizer.json`` (of a fixed string for the byte tokenizer), vocabulary size, BOS and EOS."""
+    if isinstance(tokenizer, HFTokenizer):
+        digest = hashlib.sha256(tokenizer.path.read_bytes()).hexdigest()
+    else:
+        digest = hashlib.sha256(b"dsmoe-jax byte tokenizer: UTF-8 bytes, bos 256, eos 257").hexdigest()
+    return {"sha256": digest, "vocab_size": int(tokenizer.vocab_size), "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every id: uint16 up to 65,536 tokens, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
 def load_tokenizer(spec: str):
@@ -169,7 +203,7 @@ def _read_text(path: pathlib.Path) -> str:
 def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation token arrays: each document as [bos] + text + [eos]; every
     ``VAL_EVERY``-th document (in the given order) goes to validation."""
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    dtype = token_dtype(tokenizer.vocab_size)
     parts: tuple[list, list] = ([], [])
     for i, (_, text) in enumerate(docs):
         bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
@@ -219,17 +253,116 @@ def _check_token_array(tokens: np.ndarray, path: pathlib.Path, cfg: Config, chec
                         + ("" if checkpoint else ", or raise model.vocab_size"))
 
 
+class TokenShards:
+    """One split of a prepared dataset: its shards' memory-mapped token arrays read as one flat
+    sequence (``len``, slices, ``np.asarray``), so a window may cross from one shard into the next
+    and nothing is loaded until it is read."""
+
+    def __init__(self, arrays: Sequence[np.ndarray], dtype: np.dtype):
+        self.arrays = [a for a in arrays if len(a)]
+        self.dtype = np.dtype(dtype)
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])  # [n_shards + 1]: where each begins
+        self.shape = (int(self.starts[-1]),)
+        self.ndim = 1
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + len(self) if key < 0 else int(key)
+            if not 0 <= i < len(self):
+                raise IndexError(f"token {key} of {len(self)}")
+            shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+            return self.arrays[shard][i - self.starts[shard]]
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("TokenShards takes an index or a contiguous slice")
+        start, stop, _ = key.indices(len(self))
+        if stop <= start:
+            return np.zeros((0,), self.dtype)
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        last = int(np.searchsorted(self.starts, stop, side="left")) - 1
+        pieces = [self.arrays[k][max(start - self.starts[k], 0):stop - self.starts[k]] for k in range(first, last + 1)]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate(self.arrays) if self.arrays else np.zeros((0,), self.dtype)
+        return out if dtype is None else out.astype(dtype)
+
+
+def is_prepared(path: pathlib.Path) -> bool:
+    """Whether ``path`` is a ``prepare-data`` output directory, complete or not."""
+    return path.is_dir() and ((path / MANIFEST).is_file() or (path / SETTINGS).is_file())
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a complete prepared dataset directory."""
+    path = pathlib.Path(path)
+    if not (path / MANIFEST).is_file():
+        raise DataError(f"{path} is an unfinished prepare-data output (no {MANIFEST}); run the same "
+                        "`dsmoe-jax prepare-data` command again to finish it (finished shards are kept)")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path / MANIFEST} is not valid JSON ({e}): damaged; prepare the data again") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path / MANIFEST} is not a {FORMAT!r} manifest (format {manifest.get('format')!r}); "
+                        "prepare the data again with this version of dsmoe-jax")
+    return manifest
+
+
+def check_prepared_tokenizer(manifest: dict, path: pathlib.Path, tokenizer, spec: str) -> None:
+    """Refuse a dataset tokenized by another tokenizer than ``data.tokenizer``: the ids would
+    mean other text, silently (an equal vocabulary size proves nothing)."""
+    saved, ours = manifest["tokenizer"], tokenizer_identity(tokenizer)
+    keys = ("sha256", "vocab_size", "bos_id", "eos_id")
+    if any(saved.get(k) != ours[k] for k in keys):
+        differ = ", ".join(f"{k} {saved.get(k)!r} vs {ours[k]!r}" for k in keys if saved.get(k) != ours[k])
+        raise DataError(f"{path} was tokenized with the tokenizer {saved.get('name')!r}, not with data.tokenizer "
+                        f"{spec!r} ({differ}); set data.tokenizer to the tokenizer the data was prepared with, or "
+                        f"prepare it again with --tokenizer {spec}")
+
+
+def load_prepared(path: str | os.PathLike, tokenizer, spec: str) -> tuple[TokenShards, TokenShards]:
+    """(train, validation) token sequences of a prepared dataset, memory-mapped, after checking
+    that it was tokenized by ``tokenizer`` (``spec``: the ``data.tokenizer`` that named it)."""
+    path = pathlib.Path(path)
+    manifest = read_manifest(path)
+    check_prepared_tokenizer(manifest, path, tokenizer, spec)
+    dtype = np.dtype(manifest["dtype"])
+    out = []
+    for split in SPLITS:
+        arrays = []
+        for shard in manifest["shards"]:
+            file = path / SHARDS_DIR / shard["name"] / f"{split}.npy"
+            try:
+                array = np.load(file, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DataError(f"{file} cannot be read ({e}): the dataset is damaged; prepare it again") from None
+            if array.dtype != dtype or len(array) != shard[split]["tokens"]:
+                raise DataError(f"{file} holds {len(array)} {array.dtype} tokens, but {path / MANIFEST} says "
+                                f"{shard[split]['tokens']} {dtype}: the dataset is damaged; prepare it again")
+            arrays.append(array)
+        out.append(TokenShards(arrays, dtype))
+    return out[0], out[1]
+
+
 def load_tokens(cfg: Config, checkpoint: str | None = None) -> tuple[np.ndarray, np.ndarray, object]:
     """(train tokens, validation tokens, tokenizer) for ``cfg.data``, tokenized once and cached.
     ``checkpoint``: the trained model's directory, when the tokens are for it (evaluation):
     a mismatch then asks for its tokenizer rather than a larger vocabulary."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_tokenizer(tokenizer, cfg, checkpoint)
+    if cfg.data.path is None and cfg.data.mix:
+        raise DataError(f"data.mix trains on several datasets ({', '.join(s.name for s in cfg.data.mix)}): set "
+                        "data.path to the one to read here")
     if cfg.data.path is not None:
         path = pathlib.Path(cfg.data.path)
         if not path.exists():
             raise DataError(f"data.path {cfg.data.path!r} does not exist; point it at a text file, a directory "
                             "of text files or a .npy token array, or unset it for the embedded corpus")
+        if is_prepared(path):
+            return (*load_prepared(path, tokenizer, cfg.data.tokenizer), tokenizer)
         if path.suffix == ".npy":
             tokens = np.load(path, mmap_mode="r")
             _check_token_array(tokens, path, cfg, checkpoint)
@@ -300,3 +433,70 @@ def batches(tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int, shu
     ds = ds[process_index::process_count]
     ds = ds.repeat(num_epochs)
     return ds.batch(batch_size, drop_remainder=True)
+
+
+class TrainingData(NamedTuple):
+    """What a training run reads. ``train``: ``(name, tokens, weight)`` per source, one unnamed
+    source for ``data.path`` or the embedded corpus, else one per ``data.mix`` entry. ``val``:
+    validation tokens by name: ``""`` for the held-out split of a single source, each mixture
+    source's held-out split under its name, and each ``data.val`` set under its name."""
+
+    train: list[tuple[str, object, float]]
+    val: dict[str, object]
+    tokenizer: object
+
+
+def load_training_data(cfg: Config) -> TrainingData:
+    """The training sources and validation sets of ``cfg.data``, every dataset checked against
+    ``data.tokenizer`` and ``model.vocab_size`` before training starts."""
+    d = cfg.data
+    if d.path is not None and d.mix:
+        raise DataError("data.path and data.mix both name the training data; set one (a single dataset: data.path; "
+                        "several with weights: [[data.mix]] tables)")
+
+    def one(source: DataSource):
+        single = dataclasses.replace(cfg, data=dataclasses.replace(d, path=source.path, mix=(), val=()))
+        return load_tokens(single)
+
+    train, val = [], {}
+    if d.mix:
+        for source in d.mix:
+            tokens, held_out, tokenizer = one(source)
+            train.append((source.name, tokens, source.weight))
+            val[source.name] = held_out
+    else:
+        tokens, held_out, tokenizer = load_tokens(dataclasses.replace(cfg, data=dataclasses.replace(d, val=())))
+        train.append(("", tokens, 1.0))
+        val[""] = held_out
+    for source in d.val:
+        val[source.name] = one(source)[1]
+    window = cfg.train.seq_len + 1
+    for name, tokens in val.items():
+        if len(tokens) < window:
+            where = f"validation set {name!r}" if name else "the validation split"
+            raise DataError(f"{where} has {len(tokens)} held-out tokens, fewer than one window of train.seq_len + 1 = "
+                            f"{window}; prepare that data with a held-out split (prepare-data --val-every N, e.g. "
+                            "20; 1 holds out everything, for a validation-only set) or lower train.seq_len")
+    return TrainingData(train, val, tokenizer)
+
+
+def mixture_batches(sources: Sequence[tuple[object, float]], batch_size: int, seq_len: int, *, seed: int,
+                    process_index: int = 0, process_count: int = 1):
+    """A grain dataset of ``[batch_size, seq_len + 1]`` int32 windows drawn from several token
+    sequences in proportion to their weights; one source is exactly ``batches``.
+
+    Each source's windows are shuffled (its own seed) and repeated without end; grain's
+    ``MapDataset.mix`` interleaves them by the weights (a fixed, deterministic pattern), and each
+    process then takes every ``process_count``-th mixed window, so processes read disjoint windows
+    and global batch k holds the same windows whatever the process count. It stays a
+    ``MapDataset``: its iterator state is one index, checkpointed like ``batches``'.
+    """
+    if len(sources) == 1:
+        return batches(sources[0][0], batch_size, seq_len, seed=seed, process_index=process_index,
+                       process_count=process_count)
+    parts = []
+    for i, (tokens, _) in enumerate(sources):
+        source = WindowSource(tokens, seq_len)
+        parts.append(grain.MapDataset.source(source).shuffle(seed=seed + i).repeat(None))
+    ds = grain.MapDataset.mix(parts, [float(w) for _, w in sources])
+    return ds[process_index::process_count].batch(batch_size, drop_remainder=True)

@@ -179,3 +179,82 @@ def test_a_single_text_file_is_split_by_windows(tmp_path):
     with pytest.raises(data.DataError, match=r"gives 11 tokens, too few for one training and one validation window "
                                              r"of train.seq_len \+ 1 = 129 tokens each; add text or lower"):
         data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / 'note.txt'}'"]))
+
+
+def _prepared(tmp_path, name, texts, val_every=20):
+    from dsmoe_jax import prepare
+
+    src = tmp_path / f"{name}.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    prepare.prepare([str(src)], tmp_path / name, prepare.Options(val_every=val_every), workers=1, progress=False)
+    return tmp_path / name
+
+
+def test_a_mixture_follows_its_weights_and_resumes_exactly():
+    a, b = 2 * np.arange(5000), 2 * np.arange(700) + 1  # a window's source: the parity of its tokens
+    ds = data.mixture_batches([(a, 3.0), (b, 1.0)], batch_size=4, seq_len=16, seed=0)
+    windows = np.concatenate([ds[i] for i in range(100)])
+    from_b = windows[windows[:, 0] % 2 == 1]
+    assert abs(len(from_b) / len(windows) - 0.25) < 0.02, "one window in four from the source of weight 1"
+    assert len(from_b) > len(data.WindowSource(b, 16)) == len({tuple(w) for w in from_b}), \
+        "the small source is repeated, every window of it once per epoch: it never runs out"
+    it = iter(ds)
+    for _ in range(7):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    resumed = iter(ds)
+    resumed.set_state(state)
+    for batch in expected:
+        np.testing.assert_array_equal(next(resumed), batch)
+    # each process reads its own slice, and global batch k is the same whatever the process count
+    tokens = [np.arange(i * 10_000, (i + 1) * 10_000) for i in range(2)]
+    one = data.mixture_batches([(tokens[0], 1.0), (tokens[1], 2.0)], 4, 16, seed=0)
+    two = [data.mixture_batches([(tokens[0], 1.0), (tokens[1], 2.0)], 2, 16, seed=0, process_index=p,
+                                process_count=2) for p in (0, 1)]
+    for k in range(5):
+        assert {tuple(w) for w in one[k]} == {tuple(w) for p in two for w in p[k]}
+
+
+def test_training_data_from_prepared_sources_and_named_validation_sets(tmp_path):
+    web = _prepared(tmp_path, "web", [f"web page {i} " * 30 for i in range(80)])
+    code = _prepared(tmp_path, "code", [f"def f{i}(): return {i}\n" * 10 for i in range(80)])
+    held = _prepared(tmp_path, "held", [f"held out {i} " * 30 for i in range(10)], val_every=1)
+    mix = f"data.mix=[{{name='web', path='{web}', weight=3}}, {{name='code', path='{code}'}}]"
+    cfg = load_config("tiny", [mix, f"data.val=[{{name='held', path='{held}'}}]"])
+    d = data.load_training_data(cfg)
+    assert [(name, w) for name, _, w in d.train] == [("web", 3.0), ("code", 1.0)]
+    assert sorted(d.val) == ["code", "held", "web"] and len(d.val["held"]) == 10 * (2 + len("held out 0 " * 30))
+    assert isinstance(d.train[0][1], data.TokenShards)
+    with pytest.raises(data.DataError, match="data.path and data.mix both name the training data"):
+        data.load_training_data(load_config("tiny", [mix, f"data.path='{web}'"]))
+    with pytest.raises(data.DataError, match="data.mix trains on several datasets \\(web, code\\)"):
+        data.load_tokens(cfg)
+    no_val = _prepared(tmp_path, "no_val", ["text " * 100] * 10, val_every=0)
+    with pytest.raises(data.DataError, match=r"validation set 'nv' has 0 held-out tokens.*--val-every"):
+        data.load_training_data(load_config("tiny", [f"data.val=[{{name='nv', path='{no_val}'}}]"]))
+
+
+def test_data_mix_and_val_tables_are_checked_and_round_trip(tmp_path):
+    from dsmoe_jax.config import ConfigError, config_from_dict
+
+    (tmp_path / "run.toml").write_text('[model]\nvocab_size = 258\nd_model = 32\nn_layers = 1\nn_heads = 2\n'
+                                       'd_ff = 64\nfirst_k_dense = 1\n\n[[data.mix]]\nname = "web"\npath = "d/web"\n'
+                                       'weight = 3\n\n[[data.mix]]\nname = "code"\npath = "d/code"\n\n'
+                                       '[[data.val]]\nname = "books"\npath = "d/books"\n')
+    cfg = load_config(tmp_path / "run.toml")
+    assert [(s.name, s.weight) for s in cfg.data.mix] == [("web", 3.0), ("code", 1.0)]
+    assert cfg.data.val[0].path == "d/books"
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg, "config.json round trip"
+    hash(cfg)  # configs key jit caches
+    for override, message in [
+        ("data.mix=[{name='a b', path='x'}]", r"name 'a b' must be letters, digits"),
+        ("data.mix=[{name='a', path='x', weight=0}]", r"'a': weight must be a finite number > 0"),
+        ("data.mix=[{name='a', path='x', wieght=2}]", r"unknown key data.mix\[0\].wieght; valid keys .*: name, path, "
+                                                      "weight"),
+        ("data.mix=[{name='a', path='x'}, {name='a', path='y'}]", "names must be unique.*repeated: a"),
+        ("data.val=[{name='a', path='x', weight=2}]", "data.val sets are only evaluated, so they take no weight"),
+        ("data.mix=['x']", r"data.mix\[0\] must be a table"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config("tiny", [override])

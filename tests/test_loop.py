@@ -161,3 +161,21 @@ def test_resume_of_a_workdir_without_checkpoints_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"--resume: .*typo.* holds no checkpoint to resume from .*drop --resume"):
         train(cfg, tmp_path / "typo", resume=True, progress=False)
     assert not (tmp_path / "typo").exists(), "nothing was created"
+
+
+def test_a_mixture_trains_and_logs_each_validation_set(tmp_path):
+    from dsmoe_jax import prepare
+
+    for name, text in (("prose", "the quick brown fox jumps over the lazy dog. "), ("code", "def f(x): return x\n")):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{i} " + text * 8}) + "\n"
+                                                        for i in range(60)))
+        prepare.prepare([str(tmp_path / f"{name}.jsonl")], tmp_path / name, workers=1, progress=False)
+    mix = f"data.mix=[{{name='prose', path='{tmp_path / 'prose'}', weight=3}}, {{name='code', path='{tmp_path / 'code'}'}}]"
+    # the other tests' shapes: their compiled programs are reused (conftest's compilation cache)
+    cfg = load_config("tiny", FAST + [mix, "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"])
+    last = train(cfg, tmp_path / "run", progress=False)
+    m = _metrics(tmp_path / "run")[2]
+    assert {"val_loss/prose", "val_loss/code", "val_loss_stderr/code"} <= set(m) and "val_loss/prose" not in _metrics(
+        tmp_path / "run")[1]
+    assert m["val_loss"] == pytest.approx(0.75 * m["val_loss/prose"] + 0.25 * m["val_loss/code"]), "weighted as drawn"
+    assert last["val_loss/code"] == m["val_loss/code"]

@@ -92,7 +92,8 @@ class Checkpointer:
         except ValueError:
             # Saved by a different number of processes (grain keeps one state per process). All
             # processes stand at the same batch, one batch per step, and global batch k holds
-            # the same windows whatever the process count (data.batches), so position by step.
+            # the same windows whatever the process count (data.batches, data.mixture_batches), so
+            # position by step.
             data_iterator.set_state({"next_index": step})
         return type(abstract_state)(restored.opt["step"], restored.params, restored.opt["opt_state"])
 

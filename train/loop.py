@@ -23,7 +23,7 @@ from dsmoe_jax import data
 from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, write_config
 from dsmoe_jax.config import Config, DsmoeError
-from dsmoe_jax.evaluation import evaluate, jitted_eval_step
+from dsmoe_jax.evaluation import evaluate, jitted_eval_step, perplexity
 from dsmoe_jax.model import flops_per_token
 from dsmoe_jax.plan import device_peak_flops
 from dsmoe_jax.train.checkpoint import Checkpointer, nothing_to_resume
@@ -155,6 +155,25 @@ def _step_metrics(m: StepMetrics, lr: float, tokens_per_s: float, cfg: Config) -
     return out
 
 
+def _validate(params, cfg: Config, sources: data.TrainingData, eval_step) -> dict:
+    """``val_loss`` (with its standard error and perplexity) on the held-out split of the training
+    data: with a mixture, its sources' losses weighted as training draws them. Each named set
+    (mixture sources, ``data.val``) is also logged on its own as ``val_loss/<name>``."""
+    results = {name: evaluate(params, cfg, tokens, eval_step=eval_step) for name, tokens in sources.val.items()}
+    if "" in results:
+        loss, stderr = results[""].loss, results[""].stderr
+    else:
+        weights = {name: w for name, _, w in sources.train}
+        total = sum(weights.values())
+        loss = sum(w / total * results[name].loss for name, w in weights.items())
+        stderr = sum((w / total * results[name].stderr) ** 2 for name, w in weights.items()) ** 0.5
+    out = {"val_loss": loss, "val_loss_stderr": stderr, "val_perplexity": perplexity(loss)}
+    for name, r in results.items():
+        if name:
+            out[f"val_loss/{name}"], out[f"val_loss_stderr/{name}"] = r.loss, r.stderr
+    return out
+
+
 def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False, progress: bool = True) -> dict:
     """Train ``cfg`` in ``workdir``; returns the last logged metrics.
 
@@ -186,9 +205,9 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     if t.batch_size % (n_proc * t.grad_accum) or (t.batch_size // t.grad_accum) % shards:
         raise TrainingError(f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
                             f"micro-batches that divide over the {shards} devices ({n_proc} processes)")
-    train_tokens, val_tokens, _ = data.load_tokens(cfg)
-    dataset = data.batches(train_tokens, t.batch_size // n_proc, t.seq_len, seed=t.seed,
-                           process_index=jax.process_index(), process_count=n_proc)
+    sources = data.load_training_data(cfg)  # refuses data the model's tokenizer did not write
+    dataset = data.mixture_batches([(tokens, weight) for _, tokens, weight in sources.train], t.batch_size // n_proc,
+                                   t.seq_len, seed=t.seed, process_index=jax.process_index(), process_count=n_proc)
     iterator = iter(dataset)
 
     optimizer = make_optimizer(t)
@@ -238,9 +257,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
                     last = _step_metrics(m, float(schedule(step - 1)), tokens_since / (now - tick), cfg)
                     load = None
                     if step % t.eval_every == 0 or step == t.steps:
-                        result = evaluate(state.params, cfg, val_tokens, eval_step=eval_step)
-                        last.update(val_loss=result.loss, val_loss_stderr=result.stderr,
-                                    val_perplexity=result.perplexity)
+                        last.update(_validate(state.params, cfg, sources, eval_step))
                         load = np.asarray(m.aux.expert_load)
                     logger.log(step, last, load)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
