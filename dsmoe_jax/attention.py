@@ -1,15 +1,18 @@
 """Causal dot-product attention: queries ``[B, S, N, H]`` against keys and values ``[B, T, K, H]``.
 
 Shape legend: B batch, S query slots, T key slots, N query heads, K key/value heads,
-G = N / K query heads per key head (grouped-query attention), H head width.
+G = N / K query heads per key head (grouped-query attention), H query/key head width, W value
+head width (H unless MLA makes them differ).
 
 The queries sit at slots ``start .. start + S - 1`` of the ``T`` key slots; query slot s sees
 key slot t when t <= s and ``valid_BT[b, t]`` (a real token, not padding). When ``start`` is
 the Python int 0 and T = S, the keys are the queries' own sequence ("own keys": training,
 evaluation, a prefill); otherwise they come from a KV cache.
 
-Implementations share one contract (softmax in float32, scale 1/sqrt(H), output in the queries'
-dtype; a query row that sees no key gives an arbitrary finite value):
+Implementations share one contract (softmax in float32, logits scaled by ``scale``, default
+1/sqrt(H), output in the queries' dtype; a query row that sees no key gives an arbitrary finite
+value). Values narrower than the keys are zero-padded for the two implementations that need
+equal widths (JAX's attention API), and the padding sliced off the output:
   "xla"      ``jax.nn.dot_product_attention`` with a [B, 1, S, T] mask: the score of every query
              against every key slot. The only one that serves a cache.
   "blocked"  own keys only: queries in blocks of ``QUERY_BLOCK`` rows, block i scoring only the
@@ -67,22 +70,24 @@ def _grouped(x_BSNH: jax.Array, K: int) -> jax.Array:
     return x_BSNH.reshape(B, S, K, N // K, H).transpose(0, 2, 3, 1, 4)
 
 
-def blocked_attention(q_BSNH, k_BSKH, v_BSKH, valid_BS, block: int = QUERY_BLOCK) -> jax.Array:
+def blocked_attention(q_BSNH, k_BSKH, v_BSKW, valid_BS, block: int = QUERY_BLOCK, scale: float | None = None
+                      ) -> jax.Array:
     """Causal attention of a sequence over its own keys, one block of queries at a time."""
-    (B, S, N, H), K = q_BSNH.shape, k_BSKH.shape[2]
+    (B, S, N, H), K, W = q_BSNH.shape, k_BSKH.shape[2], v_BSKW.shape[3]
+    scale = H**-0.5 if scale is None else scale
     q_BKGSH = _grouped(q_BSNH, K)
-    k_BKSH, v_BKSH = (a.transpose(0, 2, 1, 3) for a in (k_BSKH, v_BSKH))
+    k_BKSH, v_BKSW = (a.transpose(0, 2, 1, 3) for a in (k_BSKH, v_BSKW))
     outs = []
     for start in range(0, S, block):
         end = min(start + block, S)  # a query in this block sees no key at or past ``end``
         s_BKGQT = jnp.einsum("bkgqh,bkth->bkgqt", q_BKGSH[:, :, :, start:end], k_BKSH[:, :, :end],
-                             preferred_element_type=jnp.float32) * H**-0.5
+                             preferred_element_type=jnp.float32) * scale
         visible_B1QT = causal_mask(valid_BS[:, :end], jnp.arange(start, end))
         s_BKGQT = jnp.where(visible_B1QT[:, :, None], s_BKGQT, jnp.finfo(jnp.float32).min)
-        p_BKGQT = jax.nn.softmax(s_BKGQT, axis=-1).astype(v_BKSH.dtype)
-        outs.append(jnp.einsum("bkgqt,bkth->bkgqh", p_BKGQT, v_BKSH[:, :, :end]))
-    out_BKGSH = jnp.concatenate(outs, axis=3)
-    return out_BKGSH.transpose(0, 3, 1, 2, 4).reshape(B, S, N, H).astype(q_BSNH.dtype)
+        p_BKGQT = jax.nn.softmax(s_BKGQT, axis=-1).astype(v_BKSW.dtype)
+        outs.append(jnp.einsum("bkgqt,bktw->bkgqw", p_BKGQT, v_BKSW[:, :, :end]))
+    out_BKGSW = jnp.concatenate(outs, axis=3)
+    return out_BKGSW.transpose(0, 3, 1, 2, 4).reshape(B, S, N, W).astype(q_BSNH.dtype)
 
 
 def _roll_rows(x_BS___: jax.Array, shift_B: jax.Array) -> jax.Array:
@@ -92,7 +97,7 @@ def _roll_rows(x_BS___: jax.Array, shift_B: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x_BS___, index_BS.reshape(*index_BS.shape, *[1] * (x_BS___.ndim - 2)), axis=1)
 
 
-def flash_attention(q_BSNH, k_BSKH, v_BSKH, valid_BS) -> jax.Array:
+def flash_attention(q_BSNH, k_BSKH, v_BSKH, valid_BS, scale: float | None = None) -> jax.Array:
     """Causal attention of a sequence over its own keys through cuDNN's fused kernel (XLA's
     reference implementation of the same call off a GPU); see the module docstring."""
     on_gpu = jax.default_backend() == "gpu"
@@ -103,21 +108,26 @@ def flash_attention(q_BSNH, k_BSKH, v_BSKH, valid_BS) -> jax.Array:
     length_B = jnp.sum(valid_BS, axis=1, dtype=jnp.int32)
     q_BSNH, k_BSKH, v_BSKH = (_roll_rows(a, lead_B) for a in (q_BSNH, k_BSKH, v_BSKH))
     out_BSNH = jax.nn.dot_product_attention(
-        q_BSNH, k_BSKH, v_BSKH, is_causal=True, query_seq_lengths=length_B, key_value_seq_lengths=length_B,
-        implementation="cudnn" if on_gpu else "xla")
+        q_BSNH, k_BSKH, v_BSKH, scale=scale, is_causal=True, query_seq_lengths=length_B,
+        key_value_seq_lengths=length_B, implementation="cudnn" if on_gpu else "xla")
     return _roll_rows(out_BSNH, -lead_B)
 
 
-def attention(q_BSNH, k_BTKH, v_BTKH, valid_BT, *, start=0, implementation: str = "auto") -> jax.Array:
-    """Attention output ``[B, S, N, H]`` of queries at slots ``start ..`` over ``T`` key slots of
-    which ``valid_BT`` marks the real tokens. ``implementation`` applies to attention over the
-    queries' own keys; over a cache it is always "xla" (``resolve_implementation``)."""
+def attention(q_BSNH, k_BTKH, v_BTKW, valid_BT, *, start=0, implementation: str = "auto",
+              scale: float | None = None) -> jax.Array:
+    """Attention output ``[B, S, N, W]`` of queries at slots ``start ..`` over ``T`` key slots of
+    which ``valid_BT`` marks the real tokens, logits scaled by ``scale`` (default 1/sqrt(H)).
+    ``implementation`` applies to attention over the queries' own keys; over a cache it is
+    always "xla" (``resolve_implementation``)."""
     own_keys = isinstance(start, int) and start == 0 and k_BTKH.shape[1] == q_BSNH.shape[1]
-    match resolve_implementation(implementation, own_keys, dtype=q_BSNH.dtype):
-        case "blocked":
-            return blocked_attention(q_BSNH, k_BTKH, v_BTKH, valid_BT)
-        case "cudnn":
-            return flash_attention(q_BSNH, k_BTKH, v_BTKH, valid_BT)
-        case _:
-            mask_B1ST = causal_mask(valid_BT, start + jnp.arange(q_BSNH.shape[1]))
-            return jax.nn.dot_product_attention(q_BSNH, k_BTKH, v_BTKH, mask=mask_B1ST)
+    implementation = resolve_implementation(implementation, own_keys, dtype=q_BSNH.dtype)
+    if implementation == "blocked":
+        return blocked_attention(q_BSNH, k_BTKH, v_BTKW, valid_BT, scale=scale)
+    H, W = k_BTKH.shape[-1], v_BTKW.shape[-1]
+    v_BTKH = jnp.pad(v_BTKW, [(0, 0)] * 3 + [(0, H - W)]) if W < H else v_BTKW
+    if implementation == "cudnn":
+        out_BSNH = flash_attention(q_BSNH, k_BTKH, v_BTKH, valid_BT, scale=scale)
+    else:
+        mask_B1ST = causal_mask(valid_BT, start + jnp.arange(q_BSNH.shape[1]))
+        out_BSNH = jax.nn.dot_product_attention(q_BSNH, k_BTKH, v_BTKH, mask=mask_B1ST, scale=scale)
+    return out_BSNH[..., :W]

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsmoe_jax.config import Config, ModelConfig, model_config
-from dsmoe_jax.model import InputError, KVCache, check_tokens, forward_cached
+from dsmoe_jax.model import InputError, KVCache, cache_dims, check_tokens, forward_cached
 
 
 def _old_argument_order_deprecated(fn):
@@ -117,10 +117,9 @@ def init_cache(cfg: Config | ModelConfig, batch: int, max_len: int, dtype=None) 
     if max_len > cfg.max_seq_len:
         raise InputError(f"init_cache: max_len {max_len} exceeds model.max_seq_len {cfg.max_seq_len}, the longest "
                          f"sequence the model takes; lower max_len to at most {cfg.max_seq_len}")
-    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
-    zeros = jnp.zeros(shape, dtype or jnp.dtype(cfg.dtype))
-    layers = tuple(zeros for _ in range(cfg.n_layers))
-    return KVCache(layers, layers, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+    heads, k_width, v_width = cache_dims(cfg)
+    zeros = lambda width: (jnp.zeros((batch, max_len, heads, width), dtype or jnp.dtype(cfg.dtype)),) * cfg.n_layers
+    return KVCache(zeros(k_width), zeros(v_width), jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[jax.Array, jax.Array]:

@@ -17,10 +17,11 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
 
 
 class RMSNorm(nnx.Module):
-    """Root-mean-square norm, statistics in float32, output in the input's dtype."""
+    """Root-mean-square norm, statistics in float32, output in the input's dtype. ``D`` is the
+    normalised width: the model's (logical axis ``embed``) or a latent's (``axis``)."""
 
-    def __init__(self, dim: int, eps: float, param_dtype):
-        self.scale_D = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
+    def __init__(self, dim: int, eps: float, param_dtype, axis: str = "embed"):
+        self.scale_D = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis,))
         self.eps = eps
 
     def __call__(self, x_BSD: jax.Array) -> jax.Array:

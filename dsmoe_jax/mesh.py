@@ -30,6 +30,8 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "heads": None,
     "kv_heads": None,
     "head_dim": None,
+    "q_lora": "fsdp",  # MLA's latent widths: the only splittable axis of its up-projections
+    "kv_lora": "fsdp",
     "vocab": None,
     "layers": None,  # the stacked blocks of model.scan_layers: every device holds every layer
 }
@@ -48,13 +50,15 @@ def make_mesh(sizes: Mapping[str, int] | MeshConfig, devices=None) -> jax.shardi
 
 def logical_to_spec(axes: tuple[str | None, ...], mesh, shape: tuple[int, ...]) -> PartitionSpec:
     """The PartitionSpec of an array with logical ``axes``: each dimension is split over its
-    rule's mesh axes of size > 1, unless they do not divide it (then it stays replicated)."""
-    spec = []
+    rule's mesh axes of size > 1, unless they do not divide it or an earlier dimension already
+    uses them (MLA's ``[embed, kv_lora]``: both rules name fsdp); then it stays replicated."""
+    spec, used = [], set()
     for name, dim in zip(axes, shape):
         rule = RULES.get(name) if name is not None else None
         mesh_axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if mesh.shape[a] > 1)
-        if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+        if mesh_axes and not used & set(mesh_axes) and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
             spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+            used |= set(mesh_axes)
         else:
             spec.append(None)
     return PartitionSpec(*spec)

@@ -4,6 +4,8 @@ Shape legend: B batch, S sequence, D model width, N query heads, K key/value hea
 width, F dense MLP hidden width, V vocabulary, L layers, E routed experts.
 
 Every block: RMSNorm -> causal attention with RoPE -> residual -> RMSNorm -> FFN -> residual.
+The attention is multi-head (grouped-query when n_kv_heads < n_heads), or multi-head latent
+attention (``mla.py``) when the config has an ``[mla]`` section.
 The FFN of the first ``first_k_dense`` blocks is a dense SwiGLU, the rest are DeepSeekMoE.
 Params cross the API as plain nested dicts; ``nnx.merge`` rebuilds the modules inside
 ``forward``, so everything jits, vmaps and shards.
@@ -25,26 +27,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsmoe_jax import mla
 from dsmoe_jax.attention import attention
 from dsmoe_jax.config import Config, DsmoeError, ModelConfig, model_config
 from dsmoe_jax.layers import MLP, RMSNorm, param
 from dsmoe_jax.moe import MoE, MoEStats, RouteOptions
-
-
-def rope(x_BSNH: jax.Array, positions_BS: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half convention (the two halves of H are the pair)."""
-    H = x_BSNH.shape[-1]
-    inv_freq = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
-    angle_BSh = positions_BS[..., None].astype(jnp.float32) * inv_freq
-    cos, sin = (jnp.concatenate([f(angle_BSh)] * 2, axis=-1)[:, :, None, :] for f in (jnp.cos, jnp.sin))
-    x = x_BSNH.astype(jnp.float32)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * cos + rotated * sin).astype(x_BSNH.dtype)
+from dsmoe_jax.rope import rope, softmax_scale
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer for ``T`` slots, filled left to right (inference.py)."""
+    """Keys and values of every layer for ``T`` slots, filled left to right (inference.py).
+    With MLA, ``k`` holds each token's latent and rope key ``[B, T, 1, A]`` and ``v`` is empty
+    ``[B, T, 1, 0]``: the values are expanded from the latent (``mla.py``)."""
 
     k: tuple[jax.Array, ...]  # per layer [B, T, K, H]
     v: tuple[jax.Array, ...]
@@ -62,7 +56,8 @@ class Attention(nnx.Module):
         self.w_k_DKH = p((D, K, H), ("embed", "kv_heads", "head_dim"))
         self.w_v_DKH = p((D, K, H), ("embed", "kv_heads", "head_dim"))
         self.w_o_NHD = p((N, H, D), ("heads", "head_dim", "embed"))
-        self.theta = cfg.rope_theta
+        self.theta, self.yarn = cfg.rope_theta, cfg.yarn
+        self.scale = softmax_scale(H, cfg.yarn)
         self.implementation = cfg.attention
 
     def __call__(self, x_BSD, positions_BS, valid_keys_BT, kv=None, index=0):
@@ -78,17 +73,18 @@ class Attention(nnx.Module):
         # that contract over two axes (batch and sequence) several times slower than over one.
         x_TD = x_BSD.reshape(B * S, D)
         proj = lambda w: jnp.einsum("td,dnh->tnh", x_TD, w[...].astype(dt)).reshape(B, S, *w.shape[1:])
-        q_BSNH = rope(proj(self.w_q_DNH), positions_BS, self.theta)
-        k_BTKH = rope(proj(self.w_k_DKH), positions_BS, self.theta)
+        q_BSNH = rope(proj(self.w_q_DNH), positions_BS, self.theta, self.yarn)
+        k_BTKH = rope(proj(self.w_k_DKH), positions_BS, self.theta, self.yarn)
         v_BTKH = proj(self.w_v_DKH)
         k_cache, v_cache = k_BTKH, v_BTKH
         if kv is not None:
             write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, 1)
             k_cache, v_cache = write(kv[0], k_BTKH).astype(dt), write(kv[1], v_BTKH).astype(dt)
         if kv is None or (isinstance(index, int) and index == 0):
-            out_BSNH = attention(q_BSNH, k_BTKH, v_BTKH, valid_keys_BT[:, :S], implementation=self.implementation)
+            out_BSNH = attention(q_BSNH, k_BTKH, v_BTKH, valid_keys_BT[:, :S], implementation=self.implementation,
+                                 scale=self.scale)
         else:
-            out_BSNH = attention(q_BSNH, k_cache, v_cache, valid_keys_BT, start=index)
+            out_BSNH = attention(q_BSNH, k_cache, v_cache, valid_keys_BT, start=index, scale=self.scale)
         out_TNH = out_BSNH.reshape(B * S, *out_BSNH.shape[2:])
         y_BSD = jnp.einsum("tnh,nhd->td", out_TNH, self.w_o_NHD[...].astype(dt)).reshape(B, S, D)
         return y_BSD, (k_cache, v_cache)
@@ -100,7 +96,7 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs) if cfg.mla is None else mla.MLAttention(cfg, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt)
         if layer < cfg.first_k_dense:
             self.ffn = MLP(cfg.d_model, cfg.d_ff, std=cfg.init_std, param_dtype=dt, rngs=rngs)
@@ -428,5 +424,21 @@ def flops_per_token(cfg: Config | ModelConfig, seq_len: int) -> int:
     cfg = model_config(cfg)
     _, activated = count_params(cfg)
     embedding = param_shapes(cfg)["embed_VD"].size  # a lookup, not a matmul
-    attention = 2 * 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len // 2  # QK^T and AV, causal half
+    v_head_dim = cfg.head_dim if cfg.mla is None else cfg.mla.v_head_dim
+    # QK^T and AV, over the causal half of the keys
+    attention = 2 * cfg.n_layers * cfg.n_heads * (cfg.head_dim + v_head_dim) * seq_len // 2
     return 2 * (activated - embedding) + attention
+
+
+def cache_dims(cfg: Config | ModelConfig) -> tuple[int, int, int]:
+    """(heads, key width, value width) of one layer's KV-cache entry per token: the key/value
+    heads for multi-head attention, one latent head (and no separate values) for MLA."""
+    cfg = model_config(cfg)
+    return (cfg.kv_heads, cfg.head_dim, cfg.head_dim) if cfg.mla is None else mla.cache_dims(cfg)
+
+
+def cache_bytes_per_token(cfg: Config | ModelConfig) -> int:
+    """Bytes one token takes in the KV cache, all layers, in ``model.dtype``."""
+    cfg = model_config(cfg)
+    heads, k_width, v_width = cache_dims(cfg)
+    return cfg.n_layers * heads * (k_width + v_width) * jnp.dtype(cfg.dtype).itemsize

@@ -10,6 +10,12 @@ rematerialisation only each block's input is kept, plus one block's activations 
 recomputed. ``tests/test_plan.py`` holds the estimates against XLA's own memory analysis of the
 compiled train step.
 
+Node-limited routing (``moe.n_group`` groups of experts, ``topk_group`` kept per token) bounds
+how many expert-parallel devices one token's experts sit on when the groups align with the
+devices. The exchange here sends one row per (token, expert) assignment, which the bound does
+not shrink; an exchange that sends each token once per device it reaches would move the
+``dedup_bytes`` the plan reports, which the bound does shrink.
+
 Shape legend: t tokens per device per micro-batch, D model width, F hidden width, E routed
 experts, K top-k, L experts per device, N expert-parallel devices, V vocabulary, S sequence.
 """
@@ -27,7 +33,7 @@ from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.attention import QUERY_BLOCK, resolve_implementation
 from dsmoe_jax.config import MESH_AXES, Config, ConfigError, MeshConfig, ModelConfig
 from dsmoe_jax.expert_parallel import check_expert_parallel, send_buffer_rows
-from dsmoe_jax.model import flops_per_token, param_shapes
+from dsmoe_jax.model import cache_bytes_per_token, flops_per_token, param_shapes
 from dsmoe_jax.sharding import param_shardings
 
 GIB = 2**30
@@ -59,6 +65,11 @@ class Plan:
     flops_per_step: float  # the whole step, all devices (remat recomputes the forward)
     all_to_all_bytes: int  # sent by one device per step (the dense buffers the exchange moves)
     routed_bytes: int  # of which routed rows: what a ragged all_to_all would move
+    devices_per_token: float  # expert-parallel devices one token's experts sit on: the node limit's bound
+    devices_per_token_unlimited: float  # the same without the limit, on average under uniform routing
+    dedup_bytes: int  # what an exchange sending a token once per device it reaches would move (with the limit)
+    dedup_bytes_unlimited: int  # the same without the limit
+    cache_bytes_per_token: int  # the inference KV cache, all layers, in model.dtype
 
     @property
     def devices(self) -> int:
@@ -87,13 +98,25 @@ def _scores_bytes(implementation: str, N: int, seq: int) -> int:
     return 3 * 4 * N * keys
 
 
+def _attention_widths(cfg: ModelConfig) -> int:
+    """Numbers per token that attention keeps for the backward pass besides the scores."""
+    D, N, Kv, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    if cfg.mla is None:  # norm in/out, q k v before and after RoPE, attention output, o-projection
+        return 3 * D + 2 * (N + 2 * Kv) * H + N * H
+    m = cfg.mla
+    P, C, W, J = m.qk_rope_head_dim, m.kv_lora_rank, m.v_head_dim, m.qk_head_dim
+    queries = 2 * m.q_lora_rank + N * J + N * P  # the latent and its norm, q, the rotated part
+    latents = (C + P) + C + P  # the kv projection, its normed latent, the rotated key
+    expanded = N * (m.qk_nope_head_dim + W) + 2 * N * J  # keys and values per head, assembled q and k
+    return 3 * D + queries + latents + expanded + N * W
+
+
 def _layer_activation_bytes(cfg: ModelConfig, ffn: dict, t: int, seq: int, ep: int, attention_impl: str) -> int:
     """Bytes the backward pass keeps for one block over ``t`` tokens; ``ffn`` is the block's FFN
     parameter shapes (from ``param_shapes``), which give every width the FFN has."""
     c = 4 if cfg.dtype == "float32" else 2
-    D, N, Kv, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-    # norm in/out, q k v before and after RoPE, attention output, o-projection, then the scores
-    attention = t * c * (3 * D + 2 * (N + 2 * Kv) * H + N * H) + t * _scores_bytes(attention_impl, N, seq)
+    D = cfg.d_model
+    attention = t * c * _attention_widths(cfg) + t * _scores_bytes(attention_impl, cfg.n_heads, seq)
     if "w_gate_EDF" not in ffn:  # a dense block
         return attention + t * c * (2 * D + 3 * ffn["w_gate_DF"].shape[1])
     m = cfg.moe
@@ -106,6 +129,20 @@ def _layer_activation_bytes(cfg: ModelConfig, ffn: dict, t: int, seq: int, ep: i
     grouped = rows * c * (2 * D + 3 * F)  # rows in and out, gate, up, gated product
     shared = t * c * 3 * ffn["shared"]["w_gate_DF"].shape[1] if "shared" in ffn else 0
     return attention + router + grouped + shared + t * (2 * c * D + 4 * D)  # norm, combine (float32)
+
+
+def devices_per_token(moe, ep: int) -> tuple[float, float]:
+    """(bound, unlimited): how many of ``ep`` expert-parallel devices one token's top-k experts
+    sit on. The bound is what group-limited routing allows when its groups align with the
+    devices (each group on whole devices, or each device holding whole groups), else the same
+    as without the limit; "unlimited" is the expectation under uniform routing without it."""
+    E, K = moe.n_routed_experts, moe.top_k
+    # P(a device holds none of K distinct experts drawn uniformly) = C(E - E/ep, K) / C(E, K)
+    unlimited = ep * (1 - math.comb(E - E // ep, K) / math.comb(E, K))
+    bound = min(K, ep)
+    if moe.n_group > 1 and (moe.n_group % ep == 0 or ep % moe.n_group == 0):
+        bound = min(bound, moe.topk_group * max(1, ep // moe.n_group))
+    return float(bound), unlimited
 
 
 def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = None, seq: int | None = None,
@@ -140,6 +177,8 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     exchanges = 0 if ep == 1 else 2 * passes * m.n_moe_layers * t_cfg.grad_accum
     buffer = 0 if ep == 1 else ep * send_buffer_rows(m.moe, t, ep) * m.d_model * c
     routed = 0 if ep == 1 else m.moe.top_k * t * m.d_model * c
+    reach, reach_unlimited = devices_per_token(m.moe, ep) if ep > 1 else (1.0, 1.0)
+    per_device_row = exchanges * t * m.d_model * c  # one row per token and device it reaches
     leaves = (ep - 1) / ep
     return Plan(
         mesh=sizes, attention=attention, tokens_per_device=t, params=4 * elements, grads=4 * elements, optimizer=8 * elements,
@@ -147,6 +186,9 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
         activations=activations, activations_remat=activations_remat,
         flops_per_step=(passes + 1) * flops_per_token(m, seq) * batch * seq,  # backward = 2 forwards
         all_to_all_bytes=int(exchanges * buffer * leaves), routed_bytes=int(exchanges * routed * leaves),
+        devices_per_token=reach, devices_per_token_unlimited=reach_unlimited,
+        dedup_bytes=int(per_device_row * reach * leaves), dedup_bytes_unlimited=int(per_device_row * reach_unlimited * leaves),
+        cache_bytes_per_token=cache_bytes_per_token(m),
     )
 
 
@@ -167,6 +209,11 @@ def format_plan(plan: Plan, gpu_memory_gib: float | None = None, peak_tflops: fl
         f"all_to_all        {plan.all_to_all_bytes / GIB:.2f} GiB sent per device per step "
         f"({plan.routed_bytes / GIB:.2f} GiB of it routed rows)",
     ]
+    if plan.mesh["expert"] > 1:
+        lines.append(f"  per device     a token reaches <= {plan.devices_per_token:g} of {plan.mesh['expert']} expert devices "
+                     f"({plan.devices_per_token_unlimited:.2f} on average without a group limit); sent once per device: "
+                     f"{plan.dedup_bytes / GIB:.2f} GiB ({plan.dedup_bytes_unlimited / GIB:.2f} GiB unlimited)")
+    lines.append(f"KV cache          {plan.cache_bytes_per_token / 1024:.1f} KiB per token, all layers (inference)")
     if peak_tflops:
         lines.append(f"step time         >= {plan.flops_per_step / plan.devices / (peak_tflops * 1e12):.2f} s at "
                      f"{peak_tflops:g} TFLOP/s per device")

@@ -1,4 +1,5 @@
-"""The HF DeepSeek-v1 name map and config translation, against an independent PyTorch model."""
+"""The HF DeepSeek name maps (v1, V2, V3) and config translation, against independent PyTorch models:
+a hand-written v1 reference, and transformers' own DeepseekV2ForCausalLM / DeepseekV3ForCausalLM."""
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def test_config_round_trip_and_released_defaults():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "deepseek_v2"}, "unsupported model_type 'deepseek_v2'.*MLA"),
+    ({"model_type": "llama"}, "unsupported model_type 'llama'.*'deepseek', 'deepseek_v2', 'deepseek_v3'"),
     ({"scoring_func": "sigmoid"}, "scoring_func = 'sigmoid' is not supported"),
     ({"moe_layer_freq": 2}, "moe_layer_freq = 2 is not supported"),
 ])
@@ -66,3 +67,111 @@ def test_logits_match_an_independent_pytorch_implementation():
     with torch.no_grad():
         ref = qwen2moe_oracle(tensors, TINY_HF)(torch.from_numpy(tokens)).logits.numpy()
     assert np.abs(np.asarray(ours) - ref).max() < 1e-4, np.abs(np.asarray(ours) - ref).max()
+
+
+# ---- DeepSeek-V2 / V3 ----------------------------------------------------------------------
+
+V2V3_COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                   num_attention_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
+                   kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, first_k_dense_replace=1,
+                   max_position_embeddings=128, routed_scaling_factor=1.5)
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 0.707}
+V2V3_CASES = {  # the released variants: query compression on (V2, V3) and off (V2-Lite, Moonlight)
+    "v2-group-limited-q-lora": ("DeepseekV2", dict(q_lora_rank=24, topk_method="group_limited_greedy", n_group=4,
+                                                   topk_group=2, rope_scaling=YARN)),
+    "v2-lite-greedy": ("DeepseekV2", dict(q_lora_rank=None, topk_method="greedy", n_group=4, topk_group=2)),
+    "v3-sigmoid-bias-q-lora": ("DeepseekV3", dict(q_lora_rank=24, n_group=4, topk_group=2, rope_scaling=YARN)),
+    "moonlight-like-no-groups": ("DeepseekV3", dict(q_lora_rank=None, n_group=1, topk_group=1)),
+}
+
+
+def _transformers_model(case: str):
+    import transformers
+
+    family, extra = V2V3_CASES[case]
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(
+        **V2V3_COMMON, **extra)).eval()
+    with torch.no_grad():  # weights large enough that routing and attention are far from uniform
+        for _, p in model.named_parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.1, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("case", list(V2V3_CASES))
+def test_v2_v3_logits_match_transformers_and_the_round_trip_is_bit_exact(case, tmp_path):
+    from safetensors.numpy import load_file
+
+    model = _transformers_model(case)
+    model.save_pretrained(tmp_path / "hf")
+    cfg = convert.hf_to_jax(tmp_path / "hf", tmp_path / "jax", progress=False)
+    assert cfg.model.mla is not None and (cfg.model.mla.q_lora_rank > 0) == ("q-lora" in case)
+    assert cfg.model.moe.routing == ("sigmoid" if "v3" in case or "moonlight" in case else "softmax")
+    groups = {"v2-group-limited-q-lora": 4, "v2-lite-greedy": 1, "v3-sigmoid-bias-q-lora": 4}.get(case, 1)
+    assert cfg.model.moe.n_group == groups, f"{case}: n_group (V2's greedy top-k ignores the file's n_group)"
+    params, loaded = dsmoe_jax.load_checkpoint(tmp_path / "jax")
+    tokens = np.random.RandomState(0).randint(0, 64, (2, 20))
+    with torch.no_grad():
+        want = model(torch.tensor(tokens)).logits.numpy()
+    got, _ = dsmoe_jax.forward(params, tokens.astype(np.int32), loaded.model)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0, err_msg=f"{case}: logits differ")
+
+    convert.jax_to_hf(tmp_path / "jax", tmp_path / "back", progress=False)
+    before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(before) == sorted(after), f"{case}: tensor names changed in the round trip"
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=f"{case}: {name}")
+    reloaded = type(model).from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        np.testing.assert_array_equal(reloaded(torch.tensor(tokens)).logits.numpy(), want,
+                                      err_msg=f"{case}: transformers reads our export differently")
+
+
+def test_v3_multi_token_prediction_layers_are_refused_unless_dropped(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = _transformers_model("moonlight-like-no-groups")
+    model.save_pretrained(tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    mtp = {name.replace("layers.2.", "layers.3."): a for name, a in tensors.items() if ".layers.2." in name}
+    save_file({**tensors, **mtp}, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(convert.ConversionError, match=r"1 multi-token-prediction layer\(s\) \(model.layers.3.\*.*--drop-mtp"):
+        convert.hf_to_jax(tmp_path / "hf", tmp_path / "jax", progress=False)
+    assert not (tmp_path / "jax").exists(), "nothing is written before the refusal"
+    cfg = convert.hf_to_jax(tmp_path / "hf", tmp_path / "jax", progress=False, drop_mtp=True)
+    assert cfg.model.n_layers == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"routing": "sigmoid", "score_bias": False}, "DeepSeek-V3.*score_bias = true"),
+    ({"routing": "softmax", "score_bias": True}, "DeepSeek-V2.*score_bias = false"),
+    ({"routing": "hash", "top_k": 1, "score_bias": False}, "no HF DeepSeek format"),
+])
+def test_models_without_an_hf_format_are_refused_on_export(change, message):
+    import dataclasses
+
+    cfg = convert.config_from_hf(dict(_transformers_model("v3-sigmoid-bias-q-lora").config.to_dict()))
+    moe = dataclasses.replace(cfg.moe, n_group=1, topk_group=1, group_score="max", **change)
+    with pytest.raises(ConfigError, match=message):
+        convert.config_to_hf(dataclasses.replace(cfg, moe=moe))
+
+
+@pytest.mark.parametrize("name", ["deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "moonlight-16b-a3b", "tiny-v3"])
+def test_shipped_v2_v3_configs_count_exactly_the_parameters_of_transformers_models(name):
+    import transformers
+
+    cfg = dsmoe_jax.load_config(name).model
+    hf = convert.config_to_hf(cfg)
+    family = {"deepseek_v2": "DeepseekV2", "deepseek_v3": "DeepseekV3"}[hf["model_type"]]
+    fields = {k: v for k, v in hf.items() if k not in ("model_type", "architectures", "torch_dtype")}
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(**fields))
+    want = sum(p.numel() for p in model.parameters())
+    want += sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    assert dsmoe_jax.count_params(cfg)[0] == want, f"{name}: parameter count differs from transformers'"
+    assert convert.hf_shapes(convert.config_from_hf(hf)) == convert.hf_shapes(cfg), \
+        f"{name}: the architecture does not survive config.json"

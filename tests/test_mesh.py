@@ -29,3 +29,14 @@ def test_mesh_axes_are_automatic_so_jit_partitions_from_shardings():
     m = mesh.make_mesh({"data": 1})
     assert m.axis_names == ("data", "fsdp", "expert")
     assert all(t == AxisType.Auto for t in m.axis_types), m.axis_types
+
+
+def test_a_mesh_axis_splits_at_most_one_dimension_of_an_array():
+    """MLA's key/value down-projection is [embed, kv_lora] and both rules name fsdp: the first
+    dimension takes it, the second stays whole (a spec may name a mesh axis only once)."""
+    from jax.sharding import AbstractMesh, PartitionSpec
+
+    abstract = AbstractMesh((1, 4, 2), ("data", "fsdp", "expert"))
+    assert mesh.logical_to_spec(("embed", "kv_lora"), abstract, (64, 32)) == PartitionSpec("fsdp", None)
+    assert mesh.logical_to_spec(("kv_lora", "heads", "head_dim"), abstract, (32, 4, 8)) == PartitionSpec(
+        "fsdp", None, None), "the latent up-projection splits over fsdp"

@@ -53,6 +53,26 @@ def test_attention_activations_follow_the_implementation_by_hand():
         assert saved == t * layers * (per_layer["xla"] - per_layer[name]), name
 
 
+def test_node_limited_routing_and_the_mla_cache_by_hand():
+    """DeepSeek-V2: 160 experts in 8 groups, a token keeps its 3 best groups; on 8 expert devices
+    (a group per device) its 6 experts sit on at most 3 devices, against 8 (1 - C(140, 6) / C(160, 6))
+    on average for 6 experts drawn uniformly."""
+    import math
+
+    cfg = dsmoe_jax.load_config("deepseek-v2", ["train.batch_size=128", "model.remat=true"])
+    p = plan.make_plan(cfg, {"fsdp": 16, "expert": 8})
+    assert p.devices_per_token == 3
+    assert p.devices_per_token_unlimited == pytest.approx(8 * (1 - math.comb(140, 6) / math.comb(160, 6)))
+    t, D, bf16, moe_layers, exchanges_per_layer = 128 * 4096 // 128, 5120, 2, 59, 2 * 3  # remat: 3 passes
+    assert p.dedup_bytes == int(exchanges_per_layer * moe_layers * t * D * bf16 * 3 * 7 / 8)
+    assert p.dedup_bytes < p.dedup_bytes_unlimited < p.routed_bytes, "the limit saves only with one row per device"
+    # the cache holds the 512-wide latent and the 64-wide rope key per layer: 60 x 576 x 2 bytes
+    assert p.cache_bytes_per_token == 60 * 576 * 2
+    mha = plan.make_plan(dsmoe_jax.load_config("16b"), {"data": 8, "expert": 8}, batch=64, seq=4096)
+    assert mha.cache_bytes_per_token == 28 * 2 * 16 * 128 * 2, "keys and values of every head"
+    assert mha.devices_per_token == 6, "no group limit: up to top-k devices"
+
+
 def test_bad_meshes_are_refused():
     cfg = dsmoe_jax.load_config("tiny")
     with pytest.raises(ConfigError, match="n_routed_experts=15 does not split over the mesh's expert axis of size 4"):
@@ -76,10 +96,11 @@ XLA = textwrap.dedent("""
     from dsmoe_jax.train.optimizer import make_optimizer
     from dsmoe_jax.train.step import init_state, make_train_step, state_shardings
     out = []
-    for overrides, sizes in [([], {"data": 8}), ([], {"data": 2, "expert": 4}),
-                             (["train.seq_len=512"], {"data": 8}),
-                             (["model.d_model=256", "train.batch_size=32"], {"data": 2, "expert": 4})]:
-        cfg = dsmoe_jax.load_config("tiny", ["moe.n_routed_experts=16", "train.batch_size=16", *overrides])
+    for name, overrides, sizes in [("tiny", [], {"data": 8}), ("tiny", [], {"data": 2, "expert": 4}),
+                                   ("tiny", ["train.seq_len=512"], {"data": 8}),
+                                   ("tiny", ["model.d_model=256", "train.batch_size=32"], {"data": 2, "expert": 4}),
+                                   ("tiny-v3", ["moe.n_group=4"], {"data": 2, "expert": 4})]:  # MLA
+        cfg = dsmoe_jax.load_config(name, ["moe.n_routed_experts=16", "train.batch_size=16", *overrides])
         mesh, opt = mesh_lib.make_mesh(sizes), make_optimizer(cfg.train)
         with jax.set_mesh(mesh):
             sh, batch_sh = state_shardings(cfg, opt, mesh), mesh_lib.batch_sharding(mesh)

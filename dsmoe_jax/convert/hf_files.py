@@ -3,7 +3,9 @@
 Reading: ``config.json`` and the weights, as sharded safetensors (``model.safetensors.index.json``),
 older ``pytorch_model-*.bin`` shards (``pytorch_model.bin.index.json``; needs torch) or a single
 unsharded file. Each tensor is read on its own from a memory-mapped file that is closed again
-right after, so reading never keeps more than the tensor itself resident.
+right after, so reading never keeps more than the tensor itself resident. Block-quantised FP8
+checkpoints (DeepSeek-V3/R1: float8_e4m3fn weights with a float32 ``<name>_scale_inv`` per
+128x128 block) are dequantised to float32 as each weight is read, its companion scale consumed.
 
 Writing: sharded safetensors named and indexed as ``transformers`` does, the shard plan computed
 from the shapes up front so each shard is written once.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import os
 import pathlib
 import pickle
@@ -32,6 +35,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
+FP8 = "F8_E4M3"  # safetensors' name for float8_e4m3fn
+SCALE_SUFFIX = "_scale_inv"
 
 
 class HFCheckpoint:
@@ -44,7 +49,19 @@ class HFCheckpoint:
                                   "directory that holds config.json and the *.safetensors files (download the "
                                   "whole model repository, not only its weights)")
         self.config = _read_json(self.directory / "config.json", "the model's config")
+        self.block = _fp8_block(self.config, self.directory / "config.json")
+        self.dtypes: dict[str, str] = {}  # safetensors dtype names, filled in by _weight_map
         self.files = self._weight_map()
+        # FP8 weights and the scales they consume; checked now so a missing scale fails before any
+        # output is written
+        self.fp8 = {n for n in self.files if self.dtypes.get(n) == FP8}
+        missing = sorted(n for n in self.fp8 if n + SCALE_SUFFIX not in self.files)
+        if missing:
+            raise ConversionError(f"{self.directory} holds FP8 (float8_e4m3fn) weights without the "
+                                  f"{SCALE_SUFFIX} tensor that holds their block scales ({', '.join(missing[:3])}"
+                                  f"{', ...' if len(missing) > 3 else ''}); download the checkpoint's index and "
+                                  "shards again")
+        self.scales = {n + SCALE_SUFFIX for n in self.fp8}
 
     def _weight_map(self) -> dict[str, pathlib.Path]:
         d = self.directory
@@ -60,34 +77,68 @@ class HFCheckpoint:
                                           "download them (an interrupted download?)")
                 if index == SAFETENSORS_INDEX:  # headers only: a damaged shard fails now, not hours in
                     for f in sorted(set(weight_map.values())):
-                        keys = set(_keys(d / f))
+                        keys = _keys(d / f)
+                        self.dtypes.update(keys)
                         absent = sorted(n for n, g in weight_map.items() if g == f and n not in keys)
                         if absent:
                             raise ConversionError(f"{d / f} lacks tensors that {index} places in it "
                                                   f"({', '.join(absent[:3])}); download both files again")
                 return {name: d / f for name, f in weight_map.items()}
         if (d / "model.safetensors").is_file():
-            return dict.fromkeys(_keys(d / "model.safetensors"), d / "model.safetensors")
+            keys = _keys(d / "model.safetensors")
+            self.dtypes.update(keys)
+            return dict.fromkeys(keys, d / "model.safetensors")
         if (d / "pytorch_model.bin").is_file():
             return dict.fromkeys(_torch_load(d / "pytorch_model.bin"), d / "pytorch_model.bin")
         raise ConversionError(f"{d} has no weights: expected {SAFETENSORS_INDEX}, {BIN_INDEX}, model.safetensors "
                               "or pytorch_model.bin")
 
     def names(self) -> list[str]:
-        return list(self.files)
+        """The tensors' names, without the ``*_scale_inv`` companions of FP8 weights (``read``
+        consumes them), so a quantised checkpoint lists the same names as an unquantised one."""
+        return [n for n in self.files if n not in self.scales]
 
     def has(self, name: str) -> bool:
-        return name in self.files
+        return name in self.files and name not in self.scales
 
     def read(self, name: str) -> np.ndarray:
+        """The tensor ``name``; an FP8 weight comes dequantised, as float32."""
+        if name in self.fp8:
+            return self._dequantised(name)
         path = self.files[name]
         if path.suffix == ".safetensors":
+            if self.dtypes.get(name, "").startswith("F8"):  # safetensors' numpy reader has no float8
+                raise ConversionError(f"{path}: tensor {name} is {self.dtypes[name]}; of the float8 formats "
+                                      f"only block-quantised {FP8} (float8_e4m3fn) weights are supported")
             try:
                 with safe_open(path, "np") as f:  # closing it unmaps the file again
                     return f.get_tensor(name)
             except SafetensorError as e:
                 raise ConversionError(_damaged(path, e)) from None
         return _torch_to_numpy(_torch_load(path)[name])
+
+    def _dequantised(self, name: str) -> np.ndarray:
+        """``weight.astype(float32) * scale_inv``, each scale broadcast over its (block_rows x
+        block_cols) block, the last blocks of each axis partial where the shape is not a multiple.
+        Goes one row of blocks at a time, so besides the float32 result only one such row is held."""
+        path, scale_name = self.files[name], name + SCALE_SUFFIX
+        weight = _read_raw(path, name, ml_dtypes.float8_e4m3fn)
+        scale = self.read(scale_name).astype(np.float32, copy=False)
+        (br, bc) = self.block
+        if weight.ndim != 2:
+            raise ConversionError(f"{path}: FP8 tensor {name} has shape {list(weight.shape)}; only 2-D weights "
+                                  "are block-quantised")
+        rows, cols = weight.shape
+        blocks = (-(-rows // br), -(-cols // bc))
+        if scale.shape != blocks:
+            raise ConversionError(f"{self.files[scale_name]}: {scale_name} has shape {list(scale.shape)}, but "
+                                  f"{name} of shape {list(weight.shape)} in blocks of {br}x{bc} needs "
+                                  f"{list(blocks)}; download both shards again")
+        out = np.empty((rows, cols), np.float32)
+        for i in range(blocks[0]):
+            r = slice(i * br, min((i + 1) * br, rows))
+            np.multiply(weight[r], np.repeat(scale[i], bc)[:cols], out=out[r], dtype=np.float32)
+        return out
 
 
 def _damaged(path: pathlib.Path, error: Exception) -> str:
@@ -107,14 +158,52 @@ def _read_json(path: pathlib.Path, what: str) -> dict:
     return value
 
 
-def _keys(path: pathlib.Path) -> list[str]:
-    """The tensor names of a safetensors file; reads only its header, which also proves the file
-    is as long as the header says."""
+def _keys(path: pathlib.Path) -> dict[str, str]:
+    """The tensor names of a safetensors file, with their dtypes (``F32``, ``BF16``, ``F8_E4M3``,
+    ...); reads only its header, which also proves the file is as long as the header says."""
     try:
         with safe_open(path, "np") as f:
-            return list(f.keys())
+            return {k: f.get_slice(k).get_dtype() for k in f.keys()}
     except SafetensorError as e:
         raise ConversionError(_damaged(path, e)) from None
+
+
+def _read_raw(path: pathlib.Path, name: str, dtype) -> np.ndarray:
+    """Tensor ``name`` of a safetensors file as a read-only memory map of ``dtype``, for dtypes
+    safetensors' numpy reader lacks (it asks numpy for ``float8_e4m3fn``, which only ml_dtypes has).
+    The file's length was checked against its header when the checkpoint was opened (``_keys``)."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        entry = json.loads(fh.read(n))[name]
+    begin, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    if end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
+        raise ConversionError(_damaged(path, ValueError(f"{name} takes {end - begin} bytes, not the "
+                                                        f"{math.prod(shape)} of shape {shape}")))
+    if end == begin:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
+
+
+def _fp8_block(config: dict, path: pathlib.Path) -> tuple[int, int]:
+    """The (rows, cols) block of the checkpoint's FP8 weight scales, from ``quantization_config``
+    (default 128x128); a quantisation other than block-wise FP8 e4m3 is refused here."""
+    q = config.get("quantization_config")
+    if q is None:
+        return (128, 128)
+    method, fmt = (q.get("quant_method"), q.get("fmt")) if isinstance(q, dict) else (None, None)
+    if not isinstance(q, dict) or method != "fp8" or fmt not in ("e4m3", None):
+        which = f"quant_method {method!r}" + (f", fmt {fmt!r}" if fmt is not None else "")
+        raise ConversionError(f"{path}: quantization_config with {which} is not supported; only unquantised "
+                              "checkpoints and block-wise FP8 ones (quant_method 'fp8', fmt 'e4m3', as "
+                              "DeepSeek-V3/R1 ship) can be read: convert from an unquantised (bf16/fp16/fp32) "
+                              "copy of the model")
+    block = q.get("weight_block_size", [128, 128])
+    if (not isinstance(block, list) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ConversionError(f"{path}: quantization_config.weight_block_size {json.dumps(block)} is not two "
+                              "positive integers (e.g. [128, 128])")
+    return (block[0], block[1])
 
 
 def _torch_load(path: pathlib.Path) -> dict:

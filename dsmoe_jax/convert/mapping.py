@@ -1,14 +1,17 @@
-"""The HF DeepSeek-v1 format (``model_type: deepseek``, ``DeepseekForCausalLM``) as data.
+"""The HF DeepSeek formats as data: v1 (``deepseek``), V2 (``deepseek_v2``), V3 (``deepseek_v3``).
 
-Two declarative pieces: the config fields (``CONFIG_FIELDS``: HF key -> ours, plus fields that
-must hold a given value) and the tensor names (``TENSORS``: HF name pattern -> our param path and
-the per-tensor transform). Everything else walks these tables; there is no per-tensor ``if``.
+Each model type is one ``HFFormat``: its config fields (HF key -> our section and key, the
+values it must hold, the defaults of keys older files lack) and its tensor names (``Tensor``: HF
+name pattern -> our param path and the per-tensor transform). Everything else walks these
+tables; there is no per-tensor ``if``. Which format a config is written in follows from its
+values: multi-head attention is v1, MLA with softmax scores V2, MLA with sigmoid scores V3.
 
-``TENSORS`` name our params in the unrolled layout (one subtree per block, as HF has them); a
-model with ``scan_layers`` is converted through it (``model.match_layout``).
+``Tensor`` paths name our params in the unrolled layout (one subtree per block, as HF has them);
+a model with ``scan_layers`` is converted through it (``model.match_layout``).
 
 Shape legend: D model width, F hidden width, E routed experts, N heads, K kv heads, H head
-width, V vocabulary.
+width, V vocabulary; MLA (``mla.py``): Q query latent, A = C + P key latent and rope key,
+C key/value latent, J query/key head width, X = key + value head widths, W value head width.
 """
 
 from __future__ import annotations
@@ -20,22 +23,21 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from dsmoe_jax.config import ConfigError, DsmoeError, ModelConfig, MoEConfig
+from dsmoe_jax.config import ConfigError, DsmoeError, ModelConfig, config_from_dict
 from dsmoe_jax.model import layer_groups, match_layout, param_shapes
-
-HF_MODEL_TYPE = "deepseek"
 
 
 class ConversionError(DsmoeError, ValueError):
     """A checkpoint that does not match its config, or an output that cannot be written."""
 
 
-# HF config key -> (section, our key); a missing HF key keeps our default.
-CONFIG_FIELDS = {
+# ---- config --------------------------------------------------------------------------------
+
+# HF config key -> (section, our key), shared by every format; a missing HF key keeps our default.
+COMMON_FIELDS = {
     "vocab_size": ("model", "vocab_size"), "hidden_size": ("model", "d_model"),
     "num_hidden_layers": ("model", "n_layers"), "num_attention_heads": ("model", "n_heads"),
-    "num_key_value_heads": ("model", "n_kv_heads"), "intermediate_size": ("model", "d_ff"),
-    "first_k_dense_replace": ("model", "first_k_dense"), "rope_theta": ("model", "rope_theta"),
+    "intermediate_size": ("model", "d_ff"), "first_k_dense_replace": ("model", "first_k_dense"),
     "max_position_embeddings": ("model", "max_seq_len"), "rms_norm_eps": ("model", "norm_eps"),
     "initializer_range": ("model", "init_std"),
     "n_routed_experts": ("moe", "n_routed_experts"), "n_shared_experts": ("moe", "n_shared_experts"),
@@ -43,46 +45,132 @@ CONFIG_FIELDS = {
     "norm_topk_prob": ("moe", "norm_topk_prob"), "aux_loss_alpha": ("moe", "aux_loss_alpha"),
     "seq_aux": ("moe", "seq_aux"),
 }
-# Copies of the released 16B config.json differ on whether these two are present.
-HF_DEFAULTS = {"aux_loss_alpha": 0.001, "seq_aux": True}
+MLA_FIELDS = {
+    "kv_lora_rank": ("mla", "kv_lora_rank"), "qk_nope_head_dim": ("mla", "qk_nope_head_dim"),
+    "qk_rope_head_dim": ("mla", "qk_rope_head_dim"), "v_head_dim": ("mla", "v_head_dim"),
+    "q_lora_rank": ("mla", "q_lora_rank"),  # null in the file: no query compression, our 0
+    "routed_scaling_factor": ("moe", "routed_scaling_factor"), "n_group": ("moe", "n_group"),
+    "topk_group": ("moe", "topk_group"),
+}
+# rope_scaling (the released files) or rope_parameters (files transformers writes) -> [yarn]
+YARN_FIELDS = {"factor": "factor", "original_max_position_embeddings": "original_max_seq_len",
+               "beta_fast": "beta_fast", "beta_slow": "beta_slow", "mscale": "mscale",
+               "mscale_all_dim": "mscale_all_dim"}
 # HF keys whose other values describe a model this code does not implement.
-REQUIRED = {"moe_layer_freq": 1, "scoring_func": "softmax", "tie_word_embeddings": False,
-            "attention_bias": False, "rope_scaling": None, "hidden_act": "silu", "pretraining_tp": 1}
+COMMON_REQUIRED = {"moe_layer_freq": 1, "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu",
+                   "pretraining_tp": 1, "mlp_bias": False}
+
+
+class HFFormat(NamedTuple):
+    """One HF model type: its config fields and tensor names."""
+
+    model_type: str
+    architecture: str
+    fields: dict  # HF key -> (section, our key)
+    required: dict  # HF key -> the only value it may have (written on export)
+    fixed: dict  # (section, our key) -> value every model of this type has
+    defaults: dict  # HF key -> its value when the file leaves it out
+    tensors: tuple  # of Tensor
+    written: dict  # HF key -> value, written on export only
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """Our ModelConfig for an HF DeepSeek-v1 ``config.json``; anything else is a clear error."""
-    if hf.get("model_type") != HF_MODEL_TYPE:
-        raise ConfigError(f"unsupported model_type {hf.get('model_type')!r}: only DeepSeek-v1 MoE "
-                          f"('{HF_MODEL_TYPE}', DeepseekForCausalLM) converts; DeepSeek-V2/V3 use MLA attention")
-    for key, want in REQUIRED.items():
+    """Our ModelConfig for an HF DeepSeek ``config.json`` (v1, V2 or V3); anything else is a
+    clear error."""
+    fmt = FORMATS.get(hf.get("model_type"))
+    if fmt is None:
+        raise ConfigError(f"unsupported model_type {hf.get('model_type')!r}: dsmoe-jax converts "
+                          f"{', '.join(repr(t) for t in FORMATS)} (DeepSeek-MoE v1, DeepSeek-V2/V2-Lite, "
+                          "DeepSeek-V3/R1/Moonlight)")
+    for key, want in fmt.required.items():
         if hf.get(key, want) != want:
-            raise ConfigError(f"config.json {key} = {hf[key]!r} is not supported (needs {want!r})")
+            raise ConfigError(f"config.json {key} = {hf[key]!r} is not supported by {fmt.model_type} (needs {want!r})")
     tables: dict[str, dict] = {"model": {}, "moe": {}}
-    for hf_key, (section, key) in CONFIG_FIELDS.items():
-        value = hf.get(hf_key, HF_DEFAULTS.get(hf_key))
+    for (section, key), value in fmt.fixed.items():
+        tables.setdefault(section, {})[key] = value
+    for hf_key, (section, key) in fmt.fields.items():
+        value = hf.get(hf_key, fmt.defaults.get(hf_key))
         if value is not None:
-            tables[section][key] = float(value) if key in ("rope_theta", "norm_eps", "init_std",
-                                                              "aux_loss_alpha") else value
-    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
-    # bf16 checkpoints run in bf16; float32 and float16 ones in float32 (we do not compute in fp16).
-    dtype = "bfloat16" if hf.get("torch_dtype") == "bfloat16" else "float32"
-    return ModelConfig(**tables["model"], head_dim=head_dim, param_dtype=dtype, dtype=dtype,
-                       moe=MoEConfig(**tables["moe"]))
+            tables.setdefault(section, {})[key] = value
+    if fmt.model_type in GROUP_METHODS:
+        tables["moe"].update(_group_routing_from_hf(hf, fmt))
+        yarn = _yarn_from_hf(hf)
+        if yarn:
+            tables["yarn"] = yarn
+    tables["model"]["rope_theta"] = _rope_theta(hf)
+    # bf16 checkpoints run in bf16; float32, float16 and FP8 ones in float32 (no fp16 or fp8 compute)
+    dtype = "bfloat16" if hf.get("torch_dtype", hf.get("dtype")) == "bfloat16" else "float32"
+    tables["model"].update(param_dtype=dtype, dtype=dtype)
+    return config_from_dict(tables).model
+
+
+def _rope(hf: dict) -> dict:
+    return hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+
+
+def _rope_theta(hf: dict) -> float:
+    return float(hf.get("rope_theta", _rope(hf).get("rope_theta", 10000.0)))
+
+
+def _yarn_from_hf(hf: dict) -> dict:
+    rope = _rope(hf)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {}
+    if kind != "yarn":
+        raise ConfigError(f"config.json rope scaling {kind!r} is not supported: only 'yarn' (DeepSeek-V2/V3's) is")
+    return {ours: rope[key] for key, ours in YARN_FIELDS.items() if rope.get(key) is not None}
+
+
+def _group_routing_from_hf(hf: dict, fmt: HFFormat) -> dict:
+    """V2's ``topk_method`` 'greedy' ignores n_group / topk_group; the others use them."""
+    method = hf.get("topk_method", fmt.defaults.get("topk_method"))
+    if method not in GROUP_METHODS[fmt.model_type]:
+        raise ConfigError(f"config.json topk_method {method!r} is not supported by {fmt.model_type} (one of "
+                          f"{', '.join(GROUP_METHODS[fmt.model_type])})")
+    return {"n_group": 1, "topk_group": 1} if method == "greedy" or not hf.get("n_group") else {}
+
+
+def format_for(cfg: ModelConfig) -> HFFormat:
+    """The HF format a model of ``cfg`` is written in: v1 for multi-head attention, V2 for MLA
+    with softmax scores, V3 for MLA with sigmoid scores (and the score bias V3 files carry)."""
+    m = cfg.moe
+    if m is None or m.routing == "hash" or m.device_aux_alpha or m.capacity_factor or cfg.yarn and cfg.mla is None:
+        raise ConfigError("this model has no HF DeepSeek format: HF models are dropless, with score-based routing, no "
+                          "device-level balance loss, at least one MoE block, and RoPE scaling only with MLA")
+    if cfg.mla is None:
+        if m.routing != "softmax" or m.n_group > 1 or m.routed_scaling_factor != 1 or m.score_bias:
+            raise ConfigError("multi-head attention models convert as DeepSeek-v1, which routes by plain softmax "
+                              "top-k: no sigmoid, group limit, routed_scaling_factor or score bias")
+        if cfg.head_dim * cfg.n_heads != cfg.d_model:
+            raise ConfigError(f"HF DeepSeek-v1 needs n_heads x head_dim = d_model ({cfg.n_heads} x {cfg.head_dim} "
+                              f"!= {cfg.d_model})")
+        return V1
+    if m.routing == "sigmoid":
+        if not m.score_bias or m.group_score != "top2_sum":
+            raise ConfigError("MLA with sigmoid scores converts as DeepSeek-V3, whose router always has the score bias "
+                              "(e_score_correction_bias) and scores groups by their top-2 sum: set moe.score_bias = "
+                              "true (bias_update_speed 0 keeps it at zero) and moe.group_score = 'top2_sum'")
+        return V3
+    if m.score_bias or m.group_score != "max":
+        raise ConfigError("MLA with softmax scores converts as DeepSeek-V2, which has no score bias and scores groups "
+                          "by their best expert: set moe.score_bias = false and moe.group_score = 'max'")
+    return V2
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-    """The HF ``config.json`` dict of ``cfg`` (the keys the remote code reads)."""
-    if cfg.moe is None or cfg.moe.routing != "softmax" or cfg.moe.device_aux_alpha or cfg.moe.capacity_factor:
-        raise ConfigError("only DeepSeek-v1 models convert to HF: softmax routing, dropless, no device-level "
-                          "balance loss, at least one MoE block")
-    if cfg.head_dim * cfg.n_heads != cfg.d_model:
-        raise ConfigError(f"HF DeepSeek-v1 needs n_heads x head_dim = d_model ({cfg.n_heads} x {cfg.head_dim} "
-                          f"!= {cfg.d_model})")
-    ours = {"model": cfg, "moe": cfg.moe}
-    hf = {hf_key: getattr(ours[section], key) for hf_key, (section, key) in CONFIG_FIELDS.items()}
-    hf["num_key_value_heads"] = cfg.kv_heads
-    return {"model_type": HF_MODEL_TYPE, "architectures": ["DeepseekForCausalLM"], **REQUIRED, **hf,
+    """The HF ``config.json`` dict of ``cfg``, in the format ``format_for`` picks."""
+    fmt = format_for(cfg)
+    sections = {"model": cfg, "moe": cfg.moe, "mla": cfg.mla}
+    hf = {hf_key: getattr(sections[section], key) for hf_key, (section, key) in fmt.fields.items()}
+    hf.update(fmt.written, num_key_value_heads=cfg.kv_heads, rope_theta=cfg.rope_theta)
+    if fmt is not V1:
+        hf["q_lora_rank"] = cfg.mla.q_lora_rank or None
+        hf["topk_method"] = GROUP_METHODS[fmt.model_type][-1 if cfg.moe.n_group > 1 else 0]
+        if cfg.yarn is not None:
+            yarn = {key: getattr(cfg.yarn, ours) for key, ours in YARN_FIELDS.items()}
+            hf["rope_scaling"] = {"type": "yarn", **yarn}
+    return {"model_type": fmt.model_type, "architectures": [fmt.architecture], **fmt.required, **hf,
             "torch_dtype": cfg.param_dtype}
 
 
@@ -108,18 +196,37 @@ class Tensor(NamedTuple):
     transform: Transform
     where: str  # "all" blocks, "dense" (the first_k_dense), "moe" (the rest), "shared" (MoE with shared experts)
     experts: bool = False  # one HF tensor per routed expert, stacked on our first axis
+    when: str = "always"  # a key of WHEN: models that have this tensor
 
 
-TENSORS = (
+WHEN = {"always": lambda cfg: True, "q_lora": lambda cfg: cfg.mla.q_lora_rank > 0,
+        "q_direct": lambda cfg: cfg.mla.q_lora_rank == 0}
+
+EDGES = (
     Tensor("model.embed_tokens.weight", "embed_VD", SAME, "all"),
     Tensor("model.norm.weight", "final_norm/scale_D", SAME, "all"),
     Tensor("lm_head.weight", "lm_head_DV", LINEAR, "all"),
     Tensor("model.layers.{i}.input_layernorm.weight", "layers/{i}/attn_norm/scale_D", SAME, "all"),
     Tensor("model.layers.{i}.post_attention_layernorm.weight", "layers/{i}/ffn_norm/scale_D", SAME, "all"),
+)
+MHA = (
     Tensor("model.layers.{i}.self_attn.q_proj.weight", "layers/{i}/attn/w_q_DNH", HEADS_IN, "all"),
     Tensor("model.layers.{i}.self_attn.k_proj.weight", "layers/{i}/attn/w_k_DKH", HEADS_IN, "all"),
     Tensor("model.layers.{i}.self_attn.v_proj.weight", "layers/{i}/attn/w_v_DKH", HEADS_IN, "all"),
     Tensor("model.layers.{i}.self_attn.o_proj.weight", "layers/{i}/attn/w_o_NHD", HEADS_OUT, "all"),
+)
+MLA = (
+    Tensor("model.layers.{i}.self_attn.q_proj.weight", "layers/{i}/attn/w_q_DNJ", HEADS_IN, "all", when="q_direct"),
+    Tensor("model.layers.{i}.self_attn.q_a_proj.weight", "layers/{i}/attn/w_q_a_DQ", LINEAR, "all", when="q_lora"),
+    Tensor("model.layers.{i}.self_attn.q_a_layernorm.weight", "layers/{i}/attn/q_norm/scale_D", SAME, "all",
+           when="q_lora"),
+    Tensor("model.layers.{i}.self_attn.q_b_proj.weight", "layers/{i}/attn/w_q_b_QNJ", HEADS_IN, "all", when="q_lora"),
+    Tensor("model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight", "layers/{i}/attn/w_kv_a_DA", LINEAR, "all"),
+    Tensor("model.layers.{i}.self_attn.kv_a_layernorm.weight", "layers/{i}/attn/kv_norm/scale_D", SAME, "all"),
+    Tensor("model.layers.{i}.self_attn.kv_b_proj.weight", "layers/{i}/attn/w_kv_b_CNX", HEADS_IN, "all"),
+    Tensor("model.layers.{i}.self_attn.o_proj.weight", "layers/{i}/attn/w_o_NWD", HEADS_OUT, "all"),
+)
+FFN = (
     Tensor("model.layers.{i}.mlp.gate_proj.weight", "layers/{i}/ffn/w_gate_DF", LINEAR, "dense"),
     Tensor("model.layers.{i}.mlp.up_proj.weight", "layers/{i}/ffn/w_up_DF", LINEAR, "dense"),
     Tensor("model.layers.{i}.mlp.down_proj.weight", "layers/{i}/ffn/w_down_FD", LINEAR, "dense"),
@@ -131,6 +238,33 @@ TENSORS = (
     Tensor("model.layers.{i}.mlp.shared_experts.up_proj.weight", "layers/{i}/ffn/shared/w_up_DF", LINEAR, "shared"),
     Tensor("model.layers.{i}.mlp.shared_experts.down_proj.weight", "layers/{i}/ffn/shared/w_down_FD", LINEAR, "shared"),
 )
+SCORE_BIAS = (Tensor("model.layers.{i}.mlp.gate.e_score_correction_bias", "layers/{i}/ffn/score_bias_E", SAME, "moe"),)
+
+V1 = HFFormat(
+    "deepseek", "DeepseekForCausalLM",
+    fields={**COMMON_FIELDS, "num_key_value_heads": ("model", "n_kv_heads")},
+    required={**COMMON_REQUIRED, "scoring_func": "softmax", "rope_scaling": None},
+    fixed={("moe", "routing"): "softmax"},
+    defaults={"aux_loss_alpha": 0.001, "seq_aux": True},  # copies of the released 16B config.json differ on these
+    tensors=EDGES + MHA + FFN, written={})
+V2 = HFFormat(
+    "deepseek_v2", "DeepseekV2ForCausalLM",
+    fields={**COMMON_FIELDS, **MLA_FIELDS},
+    required={**COMMON_REQUIRED, "scoring_func": "softmax"},
+    fixed={("moe", "routing"): "softmax", ("moe", "group_score"): "max"},
+    defaults={"aux_loss_alpha": 0.001, "seq_aux": True, "topk_method": "greedy"},
+    tensors=EDGES + MLA + FFN, written={})
+V3 = HFFormat(
+    "deepseek_v3", "DeepseekV3ForCausalLM",
+    fields={**COMMON_FIELDS, **MLA_FIELDS},
+    required={**COMMON_REQUIRED, "scoring_func": "sigmoid", "rope_interleave": True},
+    fixed={("moe", "routing"): "sigmoid", ("moe", "group_score"): "top2_sum", ("moe", "score_bias"): True},
+    defaults={"norm_topk_prob": True, "topk_method": "noaux_tc"},
+    tensors=EDGES + MLA + FFN + SCORE_BIAS,
+    written={"num_nextn_predict_layers": 0})  # the multi-token-prediction module is not built here
+FORMATS = {fmt.model_type: fmt for fmt in (V1, V2, V3)}
+# the values of ``topk_method`` each MLA format knows: without and with the group limit
+GROUP_METHODS = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("noaux_tc",)}
 
 
 def _layers(t: Tensor, cfg: ModelConfig) -> list[int | None]:
@@ -143,7 +277,9 @@ def _layers(t: Tensor, cfg: ModelConfig) -> list[int | None]:
 
 def _entries(cfg: ModelConfig) -> Iterator[tuple[Tensor, int | None, tuple]]:
     """Every (tensor rule, layer, our path) the model of ``cfg`` has."""
-    for t in TENSORS:
+    for t in format_for(cfg).tensors:
+        if not WHEN[t.when](cfg):
+            continue
         for i in _layers(t, cfg):
             path = tuple(int(p) if p.isdigit() else p for p in t.ours.format(i=i).split("/"))
             yield t, i, path

@@ -1,4 +1,4 @@
-"""Whole-checkpoint conversion, HF DeepSeek-v1 <-> dsmoe-jax, with bounded memory.
+"""Whole-checkpoint conversion, HF DeepSeek (v1, V2, V3) <-> dsmoe-jax, with bounded memory.
 
     hf_to_jax("deepseek-moe-16b-base", "ckpt/16b")          # then dsmoe_jax.load_checkpoint("ckpt/16b")
     jax_to_hf("ckpt/16b", "hf-out")                         # or a training workdir
@@ -8,7 +8,7 @@ the routed experts of a layer stacked together) to Orbax's partial save, which w
 it go, so peak memory is a small multiple of the largest parameter (the 16B model's 0.4 GB
 embedding), not the 32.8 GB model. jax -> hf reads one parameter at a time and holds at most one
 safetensors shard. Both write into a temporary directory that is renamed into place only when
-complete.
+complete. FP8 checkpoints (V3, R1) are dequantised tensor by tensor while reading (``hf_files``).
 """
 
 from __future__ import annotations
@@ -49,13 +49,17 @@ from dsmoe_jax.model import param_shapes
 HF_CONFIG_COPY = "hf_config.json"  # the source config.json, so jax -> hf keeps fields we do not model (bos/eos ids)
 # Tensors some HF checkpoints carry that are derived, not learned: RoPE frequencies come from rope_theta.
 DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
+# config.json keys that describe the source files, not the model: not carried into an export
+SOURCE_ONLY_KEYS = ("quantization_config",)
 
 
 def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
-              progress: bool = True) -> Config:
+              progress: bool = True, drop_mtp: bool = False) -> Config:
     """Convert the HF checkpoint in ``hf_dir`` into a dsmoe-jax checkpoint directory ``out_dir``
     (``config.json``, Orbax ``params/``, tokenizer files). ``dtype`` (float32 | bfloat16) defaults
-    to the checkpoint's ``torch_dtype`` (float16 becomes float32). Returns the converted config."""
+    to the checkpoint's ``torch_dtype`` (float16 and FP8 become float32). DeepSeek-V3's
+    multi-token-prediction layers (``model.layers.{num_hidden_layers + k}``), which this project
+    does not build, are refused unless ``drop_mtp`` leaves them out. Returns the converted config."""
     source = HFCheckpoint(hf_dir)
     try:
         model = config_from_hf(source.config)
@@ -68,7 +72,16 @@ def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
         model = dataclasses.replace(model, param_dtype=dtype, dtype=dtype)
     expected = hf_shapes(model)
     names = [n for n in source.names() if not n.endswith(DERIVED_SUFFIXES)]
+    mtp = [n for n in names if _layer_index(n) >= model.n_layers]
+    if mtp and not drop_mtp:
+        layers = sorted({_layer_index(n) for n in mtp})
+        raise ConversionError(f"{source.directory} holds {len(layers)} multi-token-prediction layer(s) "
+                              f"({', '.join(f'model.layers.{i}.*' for i in layers)}: DeepSeek-V3's MTP module), "
+                              "which dsmoe-jax does not build; "
+                              "convert with --drop-mtp to leave them out (the main model is complete without them)")
+    names = [n for n in names if n not in set(mtp)]
     _check_names(names, expected, source.directory)
+    shapes = param_shapes(dataclasses.replace(model, scan_layers=False))
 
     cfg = Config(model=model)
     with atomic_directory(out_dir) as tmp, tqdm(total=len(expected), desc="hf-to-jax", unit="tensor",
@@ -82,13 +95,19 @@ def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
 
         def write(path: tuple, array: np.ndarray) -> None:
             tree: dict = {}
-            set_path(tree, path, array.astype(DTYPES[model.param_dtype], copy=False))
+            set_path(tree, path, array.astype(get_path(shapes, path).dtype, copy=False))  # the score bias stays fp32
             ocp_v1.partial.save(tmp / PARAMS_DIR, tree)
 
         params_from_hf(read, source.has, model, on_array=write)
         ocp_v1.partial.finalize(tmp / PARAMS_DIR)
         copy_tokenizer(source.directory, tmp)
     return cfg
+
+
+def _layer_index(name: str) -> int:
+    """The block index of an HF tensor name (``model.layers.{i}....``); -1 outside the blocks."""
+    parts = name.split(".")
+    return int(parts[2]) if parts[:2] == ["model", "layers"] and parts[2].isdigit() else -1
 
 
 def _check_names(names: list[str], expected: dict, directory: pathlib.Path) -> None:
@@ -111,13 +130,15 @@ def _some(names: list[str], n: int = 3) -> str:
 def jax_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
               max_shard_bytes: int = 2 * 1024**3, progress: bool = True) -> None:
     """Write the dsmoe-jax checkpoint ``ckpt_dir`` (a converted directory, or a training workdir's
-    latest checkpoint or ``step``) as an HF DeepSeek-v1 checkpoint: sharded safetensors with the
-    released tensor names, their index, ``config.json`` and the tokenizer files."""
+    latest checkpoint or ``step``) as an HF DeepSeek checkpoint (v1, V2 or V3: ``mapping.format_for``):
+    sharded safetensors with the released tensor names, their index, ``config.json`` and the
+    tokenizer files."""
     ckpt_dir = pathlib.Path(ckpt_dir)
     model = read_config(ckpt_dir).model
     hf_config = config_to_hf(model)
     if (ckpt_dir / HF_CONFIG_COPY).is_file():
-        hf_config = {**json.loads((ckpt_dir / HF_CONFIG_COPY).read_text()), **hf_config}
+        source = json.loads((ckpt_dir / HF_CONFIG_COPY).read_text())
+        hf_config = {**{k: v for k, v in source.items() if k not in SOURCE_ONLY_KEYS}, **hf_config}
     location = params_location(ckpt_dir, step)
     shapes = param_shapes(model)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
