@@ -13,8 +13,8 @@ compiled train step.
 Node-limited routing (``moe.n_group`` groups of experts, ``topk_group`` kept per token) bounds
 how many expert-parallel devices one token's experts sit on when the groups align with the
 devices. The exchange here sends one row per (token, expert) assignment, which the bound does
-not shrink; an exchange that sends each token once per device it reaches would move the
-``dedup_bytes`` the plan reports, which the bound does shrink.
+not shrink; an exchange that sends each token once per device it reaches, with buffers sized
+for the worst case as here, would move the ``dedup_bytes`` the plan reports, which it does.
 
 Shape legend: t tokens per device per micro-batch, D model width, F hidden width, E routed
 experts, K top-k, L experts per device, N expert-parallel devices, V vocabulary, S sequence.
@@ -65,10 +65,10 @@ class Plan:
     flops_per_step: float  # the whole step, all devices (remat recomputes the forward)
     all_to_all_bytes: int  # sent by one device per step (the dense buffers the exchange moves)
     routed_bytes: int  # of which routed rows: what a ragged all_to_all would move
-    devices_per_token: float  # expert-parallel devices one token's experts sit on: the node limit's bound
-    devices_per_token_unlimited: float  # the same without the limit, on average under uniform routing
-    dedup_bytes: int  # what an exchange sending a token once per device it reaches would move (with the limit)
-    dedup_bytes_unlimited: int  # the same without the limit
+    devices_per_token: int  # at most this many expert-parallel devices hold one token's experts
+    devices_per_token_unlimited: int  # the same bound without the group limit: min(top_k, devices)
+    dedup_bytes: int  # what an exchange sending a token once per device it reaches would move (worst case)
+    dedup_bytes_unlimited: int  # the same without the group limit
     cache_bytes_per_token: int  # the inference KV cache, all layers, in model.dtype
 
     @property
@@ -131,18 +131,14 @@ def _layer_activation_bytes(cfg: ModelConfig, ffn: dict, t: int, seq: int, ep: i
     return attention + router + grouped + shared + t * (2 * c * D + 4 * D)  # norm, combine (float32)
 
 
-def devices_per_token(moe, ep: int) -> tuple[float, float]:
-    """(bound, unlimited): how many of ``ep`` expert-parallel devices one token's top-k experts
-    sit on. The bound is what group-limited routing allows when its groups align with the
-    devices (each group on whole devices, or each device holding whole groups), else the same
-    as without the limit; "unlimited" is the expectation under uniform routing without it."""
-    E, K = moe.n_routed_experts, moe.top_k
-    # P(a device holds none of K distinct experts drawn uniformly) = C(E - E/ep, K) / C(E, K)
-    unlimited = ep * (1 - math.comb(E - E // ep, K) / math.comb(E, K))
-    bound = min(K, ep)
+def devices_per_token(moe, ep: int) -> int:
+    """At most how many of ``ep`` expert-parallel devices one token's top-k experts sit on:
+    ``min(top_k, ep)``, or fewer under group-limited routing whose groups align with the devices
+    (each group on whole devices, or each device holding whole groups)."""
+    bound = min(moe.top_k, ep)
     if moe.n_group > 1 and (moe.n_group % ep == 0 or ep % moe.n_group == 0):
         bound = min(bound, moe.topk_group * max(1, ep // moe.n_group))
-    return float(bound), unlimited
+    return bound
 
 
 def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = None, seq: int | None = None,
@@ -177,7 +173,7 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     exchanges = 0 if ep == 1 else 2 * passes * m.n_moe_layers * t_cfg.grad_accum
     buffer = 0 if ep == 1 else ep * send_buffer_rows(m.moe, t, ep) * m.d_model * c
     routed = 0 if ep == 1 else m.moe.top_k * t * m.d_model * c
-    reach, reach_unlimited = devices_per_token(m.moe, ep) if ep > 1 else (1.0, 1.0)
+    reach, reach_unlimited = (devices_per_token(m.moe, ep), min(m.moe.top_k, ep)) if ep > 1 else (1, 1)
     per_device_row = exchanges * t * m.d_model * c  # one row per token and device it reaches
     leaves = (ep - 1) / ep
     return Plan(
@@ -210,9 +206,9 @@ def format_plan(plan: Plan, gpu_memory_gib: float | None = None, peak_tflops: fl
         f"({plan.routed_bytes / GIB:.2f} GiB of it routed rows)",
     ]
     if plan.mesh["expert"] > 1:
-        lines.append(f"  per device     a token reaches <= {plan.devices_per_token:g} of {plan.mesh['expert']} expert devices "
-                     f"({plan.devices_per_token_unlimited:.2f} on average without a group limit); sent once per device: "
-                     f"{plan.dedup_bytes / GIB:.2f} GiB ({plan.dedup_bytes_unlimited / GIB:.2f} GiB unlimited)")
+        lines.append(f"  node limit     a token's experts sit on <= {plan.devices_per_token} of {plan.mesh['expert']} expert "
+                     f"devices (<= {plan.devices_per_token_unlimited} without a group limit); sent once per device "
+                     f"that is {plan.dedup_bytes / GIB:.2f} GiB ({plan.dedup_bytes_unlimited / GIB:.2f} GiB unlimited)")
     lines.append(f"KV cache          {plan.cache_bytes_per_token / 1024:.1f} KiB per token, all layers (inference)")
     if peak_tflops:
         lines.append(f"step time         >= {plan.flops_per_step / plan.devices / (peak_tflops * 1e12):.2f} s at "

@@ -136,3 +136,13 @@ def ragged_all_to_all_reference(operand, output, input_offsets, send_sizes, outp
         source = jnp.clip(start + rows - offset, 0, operand.shape[0] - 1)
         output = jnp.where(inside[:, None], operands[sender][source], output)
     return output
+
+
+def tiny_tokenizer(path) -> None:
+    """A six-word tokenizer.json (ids 0-5) for converted tiny checkpoints."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "the", "cat", "sat", "on", "mat"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))

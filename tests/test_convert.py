@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import dsmoe_jax
-from dsmoe_jax import ConfigError, convert
-from helpers import TINY_HF, qwen2moe_oracle, random_hf_checkpoint
+from dsmoe_jax import ConfigError, cli, convert
+from helpers import TINY_HF, qwen2moe_oracle, random_hf_checkpoint, tiny_tokenizer
 
 def _from_hf(tensors, cfg):
     return convert.params_from_hf(tensors.__getitem__, tensors.__contains__, cfg)
@@ -103,11 +103,12 @@ def _transformers_model(case: str):
 
 
 @pytest.mark.parametrize("case", list(V2V3_CASES))
-def test_v2_v3_logits_match_transformers_and_the_round_trip_is_bit_exact(case, tmp_path):
+def test_v2_v3_logits_match_transformers_and_the_round_trip_is_bit_exact(case, tmp_path, capsys):
     from safetensors.numpy import load_file
 
     model = _transformers_model(case)
     model.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer(tmp_path / "hf" / "tokenizer.json")
     cfg = convert.hf_to_jax(tmp_path / "hf", tmp_path / "jax", progress=False)
     assert cfg.model.mla is not None and (cfg.model.mla.q_lora_rank > 0) == ("q-lora" in case)
     assert cfg.model.moe.routing == ("sigmoid" if "v3" in case or "moonlight" in case else "softmax")
@@ -129,6 +130,10 @@ def test_v2_v3_logits_match_transformers_and_the_round_trip_is_bit_exact(case, t
     with torch.no_grad():
         np.testing.assert_array_equal(reloaded(torch.tensor(tokens)).logits.numpy(), want,
                                       err_msg=f"{case}: transformers reads our export differently")
+    capsys.readouterr()
+    assert cli.main(["generate", "--checkpoint", str(tmp_path / "jax"), "--prompt", "the cat", "--max-new-tokens", "4",
+                     "--temperature", "0"]) == 0, f"{case}: generate on the converted checkpoint"
+    assert capsys.readouterr().out.startswith("the cat")
 
 
 def test_v3_multi_token_prediction_layers_are_refused_unless_dropped(tmp_path):

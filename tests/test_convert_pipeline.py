@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_python
-from helpers import TINY_HF, qwen2moe_oracle, random_hf_checkpoint
+from helpers import TINY_HF, qwen2moe_oracle, random_hf_checkpoint, tiny_tokenizer
 
 import dsmoe_jax
 from dsmoe_jax import ConfigError, cli, convert
@@ -28,15 +28,6 @@ def _write_hf(directory: pathlib.Path, tensors: dict, hf_config: dict = TINY_HF,
     return directory
 
 
-def _tiny_tokenizer(path: pathlib.Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {w: i for i, w in enumerate(["[UNK]", "the", "cat", "sat", "on", "mat"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(path))
-
-
 def _assert_params_equal(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
@@ -49,7 +40,7 @@ def test_bf16_sharded_safetensors_round_trip_bit_exact_through_the_cli(tmp_path,
     tensors = {n: a.astype(ml_dtypes.bfloat16) for n, a in random_hf_checkpoint(cfg, seed=3).items()}
     hf_cfg = {**TINY_HF, "torch_dtype": "bfloat16"}
     hf = _write_hf(tmp_path / "hf", tensors, hf_cfg)
-    _tiny_tokenizer(hf / "tokenizer.json")
+    tiny_tokenizer(hf / "tokenizer.json")
     assert len(list(hf.glob("model-*.safetensors"))) > 3, "the source must be multi-shard"
 
     assert cli.main(["convert", "hf-to-jax", str(hf), str(tmp_path / "jax")]) == 0
@@ -133,10 +124,13 @@ def test_existing_output_and_unsupported_models_are_refused(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine" and not _leftovers(tmp_path)
 
-    (hf / "config.json").write_text(json.dumps({**TINY_HF, "model_type": "deepseek_v3"}))
+    (hf / "config.json").write_text(json.dumps({**TINY_HF, "model_type": "llama"}))
+    assert cli.main(["convert", "hf-to-jax", str(hf), str(tmp_path / "llama")]) == 2
+    assert "unsupported model_type 'llama'" in capsys.readouterr().err and not (tmp_path / "llama").exists()
+    (hf / "config.json").write_text(json.dumps({**TINY_HF, "model_type": "deepseek_v3"}))  # a v1 file relabelled
     assert cli.main(["convert", "hf-to-jax", str(hf), str(tmp_path / "v3")]) == 2
-    assert "MLA" in capsys.readouterr().err and not (tmp_path / "v3").exists()
-    with pytest.raises(ConfigError, match="only DeepSeek-v1 models convert"):
+    assert "scoring_func = 'softmax' is not supported by deepseek_v3" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no HF DeepSeek format"):
         convert.config_to_hf(dsmoe_jax.load_config("hash-2b").model)
 
 

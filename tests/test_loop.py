@@ -45,22 +45,41 @@ def test_tiny_config_learns_and_logs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["20", "40"]
 
 
-def _train_cmd(workdir, steps, resume=False):
+def test_tiny_v3_learns_and_its_score_bias_balances_the_load(tmp_path):
+    """DeepSeek-V3's parts (MLA, sigmoid group-limited routing, auxiliary-loss-free balancing)
+    train: the loss falls, the bias moves, and the load ends more even than it starts."""
+    cfg = load_config("tiny-v3", FAST + ["train.steps=40", "train.eval_every=40", "train.checkpoint_every=40",
+                                         "moe.bias_update_speed=0.01"])
+    last = train(cfg, tmp_path, progress=False)
+    m = _metrics(tmp_path)
+    assert last["val_loss"] < m[1]["loss"] - 2.0, f"loss {m[1]['loss']:.2f} -> validation {last['val_loss']:.2f}"
+    imbalance = lambda step: np.mean([v for k, v in m[step].items() if k.startswith("load_max_over_mean/")])
+    assert imbalance(40) < imbalance(1), f"load max/mean {imbalance(1):.2f} at step 1, {imbalance(40):.2f} at 40"
+    params, _ = dsmoe_jax.load_checkpoint(tmp_path)
+    bias = np.asarray(params["layers"][1]["ffn"]["score_bias_E"])
+    moves = bias / 0.01  # 40 steps of +-speed (or 0 at the exact mean): whole numbers in [-40, 40]
+    assert np.abs(bias).max() > 0 and np.allclose(moves, np.round(moves), atol=1e-3) and np.abs(moves).max() <= 40, \
+        f"the bias did not move by sign(mean load - load) steps: {moves}"
+
+
+def _train_cmd(workdir, steps, resume=False, config="tiny"):
     script = pathlib.Path(sys.executable).parent / "dsmoe-jax"
     sets = FAST + [f"train.steps={steps}", "train.checkpoint_every=25", "train.eval_every=100000",
                    "train.batch_size=4", "train.seq_len=32"]
-    cmd = [str(script), "train", "--config", "tiny", "--workdir", str(workdir)]
+    cmd = [str(script), "train", "--config", config, "--workdir", str(workdir)]
     cmd += [a for s in sets for a in ("--set", s)]
     return cmd + (["--resume"] if resume else [])
 
 
-@pytest.mark.slow  # about 60 s: run with -m slow
-def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.slow  # about 60 s each: run with -m slow
+@pytest.mark.parametrize("config", ["tiny", "tiny-v3"])  # tiny-v3: MLA, and the score bias is training state
+def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, config):
     steps = 200
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    subprocess.run(_train_cmd(whole, steps), check=True, capture_output=True)
+    subprocess.run(_train_cmd(whole, steps, config=config), check=True, capture_output=True)
 
-    proc = subprocess.Popen(_train_cmd(broken, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_train_cmd(broken, steps, config=config), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         log = broken / "metrics.jsonl"
@@ -72,7 +91,7 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     killed_at = max(_metrics(broken))
     assert killed_at < steps, "the run must be killed mid-way for this test to mean anything"
 
-    subprocess.run(_train_cmd(broken, steps, resume=True), check=True, capture_output=True)
+    subprocess.run(_train_cmd(broken, steps, resume=True, config=config), check=True, capture_output=True)
     a, b = _metrics(whole), _metrics(broken)  # each step logged once, though some ran twice
     assert sorted(b) == list(range(1, steps + 1))
     assert [a[s]["loss"] for s in range(1, steps + 1)] == [b[s]["loss"] for s in range(1, steps + 1)], \

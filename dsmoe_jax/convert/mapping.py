@@ -56,6 +56,8 @@ MLA_FIELDS = {
 YARN_FIELDS = {"factor": "factor", "original_max_position_embeddings": "original_max_seq_len",
                "beta_fast": "beta_fast", "beta_slow": "beta_slow", "mscale": "mscale",
                "mscale_all_dim": "mscale_all_dim"}
+# HF keys every config.json has: the architecture's sizes.
+ESSENTIAL = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 # HF keys whose other values describe a model this code does not implement.
 COMMON_REQUIRED = {"moe_layer_freq": 1, "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu",
                    "pretraining_tp": 1, "mlp_bias": False}
@@ -82,6 +84,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ConfigError(f"unsupported model_type {hf.get('model_type')!r}: dsmoe-jax converts "
                           f"{', '.join(repr(t) for t in FORMATS)} (DeepSeek-MoE v1, DeepSeek-V2/V2-Lite, "
                           "DeepSeek-V3/R1/Moonlight)")
+    missing = [key for key in ESSENTIAL if key not in hf]
+    if missing:  # no default can stand in for these: the file is damaged (the pipeline says so)
+        raise KeyError(missing[0])
     for key, want in fmt.required.items():
         if hf.get(key, want) != want:
             raise ConfigError(f"config.json {key} = {hf[key]!r} is not supported by {fmt.model_type} (needs {want!r})")
