@@ -228,7 +228,8 @@ class ModelConfig:
             )
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         _require(self.head_dim >= 1, f"model.head_dim must be >= 1, got {self.head_dim}")
-        _require(self.mla is not None or self.head_dim % 2 == 0, f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        _require(self.mla is not None or self.head_dim % 2 == 0,
+                 f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
         _require(
             self.n_heads % self.kv_heads == 0,
             f"model.n_kv_heads={self.kv_heads} must divide model.n_heads={self.n_heads}",

@@ -20,6 +20,7 @@ Two params layouts, chosen by ``model.scan_layers``:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -324,6 +325,11 @@ def match_layout(params: dict, cfg: Config | ModelConfig) -> dict:
         out["layers"] = {i: jax.tree.map(lambda a, j=j: a[j], params[name])
                          for name, blocks in groups.items() for j, i in enumerate(blocks)}
     return out
+
+
+def unrolled(cfg: Config | ModelConfig) -> ModelConfig:
+    """``cfg``'s model in the unrolled layout (one params subtree per block)."""
+    return dataclasses.replace(model_config(cfg), scan_layers=False)
 
 
 def _check_params(params: dict, cfg: ModelConfig) -> None:

@@ -33,7 +33,7 @@ from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.attention import QUERY_BLOCK, resolve_implementation
 from dsmoe_jax.config import MESH_AXES, Config, ConfigError, MeshConfig, ModelConfig
 from dsmoe_jax.expert_parallel import check_expert_parallel, send_buffer_rows
-from dsmoe_jax.model import cache_bytes_per_token, flops_per_token, param_shapes
+from dsmoe_jax.model import cache_bytes_per_token, flops_per_token, param_shapes, unrolled
 from dsmoe_jax.sharding import param_shardings
 
 GIB = 2**30
@@ -160,7 +160,7 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
 
     elements = _device_elements(m, mesh)
     attention = resolve_implementation(m.attention, platform=platform, dtype=m.dtype)
-    blocks = param_shapes(dataclasses.replace(m, scan_layers=False))["layers"].values()  # one per block
+    blocks = param_shapes(unrolled(m))["layers"].values()  # one per block
     layers = [_layer_activation_bytes(m, block["ffn"], t, seq, ep, attention) for block in blocks]
     c = 4 if m.dtype == "float32" else 2
     logits = t * m.vocab_size * 4 * 2  # float32 logits and their log-softmax
@@ -183,7 +183,8 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
         flops_per_step=(passes + 1) * flops_per_token(m, seq) * batch * seq,  # backward = 2 forwards
         all_to_all_bytes=int(exchanges * buffer * leaves), routed_bytes=int(exchanges * routed * leaves),
         devices_per_token=reach, devices_per_token_unlimited=reach_unlimited,
-        dedup_bytes=int(per_device_row * reach * leaves), dedup_bytes_unlimited=int(per_device_row * reach_unlimited * leaves),
+        dedup_bytes=int(per_device_row * reach * leaves),
+        dedup_bytes_unlimited=int(per_device_row * reach_unlimited * leaves),
         cache_bytes_per_token=cache_bytes_per_token(m),
     )
 
@@ -206,9 +207,9 @@ def format_plan(plan: Plan, gpu_memory_gib: float | None = None, peak_tflops: fl
         f"({plan.routed_bytes / GIB:.2f} GiB of it routed rows)",
     ]
     if plan.mesh["expert"] > 1:
-        lines.append(f"  node limit     a token's experts sit on <= {plan.devices_per_token} of {plan.mesh['expert']} expert "
-                     f"devices (<= {plan.devices_per_token_unlimited} without a group limit); sent once per device "
-                     f"that is {plan.dedup_bytes / GIB:.2f} GiB ({plan.dedup_bytes_unlimited / GIB:.2f} GiB unlimited)")
+        lines.append(f"  node limit     a token's experts sit on <= {plan.devices_per_token} of "
+                     f"{plan.mesh['expert']} expert devices (<= {plan.devices_per_token_unlimited} without a group "
+                     f"limit); sent once per device that is {plan.dedup_bytes / GIB:.2f} GiB ({plan.dedup_bytes_unlimited / GIB:.2f} GiB unlimited)")
     lines.append(f"KV cache          {plan.cache_bytes_per_token / 1024:.1f} KiB per token, all layers (inference)")
     if peak_tflops:
         lines.append(f"step time         >= {plan.flops_per_step / plan.devices / (peak_tflops * 1e12):.2f} s at "

@@ -144,7 +144,8 @@ def test_v3_multi_token_prediction_layers_are_refused_unless_dropped(tmp_path):
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
     mtp = {name.replace("layers.2.", "layers.3."): a for name, a in tensors.items() if ".layers.2." in name}
     save_file({**tensors, **mtp}, tmp_path / "hf" / "model.safetensors")
-    with pytest.raises(convert.ConversionError, match=r"1 multi-token-prediction layer\(s\) \(model.layers.3.\*.*--drop-mtp"):
+    refused = r"1 multi-token-prediction layer\(s\) \(model.layers.3.\*.*--drop-mtp"
+    with pytest.raises(convert.ConversionError, match=refused):
         convert.hf_to_jax(tmp_path / "hf", tmp_path / "jax", progress=False)
     assert not (tmp_path / "jax").exists(), "nothing is written before the refusal"
     cfg = convert.hf_to_jax(tmp_path / "hf", tmp_path / "jax", progress=False, drop_mtp=True)

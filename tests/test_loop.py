@@ -47,14 +47,18 @@ def test_tiny_config_learns_and_logs(tmp_path):
 
 def test_tiny_v3_learns_and_its_score_bias_balances_the_load(tmp_path):
     """DeepSeek-V3's parts (MLA, sigmoid group-limited routing, auxiliary-loss-free balancing)
-    train: the loss falls, the bias moves, and the load ends more even than it starts."""
+    train: the loss falls and the bias moves. Without the bias (or an auxiliary loss) this
+    router collapses within 5 steps (load max/mean 5.0: one expert per layer takes every
+    token) and stays collapsed to step 40 (4.9); with it the load is pulled back (3.6 over
+    the last 10 steps, measured)."""
     cfg = load_config("tiny-v3", FAST + ["train.steps=40", "train.eval_every=40", "train.checkpoint_every=40",
                                          "moe.bias_update_speed=0.01"])
     last = train(cfg, tmp_path, progress=False)
     m = _metrics(tmp_path)
     assert last["val_loss"] < m[1]["loss"] - 2.0, f"loss {m[1]['loss']:.2f} -> validation {last['val_loss']:.2f}"
-    imbalance = lambda step: np.mean([v for k, v in m[step].items() if k.startswith("load_max_over_mean/")])
-    assert imbalance(40) < imbalance(1), f"load max/mean {imbalance(1):.2f} at step 1, {imbalance(40):.2f} at 40"
+    imbalance = [np.mean([v for k, v in m[step].items() if k.startswith("load_max_over_mean/")]) for step in sorted(m)]
+    assert np.mean(imbalance[-10:]) < max(imbalance) - 1.0, \
+        f"the bias did not pull the load back from its peak: load max/mean by step {np.round(imbalance, 2)}"
     params, _ = dsmoe_jax.load_checkpoint(tmp_path)
     bias = np.asarray(params["layers"][1]["ffn"]["score_bias_E"])
     moves = bias / 0.01  # 40 steps of +-speed (or 0 at the exact mean): whole numbers in [-40, 40]

@@ -16,7 +16,6 @@ C key/value latent, J query/key head width, X = key + value head widths, W value
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -24,7 +23,7 @@ import jax
 import numpy as np
 
 from dsmoe_jax.config import ConfigError, DsmoeError, ModelConfig, config_from_dict
-from dsmoe_jax.model import layer_groups, match_layout, param_shapes
+from dsmoe_jax.model import layer_groups, match_layout, param_shapes, unrolled
 
 
 class ConversionError(DsmoeError, ValueError):
@@ -45,7 +44,8 @@ COMMON_FIELDS = {
     "norm_topk_prob": ("moe", "norm_topk_prob"), "aux_loss_alpha": ("moe", "aux_loss_alpha"),
     "seq_aux": ("moe", "seq_aux"),
 }
-MLA_FIELDS = {
+# the fields V2 and V3 add: MLA's widths and the router's scaling and group limit
+V2_V3_FIELDS = {
     "kv_lora_rank": ("mla", "kv_lora_rank"), "qk_nope_head_dim": ("mla", "qk_nope_head_dim"),
     "qk_rope_head_dim": ("mla", "qk_rope_head_dim"), "v_head_dim": ("mla", "v_head_dim"),
     "q_lora_rank": ("mla", "q_lora_rank"),  # null in the file: no query compression, our 0
@@ -254,14 +254,14 @@ V1 = HFFormat(
     tensors=EDGES + MHA + FFN, written={})
 V2 = HFFormat(
     "deepseek_v2", "DeepseekV2ForCausalLM",
-    fields={**COMMON_FIELDS, **MLA_FIELDS},
+    fields={**COMMON_FIELDS, **V2_V3_FIELDS},
     required={**COMMON_REQUIRED, "scoring_func": "softmax"},
     fixed={("moe", "routing"): "softmax", ("moe", "group_score"): "max"},
     defaults={"aux_loss_alpha": 0.001, "seq_aux": True, "topk_method": "greedy"},
     tensors=EDGES + MLA + FFN, written={})
 V3 = HFFormat(
     "deepseek_v3", "DeepseekV3ForCausalLM",
-    fields={**COMMON_FIELDS, **MLA_FIELDS},
+    fields={**COMMON_FIELDS, **V2_V3_FIELDS},
     required={**COMMON_REQUIRED, "scoring_func": "sigmoid", "rope_interleave": True},
     fixed={("moe", "routing"): "sigmoid", ("moe", "group_score"): "top2_sum", ("moe", "score_bias"): True},
     defaults={"norm_topk_prob": True, "topk_method": "noaux_tc"},
@@ -290,10 +290,6 @@ def _entries(cfg: ModelConfig) -> Iterator[tuple[Tensor, int | None, tuple]]:
             yield t, i, path
 
 
-def _unrolled(cfg: ModelConfig) -> ModelConfig:
-    return dataclasses.replace(cfg, scan_layers=False)
-
-
 def _unrolled_reader(read: Callable[[tuple], np.ndarray], cfg: ModelConfig) -> Callable[[tuple], np.ndarray]:
     """A reader of unrolled-layout paths over ``read``, a reader of ``cfg``'s scanned layout. It
     keeps the last stacked array it read: ``params_to_hf`` asks for the blocks of one parameter
@@ -301,7 +297,7 @@ def _unrolled_reader(read: Callable[[tuple], np.ndarray], cfg: ModelConfig) -> C
     stack_of = {i: (name, j) for name, blocks in layer_groups(cfg).items() for j, i in enumerate(blocks)}
     last: dict = {}
 
-    def unrolled(path: tuple) -> np.ndarray:
+    def read_unrolled(path: tuple) -> np.ndarray:
         if path[0] != "layers":
             return read(path)
         name, j = stack_of[path[1]]
@@ -311,12 +307,12 @@ def _unrolled_reader(read: Callable[[tuple], np.ndarray], cfg: ModelConfig) -> C
             last.update(path=stacked, array=np.asarray(read(stacked)))
         return last["array"][j]
 
-    return unrolled
+    return read_unrolled
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor of the model of ``cfg`` and its shape, in a fixed order (nothing allocated)."""
-    shapes, out = param_shapes(_unrolled(cfg)), {}
+    shapes, out = param_shapes(unrolled(cfg)), {}
     for t, i, path in _entries(cfg):
         s = get_path(shapes, path)
         one = jax.ShapeDtypeStruct(s.shape[1:] if t.experts else s.shape, s.dtype)
@@ -353,7 +349,7 @@ def params_from_hf(read: Callable[[str], np.ndarray], has: Callable[[str], bool]
     in the tree instead, so that only one output array need be in memory at a time. The tree
     is in the unrolled layout with ``on_array``, otherwise in ``cfg``'s."""
     out: dict = {}
-    shapes, expected = param_shapes(_unrolled(cfg)), hf_shapes(cfg)
+    shapes, expected = param_shapes(unrolled(cfg)), hf_shapes(cfg)
 
     def source(name: str) -> np.ndarray:
         if not has(name):
@@ -379,8 +375,8 @@ def params_to_hf(params: dict | Callable[[tuple], np.ndarray], cfg: ModelConfig)
     if callable(params):
         read = _unrolled_reader(params, cfg) if cfg.scan_layers else params
     else:
-        unrolled = match_layout(params, _unrolled(cfg))
-        read = lambda path: get_path(unrolled, path)
+        tree = match_layout(params, unrolled(cfg))
+        read = lambda path: get_path(tree, path)
     for t, i, path in _entries(cfg):
         array = np.asarray(read(path))
         if t.experts:

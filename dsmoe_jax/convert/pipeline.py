@@ -44,7 +44,7 @@ from dsmoe_jax.convert.mapping import (
     params_to_hf,
     set_path,
 )
-from dsmoe_jax.model import param_shapes
+from dsmoe_jax.model import param_shapes, unrolled
 
 HF_CONFIG_COPY = "hf_config.json"  # the source config.json, so jax -> hf keeps fields we do not model (bos/eos ids)
 # Tensors some HF checkpoints carry that are derived, not learned: RoPE frequencies come from rope_theta.
@@ -81,7 +81,7 @@ def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
                               "convert with --drop-mtp to leave them out (the main model is complete without them)")
     names = [n for n in names if n not in set(mtp)]
     _check_names(names, expected, source.directory)
-    shapes = param_shapes(dataclasses.replace(model, scan_layers=False))
+    shapes = param_shapes(unrolled(model))
 
     cfg = Config(model=model)
     with atomic_directory(out_dir) as tmp, tqdm(total=len(expected), desc="hf-to-jax", unit="tensor",
