@@ -3,6 +3,7 @@ forward pass, every attention implementation against the others, and the cache's
 (Parity with transformers' DeepSeek-V2/V3 attention is in test_convert.py.)"""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,14 +28,15 @@ def test_cached_decoding_equals_the_full_forward_at_every_position(q_lora_rank):
     cfg = _mla_cfg(q_lora_rank)
     params = dsmoe_jax.init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
-    want, _ = dsmoe_jax.forward(params, tokens, cfg)
+    want, _ = jax.jit(functools.partial(dsmoe_jax.forward, cfg=cfg))(params, tokens)
     cache = inference.init_cache(cfg, 2, 12)
+    decode = jax.jit(functools.partial(inference.decode_step, cfg=cfg))
     assert cache.k[0].shape == (2, 12, 1, 16 + 4) and cache.v[0].shape == (2, 12, 1, 0), \
         "the cache holds the latent and the rope key only"
     logits, cache = inference.prefill(params, tokens[:, :5], cache, cfg)
     steps = [logits]
     for t in range(5, 12):  # decode reads the compressed cache through the absorbed weights
-        step, cache = inference.decode_step(params, tokens[:, t], jnp.full((2,), t), cache, cfg)
+        step, cache = decode(params, tokens[:, t], jnp.full((2,), t), cache)
         steps.append(step[:, None])
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(want), atol=2e-5,
                                err_msg=f"q_lora_rank={q_lora_rank}: cached decoding differs from the full forward")
@@ -67,7 +69,7 @@ def test_mla_trains_gradients_reach_every_latent_weight():
     params = dsmoe_jax.init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
     loss = lambda p: jnp.mean(dsmoe_jax.forward(p, tokens, cfg)[0] ** 2)
-    grads = jax.grad(loss)(params)["layers"][0]["attn"]
+    grads = jax.jit(jax.grad(loss))(params)["layers"][0]["attn"]
     for name in ("w_q_a_DQ", "w_q_b_QNJ", "w_kv_a_DA", "w_kv_b_CNX", "w_o_NWD"):
         assert float(jnp.abs(grads[name]).max()) > 0, f"no gradient reaches {name}"
     for norm in ("kv_norm", "q_norm"):
