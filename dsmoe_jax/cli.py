@@ -30,10 +30,10 @@ import numpy as np
 from dsmoe_jax import convert, data, inference, prepare, runtime
 from dsmoe_jax import plan as plan_lib
 from dsmoe_jax.attention import resolve_implementation
-from dsmoe_jax.checkpoint import load_checkpoint
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
 from dsmoe_jax.evaluation import evaluate
 from dsmoe_jax.grouped import resolve_backend
+from dsmoe_jax.harness import load_for_eval  # lm-eval itself is imported only for --tasks
 from dsmoe_jax.model import cache_bytes_per_token, count_params, flops_per_token
 from dsmoe_jax.train.distributed import initialize_distributed
 from dsmoe_jax.train.loop import train
@@ -121,7 +121,7 @@ def _eval(args) -> None:
                                           ("--allow-code-execution", args.allow_code_execution)) if value]
     if task_only:
         raise ConfigError(f"{', '.join(task_only)}: only with --tasks (lm-evaluation-harness tasks)")
-    params, cfg = _load(args.checkpoint)
+    params, cfg, _ = load_for_eval(args.checkpoint)  # its tokenizer: the one the loss is taken in
     if args.data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
     train_tokens, val_tokens, _ = data.load_tokens(cfg, checkpoint=args.checkpoint)
@@ -152,20 +152,8 @@ def _eval_tasks(args) -> None:
             indent=2, default=str))
 
 
-def _load(directory: str) -> tuple[dict, Config]:
-    """A checkpoint's params and config; a ``tokenizer.json`` beside it (a converted checkpoint)
-    is its tokenizer."""
-    params, cfg = load_checkpoint(directory)
-    tokenizer_json = pathlib.Path(directory) / "tokenizer.json"
-    if tokenizer_json.is_file():
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(tokenizer_json)))
-    return params, cfg
-
-
 def _generate(args) -> None:
-    params, cfg = _load(args.checkpoint)
-    tok = data.load_tokenizer(cfg.data.tokenizer)
-    data.check_tokenizer(tok, cfg, checkpoint=args.checkpoint)
+    params, cfg, tok = load_for_eval(args.checkpoint)
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + [int(i) for i in tok.encode(args.prompt)]
     # stream checks the prompt and the sampling options when called: before anything is printed
     tokens = inference.stream(params, ids, cfg, args.max_new_tokens, jax.random.key(args.seed), args.temperature,

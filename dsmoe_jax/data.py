@@ -465,7 +465,7 @@ def load_training_data(cfg: Config) -> TrainingData:
             train.append((source.name, tokens, source.weight))
             val[source.name] = held_out
     else:
-        tokens, held_out, tokenizer = load_tokens(dataclasses.replace(cfg, data=dataclasses.replace(d, val=())))
+        tokens, held_out, tokenizer = load_tokens(cfg)
         train.append(("", tokens, 1.0))
         val[""] = held_out
     for source in d.val:

@@ -11,7 +11,7 @@ import pytest
 from helpers import TINY_HF
 
 import dsmoe_jax
-from dsmoe_jax import Config, cli, load_config
+from dsmoe_jax import Config, cli, harness, load_config
 
 
 def test_info_prints_architecture_and_counts(capsys):
@@ -75,7 +75,7 @@ def checkpoint(tmp_path, monkeypatch):
 
     def make(cfg):
         params = dsmoe_jax.init_params(cfg, jax.random.key(0))
-        monkeypatch.setattr(cli, "load_checkpoint", lambda directory: (params, cfg))
+        monkeypatch.setattr(harness, "load_checkpoint", lambda directory, step=None: (params, cfg))
         return str(tmp_path)
 
     return make
