@@ -7,6 +7,11 @@ them on CPU. Which of the two is an explicit argument, ``interpret``, chosen by 
 place (``backend.default_interpret``).
 """
 
-from .backend import default_interpret, triton_grouped_mlp
+if __name__ == "kernels":  # imported from the repository root: see dsmoe_jax/toplevel.py
+    from dsmoe_jax.toplevel import defer_to_installed
+
+    defer_to_installed(__name__, __file__)
+else:
+    from .backend import default_interpret, triton_grouped_mlp
 
 __all__ = ["default_interpret", "triton_grouped_mlp"]

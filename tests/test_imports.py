@@ -3,6 +3,8 @@ reaches into the training package."""
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -142,3 +144,20 @@ def test_the_lower_layers_stay_low():
     for low in ("dsmoe_jax.layers", "dsmoe_jax.grouped", "dsmoe_jax.dispatch", "dsmoe_jax.expert_parallel",
                 "dsmoe_jax.moe"):
         assert not GRAPH[low] & model_and_above, f"{low} imports {GRAPH[low] & model_and_above}"
+
+
+def test_python_started_in_the_repository_root_imports_installed_packages_not_its_folders():
+    """The root first on sys.path makes kernels/ look like Hugging Face's ``kernels``, which
+    transformers' hub-kernels integration imports; the folder must hand the name over."""
+    script = (
+        "import kernels, transformers.integrations.hub_kernels, dsmoe_jax.kernels\n"
+        "from kernels import CUDAProperties\n"
+        "print(kernels.__file__)\n"
+        "print(dsmoe_jax.kernels.triton_grouped_mlp.__module__)\n"
+        "try:\n    import train\nexcept ModuleNotFoundError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf_kernels, ours, train_error = proc.stdout.splitlines()
+    assert not pathlib.Path(hf_kernels).is_relative_to(REPO / "kernels"), f"kernels came from kernels/: {hf_kernels}"
+    assert ours == "dsmoe_jax.kernels.backend", ours
+    assert "is the package dsmoe_jax.train" in train_error, train_error

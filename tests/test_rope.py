@@ -34,9 +34,10 @@ def test_each_pair_is_rotated_by_its_frequency(interleaved):
 
 
 def test_yarn_frequencies_and_scales_match_transformers():
+    import torch
     from transformers import DeepseekV2Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    from transformers.models.deepseek_v2.modeling_deepseek_v2 import yarn_get_mscale
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention
 
     hf = DeepseekV2Config(hidden_size=2048, num_attention_heads=16, qk_rope_head_dim=64, qk_nope_head_dim=128,
                           max_position_embeddings=163840,
@@ -45,7 +46,11 @@ def test_yarn_frequencies_and_scales_match_transformers():
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
     np.testing.assert_allclose(inverse_frequencies(64, 10000.0, YARN), inv_freq.numpy(), rtol=1e-6)
     assert rotation_scale(YARN) == pytest.approx(attention_factor)
-    assert softmax_scale(192, YARN) == pytest.approx(192**-0.5 * yarn_get_mscale(40, 0.707) ** 2)
+    with torch.device("meta"):  # the scale the attention layer multiplies its scores by; no weights needed
+        hf_scale = DeepseekV2Attention(hf, layer_idx=0).scaling
+    assert softmax_scale(192, YARN) == pytest.approx(hf_scale)
+    by_hand = 192**-0.5 * (0.1 * 0.707 * math.log(40) + 1) ** 2  # DeepSeek-V2's mscale, squared (q and k)
+    assert softmax_scale(192, YARN) == pytest.approx(by_hand)
     assert softmax_scale(192, None) == 192**-0.5 and rotation_scale(None) == 1.0
 
 
