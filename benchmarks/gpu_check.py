@@ -1,9 +1,11 @@
 """Everything a GPU must show, in one time-boxed run: ``benchmarks/gpu_check.sh`` calls this.
 
-Steps, each in its own process with its own time box, so that a failure or a hang of one does
-not stop the others:
+Steps, each in its own process group with its own time box (the whole group is killed at the
+box, so a step's own children never outlive it holding the GPU's memory), so that a failure or a
+hang of one does not stop the others:
 
-  kernels      tests/test_kernels.py on the GPU, natively (values and gradients vs jnp, bf16/fp32)
+  profile      benchmarks/profile_step.py on the 2B config: jax.profiler traces of 3 training
+               steps and 20 decode steps, summarised (top kernels, time per phase, host gaps)
   grouped_mlp  benchmarks/grouped_mlp.py at the 16B layer shapes: TFLOP/s of the triton backend,
                lax.ragged_dot and a dense GEMM chain of equal FLOPs, forward and forward+backward
   attention    causal attention at 4K tokens in bf16: cuDNN's flash kernel (the GPU default) against
@@ -12,7 +14,9 @@ not stop the others:
                against the bf16 matmul peak measured in the same process
   decode       greedy decoding tokens/s at batch 1 and 64 for the same model, against the bound
                that HBM bandwidth (measured in the same process) puts on it
-  tests        the whole test suite on the GPU
+  vs_transformers  benchmarks/vs_transformers.py on the GPU: the same 2B weights in transformers'
+               Qwen2MoeForCausalLM, training step and greedy decoding, ratios measured in this run
+  tests        the tests marked ``gpu`` (kernels natively, model, MoE, attention, inference)
 
 Writes ``OUT/gpu_check.json``: the environment (versions, devices, nvidia-smi), and per step its
 status (ok, failed, timeout), seconds, numbers and the end of its log. ``--dry-run`` runs the same
@@ -31,38 +35,46 @@ import json
 import os
 import pathlib
 import platform
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Seconds per step on the GPU (about 8 minutes in all, installation included) and in a dry run.
-TIME_BOX = {"kernels": 75, "grouped_mlp": 75, "attention": 45, "train": 100, "decode": 75, "tests": 95}
-DRY_TIME_BOX = {"kernels": 120, "grouped_mlp": 60, "attention": 60, "train": 90, "decode": 90, "tests": 60}
+# Seconds per step on the GPU: 525 s in all, about 9 minutes with the installation. Sized from the
+# first H200 run (2026-12-04): the 2B train step's first call took 15 s (compilation), the kernel
+# tests 40-60 s, each grouped_mlp shape about 20 s with two backends (now four); the profile and
+# the peer each compile a training step and a decode program and build the 2B model.
+TIME_BOX = {"profile": 95, "grouped_mlp": 85, "attention": 45, "train": 60, "decode": 60, "vs_transformers": 100,
+            "tests": 80}
+DRY_TIME_BOX = {"profile": 90, "grouped_mlp": 60, "attention": 60, "train": 90, "decode": 90, "vs_transformers": 180,
+                "tests": 240}
 PACKAGES = ["jax", "jaxlib", "jax-cuda13-plugin", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore",
             "triton", "jax-triton", "torch", "transformers", "numpy"]
 OWED = ["the expert-parallel exchange (ragged all_to_all between GPUs) needs at least two GPUs: not checked here"]
 
 
-def _pytest(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(proc.returncode)
-    return {"pytest_args": args}
+def _run(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, cwd=ROOT)
 
 
-def step_kernels(dry: bool, out: pathlib.Path) -> dict:
-    # The dry run keeps the interpreter's share small: one group layout per kernel test.
-    return _pytest(["tests/test_kernels.py", *(["-k", "uneven_with_empty or compiles"] if dry else [])])
+def step_profile(dry: bool, out: pathlib.Path) -> dict:
+    shape = (["--config", "tiny", "--set", "model.dtype=float32", "--batch", "2", "--seq", "64", "--prompt", "16"]
+             if dry else ["--config", "2b", "--set", "model.dtype=bfloat16", "--batch", "8", "--seq", "2048"])
+    path = out / "profile.partial.json"  # the training part survives a time-out of the decoding part
+    _run("profile_step.py", *shape, "--train-steps", "3", "--new-tokens", "20", "--out", str(out / "profile"),
+         "--json", str(path))
+    return json.loads(path.read_text())
 
 
 def step_grouped_mlp(dry: bool, out: pathlib.Path) -> dict:
+    backends = ["triton", "ragged", "pallas_mgpu", "torch"]
     shape = (["--tokens", "64", "--d-model", "32", "--d-ff", "16", "--experts", "4", "--top-k", "2",
-              "--dtype", "float32", "--backends", "triton", "ragged", "tiled", "--reps", "1"] if dry else
-             ["--tokens", "8192", "32768", "--backends", "triton", "ragged", "--reps", "10"])
-    path = out / "grouped_mlp.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grouped_mlp.py"), *shape, "--json", str(path)],
-                   check=True, cwd=ROOT)
+              "--dtype", "float32", "--backends", *backends, "tiled", "--reps", "1"] if dry else
+             ["--tokens", "8192", "32768", "--backends", *backends, "--reps", "10"])
+    path = out / "grouped_mlp.partial.json"  # written row by row: the rows measured survive a time-out
+    _run("grouped_mlp.py", *shape, "--json", str(path))
     return {"rows": json.loads(path.read_text())}
 
 
@@ -118,21 +130,26 @@ def step_attention(dry: bool, out: pathlib.Path) -> dict:
     valid = jnp.ones((B, S), bool).at[0, : S // 8].set(False)  # a left-padded row, as pad_prompts makes
     real = valid[:, :, None, None]
     mask = causal_mask(valid, jnp.arange(S))
+    flops = 2 * B * N * S * S * H  # QK^T and PV over the causal half; the backward does 2.5x that
     reference = jax.nn.dot_product_attention(*(a.astype(jnp.float32) for a in (q, k, v)), mask=mask)
     rows = {"auto_resolves_to": resolve_implementation("auto", dtype=dtype), "shape": [B, S, N, H],
             "dtype": str(jnp.dtype(dtype))}
-    for name in ("cudnn", "xla", "blocked"):
+    for name in ("cudnn", "xla", "blocked"):  # each compiled once: timing and memory from the same program
         fwd = jax.jit(lambda q, k, v, name=name: attention(q, k, v, valid, implementation=name))
         loss = lambda q, k, v, name=name: jnp.sum(jnp.where(real, attention(q, k, v, valid, implementation=name), 0)
                                                   .astype(jnp.float32) ** 2)
-        fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        fwd = fwd.lower(q, k, v).compile()
+        fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
         error = jnp.max(jnp.abs(jnp.where(real, fwd(q, k, v).astype(jnp.float32) - reference, 0)))
-        memory = fwd_bwd.lower(q, k, v).compile().memory_analysis()
+        memory = fwd_bwd.memory_analysis()
         reps = 2 if dry else 10
-        rows[name] = {"max_abs_error_vs_f32": float(error),
-                      "forward_ms": 1e3 * _seconds(lambda: fwd(q, k, v), reps),
-                      "forward_backward_ms": 1e3 * _seconds(lambda: fwd_bwd(q, k, v), reps),
+        forward_s, both_s = _seconds(lambda: fwd(q, k, v), reps), _seconds(lambda: fwd_bwd(q, k, v), reps)
+        rows[name] = {"max_abs_error_vs_f32": float(error), "forward_ms": 1e3 * forward_s,
+                      "forward_backward_ms": 1e3 * both_s, "forward_tflops": flops / forward_s / 1e12,
+                      "forward_backward_tflops": 3.5 * flops / both_s / 1e12,
                       "forward_backward_temp_mib": memory.temp_size_in_bytes / 2**20 if memory else None}
+        (out / "attention.partial.json").write_text(json.dumps(rows, indent=1))  # survives a time-out
+    rows["cudnn_vs_xla_forward_backward"] = rows["xla"]["forward_backward_ms"] / rows["cudnn"]["forward_backward_ms"]
     return rows
 
 
@@ -207,12 +224,44 @@ def step_decode(dry: bool, out: pathlib.Path) -> dict:
             **rows}
 
 
+def step_vs_transformers(dry: bool, out: pathlib.Path) -> dict:
+    path = out / "vs_transformers.json"
+    args = (["--models", "tiny", "--cells", "train,decode_b1", "--reps", "1"] if dry else
+            ["--models", "2b", "--device", "gpu", "--cells", "train_2k,decode_b1,decode_b64", "--reps", "3"])
+    _run("vs_transformers.py", *args, "--json", str(path))
+    return {"results": json.loads(path.read_text())}
+
+
 def step_tests(dry: bool, out: pathlib.Path) -> dict:
-    return _pytest(["tests/test_config.py"] if dry else ["-x"])
+    # Under Triton's interpreter the kernel tests are slow: the dry run takes one group layout each.
+    args = ["-m", "gpu", *(["-k", "not kernels or uneven_with_empty or compiles"] if dry else [])]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(proc.returncode)
+    return {"pytest_args": args}
 
 
-STEPS = {"kernels": step_kernels, "grouped_mlp": step_grouped_mlp, "attention": step_attention, "train": step_train,
-         "decode": step_decode, "tests": step_tests}
+STEPS = {"profile": step_profile, "grouped_mlp": step_grouped_mlp, "attention": step_attention, "train": step_train,
+         "decode": step_decode, "vs_transformers": step_vs_transformers, "tests": step_tests}
+
+
+def _unmet_requirements() -> list[str]:
+    """dsmoe-jax's dependencies whose installed version is outside its pins (installing with
+    --no-deps keeps the image's versions, which may be older)."""
+    from packaging.requirements import Requirement
+
+    unmet = []
+    for line in importlib.metadata.requires("dsmoe-jax") or []:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            have = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            have = None
+        if have is None or not req.specifier.contains(have, prereleases=True):
+            unmet.append(f"{req.name}{req.specifier}: {have or 'not installed'}")
+    return unmet
 
 
 def environment() -> dict:
@@ -229,27 +278,54 @@ def environment() -> dict:
     except (OSError, subprocess.TimeoutExpired) as e:
         smi = f"nvidia-smi: {e}"
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "versions": versions, "backend": jax.default_backend(),
+            "python": platform.python_version(), "versions": versions, "unmet_requirements": _unmet_requirements(),
+            "backend": jax.default_backend(),
             "devices": [d.device_kind for d in jax.devices()], "nvidia_smi": smi}
 
 
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is already gone
+        pass
+
+
+def run_boxed(cmd: list[str], box: float) -> tuple[str, str]:
+    """Run ``cmd`` in its own process group for at most ``box`` seconds: its status (ok, failed,
+    timeout) and its output. At the box, or when it ends, the whole group is killed: a step's own
+    children (a benchmark it started) must not live on holding the GPU's memory for the next step.
+    The output goes through a file, not a pipe, which such a child would hold open."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=box)
+            status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            status = f"timeout after {box} s"
+        finally:
+            _kill_group(proc.pid)
+            proc.wait()
+        log.seek(0)
+        return status, log.read()
+
+
 def run_step(name: str, dry: bool, out: pathlib.Path) -> dict:
-    """Run one step in a child process under its time box; its numbers come back in a file."""
+    """Run one step in a child process group under its time box; its numbers come back in a file."""
     box = (DRY_TIME_BOX if dry else TIME_BOX)[name]
     result = out / f"{name}.result.json"
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, __file__, "--step", name, "--out", str(out), *(["--dry-run"] if dry else [])]
+    (out / f"{name}.partial.json").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=box, cwd=ROOT)
-        status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-        log = proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        status = f"timeout after {box} s"
-        log = "".join(s.decode() if isinstance(s, bytes) else (s or "") for s in (e.stdout, e.stderr))
+    status, log = run_boxed([sys.executable, __file__, "--step", name, "--out", str(out),
+                             *(["--dry-run"] if dry else [])], box)
     seconds = time.perf_counter() - t0
-    numbers = json.loads(result.read_text()) if result.exists() else None
+    # A step that did not finish may have left what it measured so far in NAME.partial.json.
+    partial = out / f"{name}.partial.json"
+    found = result if result.exists() else partial if partial.exists() else None
+    numbers = json.loads(found.read_text()) if found else None
     result.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     with open(out / "gpu_check.log", "a") as f:
         f.write(f"\n===== {name}: {status}, {seconds:.1f} s =====\n{log}")
     return {"status": status, "seconds": round(seconds, 1), "numbers": numbers, "log_tail": log[-3000:]}
@@ -274,6 +350,8 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown steps {unknown}; choose from {list(STEPS)}")
     (out / "gpu_check.log").write_text("")
+    # Triton's default cache folder could not be created on the GPU image: one in /tmp, for every step.
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton_cache_"))
     report = {"dry_run": args.dry_run, "environment": environment(), "owed": OWED, "steps": {}}
     path = out / "gpu_check.json"
     if not args.dry_run and report["environment"]["backend"] != "gpu":

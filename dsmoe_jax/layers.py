@@ -11,7 +11,7 @@ from flax import nnx
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float, dtype) -> nnx.Param:
-    """A normally initialised weight annotated with its logical axes (see dsmoe_jax.parallel)."""
+    """A normally initialised weight annotated with its logical axes (mapped to mesh axes by ``mesh.RULES``)."""
     assert len(shape) == len(axes), (shape, axes)
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
 
@@ -24,6 +24,7 @@ class RMSNorm(nnx.Module):
         self.scale_D = nnx.Param(jnp.ones((dim,), param_dtype), axes=(axis,))
         self.eps = eps
 
+    @jax.named_scope("norm")
     def __call__(self, x_BSD: jax.Array) -> jax.Array:
         x = x_BSD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)

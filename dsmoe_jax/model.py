@@ -105,13 +105,17 @@ class Block(nnx.Module):
             self.ffn = MoE(cfg, rngs=rngs)
 
     def __call__(self, x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv=None, index=0, route=None):
-        a_BSD, kv = self.attn(self.attn_norm(x_BSD), positions_BS, valid_keys_BT, kv, index)
+        # Named scopes label each phase's kernels in profiles (benchmarks/profile_step.py).
+        h_BSD = self.attn_norm(x_BSD)
+        with jax.named_scope("attention"):
+            a_BSD, kv = self.attn(h_BSD, positions_BS, valid_keys_BT, kv, index)
         x_BSD = x_BSD + a_BSD
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
             y_BSD, stats = self.ffn(h_BSD, tokens_BS, valid_BS, route)
         else:
-            y_BSD, stats = self.ffn(h_BSD), None
+            with jax.named_scope("dense_mlp"):
+                y_BSD, stats = self.ffn(h_BSD), None
         return x_BSD + y_BSD, stats, kv
 
 
@@ -195,7 +199,8 @@ class Decoder(nnx.Module):
             index = 0 if fresh else cache.index
             before_BT = jnp.zeros_like(cache.valid_BT) if fresh else cache.valid_BT
             valid_keys_BT = jax.lax.dynamic_update_slice_in_dim(before_BT, valid_BS.astype(bool), index, 1)
-        x_BSD = self.embed_VD[...][tokens_BS].astype(self.dtype)
+        with jax.named_scope("embed"):
+            x_BSD = self.embed_VD[...][tokens_BS].astype(self.dtype)
         run = lambda blk, *args: blk(*args, route=route)  # route is static: a closure, not an argument
         if self.remat and cache is None:  # rematerialise: the backward pass recomputes each block
             run = nnx.remat(run)
@@ -211,8 +216,9 @@ class Decoder(nnx.Module):
                 if stats is not None:
                     layer_stats.append(jax.tree.map(lambda a: a[None], stats))
         x_TD = self.final_norm(x_BSD).reshape(B * S, -1)  # one token axis, as in Attention
-        logits_TV = jnp.einsum("td,dv->tv", x_TD, self.lm_head_DV[...].astype(self.dtype),
-                               preferred_element_type=jnp.float32)
+        with jax.named_scope("lm_head"):
+            logits_TV = jnp.einsum("td,dv->tv", x_TD, self.lm_head_DV[...].astype(self.dtype),
+                                   preferred_element_type=jnp.float32)
         if cache is not None:
             cache = KVCache(tuple(keys), tuple(values), valid_keys_BT, jnp.asarray(index + S, jnp.int32))
         stats = jax.tree.map(lambda *a: jnp.concatenate(a), *layer_stats) if layer_stats else None

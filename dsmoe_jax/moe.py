@@ -159,7 +159,8 @@ class MoE(nnx.Module):
              scaled by ``routed_scaling_factor``), or a fixed token hash; balance losses from
              the scores.
     dispatch sort the (token, slot) assignments by expert into contiguous groups, dropping those
-             over capacity when ``capacity_factor`` is set.
+             over capacity when ``capacity_factor`` is set; with no more assignments than
+             experts (decoding), gather each assignment's expert weights instead (dispatch.py).
     experts  the grouped SwiGLU MLP over the groups, by the configured backend (grouped.py);
              under a mesh with an ``expert`` axis, dispatch -> experts -> combine run inside
              ``expert_parallel.expert_parallel``, the groups travelling to their experts' devices.
@@ -195,15 +196,16 @@ class MoE(nnx.Module):
         x_TD, valid_T = x_BSD.reshape(B * S, D), valid_BS.reshape(B * S)
         E = cfg.n_routed_experts
 
-        if cfg.routing == "hash":
-            routing = route_hash(tokens_BS.reshape(-1), E)
-        else:
-            bias_E = self.score_bias_E[...] if cfg.score_bias else None
-            routing = route_scores(x_TD, self.w_router_DE[...], cfg, route.exclude_top, bias_E)
         ep = mesh_lib.expert_parallel_size()
         check_expert_parallel(cfg, ep)
-        expert_loss, device_loss = balance_losses(routing, valid_T, cfg, num_seqs=B,
-                                                  device_groups=cfg.device_groups or ep)
+        with jax.named_scope("router"):
+            if cfg.routing == "hash":
+                routing = route_hash(tokens_BS.reshape(-1), E)
+            else:
+                bias_E = self.score_bias_E[...] if cfg.score_bias else None
+                routing = route_scores(x_TD, self.w_router_DE[...], cfg, route.exclude_top, bias_E)
+            expert_loss, device_loss = balance_losses(routing, valid_T, cfg, num_seqs=B,
+                                                      device_groups=cfg.device_groups or ep)
 
         weights = (self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
         # Too few tokens to split over the mesh (decoding a single sequence): run the experts in
@@ -212,7 +214,8 @@ class MoE(nnx.Module):
         routed = expert_parallel if split else routed_experts
         y_TD, keep_TK = routed(x_TD, routing.expert_TK, routing.gate_TK, *weights, cfg)
         if self.shared is not None and route.shared:
-            y_TD = y_TD + self.shared(x_TD).astype(jnp.float32)
+            with jax.named_scope("shared_experts"):
+                y_TD = y_TD + self.shared(x_TD).astype(jnp.float32)
 
         valid_TK = jnp.broadcast_to(valid_T[:, None], keep_TK.shape).astype(jnp.float32)
         stats = MoEStats(

@@ -46,8 +46,22 @@ def _session_cache(tmp_path_factory):
     mp.setenv("JAX_COMPILATION_CACHE_DIR", str(xla))
     mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     mp.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    # Triton's default cache folder may not be creatable (it was not on the GPU image).
+    mp.setenv("TRITON_CACHE_DIR", str(root / "triton"))
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _ieee_float32_matmuls_on_gpu():
+    """XLA's default float32 matmul on a GPU is TF32 (about 1e-3 relative), so float32 results
+    compared with float64 or numpy references at 1e-5 would fail for the reference's precision,
+    not the code's: on a GPU every test computes float32 matmuls in full precision."""
+    if jax.default_backend() == "gpu":
+        with jax.default_matmul_precision("highest"):
+            yield
+    else:
+        yield
 
 
 @pytest.fixture

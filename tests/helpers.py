@@ -71,9 +71,10 @@ TINY_HF = {
 }
 
 
-def random_hf_checkpoint(cfg, seed=0):
+def random_hf_checkpoint(cfg, seed=0, std=0.08):
+    """Every HF tensor of ``cfg``: normal with ``std``, norms around one; the same for a seed."""
     rng = np.random.default_rng(seed)
-    return {name: (0.08 * rng.standard_normal(shape)).astype(np.float32) + (1.0 if "norm" in name else 0.0)
+    return {name: (std * rng.standard_normal(shape)).astype(np.float32) + (1.0 if "norm" in name else 0.0)
             for name, shape in convert.hf_shapes(cfg).items()}
 
 

@@ -65,6 +65,7 @@ def test_the_arguments_of_the_cudnn_path_equal_masked_attention(shape, padding):
     _assert_same_on_real_queries(flash_attention, shape, padding)
 
 
+@pytest.mark.gpu
 def test_blocked_attention_in_bfloat16_stays_close():
     q, k, v, valid_BS = _inputs(2, 200, 2, 2, 16, dtype=jnp.bfloat16)
     out = blocked_attention(q, k, v, valid_BS, block=64)
@@ -86,6 +87,7 @@ def test_resolve_implementation_by_platform_and_cache():
         resolve_implementation("flash")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("implementation", ["auto", "xla", "blocked", CUDNN_ARGUMENTS])
 def test_attention_over_a_cache_matches_its_own_keys(implementation):
     """The same keys seen as a cache (a traced start: the masked path) and as the queries' own

@@ -37,6 +37,7 @@ def test_backend_matches_dense_values_and_gradients(backend, groups, registered_
     assert np.all(np.asarray(g[1])[empty] == 0), "an expert with no rows must get an exactly zero gradient"
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["ragged", "tiled"])
 def test_bfloat16_close_to_float32(backend):
     x, ws, gs = grouped_inputs(GROUPS["uneven_with_empty"], rows=44, dtype=jnp.bfloat16)

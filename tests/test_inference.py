@@ -18,6 +18,7 @@ def params(small_cfg, key):
     return dsmoe_jax.init_params(small_cfg, key)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["auto", CUDNN_ARGUMENTS])
 def test_cached_decoding_reproduces_full_forward_logits(small_cfg, params, attention):
     """Prefill and decode (own-keys attention by ``attention``, then the cache) against a full
@@ -49,6 +50,7 @@ def _greedy_by_full_forward(params, cfg, prompt, n):
 _generate = jax.jit(inference.generate, static_argnames=("cfg", "max_new_tokens", "temperature", "eos"))
 
 
+@pytest.mark.gpu
 def test_greedy_generation_matches_full_forward_and_is_deterministic(small_cfg, params):
     prompt = [5, 17, 3, 42, 8]
     gen = _generate
@@ -58,6 +60,7 @@ def test_greedy_generation_matches_full_forward_and_is_deterministic(small_cfg, 
     np.testing.assert_array_equal(out, again)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["auto", CUDNN_ARGUMENTS])
 def test_ragged_batch_equals_prompts_one_by_one(small_cfg, params, attention):
     small_cfg = dataclasses.replace(small_cfg, attention=attention)

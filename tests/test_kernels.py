@@ -24,15 +24,7 @@ from dsmoe_jax.kernels import backend as kb
 INTERPRET = {"interpret": kb.default_interpret()}
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2}  # bf16: relative to the float32 reference
-
-
-@pytest.fixture(autouse=True)
-def _ieee_float32_references():
-    """The kernels compute float32 in IEEE float32, but XLA's default float32 matmul on a GPU is
-    TF32 (about 1e-3 relative): the jnp references must ask for full precision, or the 1e-5
-    tolerances fail there for the reference's error, not the kernel's."""
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.gpu  # every kernel test runs natively in the GPU check
 
 
 def _f32(a):

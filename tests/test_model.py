@@ -47,6 +47,7 @@ def test_count_params_matches_initialised_params(small_cfg, key):
     assert sum(x.size for x in jax.tree.leaves(params)) == dsmoe_jax.count_params(small_cfg)[0]
 
 
+@pytest.mark.gpu
 def test_future_tokens_do_not_change_earlier_logits(small_cfg, key):
     params = dsmoe_jax.init_params(small_cfg, key)
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, small_cfg.vocab_size)
@@ -57,6 +58,7 @@ def test_future_tokens_do_not_change_earlier_logits(small_cfg, key):
     assert not np.allclose(a[:, 7:], b[:, 7:]), "the changed positions must change"
 
 
+@pytest.mark.gpu
 def test_padding_is_invisible_to_real_tokens(small_cfg, key):
     params = dsmoe_jax.init_params(small_cfg, key)
     tokens = jax.random.randint(jax.random.key(2), (1, 10), 0, small_cfg.vocab_size)
@@ -104,6 +106,7 @@ def test_attention_matches_naive_softmax(small_cfg, key):
     np.testing.assert_allclose(out[0], ref, atol=1e-5)
 
 
+@pytest.mark.gpu
 def test_bfloat16_forward_stays_close_to_float32(small_cfg, key):
     params = dsmoe_jax.init_params(small_cfg, key)
     tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, small_cfg.vocab_size)
@@ -119,6 +122,7 @@ def test_bfloat16_forward_stays_close_to_float32(small_cfg, key):
     assert float(jnp.abs(out2 - ref).max() / jnp.abs(ref).max()) < 0.05
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["ragged", "tiled"])
 def test_full_model_gradients_match_dense_backend(small_cfg, key, backend):
     params = dsmoe_jax.init_params(small_cfg, key)

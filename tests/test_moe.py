@@ -189,6 +189,7 @@ def _numpy_moe(layer: moe_lib.MoE, x_TD, keep_TK=None, top_k=None, exclude_top=0
     return y
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["dense", "ragged", "tiled"])
 @pytest.mark.parametrize("norm_topk_prob", [False, True])
 def test_moe_layer_matches_token_by_token_reference(small_cfg, backend, norm_topk_prob):
@@ -263,6 +264,7 @@ def test_hash_routing_depends_only_on_token_id(small_cfg):
     assert float(stats.expert_balance_loss) == 0.0
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["ragged", "tiled"])
 def test_layer_gradients_match_dense_backend(small_cfg, backend):
     x = jax.random.normal(jax.random.key(6), (2, 8, small_cfg.d_model))

@@ -59,7 +59,8 @@ def loss_fn(params: dict, windows_BS1: jax.Array, cfg: Config) -> tuple[jax.Arra
     auxiliary output is ``(cross-entropy, aux)``."""
     inputs, targets = windows_BS1[:, :-1], windows_BS1[:, 1:]
     logits, aux = forward(params, inputs, cfg.model)
-    ce = cross_entropy(logits, targets)
+    with jax.named_scope("loss"):
+        ce = cross_entropy(logits, targets)
     return ce + aux.balance_loss, (ce, aux)
 
 
@@ -69,26 +70,40 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
     A, moe = cfg.train.grad_accum, cfg.model.moe
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, windows_BS1: jax.Array):
-        micro_ABS1 = windows_BS1.reshape(A, -1, *windows_BS1.shape[1:])
+    def gradients(params, windows_BS1):
+        """Loss, cross-entropy and aux (means over micro-batches), the mean gradient, and the
+        expert load of the whole batch (for the score-bias update)."""
+        if A == 1:  # no accumulator: it would cost a zero-filled copy of the params and a pass adding into it
+            (loss, (ce, aux)), grads = grad_fn(params, windows_BS1, cfg)
+            return loss, ce, aux, grads, aux.expert_load
 
         def accumulate(grads, micro):
-            (loss, (ce, aux)), g = grad_fn(state.params, micro, cfg)
+            (loss, (ce, aux)), g = grad_fn(params, micro, cfg)
             return jax.tree.map(jnp.add, grads, g), (loss, ce, aux)
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        micro_ABS1 = windows_BS1.reshape(A, -1, *windows_BS1.shape[1:])
+        zeros = jax.tree.map(jnp.zeros_like, params)
         grads, per_micro = jax.lax.scan(accumulate, zeros, micro_ABS1)
-        grads = jax.tree.map(lambda g: g / A, grads)
         loss, ce, aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), per_micro)
+        return loss, ce, aux, jax.tree.map(lambda g: g / A, grads), jnp.sum(per_micro[2].expert_load, axis=0)
+
+    def update(grads, opt_state, params, expert_load_LE):
+        with jax.named_scope("optimizer"):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            if moe is not None and moe.bias_update_speed:
+                params = update_score_bias(params, expert_load_LE, cfg.model)
+        return params, opt_state
+
+    def step(state: TrainState, windows_BS1: jax.Array):
+        loss, ce, aux, grads, expert_load_LE = gradients(state.params, windows_BS1)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if moe is not None and moe.bias_update_speed:
-            params = update_score_bias(params, jnp.sum(per_micro[2].expert_load, axis=0), cfg.model)
         # A bad step leaves params and optimizer state as they were: nothing non-finite is kept.
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state))
-        return new, StepMetrics(loss, ce, grad_norm, finite, aux)
+        # A cond, not a select of new against old: the update then runs in place in the donated
+        # buffers, where a select needs the old state kept, a copy of params and moments per step.
+        params, opt_state = jax.lax.cond(finite, update, lambda g, o, p, load: (p, o),
+                                         grads, state.opt_state, state.params, expert_load_LE)
+        return TrainState(state.step + 1, params, opt_state), StepMetrics(loss, ce, grad_norm, finite, aux)
 
     return step
