@@ -2,10 +2,6 @@
 
     expert_TK -> dispatch -> rows x[order_A % T] grouped by expert -> grouped MLP -> combine -> y_TD
 
-With few assignments (decoding: T * K <= E) there is nothing worth grouping: each assignment
-runs its expert with that expert's weights gathered for it (``gathered_experts``), which reads
-only the chosen experts' weights and skips the sort, the group sizes and the unsort.
-
 Shape legend: T tokens, D model width, E routed experts, K experts per token (top-k),
 A = K*T (token, slot) assignments in slot-major order, G rows of the grouped buffer (= A).
 """
@@ -72,27 +68,13 @@ def keep_by_token(plan: Dispatch, num_tokens: int) -> jax.Array:
     return plan.keep_A.reshape(-1, num_tokens).T
 
 
-def gathered_experts(x_TD, expert_TK, gate_TK, w_gate_EDF, w_up_EDF, w_down_EFD) -> jax.Array:
-    """Every (token, slot) assignment through its expert's SwiGLU MLP, with the weights gathered
-    per assignment (``w_TKDF``), summed with the gates: float32 ``y_TD``. For few tokens only:
-    it reads T * K expert weights, where the grouped path reads each used expert's once."""
-    dt = x_TD.dtype
-    dot = lambda spec, a, w: jnp.einsum(spec, a, w.astype(dt), preferred_element_type=jnp.float32)
-    gate_TKF = dot("td,tkdf->tkf", x_TD, w_gate_EDF[expert_TK])
-    up_TKF = dot("td,tkdf->tkf", x_TD, w_up_EDF[expert_TK])
-    y_TKD = dot("tkf,tkfd->tkd", (jax.nn.silu(gate_TKF) * up_TKF).astype(dt), w_down_EFD[expert_TK])
-    return jnp.einsum("tkd,tk->td", y_TKD, gate_TK.astype(jnp.float32))
-
-
 def routed_experts(x_TD, expert_TK, gate_TK, w_gate_EDF, w_up_EDF, w_down_EFD, cfg: MoEConfig):
     """dispatch -> grouped experts -> combine on one device: the routed experts' float32 output
     ``y_TD`` and which (token, slot) assignments were kept (``keep_TK``, all True when dropless).
-    At most one assignment per expert on average (decoding) and dropless: ``gathered_experts``."""
-    T, K = expert_TK.shape
-    if T * K <= w_gate_EDF.shape[0] and capacity(cfg, T) is None:
-        with jax.named_scope("experts"):
-            y_TD = gathered_experts(x_TD, expert_TK, gate_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
-        return y_TD, jnp.ones((T, K), bool)
+    Decoding takes this path too: the backends run only the groups that have rows, so a step
+    reads only the chosen experts' weights (``benchmarks/decode_experts.py`` measures the
+    alternative of gathering them per assignment: slower)."""
+    T = x_TD.shape[0]
     with jax.named_scope("dispatch"):
         plan = dispatch(expert_TK, w_gate_EDF.shape[0], capacity(cfg, T))
         x_GD = x_TD[plan.order_A % T]

@@ -159,8 +159,7 @@ class MoE(nnx.Module):
              scaled by ``routed_scaling_factor``), or a fixed token hash; balance losses from
              the scores.
     dispatch sort the (token, slot) assignments by expert into contiguous groups, dropping those
-             over capacity when ``capacity_factor`` is set; with no more assignments than
-             experts (decoding), gather each assignment's expert weights instead (dispatch.py).
+             over capacity when ``capacity_factor`` is set.
     experts  the grouped SwiGLU MLP over the groups, by the configured backend (grouped.py);
              under a mesh with an ``expert`` axis, dispatch -> experts -> combine run inside
              ``expert_parallel.expert_parallel``, the groups travelling to their experts' devices.
