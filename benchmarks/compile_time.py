@@ -57,7 +57,8 @@ def main() -> None:
                                   "--d-model", str(args.d_model)], capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(next(line[2:] for line in out.splitlines() if line.startswith("@@"))))
             r = rows[-1]
-            print(f"{'scanned' if scan else 'unrolled':>9} {layers:>3} layers: trace+lower {r['trace_lower_s']:6.2f} s, "
+            kind = "scanned" if scan else "unrolled"
+            print(f"{kind:>9} {layers:>3} layers: trace+lower {r['trace_lower_s']:6.2f} s, "
                   f"compile {r['compile_s']:6.2f} s", flush=True)
     print("\n| layers | unrolled: trace+lower / compile (s) | scanned: trace+lower / compile (s) |")
     print("|---|---|---|")

@@ -277,7 +277,7 @@ def environment() -> dict:
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         smi = f"nvidia-smi: {e}"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "python": platform.python_version(), "versions": versions, "unmet_requirements": _unmet_requirements(),
             "backend": jax.default_backend(),
             "devices": [d.device_kind for d in jax.devices()], "nvidia_smi": smi}

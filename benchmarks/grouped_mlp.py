@@ -54,7 +54,8 @@ def _inputs(tokens, d_model, d_ff, experts, top_k, dtype, seed=0):
     k = jax.random.split(jax.random.key(seed), 4)
     x = jax.random.normal(k[0], (rows, d_model), dtype)
     w = lambda key, shape: (0.02 * jax.random.normal(key, shape)).astype(dtype)
-    return x, w(k[1], (experts, d_model, d_ff)), w(k[2], (experts, d_model, d_ff)), w(k[3], (experts, d_ff, d_model)), sizes
+    w_gate, w_up = w(k[1], (experts, d_model, d_ff)), w(k[2], (experts, d_model, d_ff))
+    return x, w_gate, w_up, w(k[3], (experts, d_ff, d_model)), sizes
 
 
 def _dense_chain(x, wg, wu, wd):
@@ -95,7 +96,7 @@ def gated_mlp_from_ragged_dots(ragged, transposed):
     return mlp
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pallas_mgpu_mlp():
     """The gated MLP on Pallas Mosaic GPU's ragged dots (Hopper). Tiles: 128 x 128 outputs,
     64-deep steps; 128 divides both widths of the 16B shapes (1408 = 11 x 128, 2048)."""

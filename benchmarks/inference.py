@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from train_throughput import CONFIGS, TorchDecoder
 
 import dsmoe_jax
 from dsmoe_jax import inference
-from train_throughput import CONFIGS, TorchDecoder
 
 
 def _time(fn, reps):
@@ -76,13 +76,16 @@ def main():
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    print(f"# jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print("| config | batch x prompt + new | prefill tok/s ours / torch | decode tok/s ours / torch | prefill ratio | decode ratio |")
+    print(f"# jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")
+    print("| config | batch x prompt + new | prefill tok/s ours / torch | decode tok/s ours / torch | prefill ratio "
+          "| decode ratio |")
     print("|---|---|---|---|---|---|")
     for name in args.configs.split(","):
         r = bench(name, args.batch, args.prompt, args.new, args.reps)
         (po, pt), (do, dt) = r["prefill"], r["decode"]
-        print(f"| {name} | {r['shape']} | {po:.0f} / {pt:.0f} | {do:.0f} / {dt:.0f} | {po / pt:.2f}x | {do / dt:.2f}x |",
+        print(f"| {name} | {r['shape']} | {po:.0f} / {pt:.0f} | {do:.0f} / {dt:.0f} | {po / pt:.2f}x | "
+              f"{do / dt:.2f}x |",
               flush=True)
 
 

@@ -55,7 +55,8 @@ def bpe(path: pathlib.Path, sample: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def prepare_rate(src: pathlib.Path, out: pathlib.Path, tokenizer: str, workers: int, text_bytes: int) -> tuple[float, dict]:
+def prepare_rate(src: pathlib.Path, out: pathlib.Path, tokenizer: str, workers: int,
+                 text_bytes: int) -> tuple[float, dict]:
     t0 = time.perf_counter()
     m = prepare.prepare([str(src)], out, prepare.Options(tokenizer=tokenizer, shard_tokens=2**22), workers=workers,
                         progress=False)
@@ -98,7 +99,8 @@ def main() -> None:
         tmp = pathlib.Path(tmp)
         text_bytes = corpus(tmp / "corpus.jsonl", args.mb)
         tok = bpe(tmp / "bpe", tmp / "corpus.jsonl")
-        print(f"| tokenizer | workers | MB/s of text | tokens | ({text_bytes / 1e6:.1f} MB of JSON Lines, {cores} cores)")
+        print(f"| tokenizer | workers | MB/s of text | tokens | ({text_bytes / 1e6:.1f} MB of JSON Lines, "
+              f"{cores} cores)")
         print("|---|---|---|---|")
         for name, spec in (("byte", "byte"), ("BPE 8192", str(tok))):
             for workers in sorted({1, cores}):

@@ -29,7 +29,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 
 import dsmoe_jax
 from dsmoe_jax import inference

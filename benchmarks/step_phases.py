@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from vs_transformers import MODELS
 
 import dsmoe_jax
 from dsmoe_jax import grouped
@@ -29,7 +30,6 @@ from dsmoe_jax.model import Attention
 from dsmoe_jax.moe import MoE
 from dsmoe_jax.train.optimizer import make_optimizer
 from dsmoe_jax.train.step import init_state, make_train_step
-from vs_transformers import MODELS
 
 
 def median_seconds(fn, reps: int) -> float:
@@ -97,7 +97,8 @@ def phases(name: str, batch: int, seq: int, reps: int) -> list[tuple[str, int, f
     state = init_state(params, optimizer)
     grads = jax.tree.map(jnp.ones_like, params)
     update = jax.jit(lambda g, s, p: optimizer.update(g, s, p))
-    rows.append(("optimizer (clip + AdamW)", 1, median_seconds(lambda: update(grads, state.opt_state, params), reps), 0.0))
+    optimizer_s = median_seconds(lambda: update(grads, state.opt_state, params), reps)
+    rows.append(("optimizer (clip + AdamW)", 1, optimizer_s, 0.0))
 
     step = jax.jit(make_train_step(cfg, optimizer))
     windows = jax.random.randint(jax.random.key(3), (B, S + 1), 0, m.vocab_size)

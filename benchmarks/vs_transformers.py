@@ -173,9 +173,8 @@ class Torch:
         import torch
 
         sys.path.insert(0, str(ROOT / "tests"))
-        from helpers import qwen2moe_oracle
-
         from dsmoe_jax import convert
+        from helpers import qwen2moe_oracle
 
         self.torch, self.cfg = torch, model_config(model)
         self.gpu = device == "gpu"

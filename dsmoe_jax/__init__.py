@@ -14,6 +14,7 @@ all_to_all exchange of the routed experts). The README's "Where things are" tabl
 concept to its module.
 """
 
+from dsmoe_jax.checkpoint import load_checkpoint
 from dsmoe_jax.config import (
     Config,
     ConfigError,
@@ -26,11 +27,10 @@ from dsmoe_jax.config import (
     TrainConfig,
     load_config,
 )
-from dsmoe_jax.checkpoint import load_checkpoint
+from dsmoe_jax.evaluation import Evaluation, evaluate
 from dsmoe_jax.grouped import grouped_mlp, register_backend, unregister_backend
 from dsmoe_jax.inference import decode_step, generate, init_cache, pad_prompts, prefill
 from dsmoe_jax.mesh import make_mesh
-from dsmoe_jax.evaluation import Evaluation, evaluate
 from dsmoe_jax.model import (
     Aux,
     InputError,

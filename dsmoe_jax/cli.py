@@ -38,7 +38,6 @@ from dsmoe_jax.model import cache_bytes_per_token, count_params, flops_per_token
 from dsmoe_jax.train.distributed import initialize_distributed
 from dsmoe_jax.train.loop import train
 
-
 COMPILING = ("train", "eval", "generate", "experiment")  # the commands that jit a model
 
 
@@ -112,9 +111,11 @@ def _prepare_data(args) -> None:
 
 
 def _eval(args) -> None:
-    if args.tasks:
+    if args.tasks is not None:
         _eval_tasks(args)
         return
+    if args.tokens is not None and args.tokens < 1:
+        raise ConfigError(f"--tokens {args.tokens}: must be >= 1 (leave it out to evaluate all the tokens)")
     task_only = [flag for flag, value in (("--limit", args.limit), ("--include-path", args.include_path),
                                           ("--num-fewshot", args.num_fewshot), ("--output", args.output),
                                           ("--no-builtin-tasks", args.no_builtin_tasks),
@@ -140,6 +141,9 @@ def _eval_tasks(args) -> None:
     if args.data or args.tokens is not None:
         raise ConfigError("--data and --tokens are for the loss evaluation; with --tasks the tasks bring their data")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError(f"--tasks {args.tasks!r} names no task: e.g. --tasks hellaswag,piqa (leave --tasks out "
+                          "for the loss evaluation)")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = harness.evaluate_tasks(args.checkpoint, tasks, limit=limit, batch_size=args.batch_size,
                                      include_path=args.include_path, include_builtin=not args.no_builtin_tasks,
@@ -195,13 +199,14 @@ def _experiment(args) -> None:
     from dsmoe_jax import experiments
 
     if args.dry_run:
+        mesh = _parse_mesh(args.mesh) if args.mesh else None  # a malformed --mesh is one error, not one per arm
         for row in experiments.describe_arms(args.name, args.scale):
             overrides = " ".join(f"{k}={v}" for k, v in row["overrides"].items())
             print(f"{row['arm']:<17} {row['structure']:<36} {row['params_total']:>15,} total "
                   f"{row['params_activated']:>15,} activated   {overrides}")
-            if args.mesh:
+            if mesh:
                 try:
-                    plan = plan_lib.format_plan(plan_lib.make_plan(row["config"], _parse_mesh(args.mesh)), 80)
+                    plan = plan_lib.format_plan(plan_lib.make_plan(row["config"], mesh), 80)
                 except ConfigError as e:  # e.g. 63 routed experts on an expert axis of 8
                     plan = f"cannot run on this mesh: {e}"
                 print("    " + plan.replace("\n", "\n    "))
@@ -210,6 +215,10 @@ def _experiment(args) -> None:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise ConfigError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"--seeds {args.seeds!r} repeats seed {repeated[0]}: each seed is one run, and a repeat "
+                          "would count the same run twice in the spread")
     experiments.run_experiment(args.name, args.scale, seeds, args.workdir, resume=args.resume,
                                progress=not args.quiet)
 
@@ -237,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                       help=f"tokens per shard (default {prepare.Options.shard_tokens:,})")
     prep.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                       help="a bad record: stop naming it (default), or skip it and count it in the manifest")
-    prep.add_argument("--workers", type=int, help="tokenizing processes (default: one per core; 1 for the byte "
-                                                  "tokenizer, whose tokenizing is cheaper than sending text to workers)")
+    prep.add_argument("--workers", type=int,
+                      help="tokenizing processes (default: one per core; 1 for the byte tokenizer, whose tokenizing "
+                           "is cheaper than sending text to workers)")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(run=_prepare_data)
 
@@ -334,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     except DsmoeError as e:  # bad data, an unusable workdir, a diverged or interrupted run
         print(f"dsmoe-jax: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
+    except KeyboardInterrupt:  # a Ctrl-C that was not asked to finish anything (training: the second one)
+        resume = " (training: rerun with --resume to continue from the last checkpoint)" if args.command in (
+            "train", "experiment") else ""
+        print(f"dsmoe-jax: interrupted by Ctrl-C, stopped at once{resume}", file=sys.stderr)
+        return 130
     return 0
 
 

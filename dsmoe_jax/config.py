@@ -95,7 +95,8 @@ class MoEConfig:
                  "moe.score_bias = true")
         _require(not (self.score_bias and self.routing == "hash"), "hash routing has no scores to bias; set "
                  "moe.score_bias = false")
-        _require(self.routed_scaling_factor > 0, f"moe.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+        _require(self.routed_scaling_factor > 0,
+                 f"moe.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
         _require(
             self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
             f"moe.n_group={self.n_group} must be >= 1 and divide moe.n_routed_experts={self.n_routed_experts}",
@@ -110,7 +111,8 @@ class MoEConfig:
             _require(self.group_score != "top2_sum" or per_group >= 2,
                      f"moe.group_score 'top2_sum' needs groups of at least 2 experts, got {per_group}")
             _require(self.routing != "hash", "hash routing has no scores to limit by group; set moe.n_group = 1")
-        _require(self.capacity_factor >= 0, f"moe.capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
+        _require(self.capacity_factor >= 0,
+                 f"moe.capacity_factor must be >= 0 (0 = dropless), got {self.capacity_factor}")
         _require(
             self.aux_loss_alpha >= 0 and self.device_aux_alpha >= 0,
             "moe.aux_loss_alpha and moe.device_aux_alpha must be >= 0",
@@ -244,7 +246,8 @@ class ModelConfig:
             "add one, or set model.first_k_dense = model.n_layers for a dense model",
         )
         for name in ("param_dtype", "dtype"):
-            _require(getattr(self, name) in DTYPES, f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            _require(value in DTYPES, f"model.{name} must be one of {DTYPES}, got {value!r}")
         _require(self.norm_eps > 0 and self.init_std > 0, "model.norm_eps and model.init_std must be > 0")
 
     @property

@@ -175,13 +175,13 @@ def embedded_documents() -> list[tuple[str, str]]:
     return docs
 
 
-def _user_documents(path: pathlib.Path) -> list[tuple[str, str]]:
+def _user_documents(path: pathlib.Path, setting: str = "data.path") -> list[tuple[str, str]]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
     if not files:
-        raise DataError(f"data.path {str(path)!r} holds no text files (looked for {', '.join(TEXT_SUFFIXES)})")
+        raise DataError(f"{setting} {str(path)!r} holds no text files (looked for {', '.join(TEXT_SUFFIXES)})")
     docs = [(str(p), _read_text(p)) for p in files]
     if not any(text.strip() for _, text in docs):
-        raise DataError(f"data.path {str(path)!r} holds only empty text files; point it at files with text in them")
+        raise DataError(f"{setting} {str(path)!r} holds only empty text files; point it at files with text in them")
     return docs
 
 
@@ -208,7 +208,8 @@ def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer) -> tuple[np.n
     for i, (_, text) in enumerate(docs):
         bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
         eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-        ids = np.concatenate([np.asarray(bos, dtype), np.asarray(tokenizer.encode(text), dtype), np.asarray(eos, dtype)])
+        ids = np.concatenate([np.asarray(bos, dtype), np.asarray(tokenizer.encode(text), dtype),
+                              np.asarray(eos, dtype)])
         parts[int(i % VAL_EVERY == VAL_EVERY - 1)].append(ids)
     return tuple(np.concatenate(p) if p else np.zeros((0,), dtype) for p in parts)
 
@@ -347,10 +348,12 @@ def load_prepared(path: str | os.PathLike, tokenizer, spec: str) -> tuple[TokenS
     return out[0], out[1]
 
 
-def load_tokens(cfg: Config, checkpoint: str | None = None) -> tuple[np.ndarray, np.ndarray, object]:
+def load_tokens(cfg: Config, checkpoint: str | None = None,
+                setting: str = "data.path") -> tuple[np.ndarray, np.ndarray, object]:
     """(train tokens, validation tokens, tokenizer) for ``cfg.data``, tokenized once and cached.
     ``checkpoint``: the trained model's directory, when the tokens are for it (evaluation):
-    a mismatch then asks for its tokenizer rather than a larger vocabulary."""
+    a mismatch then asks for its tokenizer rather than a larger vocabulary. ``setting``: how
+    errors name the path (``data.path``, or the ``data.mix`` / ``data.val`` entry it came from)."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_tokenizer(tokenizer, cfg, checkpoint)
     if cfg.data.path is None and cfg.data.mix:
@@ -359,16 +362,17 @@ def load_tokens(cfg: Config, checkpoint: str | None = None) -> tuple[np.ndarray,
     if cfg.data.path is not None:
         path = pathlib.Path(cfg.data.path)
         if not path.exists():
-            raise DataError(f"data.path {cfg.data.path!r} does not exist; point it at a text file, a directory "
-                            "of text files or a .npy token array, or unset it for the embedded corpus")
+            raise DataError(f"{setting} {cfg.data.path!r} does not exist; point it at a text file, a directory "
+                            "of text files, a .npy token array or a prepare-data output"
+                            + (", or unset it for the embedded corpus" if setting == "data.path" else ""))
         if is_prepared(path):
             return (*load_prepared(path, tokenizer, cfg.data.tokenizer), tokenizer)
         if path.suffix == ".npy":
             tokens = np.load(path, mmap_mode="r")
             _check_token_array(tokens, path, cfg, checkpoint)
             # memory-mapped views: nothing is loaded
-            return (*_split_by_windows(tokens, tokens[:0], cfg), tokenizer)
-        docs = _user_documents(path)
+            return (*_split_by_windows(tokens, tokens[:0], cfg, setting), tokenizer)
+        docs = _user_documents(path, setting)
     else:
         docs = embedded_documents()
     key = hashlib.sha256(json.dumps([cfg.data.tokenizer, sys.version_info[:2], [n for n, _ in docs],
@@ -380,11 +384,12 @@ def load_tokens(cfg: Config, checkpoint: str | None = None) -> tuple[np.ndarray,
                 np.save(f, array)
     train, val = (np.load(p, mmap_mode="r") for p in cached)
     if cfg.data.path is not None and len(val) < cfg.train.seq_len + 1:
-        train, val = _split_by_windows(train, val, cfg)
+        train, val = _split_by_windows(train, val, cfg, setting)
     return train, val, tokenizer
 
 
-def _split_by_windows(train: np.ndarray, val: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+def _split_by_windows(train: np.ndarray, val: np.ndarray, cfg: Config,
+                      setting: str = "data.path") -> tuple[np.ndarray, np.ndarray]:
     """Too few documents to split by document (fewer than ``VAL_EVERY``, or validation documents
     shorter than one window, e.g. a single text file): validation is the end of the text instead,
     about one part in ``VAL_EVERY`` and at least one window of ``train.seq_len + 1``."""
@@ -392,7 +397,7 @@ def _split_by_windows(train: np.ndarray, val: np.ndarray, cfg: Config) -> tuple[
     window = cfg.train.seq_len + 1
     n_val = max(len(tokens) // VAL_EVERY, window)
     if len(tokens) - n_val < window:
-        raise DataError(f"data.path {cfg.data.path!r} gives {len(tokens)} tokens, too few for one training and one "
+        raise DataError(f"{setting} {cfg.data.path!r} gives {len(tokens)} tokens, too few for one training and one "
                         f"validation window of train.seq_len + 1 = {window} tokens each; add text or lower "
                         "train.seq_len")
     return tokens[:-n_val], tokens[-n_val:]
@@ -454,14 +459,14 @@ def load_training_data(cfg: Config) -> TrainingData:
         raise DataError("data.path and data.mix both name the training data; set one (a single dataset: data.path; "
                         "several with weights: [[data.mix]] tables)")
 
-    def one(source: DataSource):
+    def one(source: DataSource, table: str):
         single = dataclasses.replace(cfg, data=dataclasses.replace(d, path=source.path, mix=(), val=()))
-        return load_tokens(single)
+        return load_tokens(single, setting=f"the path of [[{table}]] {source.name!r}")
 
     train, val = [], {}
     if d.mix:
         for source in d.mix:
-            tokens, held_out, tokenizer = one(source)
+            tokens, held_out, tokenizer = one(source, "data.mix")
             train.append((source.name, tokens, source.weight))
             val[source.name] = held_out
     else:
@@ -469,7 +474,7 @@ def load_training_data(cfg: Config) -> TrainingData:
         train.append(("", tokens, 1.0))
         val[""] = held_out
     for source in d.val:
-        val[source.name] = one(source)[1]
+        val[source.name] = one(source, "data.val")[1]
     window = cfg.train.seq_len + 1
     for name, tokens in val.items():
         if len(tokens) < window:

@@ -97,7 +97,8 @@ def window_batches(tokens: np.ndarray, seq_len: int, index: np.ndarray, batch: i
     for start in range(0, len(index), batch):
         chosen = index[start:start + batch]
         padded = np.pad(chosen, (0, batch - len(chosen)), mode="edge")
-        yield np.stack([np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1], np.int32) for i in padded]), len(chosen)
+        windows = [np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1], np.int32) for i in padded]
+        yield np.stack(windows), len(chosen)
 
 
 def evaluate(params, cfg: Config, tokens: np.ndarray, max_tokens: int | None = None, eval_step=None,

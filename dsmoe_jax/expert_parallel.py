@@ -78,7 +78,8 @@ def expert_parallel(x_TD, expert_TK, gate_TK, w_gate_EDF, w_up_EDF, w_down_EFD, 
         ragged_all_to_all = jax.lax.ragged_all_to_all
     body = functools.partial(_exchange, cfg=cfg, ep=ep, rows=rows, ragged_all_to_all=ragged_all_to_all)
     return jax.shard_map(body, in_specs=(tokens, tokens, tokens, experts, experts, experts),
-                         out_specs=(tokens, tokens), check_vma=False)(x_TD, expert_TK, gate_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
+                         out_specs=(tokens, tokens), check_vma=False)(
+        x_TD, expert_TK, gate_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
 def _exchange(x_TD, expert_TK, gate_TK, w_gate_LDF, w_up_LDF, w_down_LFD, *, cfg: MoEConfig, ep: int, rows: int,

@@ -357,6 +357,10 @@ def evaluate_tasks(checkpoint: str | os.PathLike, tasks: Sequence[str], *, limit
     from lm_eval.tasks import TaskManager
 
     paths = list(include_path) if isinstance(include_path, (list, tuple)) else include_path
+    missing = [p for p in ([paths] if isinstance(paths, str) else paths or []) if not pathlib.Path(p).exists()]
+    if missing:  # lm-eval would index nothing there and report the tasks as unknown
+        raise HarnessError(f"--include-path {missing[0]!r} does not exist; point it at the directory of your own "
+                           "task YAMLs")
     manager = TaskManager(include_path=paths, include_defaults=include_builtin)
     tasks = list(tasks)
     unknown = [t for t in tasks if not manager.match_tasks([t]) and not pathlib.Path(t).is_file()]

@@ -4,7 +4,8 @@ Shape legend: B batch, S prompt length, T cache slots, N new tokens, V vocabular
 
 Everything is a pure function of (params, inputs) with ``cfg`` static, so it runs inside a
 user's own ``jit``/``vmap``. Arguments come in one order throughout the public API: params,
-then arrays, then ``cfg`` (as in ``forward``), so ``functools.partial(fn, cfg=cfg)`` jits. Batched prompts of different lengths are left-padded (see
+then arrays, then ``cfg`` (as in ``forward``), so ``functools.partial(fn, cfg=cfg)`` jits.
+Batched prompts of different lengths are left-padded (see
 ``pad_prompts``): every row then writes the same cache slot at each step, and padding slots are
 masked out of attention. Positions count real tokens only, so a padded prompt continues exactly
 as it would alone. MoE blocks route the decoded tokens through the grouped backend, so a decode

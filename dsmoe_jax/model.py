@@ -383,7 +383,8 @@ def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
 
 
 def forward_cached(params: dict, tokens: jax.Array, cache: KVCache, cfg: Config | ModelConfig,
-                   attention_mask: jax.Array, positions: jax.Array, *, fresh: bool = False) -> tuple[jax.Array, KVCache]:
+                   attention_mask: jax.Array, positions: jax.Array, *,
+                   fresh: bool = False) -> tuple[jax.Array, KVCache]:
     """Like ``forward`` for ``tokens`` that continue the sequences in ``cache``: their keys and
     values are written at ``cache.index`` and they attend to everything cached before them.
     ``fresh=True`` (static) starts the sequences over instead: they are written from the first

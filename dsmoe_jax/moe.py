@@ -66,8 +66,8 @@ def route_scores(x_TD: jax.Array, w_router_DE: jax.Array, cfg: MoEConfig, exclud
     With ``n_group`` > 1 a token keeps only the experts of its ``topk_group`` best groups. The
     top-k scores are the gates, renormalised to sum 1 with ``norm_topk_prob``, then times
     ``routed_scaling_factor``. ``bias_E`` (auxiliary-loss-free balancing) is added to the scores
-    for choosing the groups and experts only, never to the gates. ``probs_TE`` (for the balance losses) are the scores made to
-    sum to 1 per token: the softmax itself, or the sigmoids divided by their sum."""
+    for choosing the groups and experts only, never to the gates. ``probs_TE`` (for the balance
+    losses) are the scores made to sum to 1 per token: the softmax itself, or the sigmoids divided by their sum."""
     logits_TE = jnp.einsum("td,de->te", x_TD.astype(jnp.float32), w_router_DE.astype(jnp.float32))
     if exclude_top:
         _, best_TX = jax.lax.top_k(logits_TE, exclude_top)

@@ -155,7 +155,8 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     check_expert_parallel(m.moe if m.n_moe_layers else None, ep)
     micro = batch // t_cfg.grad_accum
     if batch % t_cfg.grad_accum or micro % devices:
-        raise ConfigError(f"a batch of {batch} in {t_cfg.grad_accum} micro-batches does not split over {devices} devices")
+        raise ConfigError(f"a batch of {batch} in {t_cfg.grad_accum} micro-batches does not split over "
+                          f"{devices} devices")
     t = micro * seq // devices
 
     elements = _device_elements(m, mesh)
@@ -177,7 +178,8 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     per_device_row = exchanges * t * m.d_model * c  # one row per token and device it reaches
     leaves = (ep - 1) / ep
     return Plan(
-        mesh=sizes, attention=attention, tokens_per_device=t, params=4 * elements, grads=4 * elements, optimizer=8 * elements,
+        mesh=sizes, attention=attention, tokens_per_device=t, params=4 * elements, grads=4 * elements,
+        optimizer=8 * elements,
         update=8 * elements,
         activations=activations, activations_remat=activations_remat,
         flops_per_step=(passes + 1) * flops_per_token(m, seq) * batch * seq,  # backward = 2 forwards
@@ -194,7 +196,8 @@ def format_plan(plan: Plan, gpu_memory_gib: float | None = None, peak_tflops: fl
     g = lambda b: f"{b / GIB:8.2f} GiB"
     mesh = ", ".join(f"{k}={v}" for k, v in plan.mesh.items())
     lines = [
-        f"mesh              {mesh} ({plan.devices} devices), {plan.tokens_per_device} tokens per device per micro-batch",
+        f"mesh              {mesh} ({plan.devices} devices), {plan.tokens_per_device} tokens per device per "
+        "micro-batch",
         f"parameters        {g(plan.params)}   float32 master weights",
         f"gradients         {g(plan.grads)}",
         f"optimizer state   {g(plan.optimizer)}   Adam moments",
@@ -209,7 +212,8 @@ def format_plan(plan: Plan, gpu_memory_gib: float | None = None, peak_tflops: fl
     if plan.mesh["expert"] > 1:
         lines.append(f"  node limit     a token's experts sit on <= {plan.devices_per_token} of "
                      f"{plan.mesh['expert']} expert devices (<= {plan.devices_per_token_unlimited} without a group "
-                     f"limit); sent once per device that is {plan.dedup_bytes / GIB:.2f} GiB ({plan.dedup_bytes_unlimited / GIB:.2f} GiB unlimited)")
+                     f"limit); sent once per device that is {plan.dedup_bytes / GIB:.2f} GiB "
+                     f"({plan.dedup_bytes_unlimited / GIB:.2f} GiB unlimited)")
     lines.append(f"KV cache          {plan.cache_bytes_per_token / 1024:.1f} KiB per token, all layers (inference)")
     if peak_tflops:
         lines.append(f"step time         >= {plan.flops_per_step / plan.devices / (peak_tflops * 1e12):.2f} s at "

@@ -49,8 +49,17 @@ import numpy as np
 from tqdm import tqdm
 
 from dsmoe_jax.atomic import atomic_directory, atomic_file
-from dsmoe_jax.data import (FORMAT, MANIFEST, SETTINGS, SHARDS_DIR, SPLITS, DataError, load_tokenizer,
-                            token_dtype, tokenizer_identity)
+from dsmoe_jax.data import (
+    FORMAT,
+    MANIFEST,
+    SETTINGS,
+    SHARDS_DIR,
+    SPLITS,
+    DataError,
+    load_tokenizer,
+    token_dtype,
+    tokenizer_identity,
+)
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 CHUNK_BYTES = 2**20  # text per task sent to a worker: large enough to hide the IPC, small enough to balance
@@ -142,6 +151,42 @@ def settings(files: Sequence[pathlib.Path], options: Options, tokenizer, progres
 # for Parquet values.
 
 
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a ``.zst`` file, frame after frame, raising ``EOFError`` at the
+    end when the last frame is cut short: zstandard's own stream reader ends quietly there, so a
+    truncated file would read as a shorter whole one (gzip raises, and so does this)."""
+
+    def __init__(self, raw, zstandard):
+        self._raw, self._zstandard = raw, zstandard
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._in_frame = False  # input went into the current frame and it has not ended
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame: it is truncated")
+                return 0
+            while chunk:
+                if self._frame.eof:  # the previous frame ended: the rest starts a new one
+                    self._frame = self._zstandard.ZstdDecompressor().decompressobj()
+                self._pending += self._frame.decompress(chunk)
+                self._in_frame = not self._frame.eof
+                chunk = self._frame.unused_data if self._frame.eof else b""
+        n = min(len(buffer), len(self._pending))
+        buffer[:n], self._pending = self._pending[:n], self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def _open_lines(path: pathlib.Path, kind: str) -> io.BufferedIOBase:
     raw = open(path, "rb")
     if kind == ".jsonl.gz":
@@ -152,7 +197,7 @@ def _open_lines(path: pathlib.Path, kind: str) -> io.BufferedIOBase:
         except ImportError:
             raise DataError(f"{path}: reading .zst needs the zstandard package: pip install zstandard "
                             "(or pip install 'dsmoe-jax[data]')") from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        return io.BufferedReader(_ZstdFrames(raw, zstandard))
     return raw
 
 

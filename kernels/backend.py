@@ -56,7 +56,7 @@ def _triton(interpret: bool):
     return triton
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernels(interpret: bool) -> types.ModuleType:
     """The kernels of ``triton_kernels.py``, defined for Triton's interpreter or its compiler (the
     mode ``@triton.jit`` reads from Triton's ``runtime.interpret`` knob, set only meanwhile)."""
@@ -71,7 +71,7 @@ def kernels(interpret: bool) -> types.ModuleType:
     return module
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def blocks(interpret: bool) -> dict:
     """Tile sizes. Hopper: 64-row tiles, 128 columns, 64-deep K steps, 8 warps: compiled ahead of
     time for sm_90, 4 warps make two of the five kernels spill registers and 8 warps none
@@ -181,7 +181,8 @@ def gate_up(x_GD, w_gate_EDF, w_up_EDF, schedule, dh_GF=None, *, interpret: bool
     backward = dh_GF is not None
     unused = jnp.zeros((1,), x_GD.dtype)  # the pointers one direction does not use
     out = jax.ShapeDtypeStruct((G, F), x_GD.dtype)
-    outs = _launch("gate_up_kernel", interpret, grid, [x_GD, w_gate_EDF, w_up_EDF, dh_GF if backward else unused, *schedule],
+    inputs = [x_GD, w_gate_EDF, w_up_EDF, dh_GF if backward else unused, *schedule]
+    outs = _launch("gate_up_kernel", interpret, grid, inputs,
                    [out, out if backward else jax.ShapeDtypeStruct((1,), x_GD.dtype)], D=D, F=F, BACKWARD=backward,
                    **meta)
     return tuple(outs) if backward else outs[0]
@@ -196,8 +197,9 @@ def grouped_matmul(a_GK, w_EKN, schedule, transpose_w: bool = False, second=None
     meta = _common(a_GK.dtype, interpret)
     a2, w2 = second if second is not None else (jnp.zeros((1,), a_GK.dtype), jnp.zeros((1,), w_EKN.dtype))
     grid = (schedule[0].shape[0], -(-N // meta["BLOCK_N"]))
-    (out,) = _launch("grouped_matmul_kernel", interpret, grid, [a_GK, w_EKN, a2, w2, *schedule], [jax.ShapeDtypeStruct((G, N), a_GK.dtype)],
-                     K=K, N=N, HAS_SECOND=second is not None, **strides, **meta)
+    (out,) = _launch("grouped_matmul_kernel", interpret, grid, [a_GK, w_EKN, a2, w2, *schedule],
+                     [jax.ShapeDtypeStruct((G, N), a_GK.dtype)], K=K, N=N, HAS_SECOND=second is not None, **strides,
+                     **meta)
     return out
 
 

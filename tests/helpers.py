@@ -129,7 +129,8 @@ def ragged_all_to_all_reference(operand, output, input_offsets, send_sizes, outp
     del recv_sizes  # implied by the senders' send_sizes
     me = jax.lax.axis_index(axis_name)
     gather = lambda a: jax.lax.all_gather(a, axis_name)
-    operands, starts, sizes, offsets = gather(operand), gather(input_offsets), gather(send_sizes), gather(output_offsets)
+    operands, starts = gather(operand), gather(input_offsets)
+    sizes, offsets = gather(send_sizes), gather(output_offsets)
     rows = jnp.arange(output.shape[0])
     for sender in range(operands.shape[0]):
         start, size, offset = starts[sender, me], sizes[sender, me], offsets[sender, me]

@@ -9,7 +9,6 @@ import tempfile
 import jax
 import numpy as np
 import pytest
-from helpers import TINY_HF
 
 import dsmoe_jax
 from dsmoe_jax import Config, TrainConfig, convert, data
@@ -17,6 +16,7 @@ from dsmoe_jax.checkpoint import CheckpointError, check_workdir_writable, params
 from dsmoe_jax.train.checkpoint import Checkpointer
 from dsmoe_jax.train.optimizer import make_optimizer
 from dsmoe_jax.train.step import init_state, make_train_step
+from helpers import TINY_HF
 
 
 @pytest.fixture

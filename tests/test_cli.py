@@ -8,10 +8,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import TINY_HF
 
 import dsmoe_jax
 from dsmoe_jax import Config, cli, harness, load_config
+from helpers import TINY_HF
 
 
 def test_info_prints_architecture_and_counts(capsys):
@@ -125,3 +125,21 @@ def test_eval_asks_for_the_checkpoint_tokenizer_not_a_larger_vocabulary(checkpoi
     err = capsys.readouterr().err
     assert "has no tokenizer.json" in err and "copy the tokenizer.json the model was trained with" in err, err
     assert "raise model.vocab_size" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--checkpoint", "CKPT", "--tasks", ""], "--tasks '' names no task: e.g. --tasks hellaswag,piqa"),
+    (["eval", "--checkpoint", "CKPT", "--tasks", " , "], "--tasks ' , ' names no task"),
+    (["eval", "--checkpoint", "CKPT", "--tokens", "-5"], "--tokens -5: must be >= 1"),
+    (["experiment", "architectures", "--scale", "toy", "--seeds", "0,1,0"], "--seeds '0,1,0' repeats seed 0"),
+    (["experiment", "architectures", "--scale", "toy", "--dry-run", "--mesh", "data=3,expert=x"],
+     "--mesh 'data=3,expert=x': expected AXIS=SIZE pairs"),
+])
+def test_flags_that_would_be_taken_silently_are_refused_once(checkpoint, tmp_path, capsys, argv, message):
+    ckpt = checkpoint(load_config("tiny", ["model.n_layers=1"]))
+    argv = [ckpt if a == "CKPT" else a for a in argv]
+    assert cli.main([*argv, *(["--workdir", str(tmp_path / "runs")] if argv[0] == "experiment" else [])]) == 2
+    out, err = capsys.readouterr()
+    assert err.count(message) == 1 and err.count("\n") == 1, err
+    assert "loss" not in out and "total" not in out, "nothing ran"
+    assert not (tmp_path / "runs").exists(), "no experiment was started"

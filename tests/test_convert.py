@@ -9,6 +9,7 @@ import dsmoe_jax
 from dsmoe_jax import ConfigError, cli, convert
 from helpers import TINY_HF, qwen2moe_oracle, random_hf_checkpoint, tiny_tokenizer
 
+
 def _from_hf(tensors, cfg):
     return convert.params_from_hf(tensors.__getitem__, tensors.__contains__, cfg)
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_python
-from helpers import TINY_HF, qwen2moe_oracle, random_hf_checkpoint, tiny_tokenizer
 
 import dsmoe_jax
 from dsmoe_jax import ConfigError, cli, convert
 from dsmoe_jax.convert.hf_files import plan_shards, write_safetensors
+from helpers import TINY_HF, qwen2moe_oracle, random_hf_checkpoint, tiny_tokenizer
 
 
 def _write_hf(directory: pathlib.Path, tensors: dict, hf_config: dict = TINY_HF, shard_bytes: int = 20_000):

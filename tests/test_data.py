@@ -233,6 +233,10 @@ def test_training_data_from_prepared_sources_and_named_validation_sets(tmp_path)
     no_val = _prepared(tmp_path, "no_val", ["text " * 100] * 10, val_every=0)
     with pytest.raises(data.DataError, match=r"validation set 'nv' has 0 held-out tokens.*--val-every"):
         data.load_training_data(load_config("tiny", [f"data.val=[{{name='nv', path='{no_val}'}}]"]))
+    gone = tmp_path / "gone"
+    for table in ("data.mix", "data.val"):  # named by its table and name, not as data.path
+        with pytest.raises(data.DataError, match=rf"^the path of \[\[{table}\]\] 'lost' '{gone}' does not exist"):
+            data.load_training_data(load_config("tiny", [f"{table}=[{{name='lost', path='{gone}'}}]"]))
 
 
 def test_data_mix_and_val_tables_are_checked_and_round_trip(tmp_path):

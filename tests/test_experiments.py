@@ -6,8 +6,7 @@ import json
 import pytest
 
 from dsmoe_jax import cli
-from dsmoe_jax.experiments import ARMS, EXPERIMENTS, SCALES, ExperimentError, arm_config, run_experiment
-from dsmoe_jax.experiments import runner
+from dsmoe_jax.experiments import ARMS, EXPERIMENTS, SCALES, ExperimentError, arm_config, run_experiment, runner
 from dsmoe_jax.model import count_params
 from dsmoe_jax.train.checkpoint import Checkpointer
 

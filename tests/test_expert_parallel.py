@@ -6,9 +6,7 @@ import json
 import textwrap
 
 import pytest
-
 from conftest import run_python
-
 
 EQUIVALENCE = textwrap.dedent("""
     import dataclasses, functools, json, jax, jax.numpy as jnp, numpy as np

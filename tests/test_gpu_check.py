@@ -60,7 +60,8 @@ def test_dry_run_runs_every_step_and_reports_its_numbers(tmp_path):
     train = steps["train"]
     assert math.isfinite(train["loss"]) and 0 < train["mfu"] < 1.5 and train["tokens_per_s"] > 0, train
     for batch in ("batch_1", "batch_64"):
-        assert steps["decode"][batch]["tokens_per_s"] > 0 and steps["decode"][batch]["hbm_bound_ms"] > 0, steps["decode"]
+        decode = steps["decode"][batch]
+        assert decode["tokens_per_s"] > 0 and decode["hbm_bound_ms"] > 0, steps["decode"]
     peer = steps["vs_transformers"]["results"][0]
     assert peer["parity_max_abs_diff"] < 1e-4 and set(peer["seconds"]) == {"train", "decode_b1"}, peer
     assert report["owed"] and "two GPUs" in report["owed"][0], report["owed"]

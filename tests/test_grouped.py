@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import D, GROUPS, grouped_inputs, grouped_loss, numpy_grouped_reference
 
 from dsmoe_jax import MoEConfig, grouped
 from dsmoe_jax.config import ConfigError
+from helpers import GROUPS, D, grouped_inputs, grouped_loss, numpy_grouped_reference
 
 # The tiled backend at several tile sizes, including tiles larger than every group.
 TILED_SIZES = {f"tiled{m}": m for m in (4, 8, 64)}
@@ -63,7 +63,8 @@ def test_auto_on_a_gpu_without_jax_triton_falls_back_with_a_warning(monkeypatch)
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jax_triton" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "jax_triton" else find_spec(name, *a))
     with pytest.warns(UserWarning, match="needs jax_triton on a GPU.*using 'ragged'"):
         assert grouped.resolve_backend("auto") == "ragged"
     with pytest.raises(ValueError, match="the triton backend needs jax_triton on gpu"):

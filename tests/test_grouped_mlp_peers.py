@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import GROUPS, grouped_inputs
 
 from dsmoe_jax import grouped
+from helpers import GROUPS, grouped_inputs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("grouped_mlp_bench", REPO / "benchmarks" / "grouped_mlp.py")

@@ -10,10 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import TINY_HF, qwen2moe_oracle, random_hf_checkpoint
 
 from dsmoe_jax import cli, convert, harness
 from dsmoe_jax.convert.hf_files import plan_shards, write_safetensors
+from helpers import TINY_HF, qwen2moe_oracle, random_hf_checkpoint
 
 TASKS = pathlib.Path(__file__).resolve().parent / "data" / "lm_eval_tasks"
 # Byte-level tokens (ids 0-255 are the bytes) plus BOS 256 and EOS 257; 64 positions, so some of
@@ -158,6 +158,10 @@ def test_the_cli_runs_tasks_from_an_include_path(checkpoints, capsys, tmp_path):
     assert cli.main(["eval", "--checkpoint", str(ours_dir), "--tasks", "no_such_task", "--include-path",
                      str(TASKS), "--no-builtin-tasks"]) == 1
     assert "unknown lm-eval tasks ['no_such_task']" in capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(ours_dir), "--tasks", "dsmoe_mc", "--include-path",
+                     str(tmp_path / "no_tasks_here"), "--no-builtin-tasks"]) == 1
+    err = capsys.readouterr().err
+    assert f"--include-path '{tmp_path / 'no_tasks_here'}' does not exist" in err and "unknown" not in err, err
 
 
 def test_without_lm_eval_the_error_says_how_to_install_it(monkeypatch):

@@ -11,12 +11,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_HF, random_hf_checkpoint
 from safetensors.torch import save_file
 
 import dsmoe_jax
 from dsmoe_jax import convert
 from dsmoe_jax.convert.mapping import ConversionError
+from helpers import TINY_HF, random_hf_checkpoint
 
 QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 FP8_SHAPES = {"a.weight": (200, 130), "b.weight": (256, 128), "c.weight": (5, 3)}
@@ -137,6 +137,20 @@ def test_a_scale_of_the_wrong_shape_names_both_shapes(tmp_path):
         ckpt.read("a.weight")
     assert re.search(r"a\.weight_scale_inv has shape \[2, 1\], but a\.weight of shape \[200, 130\] in blocks "
                      r"of 128x128 needs \[2, 2\]", str(e.value)), e.value
+
+
+def test_a_nan_in_an_fp8_scale_or_weight_is_named_not_converted(tmp_path):
+    t = _fp8_tensors({"a.weight": (200, 130), "b.weight": (256, 128)}, [128, 128])
+    t["a.weight_scale_inv"][1, 0] = float("nan")
+    bits = t["b.weight"].view(torch.uint8).clone()
+    bits[130, 7] = 0x7F  # float8_e4m3fn's NaN
+    t["b.weight"] = bits.view(torch.float8_e4m3fn)
+    ckpt = convert.HFCheckpoint(_write(tmp_path / "hf", [t]))
+    with pytest.raises(ConversionError, match=r"a\.weight_scale_inv holds 1 non-finite block scales \(the first at "
+                                              r"block \(1, 0\)\).*damaged, download it again"):
+        ckpt.read("a.weight")
+    with pytest.raises(ConversionError, match=r"FP8 tensor b\.weight holds a NaN at \[130, 7\].*damaged"):
+        ckpt.read("b.weight")
 
 
 @pytest.mark.parametrize("quant, named", [

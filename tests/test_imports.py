@@ -43,7 +43,8 @@ def _imports(name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             for alias in node.names:
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
     return {m for m in found if m in MODULES and m != name}
@@ -119,8 +120,10 @@ def _readme_rows() -> list[set[str]]:
             if directory not in PACKAGES:
                 continue
             prefix = ".".join([PACKAGES[directory], *rest.removesuffix(".py").strip("/").split("/")]).rstrip(".")
-            names |= {m for m in MODULES if m == prefix or m.startswith(prefix + ".")} if rest.endswith("/") or not rest \
-                else {prefix}
+            if rest.endswith("/") or not rest:  # a folder: every module in it
+                names |= {m for m in MODULES if m == prefix or m.startswith(prefix + ".")}
+            else:
+                names |= {prefix}
         if names:
             rows.append(names)
     return rows

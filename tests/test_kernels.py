@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import GROUPS, grouped_inputs, grouped_loss, numpy_grouped_reference
 
 import dsmoe_jax
 from dsmoe_jax import grouped
 from dsmoe_jax.kernels import backend as kb
+from helpers import GROUPS, grouped_inputs, grouped_loss, numpy_grouped_reference
 
 # Triton's interpreter without a GPU, the compiled kernels on one
 INTERPRET = {"interpret": kb.default_interpret()}
@@ -94,7 +94,8 @@ def test_bfloat16_backend_close_to_float32():
     ref = numpy_grouped_reference(_f32(x), [_f32(w) for w in ws], gs)
     err = np.abs(_f32(y) - ref).max() / np.abs(ref).max()
     assert err < 2e-2, f"bf16 relative error {err}"
-    grads = jax.jit(jax.grad(lambda *a: grouped_loss("triton", gs)(*a)[0].astype(jnp.float32), argnums=(0, 1, 2, 3)))(x, *ws)
+    loss = lambda *a: grouped_loss("triton", gs)(*a)[0].astype(jnp.float32)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, *ws)
     want = jax.grad(lambda *a: grouped_loss("dense", gs)(*a)[0], argnums=(0, 1, 2, 3))(_f32(x), *[_f32(w) for w in ws])
     for name, a, b in zip(("dx", "dw_gate", "dw_up", "dw_down"), grads, want):
         err = np.abs(_f32(a) - _f32(b)).max() / np.abs(_f32(b)).max()

@@ -14,9 +14,10 @@ import pytest
 
 import dsmoe_jax
 from dsmoe_jax import data, load_config
-from dsmoe_jax.train import step as step_lib
-from dsmoe_jax.evaluation import evaluate
 from dsmoe_jax.checkpoint import CheckpointError
+from dsmoe_jax.evaluation import evaluate
+from dsmoe_jax.train import loop as loop_lib
+from dsmoe_jax.train import step as step_lib
 from dsmoe_jax.train.loop import TrainingError, TrainingInterrupted, train
 
 FAST = ["train.batch_size=8", "train.seq_len=64", "train.warmup_steps=5", "train.log_every=1", "train.eval_tokens=8192"]
@@ -148,7 +149,8 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_p
     _on_call(monkeypatch, 10**9, signum=signal.SIGTERM)  # the same program, never signalling
     train(cfg, tmp_path / "whole", progress=False)
     _on_call(monkeypatch, 4, signum=signal.SIGTERM)
-    with pytest.raises(TrainingInterrupted, match=r"stopped by SIGTERM after step 4, with a checkpoint .*--resume") as e:
+    stopped = r"stopped by SIGTERM after step 4, with a checkpoint .*--resume"
+    with pytest.raises(TrainingInterrupted, match=stopped) as e:
         train(cfg, tmp_path / "stopped", progress=False)
     assert e.value.exit_code == 143, "128 + SIGTERM, as a shell reports a job it terminated"
     assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["4"]
@@ -193,7 +195,8 @@ def test_a_mixture_trains_and_logs_each_validation_set(tmp_path):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{i} " + text * 8}) + "\n"
                                                         for i in range(60)))
         prepare.prepare([str(tmp_path / f"{name}.jsonl")], tmp_path / name, workers=1, progress=False)
-    mix = f"data.mix=[{{name='prose', path='{tmp_path / 'prose'}', weight=3}}, {{name='code', path='{tmp_path / 'code'}'}}]"
+    prose, code = tmp_path / "prose", tmp_path / "code"
+    mix = f"data.mix=[{{name='prose', path='{prose}', weight=3}}, {{name='code', path='{code}'}}]"
     # the other tests' shapes: their compiled programs are reused (conftest's compilation cache)
     cfg = load_config("tiny", FAST + [mix, "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"])
     last = train(cfg, tmp_path / "run", progress=False)
@@ -202,3 +205,22 @@ def test_a_mixture_trains_and_logs_each_validation_set(tmp_path):
         tmp_path / "run")[1]
     assert m["val_loss"] == pytest.approx(0.75 * m["val_loss/prose"] + 0.25 * m["val_loss/code"]), "weighted as drawn"
     assert last["val_loss/code"] == m["val_loss/code"]
+
+
+def test_a_second_signal_stops_at_once_with_one_line_and_no_traceback(monkeypatch, capsys):
+    exits = []
+
+    def exit_now(code):  # os._exit would end pytest too
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", exit_now)
+    with loop_lib._StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT and not exits, "the first signal only asks to finish the step"
+        with pytest.raises(SystemExit):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert exits == [130], "128 + SIGINT, at once"
+    err = capsys.readouterr().err
+    assert err.count("SIGINT again: stopped at once, without a checkpoint") == 1 and "Traceback" not in err, err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handlers are restored"

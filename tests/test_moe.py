@@ -37,7 +37,8 @@ def test_excluding_the_top_expert_equals_its_logit_at_minus_infinity():
 
 
 @pytest.mark.parametrize("options", [moe_lib.RouteOptions(exclude_top=2), moe_lib.RouteOptions(top_k=5),
-                                     moe_lib.RouteOptions(shared=False, top_k=4)], ids=["exclude2", "top5", "no_shared"])
+                                     moe_lib.RouteOptions(shared=False, top_k=4)],
+                         ids=["exclude2", "top5", "no_shared"])
 def test_route_options_match_the_token_by_token_reference(small_cfg, options):
     layer = _layer(small_cfg)
     x_BSD = jax.random.normal(jax.random.key(3), (2, 10, small_cfg.d_model))

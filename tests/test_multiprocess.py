@@ -70,7 +70,7 @@ def test_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
 def test_a_killed_process_stops_the_others_and_the_run_resumes(tmp_path):
     workdir = tmp_path / "run"
     args = [*RUN, "--set", "train.steps=60", "--set", "mesh.expert=4", "--workdir", str(workdir),
-            "--coordinator", "127.0.0.1:%d" % (20000 + os.getpid() % 20000), "--num-processes", "2",
+            "--coordinator", f"127.0.0.1:{20000 + os.getpid() % 20000}", "--num-processes", "2",
             "--heartbeat-timeout", "10"]
     procs = [subprocess.Popen([sys.executable, "-m", "dsmoe_jax.cli", "train", *args, "--process-id", str(i)],
                               env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -46,7 +46,8 @@ def test_attention_activations_follow_the_implementation_by_hand():
                                       platform="cpu")
     plans["cudnn"] = plan.make_plan(dsmoe_jax.load_config("16b"), {"data": 8, "expert": 8}, batch=64, seq=S)
     t, layers = 64 * S // 64, 28
-    assert {name: p.attention for name, p in plans.items()} == {n: n for n in plans}, "auto: blocked on CPU, cudnn on GPU"
+    attention = {name: p.attention for name, p in plans.items()}
+    assert attention == {n: n for n in plans}, "auto: blocked on CPU, cudnn on GPU"
     per_layer = {"xla": 3 * 4 * N * S, "blocked": 3 * 4 * N * (S + 128) // 2, "cudnn": 4 * N}
     for name in ("blocked", "cudnn"):
         saved = plans["xla"].activations - plans[name].activations
@@ -63,7 +64,8 @@ def test_node_limited_routing_and_the_mla_cache_by_hand():
     assert plan.devices_per_token(cfg.model.moe, 5) == 5, "groups not aligned with devices: no bound below top-k"
     t, D, bf16, moe_layers, exchanges_per_layer = 128 * 4096 // 128, 5120, 2, 59, 2 * 3  # remat: 3 passes
     assert p.dedup_bytes == int(exchanges_per_layer * moe_layers * t * D * bf16 * 3 * 7 / 8)
-    assert p.dedup_bytes * 2 == p.dedup_bytes_unlimited == p.routed_bytes, "the limit saves only with one row per device"
+    assert p.dedup_bytes * 2 == p.dedup_bytes_unlimited == p.routed_bytes, \
+        "the limit saves only with one row per device"
     # the cache holds the 512-wide latent and the 64-wide rope key per layer: 60 x 576 x 2 bytes
     assert p.cache_bytes_per_token == 60 * 576 * 2
     mha = plan.make_plan(dsmoe_jax.load_config("16b"), {"data": 8, "expert": 8}, batch=64, seq=4096)

@@ -2,7 +2,6 @@
 
 import gzip
 import json
-import os
 import pathlib
 
 import numpy as np
@@ -165,6 +164,26 @@ def test_a_bad_record_is_named_or_skipped_and_counted(tmp_path, line, message):
                         workers=1, progress=False)
     assert m["totals"]["skipped"] == 1 and m["totals"]["train"]["documents"] == 2
     assert m["skipped_examples"][0].startswith(f"{tmp_path / 'a.jsonl'} line 3: ")
+
+
+def test_a_truncated_zst_is_refused_and_a_whole_one_read_frame_after_frame(tmp_path):
+    import zstandard
+
+    texts = _texts(40)
+    frames = [zstandard.ZstdCompressor(write_checksum=True).compress(
+        "".join(json.dumps({"text": t}) + "\n" for t in part).encode()) for part in (texts[:20], texts[20:])]
+    (tmp_path / "whole.jsonl.zst").write_bytes(b"".join(frames))
+    m = prepare.prepare([str(tmp_path / "whole.jsonl.zst")], tmp_path / "whole", workers=1, progress=False)
+    assert m["totals"]["records"] == 40, "both frames are read"
+    skip = prepare.Options(on_error="skip")
+    for cut in (len(frames[1]) // 2, len(frames[1]) - 3):  # inside the last frame; just before its end
+        name = f"cut{cut}.jsonl.zst"
+        (tmp_path / name).write_bytes(frames[0] + frames[1][:cut])
+        with pytest.raises(data.DataError, match=rf"cannot read .*{name} after line \d+: EOFError: the file ends "
+                                                 r"inside a zstd frame: it is truncated"):
+            prepare.prepare([str(tmp_path / name)], tmp_path / name.replace(".", "_"), skip, workers=1,
+                            progress=False)
+        assert not (tmp_path / name.replace(".", "_") / "manifest.json").exists(), "no manifest for a partial read"
 
 
 def test_unreadable_inputs_are_named(tmp_path):

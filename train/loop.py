@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 
@@ -17,10 +19,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from dsmoe_jax.atomic import atomic_file
-
 from dsmoe_jax import data
 from dsmoe_jax import mesh as mesh_lib
+from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, write_config
 from dsmoe_jax.config import Config, DsmoeError
 from dsmoe_jax.evaluation import evaluate, jitted_eval_step, perplexity
@@ -29,7 +30,6 @@ from dsmoe_jax.plan import device_peak_flops
 from dsmoe_jax.train.checkpoint import Checkpointer, nothing_to_resume
 from dsmoe_jax.train.optimizer import learning_rate, make_optimizer
 from dsmoe_jax.train.step import StepMetrics, init_sharded_state, make_train_step, state_shardings
-
 
 
 class TrainingError(DsmoeError, RuntimeError):
@@ -46,9 +46,12 @@ class TrainingInterrupted(DsmoeError, RuntimeError):
 
 class _StopSignals:
     """The first SIGINT (Ctrl-C) or SIGTERM (what schedulers such as SLURM send before killing a
-    job) asks the loop to finish its step, write a checkpoint and stop; the handlers are then
-    the previous ones again, so a second Ctrl-C interrupts at once. Signals reach only the main
-    thread, so elsewhere (train() called from a thread) this does nothing."""
+    job) asks the loop to finish its step, write a checkpoint and stop. A second one stops the
+    process at once, without that checkpoint, with one line and exit code 128 + the signal: not
+    by raising KeyboardInterrupt, which lands wherever Python happens to be (a weakref callback,
+    a finaliser) and prints tracebacks there. Like kill -9, it leaves the newest complete
+    checkpoint to resume from. Signals reach only the main thread, so elsewhere (train() called
+    from a thread) this does nothing."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -60,18 +63,19 @@ class _StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            sys.stderr.write(f"\ndsmoe-jax: {signal.Signals(signum).name} again: stopped at once, without a checkpoint "
+                             "of this step; --resume continues from the newest checkpoint\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
         self.signum = signum
-        self._restore()
         tqdm.write(f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
                    "(Ctrl-C again to stop at once, without one)")
 
-    def _restore(self) -> None:
+    def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
-
-    def __exit__(self, *exc) -> None:
-        self._restore()
 
     def requested(self) -> int:
         """The signal that asked to stop (0: none), agreed by every process: all of them must
@@ -260,7 +264,8 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
                         last.update(_validate(state.params, cfg, sources, eval_step))
                         load = np.asarray(m.aux.expert_load)
                     logger.log(step, last, load)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}",
+                                    tok_s=f"{last['tokens_per_s']:.0f}")
                     tick, tokens_since = time.perf_counter(), 0  # evaluation and logging are not training time
                 signum = stop.requested()
                 if step % t.checkpoint_every == 0 or step == t.steps or signum:

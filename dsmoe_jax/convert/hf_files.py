@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import os
 import pathlib
 import pickle
 import shutil
+import struct
 from collections.abc import Iterable, Iterator
 
 import ml_dtypes
@@ -134,10 +134,19 @@ class HFCheckpoint:
             raise ConversionError(f"{self.files[scale_name]}: {scale_name} has shape {list(scale.shape)}, but "
                                   f"{name} of shape {list(weight.shape)} in blocks of {br}x{bc} needs "
                                   f"{list(blocks)}; download both shards again")
+        bad = np.argwhere(~np.isfinite(scale))
+        if bad.size:
+            raise ConversionError(f"{self.files[scale_name]}: {scale_name} holds {len(bad)} non-finite block scales "
+                                  f"(the first at block {tuple(int(b) for b in bad[0])}): every logit would be NaN; "
+                                  "the file is damaged, download it again")
         out = np.empty((rows, cols), np.float32)
         for i in range(blocks[0]):
             r = slice(i * br, min((i + 1) * br, rows))
             np.multiply(weight[r], np.repeat(scale[i], bc)[:cols], out=out[r], dtype=np.float32)
+            if not np.isfinite(out[r]).all():  # float8_e4m3fn has a NaN code: a damaged byte can be one
+                row, col = np.argwhere(~np.isfinite(out[r]))[0]
+                raise ConversionError(f"{path}: FP8 tensor {name} holds a NaN at [{r.start + row}, {col}]: every logit "
+                                      "would be NaN; the file is damaged, download it again")
         return out
 
 

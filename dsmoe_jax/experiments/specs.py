@@ -110,9 +110,13 @@ class Arm:
         """The FFN in the paper's words, e.g. "1 shared + 63 routed (F/4), top-7"."""
         if self.routed == 0:
             return "dense FFN" + (f" ({self.dense_width}F)" if self.dense_width != 1 else " (F)")
-        width = "F" if self.width == 1 else f"{float(self.width):g}F" if self.width > 1 else f"F/{self.width.denominator}"
+        if self.width == 1:
+            width = "F"
+        else:
+            width = f"{float(self.width):g}F" if self.width > 1 else f"F/{self.width.denominator}"
         shared = f"{self.shared} shared + " if self.shared else ""
-        return f"{shared}{self.routed} routed ({width}), top-{self.top_k}" + (", hash" if self.routing == "hash" else "")
+        hashed = ", hash" if self.routing == "hash" else ""
+        return f"{shared}{self.routed} routed ({width}), top-{self.top_k}{hashed}"
 
 
 _QUARTER = Fraction(1, 4)

@@ -10,5 +10,6 @@ def load(file: str, **_) -> dict:
     it also passes the task's metadata, ignored here)."""
     import datasets
 
-    rows = [json.loads(line) for line in (pathlib.Path(__file__).parent / file).read_text().splitlines() if line.strip()]
+    lines = (pathlib.Path(__file__).parent / file).read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
     return {"test": datasets.Dataset.from_list(rows)}
