@@ -1,4 +1,4 @@
-"""Hugging Face DeepSeek-v1 checkpoints <-> dsmoe_jax params.
+"""Hugging Face DeepSeek checkpoints (v1 ``deepseek``, ``deepseek_v2``, ``deepseek_v3``) <-> dsmoe_jax params.
 
 ``mapping``: the format as data (config fields, tensor names, per-tensor transforms);
 ``hf_files``: reading and writing HF checkpoint directories; ``pipeline``: whole-checkpoint

@@ -118,9 +118,9 @@ def _loss_curves(plt, results: dict, out: pathlib.Path, runs: dict[str, pathlib.
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, arm in results["arms"].items():
         rows = [json.loads(line) for line in (runs[name] / "metrics.jsonl").read_text().splitlines()]
-        last = {r["step"]: r["ce"] for r in rows}  # a resumed run logs some steps twice: keep the last
-        steps = sorted(last)
-        ax.plot(steps, [last[s] for s in steps], label=arm["label"], linewidth=1)
+        ce = {r["step"]: r["ce"] for r in rows}  # the loop logs each step once, resumed or not
+        steps = sorted(ce)
+        ax.plot(steps, [ce[s] for s in steps], label=arm["label"], linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel("training cross-entropy")
     ax.set_title(f"training curves, seed {results['seeds'][0]}")
