@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 DTYPES = ("float32", "bfloat16")
-MESH_AXES = ("data", "fsdp", "expert")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # Values ``moe.backend`` accepts: "auto" and the grouped-MLP backends of ``grouped.py`` (and
 # ``kernels/``). ``grouped.register_backend`` adds a new name here, so a config naming a backend
 # registered before it is built validates like a built-in one.
@@ -347,6 +347,7 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     expert: int = 1
+    tensor: int = 1
 
     def __post_init__(self):
         sizes = self.sizes()
@@ -381,6 +382,23 @@ class MeshConfig:
         return sizes
 
 
+def check_tensor_parallel(model: ModelConfig, tensor: int) -> None:
+    """Refuse a model whose split dimensions a ``tensor`` mesh axis does not divide: attention
+    heads (and key/value heads), the dense and expert FFN widths, the vocabulary."""
+    if tensor == 1:
+        return
+    widths = {"model.n_heads": model.n_heads, "model.vocab_size": model.vocab_size}
+    if model.mla is None:
+        widths["model.n_kv_heads"] = model.kv_heads
+    if model.first_k_dense:
+        widths["model.d_ff"] = model.d_ff
+    if model.n_moe_layers:
+        widths["moe.expert_d_ff"] = model.moe.expert_d_ff
+    for name, size in widths.items():
+        _require(size % tensor == 0, f"{name}={size} does not split over the mesh's tensor axis of size {tensor}; "
+                                     f"choose mesh.tensor dividing it")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything one run needs."""
@@ -389,6 +407,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        check_tensor_parallel(self.model, self.mesh.tensor)
 
     def to_dict(self) -> dict:
         """The TOML-shaped dict (sections model, moe, train, data, mesh); None values omitted."""

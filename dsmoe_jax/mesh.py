@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from dsmoe_jax.config import MESH_AXES, MeshConfig
+from dsmoe_jax.config import MESH_AXES, ConfigError, MeshConfig
 
 EXPERT_AXIS = "expert"
 
@@ -26,19 +26,21 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp", "expert"),  # activations: every device holds different tokens
     "embed": "fsdp",  # weights: fully sharded data parallelism splits the model width
     "expert": "expert",  # routed experts: expert parallelism
-    "mlp": None,
-    "heads": None,
-    "kv_heads": None,
+    # tensor parallelism (the devices of a tensor group hold the same tokens): attention heads,
+    # FFN widths (dense, shared and routed experts) and the vocabulary of the embedding and head
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
     "head_dim": None,
     "q_lora": "fsdp",  # MLA's latent widths: the only splittable axis of its up-projections
     "kv_lora": "fsdp",
-    "vocab": None,
+    "vocab": "tensor",
     "layers": None,  # the stacked blocks of model.scan_layers: every device holds every layer
 }
 
 
 def make_mesh(sizes: Mapping[str, int] | MeshConfig, devices=None) -> jax.sharding.Mesh:
-    """A mesh with axes ``data``, ``fsdp``, ``expert`` over ``devices`` (default all, ordered by
+    """A mesh with axes ``data``, ``fsdp``, ``expert``, ``tensor`` over ``devices`` (default all, ordered by
     ``jax.make_mesh`` so that neighbouring mesh positions are close in the topology); one size
     may be -1 (the devices left over); sizes not given are 1."""
     devices = list(jax.devices() if devices is None else devices)
@@ -48,6 +50,19 @@ def make_mesh(sizes: Mapping[str, int] | MeshConfig, devices=None) -> jax.shardi
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def check_tensor_groups_local(mesh) -> None:
+    """Refuse a mesh whose tensor groups span processes: the devices of a group hold the same
+    tokens, which each process reads for itself (process-local batches), so a group must sit in
+    one process (one host's GPUs; ``make_mesh`` puts the tensor axis on neighbouring devices)."""
+    size = dict(mesh.shape).get("tensor", 1)
+    groups = mesh.devices.reshape(-1, size)  # tensor is the last mesh axis: each row is one group
+    split = [g for g in groups if len({d.process_index for d in g}) > 1]
+    if split:
+        raise ConfigError(f"the mesh's tensor groups span processes (devices {[d.id for d in split[0]]} belong to "
+                          f"processes {sorted({d.process_index for d in split[0]})}); choose mesh.tensor dividing the "
+                          f"{len([d for d in groups.flat if d.process_index == 0])} devices of each process")
+
+
 def logical_to_spec(axes: tuple[str | None, ...], mesh, shape: tuple[int, ...]) -> PartitionSpec:
     """The PartitionSpec of an array with logical ``axes``: each dimension is split over its
     rule's mesh axes of size > 1, unless they do not divide it or an earlier dimension already
@@ -55,7 +70,7 @@ def logical_to_spec(axes: tuple[str | None, ...], mesh, shape: tuple[int, ...]) 
     spec, used = [], set()
     for name, dim in zip(axes, shape):
         rule = RULES.get(name) if name is not None else None
-        mesh_axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if mesh.shape[a] > 1)
+        mesh_axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if mesh.shape.get(a, 1) > 1)
         if mesh_axes and not used & set(mesh_axes) and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
             spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
             used |= set(mesh_axes)

@@ -69,6 +69,7 @@ class Plan:
     devices_per_token_unlimited: int  # the same bound without the group limit: min(top_k, devices)
     dedup_bytes: int  # what an exchange sending a token once per device it reaches would move (worst case)
     dedup_bytes_unlimited: int  # the same without the group limit
+    tensor_bytes: int  # sent by one device per step in the tensor axis's all-reduces (ring)
     cache_bytes_per_token: int  # the inference KV cache, all layers, in model.dtype
 
     @property
@@ -144,7 +145,7 @@ def devices_per_token(moe, ep: int) -> int:
 def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = None, seq: int | None = None,
               platform: str = "gpu") -> Plan:
     """The plan of ``cfg`` (``train.batch_size`` x ``train.seq_len`` unless given) on a mesh of
-    ``mesh_sizes`` (axes ``data``, ``fsdp``, ``expert``; missing axes are 1) of ``platform``
+    ``mesh_sizes`` (axes ``data``, ``fsdp``, ``expert``, ``tensor``; missing axes are 1) of ``platform``
     devices, which decides the attention implementation and so its activations."""
     sizes = MeshConfig.from_sizes(mesh_sizes).resolve()
     # Auto axes, as make_mesh builds them (jax 0.11 made Explicit the AbstractMesh default)
@@ -177,6 +178,12 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     reach, reach_unlimited = (devices_per_token(m.moe, ep), min(m.moe.top_k, ep)) if ep > 1 else (1, 1)
     per_device_row = exchanges * t * m.d_model * c  # one row per token and device it reaches
     leaves = (ep - 1) / ep
+    # Tensor parallelism sums partial outputs over the tensor group twice per block (attention's
+    # output projection, the FFN's down projection) in every forward pass, and the input
+    # gradients twice per block in the backward; a ring all-reduce of n bytes sends 2 (k-1)/k n.
+    tp = sizes["tensor"]
+    all_reduces = 2 * passes * m.n_layers * t_cfg.grad_accum if tp > 1 else 0
+    tensor_bytes = int(all_reduces * t * m.d_model * c * 2 * (tp - 1) / tp)
     return Plan(
         mesh=sizes, attention=attention, tokens_per_device=t, params=4 * elements, grads=4 * elements,
         optimizer=8 * elements,
@@ -187,6 +194,7 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
         devices_per_token=reach, devices_per_token_unlimited=reach_unlimited,
         dedup_bytes=int(per_device_row * reach * leaves),
         dedup_bytes_unlimited=int(per_device_row * reach_unlimited * leaves),
+        tensor_bytes=tensor_bytes,
         cache_bytes_per_token=cache_bytes_per_token(m),
     )
 
@@ -214,6 +222,9 @@ def format_plan(plan: Plan, gpu_memory_gib: float | None = None, peak_tflops: fl
                      f"{plan.mesh['expert']} expert devices (<= {plan.devices_per_token_unlimited} without a group "
                      f"limit); sent once per device that is {plan.dedup_bytes / GIB:.2f} GiB "
                      f"({plan.dedup_bytes_unlimited / GIB:.2f} GiB unlimited)")
+    if plan.mesh["tensor"] > 1:
+        lines.append(f"tensor all-reduce {plan.tensor_bytes / GIB:.2f} GiB sent per device per step (attention and FFN "
+                     f"outputs and their input gradients, over {plan.mesh['tensor']} devices)")
     lines.append(f"KV cache          {plan.cache_bytes_per_token / 1024:.1f} KiB per token, all layers (inference)")
     if peak_tflops:
         lines.append(f"step time         >= {plan.flops_per_step / plan.devices / (peak_tflops * 1e12):.2f} s at "

@@ -10,13 +10,14 @@ from __future__ import annotations
 import jax
 from jax.sharding import NamedSharding
 
-from dsmoe_jax.config import Config, ModelConfig
+from dsmoe_jax.config import Config, ModelConfig, check_tensor_parallel, model_config
 from dsmoe_jax.mesh import logical_to_spec
 from dsmoe_jax.model import param_axes, param_shapes
 
 
 def param_shardings(cfg: Config | ModelConfig, mesh) -> dict:
     """NamedShardings of every parameter on ``mesh`` (a Mesh, or an AbstractMesh for planning)."""
+    check_tensor_parallel(model_config(cfg), dict(mesh.shape).get("tensor", 1))
     return jax.tree.map(lambda a, s: NamedSharding(mesh, logical_to_spec(a, mesh, s.shape)), param_axes(cfg),
                         param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
 

@@ -35,6 +35,18 @@ def test_all_to_all_bytes_by_hand():
     assert plan.make_plan(cfg, {"data": 8}).all_to_all_bytes == 0
 
 
+def test_tensor_axis_splits_weights_and_all_reduces_by_hand():
+    cfg = dsmoe_jax.load_config("tiny", ["train.batch_size=16", "train.seq_len=128"])
+    one, four = plan.make_plan(cfg, {"data": 2}), plan.make_plan(cfg, {"data": 2, "tensor": 4})
+    assert one.tensor_bytes == 0 and four.tokens_per_device == one.tokens_per_device == 16 * 128 // 2, \
+        "a tensor group holds the same tokens: the batch splits over data only"
+    t, D, layers, passes = 16 * 128 // 2, 128, 4, 2  # float32, no remat: a forward and a backward
+    assert four.tensor_bytes == 2 * passes * layers * t * D * 4 * 2 * 3 // 4, "2 ring all-reduces per block and pass"
+    norms = (2 * layers + 1) * D + (layers - 1) * D * 15  # RMSNorm scales and the 3 routers stay whole
+    assert four.params == 4 * ((dsmoe_jax.count_params(cfg)[0] - norms) // 4 + norms), \
+        "every matrix has a split dimension: heads, FFN widths or the vocabulary"
+
+
 def test_attention_activations_follow_the_implementation_by_hand():
     """Per token and layer: float32 scores, masked scores and probabilities over every key
     ("xla"), over the keys up to the end of the query's block of 128 ("blocked": (S + 128) / 2

@@ -4,9 +4,13 @@ count is fixed when jax starts)."""
 import json
 import textwrap
 
+import jax
+import pytest
 from conftest import run_python
 
 import dsmoe_jax
+from dsmoe_jax import sharding
+from dsmoe_jax.config import MESH_AXES, ConfigError
 
 
 def test_logical_axes_come_from_the_parameters(small_cfg):
@@ -42,3 +46,54 @@ SCRIPT = textwrap.dedent("""
 
 def test_sharded_forward_equals_single_device():
     assert json.loads(run_python(SCRIPT).splitlines()[-1]) == {"ok": True}
+
+
+# Tensor parallelism: heads, FFN widths and the vocabulary split over a tensor axis, alone and
+# with fsdp and expert parallelism: training loss, aux and gradients, and cached decoding, equal
+# one device's, for the MHA model and the MLA one (12 experts: the expert axis of 2 divides them).
+TENSOR = textwrap.dedent("""
+    import dataclasses, functools, json, jax, jax.numpy as jnp, numpy as np
+    import dsmoe_jax
+    from dsmoe_jax import inference, mesh as mesh_lib, sharding
+    from dsmoe_jax.train.step import loss_fn
+    from jax.sharding import PartitionSpec as P
+    report = {}
+    for name in ("tiny", "tiny-v3"):
+        cfg = dsmoe_jax.load_config(name, ["model.n_layers=2", "moe.n_routed_experts=12"])
+        params = dsmoe_jax.init_params(cfg.model, jax.random.key(0))
+        windows = jax.random.randint(jax.random.key(1), (8, 17), 0, cfg.model.vocab_size)
+        grads = lambda c, p, w: jax.jit(jax.value_and_grad(functools.partial(loss_fn, cfg=c), has_aux=True))(p, w)
+        (ref, (_, ref_aux)), ref_g = grads(cfg, params, windows)
+        prompt = windows[:2, :6]
+        decode = jax.jit(functools.partial(inference.generate, cfg=cfg.model, max_new_tokens=4, temperature=0.0))
+        ref_tokens = decode(params, prompt, rng=jax.random.key(0))
+        for sizes in ({"data": 4, "tensor": 2}, {"data": 2, "tensor": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}):
+            mesh = mesh_lib.make_mesh(sizes)
+            with jax.set_mesh(mesh):
+                sharded = sharding.shard_params(params, cfg)
+                (loss, (_, aux)), g = grads(cfg, sharded, jax.device_put(windows, mesh_lib.batch_sharding(mesh)))
+                tokens = decode(sharded, prompt, rng=jax.random.key(0))
+            lm_head = sharded["lm_head_DV"].sharding.spec
+            assert "tensor" in jax.tree.leaves(tuple(lm_head)), (name, sizes, lm_head)
+            assert abs(float(loss) - float(ref)) < 1e-5, (name, sizes, float(loss), float(ref))
+            assert abs(float(aux.balance_loss) - float(ref_aux.balance_loss)) < 1e-7, (name, sizes)
+            for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(ref_g)):
+                err = float(jnp.abs(a - b).max() / jnp.maximum(jnp.abs(b).max(), 1e-30))
+                assert err < 1e-5, (name, sizes, jax.tree_util.keystr(path), err)
+            np.testing.assert_array_equal(np.asarray(tokens), np.asarray(ref_tokens), err_msg=f"{name} {sizes}")
+            report.setdefault(name, []).append(sizes)
+    print(json.dumps(report))
+""")
+
+
+def test_tensor_parallel_training_and_decoding_equal_one_device():
+    report = json.loads(run_python(TENSOR).splitlines()[-1])
+    meshes = [{"data": 4, "tensor": 2}, {"data": 2, "tensor": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}]
+    assert report == {"tiny": meshes, "tiny-v3": meshes}, report
+
+
+def test_a_tensor_axis_must_divide_what_it_splits(small_cfg):
+    with pytest.raises(ConfigError, match=r"model.n_heads=4 does not split over the mesh's tensor axis of size 3"):
+        dsmoe_jax.load_config("tiny", ["mesh.tensor=3"])
+    with pytest.raises(ConfigError, match=r"model.vocab_size=97 does not split over the mesh's tensor axis of size 2"):
+        sharding.param_shardings(small_cfg, jax.sharding.AbstractMesh((1, 1, 1, 2), MESH_AXES))

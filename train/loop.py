@@ -206,6 +206,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
         write_config(workdir, cfg)
 
     n_proc, shards = jax.process_count(), mesh_lib.batch_shards(mesh)
+    mesh_lib.check_tensor_groups_local(mesh)
     if t.batch_size % (n_proc * t.grad_accum) or (t.batch_size // t.grad_accum) % shards:
         raise TrainingError(f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
                             f"micro-batches that divide over the {shards} devices ({n_proc} processes)")
