@@ -187,7 +187,7 @@ def sample(logits_BV: jax.Array, rng: jax.Array, temperature: float = 1.0, top_k
 @_old_argument_order_deprecated
 def generate(params: dict, prompt_ids: jax.Array, cfg: Config | ModelConfig, max_new_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos: int | None = None, prompt_mask: jax.Array | None = None) -> jax.Array:
+             eos: int | None = None, prompt_mask: jax.Array | None = None, check_ids: bool = False) -> jax.Array:
     """Continue left-padded prompts ``[B, S]`` by ``max_new_tokens`` tokens: ``[B, N]``.
 
     A row that emits ``eos`` repeats it from then on; the loop ends early once every row has.
@@ -197,11 +197,12 @@ def generate(params: dict, prompt_ids: jax.Array, cfg: Config | ModelConfig, max
     ``sample``), ``max_new_tokens < 1``, an ``eos`` outside the vocabulary, a prompt longer than
     ``model.max_seq_len - max_new_tokens``, and non-integer or non-2-D ``prompt_ids``; these are
     static, so they are checked under ``jit`` too. The prompt's ids are checked to lie in
-    ``[0, vocab_size)`` only outside ``jit``: traced, an out-of-range id silently reads a clamped
-    or wrapped embedding (check them with ``model.check_tokens`` before the jitted call).
+    ``[0, vocab_size)`` outside ``jit``, and under it with ``check_ids=True`` inside
+    ``checkify.checkify`` (see ``model.check_tokens``); unchecked, an out-of-range id silently
+    reads a clamped or wrapped embedding.
     """
     cfg_m = model_config(cfg)
-    check_tokens(prompt_ids, cfg_m, "generate")
+    check_tokens(prompt_ids, cfg_m, "generate", check_ids)
     B, S = prompt_ids.shape
     _check_generation(cfg_m, S, max_new_tokens, temperature, top_k, top_p, eos, "generate")
     mask = jnp.ones((B, S), jnp.int32) if prompt_mask is None else prompt_mask.astype(jnp.int32)

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import checkify
 
 from dsmoe_jax import mla
 from dsmoe_jax.attention import attention
@@ -250,14 +251,15 @@ class InputError(DsmoeError, ValueError):
     exit_code = 2  # the CLI's exit status: a usage error, like a bad option
 
 
-def check_tokens(tokens, cfg: ModelConfig, where: str) -> None:
+def check_tokens(tokens, cfg: ModelConfig, where: str, check_ids: bool = False) -> None:
     """Refuse token ids the model would misread: ``tokens`` must be an integer array ``[B, S]``
     with ``S <= model.max_seq_len`` and every id in ``[0, model.vocab_size)``.
 
     The embedding lookup never fails: an id past the vocabulary reads the last row and a
     negative one wraps around, so a bad id gives plausible logits. Dtype, rank and length are
-    static and always checked. The ids are checked only when concrete: under ``jit`` they are
-    tracers and go unchecked (check them before jitting, e.g. with this function)."""
+    static and always checked. The ids are checked when concrete; under ``jit`` they are
+    tracers, checked only with ``check_ids``, through ``jax.experimental.checkify`` (the jitted
+    function must then be wrapped in ``checkify.checkify``, whose error carries the message)."""
     dtype, shape = getattr(tokens, "dtype", None), getattr(tokens, "shape", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
         got = dtype if dtype is not None else type(tokens).__name__
@@ -269,7 +271,14 @@ def check_tokens(tokens, cfg: ModelConfig, where: str) -> None:
     if shape[1] > cfg.max_seq_len:
         raise InputError(f"{where}: {shape[1]} tokens per sequence exceed model.max_seq_len {cfg.max_seq_len}; "
                          f"shorten the sequences to at most {cfg.max_seq_len} tokens")
-    if isinstance(tokens, jax.core.Tracer) or not tokens.size:
+    if isinstance(tokens, jax.core.Tracer):
+        if check_ids and tokens.size:
+            outside = (tokens < 0) | (tokens >= cfg.vocab_size)
+            checkify.check(~jnp.any(outside), f"{where}: token id {{id}} is outside the vocabulary: ids must lie in "
+                           f"[0, {cfg.vocab_size}) (model.vocab_size); encode text with the tokenizer the model was "
+                           "trained with", id=tokens.reshape(-1)[jnp.argmax(outside.reshape(-1))])
+        return
+    if not tokens.size:
         return
     with jax.ensure_compile_time_eval():  # concrete ids closed over by a traced function, too
         lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
@@ -357,7 +366,7 @@ def _check_params(params: dict, cfg: ModelConfig) -> None:
 
 def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-            route: RouteOptions | None = None):
+            route: RouteOptions | None = None, check_ids: bool = False):
     """Logits ``[B, S, V]`` (float32) and ``Aux`` for integer ``tokens [B, S]``.
 
     ``attention_mask [B, S]`` (1 = real token, 0 = padding) hides padding keys and keeps
@@ -369,10 +378,11 @@ def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
 
     Refuses (``InputError``) tokens that are not integers, not 2-D or longer than
     ``model.max_seq_len``, and, outside ``jit``, ids outside ``[0, vocab_size)``. Under ``jit``
-    the ids are not checked: an out-of-range id silently reads a clamped or wrapped embedding.
+    the ids are checked only with ``check_ids=True`` inside ``checkify.checkify`` (see
+    ``check_tokens``); otherwise an out-of-range id silently reads a clamped or wrapped embedding.
     """
     cfg = model_config(cfg)
-    check_tokens(tokens, cfg, "forward")
+    check_tokens(tokens, cfg, "forward", check_ids)
     B, S = tokens.shape
     if attention_mask is None:
         attention_mask = jnp.ones((B, S), jnp.int32)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 import dsmoe_jax
 from dsmoe_jax import model as model_lib
@@ -243,3 +244,21 @@ def test_check_tokens_leaves_traced_ids_unchecked(small_cfg):
     jax.jit(lambda t: model_lib.check_tokens(t, small_cfg, "test"))(jnp.asarray([[97]]))
     with pytest.raises(dsmoe_jax.InputError, match="test: token id 97"):
         model_lib.check_tokens(jnp.asarray([[97]]), small_cfg, "test")
+
+
+def test_checked_mode_refuses_bad_ids_under_jit_through_checkify(small_cfg, key):
+    params = dsmoe_jax.init_params(small_cfg, key)
+    checked = jax.jit(checkify.checkify(functools.partial(dsmoe_jax.forward, cfg=small_cfg, check_ids=True)))
+    err, (logits, _) = checked(params, jnp.asarray([[1, 2, 3]]))
+    assert err.get() is None and logits.shape == (1, 3, 97), err.get()
+    for bad in (97, -4):
+        err, _ = checked(params, jnp.asarray([[1, bad, 3]]))
+        with pytest.raises(checkify.JaxRuntimeError, match=rf"forward: token id {bad} is outside the vocabulary: "
+                                                           r"ids must lie in \[0, 97\)"):
+            err.throw()
+    generate = functools.partial(dsmoe_jax.generate, cfg=small_cfg, max_new_tokens=2, temperature=0.0, check_ids=True)
+    err, _ = jax.jit(checkify.checkify(generate))(params, jnp.asarray([[5, 200]]), rng=key)
+    with pytest.raises(checkify.JaxRuntimeError, match="generate: token id 200 is outside"):
+        err.throw()
+    with pytest.raises(Exception, match="checkify"):  # staged without checkify: said at trace time
+        jax.jit(functools.partial(dsmoe_jax.forward, cfg=small_cfg, check_ids=True))(params, jnp.asarray([[1]]))
