@@ -34,6 +34,7 @@ class Evaluation(NamedTuple):
     stderr: float  # standard error of ``loss`` over windows (0 for a single window)
     tokens: int  # predicted tokens read
     windows: int
+    window_losses: tuple[float, ...] = ()  # each window's mean, in the order read: pairs two models' losses
 
     @property
     def perplexity(self) -> float:
@@ -121,4 +122,5 @@ def evaluate(params, cfg: Config, tokens: np.ndarray, max_tokens: int | None = N
               for windows, real in window_batches(tokens, seq, index, batch)]
     per_window = np.concatenate(losses)
     stderr = float(per_window.std(ddof=1) / math.sqrt(len(per_window))) if len(per_window) > 1 else 0.0
-    return Evaluation(float(per_window.mean()), stderr, len(per_window) * seq, len(per_window))
+    return Evaluation(float(per_window.mean()), stderr, len(per_window) * seq, len(per_window),
+                      tuple(float(x) for x in per_window))

@@ -77,6 +77,14 @@ def test_toy_experiment_end_to_end_and_resume_without_retraining(toy_workdir, mo
     assert s["top_k"]["7"] == s["no_shared"]["standard"], "top-7 is the model as trained"
     assert {"val_loss.png", "train_loss.png", "specialisation.png"} <= {p.name for p in out.iterdir()}
     assert "DeepSeekMoE" in (out / "results.md").read_text() and results["scale"] == "toy"
+    pairs = {(c["a"], c["b"]): c for c in saved["comparisons"]}
+    assert set(pairs) == {("deepseekmoe", "gshard"), ("deepseekmoe", "gshard_x1.5"), ("gshard", "gshard_x1.5")}
+    c = pairs[("deepseekmoe", "gshard")]
+    arms = saved["arms"]
+    assert c["per_seed"] == pytest.approx([x - y for x, y in zip(arms["deepseekmoe"]["val_loss"],
+                                                                arms["gshard"]["val_loss"])])
+    assert c["ci95"][0] < c["mean"] < c["ci95"][1] and all(se > 0 for se in c["window_se"]), c
+    assert "| DeepSeekMoE - GShard |" in (out / "results.md").read_text()
 
     # a second run reuses the trained arms: nothing is trained again
     monkeypatch.setattr(runner, "train", lambda *a, **k: pytest.fail("a finished arm was retrained"))
@@ -121,3 +129,18 @@ def test_an_interrupted_arm_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert record["resumed"] and record["steps"] == scale.steps
     steps = [json.loads(line)["step"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, scale.steps + 1)), f"continued after step 3, not from the start: {steps}"
+
+
+def test_paired_comparison_by_hand():
+    """Three seeds, A - B = 0.1, 0.2, 0.3: mean 0.2, std 0.1, t(0.975, 2) = 4.3027 -> +- 0.2484; the
+    windows' paired SE is the std of the per-window differences over sqrt(windows)."""
+    a = [{"val_loss": v, "val_window_losses": [v + 0.1, v - 0.1, v]} for v in (2.1, 2.2, 2.3)]
+    b = [{"val_loss": 2.0, "val_window_losses": [2.1, 1.9, 2.0]}] * 3
+    c = runner.compare("a", a, "b", b, seeds=[0, 1, 2])
+    assert c["per_seed"] == pytest.approx([0.1, 0.2, 0.3]) and c["mean"] == pytest.approx(0.2)
+    assert c["seed_std"] == pytest.approx(0.1)
+    assert c["ci95"] == pytest.approx([0.2 - 0.24841, 0.2 + 0.24841], abs=1e-5)
+    assert c["window_se"] == pytest.approx([0.0, 0.0, 0.0]), "A = B + a constant on every window: no spread"
+    old = runner.compare("a", [{"val_loss": 2.0}], "b", [{"val_loss": 2.5}], seeds=[0])
+    assert old["ci95"] is None and old["seed_std"] is None and old["window_se"] == [None], \
+        "one seed has no interval; runs without window losses have no paired SE"

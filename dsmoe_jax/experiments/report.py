@@ -31,11 +31,29 @@ def markdown(results: dict) -> str:
             f"| {arm['label']} | {arm['structure']} | {arm['params_total'] / 1e6:.2f}M | "
             f"{arm['params_activated'] / 1e6:.2f}M | {_pm(arm['val_loss_mean'], arm['val_loss_seed_std'])} | "
             f"{', '.join(f'{v:.4f}' for v in arm['val_loss'])} | {max(arm['val_loss_stderr']):.4f} | {paper} |")
+    if results.get("comparisons"):
+        lines += ["", *_comparison_lines(results)]
     if "specialisation" in results:
         lines += ["", *_specialisation_lines(results["specialisation"])]
     if "balance" in results:
         lines += ["", *_balance_lines(results["balance"], results["arms"])]
     return "\n".join(lines) + "\n"
+
+
+def _comparison_lines(results: dict) -> list[str]:
+    """Each pair of arms, paired by seed: A - B per seed, mean, std, 95% t-interval, and the
+    paired standard error over the shared validation windows (mean over seeds)."""
+    label = lambda name: results["arms"][name]["label"]
+    lines = ["Paired by seed (same batches, same validation windows); negative: A has the lower loss.", "",
+             "| A - B | per seed | mean | seed std | 95% t-interval | paired SE over windows |",
+             "|---|---|---|---|---|---|"]
+    for c in results["comparisons"]:
+        interval = f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c["ci95"] else "one seed"
+        std = f"{c['seed_std']:.4f}" if c["seed_std"] is not None else ""
+        ses = [s for s in c["window_se"] if s is not None]
+        lines.append(f"| {label(c['a'])} - {label(c['b'])} | {', '.join(f'{d:+.4f}' for d in c['per_seed'])} | "
+                     f"{c['mean']:+.4f} | {std} | {interval} | {f'{np.mean(ses):.4f}' if ses else ''} |")
+    return lines
 
 
 def _mean_std(values) -> str:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.stats
 
 from dsmoe_jax import data
 from dsmoe_jax.atomic import atomic_file
@@ -71,6 +72,7 @@ def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume
     _, val_tokens, _ = data.load_tokens(cfg)
     result = evaluate(params, cfg, val_tokens, max_tokens=scale.eval_tokens)
     record = {"val_loss": result.loss, "val_loss_stderr": result.stderr, "eval_tokens": result.tokens,
+              "val_window_losses": list(result.window_losses),  # the same windows for every arm of a seed
               "train_tokens": scale.tokens, "steps": scale.steps, "wall_s": wall, "resumed": started}
     with atomic_file(final) as f:
         json.dump(record, f, indent=2)
@@ -89,6 +91,26 @@ def _arm_summary(arm: Arm, scale: Scale, records: list[dict], paper: float | Non
         "eval_tokens": records[0]["eval_tokens"], "wall_s": [r["wall_s"] for r in records],
         "paper_val_loss": paper,
     }
+
+
+def compare(name_a: str, records_a: list[dict], name_b: str, records_b: list[dict], seeds: Sequence[int]) -> dict:
+    """Arm A against arm B, paired by seed (a seed gives both the same batches and the same
+    validation windows): the per-seed differences of validation loss (A - B), their mean,
+    standard deviation and 95% t-interval over seeds, and per seed the paired standard error
+    over the shared windows (None for runs recorded before their window losses were)."""
+    diffs = np.array([a["val_loss"] - b["val_loss"] for a, b in zip(records_a, records_b)])
+    n = len(diffs)
+    sd = float(diffs.std(ddof=1)) if n > 1 else None
+    half = float(scipy.stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if n > 1 else None
+    window_se = []
+    for a, b in zip(records_a, records_b):
+        wa, wb = np.asarray(a.get("val_window_losses", [])), np.asarray(b.get("val_window_losses", []))
+        paired = len(wa) > 1 and len(wa) == len(wb)
+        window_se.append(float((wa - wb).std(ddof=1) / np.sqrt(len(wa))) if paired else None)
+    mean = float(diffs.mean())
+    return {"a": name_a, "b": name_b, "seeds": list(seeds), "per_seed": [float(d) for d in diffs], "mean": mean,
+            "seed_std": sd, "ci95": [mean - half, mean + half] if half is not None else None,
+            "window_se": window_se}
 
 
 def describe_arms(name: str, scale: str) -> list[dict]:
@@ -132,6 +154,8 @@ def run_experiment(name: str, scale: str = "cpu", seeds: Sequence[int] = (0, 1, 
         "experiment": name, "title": experiment.title, "scale": scale, "seeds": list(seeds),
         "scale_config": dataclasses.asdict(sc), "tokens_per_arm": sc.tokens,
         "arms": {a: _arm_summary(ARMS[a], sc, records[a], experiment.paper.get(a)) for a in experiment.arms},
+        "comparisons": [compare(a, records[a], b, records[b], seeds)
+                        for i, a in enumerate(experiment.arms) for b in experiment.arms[i + 1:]],
     }
     if experiment.measure == "specialisation":
         results["specialisation"] = measures.specialisation(root, sc, seeds, run_dir)
