@@ -85,6 +85,8 @@ def test_toy_experiment_end_to_end_and_resume_without_retraining(toy_workdir, mo
                                                                 arms["gshard"]["val_loss"])])
     assert c["ci95"][0] < c["mean"] < c["ci95"][1] and all(se > 0 for se in c["window_se"]), c
     assert "| DeepSeekMoE - GShard |" in (out / "results.md").read_text()
+    env = saved["environment"]
+    assert env["jax"] and env["peak_rss_bytes"] > 2**20 and (env["commit"] is None or len(env["commit"]) == 40), env
 
     # a second run reuses the trained arms: nothing is trained again
     monkeypatch.setattr(runner, "train", lambda *a, **k: pytest.fail("a finished arm was retrained"))
@@ -127,6 +129,9 @@ def test_an_interrupted_arm_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         runner.train_arm(arm, scale, 0, directory)
     record = runner.train_arm(arm, scale, 0, directory, resume=True, progress=False)
     assert record["resumed"] and record["steps"] == scale.steps
+    walls = json.loads((directory / runner.WALLS).read_text())
+    assert record["invocations"] == len(walls) == 2 and record["wall_s"] == pytest.approx(sum(walls)), \
+        "a resumed arm's wall time adds up its invocations"
     steps = [json.loads(line)["step"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, scale.steps + 1)), f"continued after step 3, not from the start: {steps}"
 

@@ -13,9 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import platform
+import resource
+import subprocess
 import time
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 import scipy.stats
 
@@ -31,6 +35,7 @@ from dsmoe_jax.train.loop import train
 
 FINAL = "final.json"
 RESULTS = "results.json"
+WALLS = "wall_s.json"  # seconds of each invocation that trained the arm
 
 
 class ExperimentError(DsmoeError, RuntimeError):
@@ -65,15 +70,24 @@ def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume
     started = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
     if started and not resume:
         raise ExperimentError(f"{directory} holds an unfinished run of arm {arm.name!r}; pass --resume to continue it")
+    # Wall time of every invocation that trained this arm (an interrupted arm resumes in another).
+    walls_file = directory / WALLS
+    walls = json.loads(walls_file.read_text()) if walls_file.is_file() else []
     tick = time.perf_counter()
-    train(cfg, directory, resume=started, progress=progress)
-    wall = time.perf_counter() - tick
+    try:
+        train(cfg, directory, resume=started, progress=progress)
+    finally:
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_file(walls_file) as f:
+            json.dump([*walls, time.perf_counter() - tick], f)
+    walls = json.loads(walls_file.read_text())
     params, _ = load_checkpoint(directory)
     _, val_tokens, _ = data.load_tokens(cfg)
     result = evaluate(params, cfg, val_tokens, max_tokens=scale.eval_tokens)
     record = {"val_loss": result.loss, "val_loss_stderr": result.stderr, "eval_tokens": result.tokens,
               "val_window_losses": list(result.window_losses),  # the same windows for every arm of a seed
-              "train_tokens": scale.tokens, "steps": scale.steps, "wall_s": wall, "resumed": started}
+              "train_tokens": scale.tokens, "steps": scale.steps, "wall_s": sum(walls), "invocations": len(walls),
+              "resumed": started}
     with atomic_file(final) as f:
         json.dump(record, f, indent=2)
     return record
@@ -89,6 +103,7 @@ def _arm_summary(arm: Arm, scale: Scale, records: list[dict], paper: float | Non
         "val_loss_mean": float(np.mean(losses)),
         "val_loss_seed_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
         "eval_tokens": records[0]["eval_tokens"], "wall_s": [r["wall_s"] for r in records],
+        "resumed": [r.get("resumed", False) for r in records],
         "paper_val_loss": paper,
     }
 
@@ -111,6 +126,17 @@ def compare(name_a: str, records_a: list[dict], name_b: str, records_b: list[dic
     return {"a": name_a, "b": name_b, "seeds": list(seeds), "per_seed": [float(d) for d in diffs], "mean": mean,
             "seed_std": sd, "ci95": [mean - half, mean + half] if half is not None else None,
             "window_se": window_se}
+
+
+def _environment() -> dict:
+    """What produced the results: the commit (when run from a git checkout), versions, peak memory."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=pathlib.Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    return {"commit": commit, "jax": jax.__version__, "python": platform.python_version(),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux reports KiB
 
 
 def describe_arms(name: str, scale: str) -> list[dict]:
@@ -162,6 +188,7 @@ def run_experiment(name: str, scale: str = "cpu", seeds: Sequence[int] = (0, 1, 
     elif experiment.measure == "balance":
         results["balance"] = measures.balance(root, [ARMS[a] for a in experiment.arms], sc, seeds, run_dir)
     results["wall_s"] = time.perf_counter() - tick
+    results["environment"] = _environment()
     out.mkdir(parents=True, exist_ok=True)
     results["plots"] = report.plots(results, out, {a: run_dir(root, ARMS[a], seeds[0]) for a in experiment.arms})
     table = report.markdown(results)
