@@ -6,7 +6,16 @@ import json
 import pytest
 
 from dsmoe_jax import cli
-from dsmoe_jax.experiments import ARMS, EXPERIMENTS, SCALES, ExperimentError, arm_config, run_experiment, runner
+from dsmoe_jax.experiments import (
+    ARMS,
+    EXPERIMENTS,
+    SCALES,
+    VARIANTS,
+    ExperimentError,
+    arm_config,
+    run_experiment,
+    runner,
+)
 from dsmoe_jax.model import count_params
 from dsmoe_jax.train.checkpoint import Checkpointer
 
@@ -149,3 +158,34 @@ def test_paired_comparison_by_hand():
     old = runner.compare("a", [{"val_loss": 2.0}], "b", [{"val_loss": 2.5}], seeds=[0])
     assert old["ci95"] is None and old["seed_std"] is None and old["window_se"] == [None], \
         "one seed has no interval; runs without window losses have no paired SE"
+
+
+def test_sensitivity_trains_both_arms_per_variant_and_pairs_them(tmp_path, capsys):
+    assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--seeds", "0,1", "--variants", "norm_topk",
+                     "--workdir", str(tmp_path), "--quiet"]) == 0
+    results = json.loads((tmp_path / "sensitivity" / "results.json").read_text())
+    v = results["variants"]["norm_topk"]
+    c, losses = v["deepseekmoe_minus_gshard"], v["val_loss"]
+    assert c["per_seed"] == pytest.approx([d - g for d, g in zip(losses["deepseekmoe"], losses["gshard"])])
+    assert all(se > 0 for se in c["window_se"]) and c["ci95"][0] <= c["mean"] <= c["ci95"][1], c
+    assert (tmp_path / "runs" / "deepseekmoe@norm_topk" / "seed1" / "final.json").is_file(), "stored apart"
+    assert "| norm_topk |" in (tmp_path / "sensitivity" / "results.md").read_text()
+    assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--variants", "depth_9", "--workdir",
+                     str(tmp_path)]) == 1
+    assert "unknown variants ['depth_9']" in capsys.readouterr().err
+
+
+def test_sensitivity_variants_change_what_they_say_and_keep_the_token_budget():
+    cpu = SCALES["cpu"]
+    for name, variant in VARIANTS.items():
+        for arm in ("gshard", "deepseekmoe"):
+            changed, scale = variant.apply(ARMS[arm], cpu)
+            arm_config(changed, scale, 0)  # every variant builds
+            assert scale.tokens == cpu.tokens, f"{name}: every variant trains on the same number of tokens"
+            assert (changed.name == arm) == (name == "base"), "each variant's runs are stored apart"
+    norm = arm_config(*VARIANTS["norm_topk"].apply(ARMS["deepseekmoe"], cpu), 0)
+    deep = arm_config(*VARIANTS["depth_4"].apply(ARMS["deepseekmoe"], cpu), 0)
+    wide = arm_config(*VARIANTS["ffn_512"].apply(ARMS["deepseekmoe"], cpu), 0)
+    assert norm.model.moe.norm_topk_prob and deep.model.n_layers == 4 and wide.model.moe.expert_d_ff == 128
+    big = arm_config(*VARIANTS["batch_64"].apply(ARMS["gshard"], cpu), 0)
+    assert (big.train.batch_size, big.train.steps) == (64, 75), "4x the batch, a quarter of the steps"

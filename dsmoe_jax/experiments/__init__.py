@@ -5,7 +5,8 @@ resumably, and results.json; ``measures``: the specialisation probes and load st
 ``report``: the Markdown table and the plots. EXPERIMENTS.md holds what came out.
 """
 
-from dsmoe_jax.experiments.runner import ExperimentError, describe_arms, run_experiment
-from dsmoe_jax.experiments.specs import ARMS, EXPERIMENTS, SCALES, arm_config
+from dsmoe_jax.experiments.runner import ExperimentError, describe_arms, run_experiment, run_sensitivity
+from dsmoe_jax.experiments.specs import ARMS, EXPERIMENTS, SCALES, VARIANTS, arm_config
 
-__all__ = ["ARMS", "EXPERIMENTS", "SCALES", "ExperimentError", "arm_config", "describe_arms", "run_experiment"]
+__all__ = ["ARMS", "EXPERIMENTS", "SCALES", "VARIANTS", "ExperimentError", "arm_config", "describe_arms",
+           "run_experiment", "run_sensitivity"]

@@ -40,6 +40,24 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sensitivity_markdown(results: dict) -> str:
+    """One row per variant: DeepSeekMoE - GShard by seed, mean, std, 95% t-interval."""
+    lines = [f"### sensitivity ({results['scale']} scale): DeepSeekMoE against GShard, one change at a time", "",
+             f"Seeds {', '.join(map(str, results['seeds']))}, paired by seed; negative: DeepSeekMoE has the lower "
+             "validation loss.", "",
+             "| variant | tokens per arm | GShard | DeepSeekMoE | DeepSeekMoE - GShard per seed | mean "
+             "| 95% t-interval | paired SE over windows | why |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in results["variants"].items():
+        c = v["deepseekmoe_minus_gshard"]
+        interval = f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c["ci95"] else "one seed"
+        ses = [s for s in c["window_se"] if s is not None]
+        lines.append(f"| {name} | {v['tokens_per_arm']:,} | {_mean_std(v['val_loss']['gshard'])} | "
+                     f"{_mean_std(v['val_loss']['deepseekmoe'])} | {', '.join(f'{d:+.4f}' for d in c['per_seed'])} "
+                     f"| {c['mean']:+.4f} | {interval} | {f'{np.mean(ses):.4f}' if ses else ''} | {v['reason']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _comparison_lines(results: dict) -> list[str]:
     """Each pair of arms, paired by seed: A - B per seed, mean, std, 95% t-interval, and the
     paired standard error over the shared validation windows (mean over seeds)."""

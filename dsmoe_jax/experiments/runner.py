@@ -29,7 +29,17 @@ from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, load_checkpoint, read_config
 from dsmoe_jax.config import Config, DsmoeError
 from dsmoe_jax.evaluation import evaluate
 from dsmoe_jax.experiments import measures, report
-from dsmoe_jax.experiments.specs import ARMS, EXPERIMENTS, SCALES, Arm, Scale, arm_config, overrides_dict
+from dsmoe_jax.experiments.specs import (
+    ARMS,
+    EXPERIMENTS,
+    SCALES,
+    SENSITIVITY_ARMS,
+    VARIANTS,
+    Arm,
+    Scale,
+    arm_config,
+    overrides_dict,
+)
 from dsmoe_jax.model import count_params
 from dsmoe_jax.train.loop import train
 
@@ -126,6 +136,51 @@ def compare(name_a: str, records_a: list[dict], name_b: str, records_b: list[dic
     return {"a": name_a, "b": name_b, "seeds": list(seeds), "per_seed": [float(d) for d in diffs], "mean": mean,
             "seed_std": sd, "ci95": [mean - half, mean + half] if half is not None else None,
             "window_se": window_se}
+
+
+def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), variants: Sequence[str] | None = None,
+                    workdir: str | pathlib.Path | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """GShard against DeepSeekMoE under one change of the setting at a time (``specs.VARIANTS``,
+    default all): every variant's two arms for every seed, each pair compared by seed
+    (``compare``: DeepSeekMoE - GShard). Writes ``sensitivity/results.json`` and ``results.md``."""
+    if scale not in SCALES:
+        raise ExperimentError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    names = list(variants) if variants else list(VARIANTS)
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not seeds:
+        raise ExperimentError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}" if unknown else
+                              "give at least one seed")
+    root = pathlib.Path(workdir) if workdir is not None else default_workdir(scale)
+    tick = time.perf_counter()
+    rows = {}
+    runs = [(v, a, s) for v in names for a in SENSITIVITY_ARMS for s in seeds]
+    records: dict[tuple[str, str], list[dict]] = {}
+    for i, (v, a, s) in enumerate(runs, 1):
+        arm, sc = VARIANTS[v].apply(ARMS[a], SCALES[scale])
+        if progress:
+            print(f"[{i}/{len(runs)}] {v}: {arm.name} ({arm.structure()}), seed {s}", flush=True)
+        records.setdefault((v, a), []).append(train_arm(arm, sc, s, run_dir(root, arm, s), resume, progress))
+    for v in names:
+        gshard, deepseek = records[(v, "gshard")], records[(v, "deepseekmoe")]
+        arm, sc = VARIANTS[v].apply(ARMS["deepseekmoe"], SCALES[scale])
+        rows[v] = {"reason": VARIANTS[v].reason, "scale": VARIANTS[v].scale, "overrides": list(VARIANTS[v].overrides),
+                   "tokens_per_arm": sc.tokens,
+                   "val_loss": {"gshard": [r["val_loss"] for r in gshard],
+                                "deepseekmoe": [r["val_loss"] for r in deepseek]},
+                   "wall_s": sum(r["wall_s"] for r in gshard + deepseek),
+                   "deepseekmoe_minus_gshard": compare("deepseekmoe", deepseek, "gshard", gshard, seeds)}
+    results = {"experiment": "sensitivity", "scale": scale, "seeds": list(seeds), "variants": rows,
+               "wall_s": time.perf_counter() - tick, "environment": _environment()}
+    out = root / "sensitivity"
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / RESULTS) as f:
+        json.dump(results, f, indent=2)
+    table = report.sensitivity_markdown(results)
+    with atomic_file(out / "results.md") as f:
+        f.write(table)
+    if progress:
+        print(table)
+    return results
 
 
 def _environment() -> dict:

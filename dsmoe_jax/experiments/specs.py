@@ -172,6 +172,41 @@ EXPERIMENTS = {e.name: e for e in (
 )}
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One change to the setting of GShard and DeepSeekMoE (the ``sensitivity`` experiment):
+    fields of the scale (sizes, batch, budget) and/or overrides both arms take, and why."""
+
+    name: str
+    reason: str
+    scale: dict = dataclasses.field(default_factory=dict)  # Scale fields to replace
+    overrides: tuple[str, ...] = ()
+
+    def apply(self, arm: Arm, scale: Scale) -> tuple[Arm, Scale]:
+        """The arm (named ``arm@variant``, trained and stored apart) and scale of this variant."""
+        if self.name == "base":
+            return arm, scale
+        return (dataclasses.replace(arm, name=f"{arm.name}@{self.name}", settings=arm.settings + self.overrides),
+                dataclasses.replace(scale, **self.scale))
+
+
+SENSITIVITY_ARMS = ("gshard", "deepseekmoe")
+VARIANTS = {v.name: v for v in (
+    Variant("base", "the cpu setting as the architectures experiment ran it"),
+    Variant("norm_topk", "gate scale: top-k weights renormalised to sum 1, where GShard's routed experts "
+            "otherwise carry about 2/16 of a token's weight and DeepSeekMoE's about 7/63 beside a shared expert "
+            "at weight 1", overrides=("moe.norm_topk_prob=true",)),
+    Variant("init_0.02", "initialisation: std 0.006 is the paper's for width 1280, used here at width 128",
+            overrides=("model.init_std=0.02",)),
+    Variant("depth_4", "depth: with 2 blocks the router sees nearly raw embeddings", scale={"n_layers": 4}),
+    Variant("ffn_512", "dense width F 512: fine-grained experts are 64 wide at F 256", scale={"ffn": 512}),
+    Variant("batch_64", "tokens per step: batch 64 at the same token budget (4x the assignments per expert "
+            "per step)", scale={"batch_size": 64, "steps": 75, "warmup_steps": 8, "checkpoint_every": 25}),
+    Variant("lr_1e-3", "learning rate 1e-3 (the cpu setting uses 2e-3)", scale={"lr": 1e-3}),
+    Variant("lr_4e-3", "learning rate 4e-3", scale={"lr": 4e-3}),
+)}
+
+
 def arm_config(arm: Arm, scale: Scale, seed: int) -> Config:
     """The full config of one arm at one scale and seed."""
     return load_config(BASE_CONFIG, [*scale.overrides(), *arm.overrides(scale), f"train.seed={seed}"])
