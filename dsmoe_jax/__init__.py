@@ -14,6 +14,7 @@ all_to_all exchange of the routed experts). The README's "Where things are" tabl
 concept to its module.
 """
 
+from dsmoe_jax import kernels  # noqa: F401 - importing it registers the "triton" grouped-MLP backend
 from dsmoe_jax.checkpoint import load_checkpoint
 from dsmoe_jax.config import (
     Config,

@@ -235,9 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="do not keep compiled XLA programs on disk for later runs (runtime.py)")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print a config's architecture, parameter counts and FLOPs")
-    info.add_argument("--config", required=True, help="TOML file or shipped config name (tiny, 2b, 16b, ...)")
-    info.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
+    # --config and --set, shared by the commands that build a model from a config
+    configured = argparse.ArgumentParser(add_help=False)
+    configured.add_argument("--config", required=True, help="TOML file or shipped config name (tiny, 2b, 16b, ...)")
+    configured.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
+    info = sub.add_parser("info", parents=[configured],
+                          help="print a config's architecture, parameter counts and FLOPs")
     info.set_defaults(run=_info)
 
     prep = sub.add_parser("prepare-data", help="tokenize text (.txt, .jsonl[.gz|.zst], .parquet) into token shards "
@@ -259,9 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(run=_prepare_data)
 
-    train = sub.add_parser("train", help="train a model; the embedded corpus unless data.path is set")
-    train.add_argument("--config", required=True, help="TOML file or shipped config name (tiny, 2b, 16b, ...)")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
+    train = sub.add_parser("train", parents=[configured],
+                           help="train a model; the embedded corpus unless data.path is set")
     train.add_argument("--workdir", help="metrics, TensorBoard events and checkpoints (default runs/<config>)")
     train.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar or summary (processes > 0 are quiet)")
@@ -302,9 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=_generate)
 
-    pl = sub.add_parser("plan", help="per-device memory, FLOPs and all_to_all traffic of a training step")
-    pl.add_argument("--config", required=True, help="TOML file or shipped config name (tiny, 2b, 16b, ...)")
-    pl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
+    pl = sub.add_parser("plan", parents=[configured],
+                        help="per-device memory, FLOPs and all_to_all traffic of a training step")
     pl.add_argument("--mesh", required=True, metavar="AXIS=SIZE,...", help="e.g. data=8,expert=8 (fsdp too)")
     pl.add_argument("--batch", type=int, help="global batch in sequences (default train.batch_size)")
     pl.add_argument("--seq", type=int, help="sequence length (default train.seq_len)")

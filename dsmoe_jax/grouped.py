@@ -15,18 +15,18 @@ Backends:
   "tiled"   the CPU default: a loop over M-row tiles, each inside one expert's group, one GEMM
             per tile with that expert's weights; hand-written backward. Dropless; the work is the
             routed rows plus less than one tile of padding per expert.
-  "triton"  the Triton kernels of ``kernels/`` (the GPU default), imported by name on first use:
-            they need Triton, which a CPU-only install may lack, and they build on this module.
+  "triton"  the Triton kernels of ``kernels/`` (the GPU default), which build on this module and
+            register themselves when the package imports them (``dsmoe_jax/__init__.py``), with
+            the modules they need: Triton, and jax-triton on a GPU.
 Other backends plug in with ``register_backend``; ``moe.py`` only names one.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -37,19 +37,19 @@ from dsmoe_jax.config import GROUPED_BACKENDS
 GroupedMLP = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 _BACKENDS: dict[str, GroupedMLP] = {}
-# Backends that live in another package, as (module, attribute), imported when first used.
-_PLUGINS = {"triton": ("dsmoe_jax.kernels", "triton_grouped_mlp")}
-# What a plugin needs installed, by platform ("*": any other): on a GPU the Triton kernels are
-# launched through jax-triton, elsewhere they run under Triton's interpreter.
-_PLUGIN_NEEDS = {"triton": {"gpu": ("triton", "jax_triton"), "*": ("triton",)}}
+# What a backend needs installed to run, by platform ("*": any other platform).
+_NEEDS: dict[str, Mapping[str, tuple[str, ...]]] = {}
 _BUILTIN = frozenset(GROUPED_BACKENDS)
 
 TILE_ROWS = 256  # rows per tile of the "tiled" backend: 128 and 256 measured in BENCHMARKS.md
 
 
-def register_backend(name: str, fn: GroupedMLP) -> None:
-    """Make ``fn`` available as ``moe.backend = name`` (configs built afterwards accept it)."""
+def register_backend(name: str, fn: GroupedMLP, needs: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    """Make ``fn`` available as ``moe.backend = name`` (configs built afterwards accept it).
+    ``needs``: the modules it imports when it runs, by platform (``"*"``: any other), e.g.
+    ``{"gpu": ("triton", "jax_triton"), "*": ("triton",)}``; without them it is not chosen."""
     _BACKENDS[name] = fn
+    _NEEDS[name] = dict(needs or {})
     GROUPED_BACKENDS.add(name)
 
 
@@ -58,47 +58,35 @@ def unregister_backend(name: str) -> None:
     if name in _BUILTIN:
         raise ValueError(f"{name!r} is a built-in grouped-MLP backend and cannot be unregistered")
     _BACKENDS.pop(name, None)
+    _NEEDS.pop(name, None)
     GROUPED_BACKENDS.discard(name)
 
 
 def available_backends() -> tuple[str, ...]:
-    return ("auto", *sorted({*_BACKENDS, *_PLUGINS}))
+    return ("auto", *sorted(_BACKENDS))
 
 
 def _missing(name: str) -> list[str]:
-    """The modules plugin ``name`` needs on this platform that are not installed."""
-    needs = _PLUGIN_NEEDS.get(name, {})
+    """The modules backend ``name`` needs on this platform that are not installed."""
+    needs = _NEEDS.get(name, {})
     return [m for m in needs.get(jax.default_backend(), needs.get("*", ())) if importlib.util.find_spec(m) is None]
-
-
-def _load_plugin(name: str) -> bool:
-    """Import and register a plugin backend; False when its dependencies are not installed."""
-    if _missing(name):
-        return False
-    if name not in _BACKENDS:
-        module, attribute = _PLUGINS[name]
-        try:
-            _BACKENDS[name] = getattr(importlib.import_module(module), attribute)
-        except ImportError:
-            return False
-    return True
 
 
 def resolve_backend(name: str) -> str:
     """The concrete backend for ``name``; ``"auto"`` picks by platform."""
     if name == "auto":
         platform = jax.default_backend()
-        if platform == "gpu":
-            if _load_plugin("triton"):
+        if platform == "gpu" and "triton" in _BACKENDS:
+            if not _missing("triton"):
                 return "triton"
             warnings.warn(f"moe.backend 'auto': the triton backend needs {' and '.join(_missing('triton'))} on a GPU "
                           "(pip install -e '.[gpu]'); using 'ragged' (lax.ragged_dot) instead", stacklevel=2)
         return "tiled" if platform == "cpu" else "ragged"
-    if name in _PLUGINS and not _load_plugin(name):
-        raise ValueError(f"the {name} backend needs {' and '.join(_missing(name))} on {jax.default_backend()}: "
-                         "pip install -e '.[gpu]'")
     if name not in _BACKENDS:
         raise ValueError(f"unknown grouped-MLP backend {name!r}; available: {', '.join(available_backends())}")
+    if _missing(name):
+        raise ValueError(f"the {name} backend needs {' and '.join(_missing(name))} on {jax.default_backend()}: "
+                         "pip install -e '.[gpu]'")
     return name
 
 

@@ -85,6 +85,15 @@ def test_the_graph_sees_the_packages_modules():
     assert "dsmoe_jax.expert_parallel" in GRAPH["dsmoe_jax.moe"]
 
 
+def test_the_triton_backend_is_registered_by_a_visible_import():
+    """kernels/ builds on grouped.py and registers itself; grouped.py never loads it by name."""
+    assert "dsmoe_jax.grouped" in GRAPH["dsmoe_jax.kernels"] and "dsmoe_jax.kernels" in GRAPH["dsmoe_jax"]
+    assert "dsmoe_jax.kernels" not in MODULES["dsmoe_jax.grouped"].read_text(), "a by-name import hides an edge"
+    from dsmoe_jax import grouped
+
+    assert "triton" in grouped.available_backends()
+
+
 def test_imports_have_no_cycle():
     cycle = _cycle(GRAPH)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)

@@ -224,3 +224,12 @@ def test_a_second_signal_stops_at_once_with_one_line_and_no_traceback(monkeypatc
     err = capsys.readouterr().err
     assert err.count("SIGINT again: stopped at once, without a checkpoint") == 1 and "Traceback" not in err, err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handlers are restored"
+
+
+def test_a_batch_that_does_not_split_is_a_config_error_with_exit_code_2(tmp_path, capsys):
+    from dsmoe_jax import cli
+
+    assert cli.main(["train", "--config", "tiny", "--set", "train.batch_size=6", "--set", "train.grad_accum=4",
+                     "--workdir", str(tmp_path / "run")]) == 2, "README: exit code 2 for configuration errors"
+    err = capsys.readouterr().err
+    assert "config error: train.batch_size=6 must split into train.grad_accum=4 micro-batches" in err, err

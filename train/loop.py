@@ -23,7 +23,7 @@ from dsmoe_jax import data
 from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, write_config
-from dsmoe_jax.config import Config, DsmoeError
+from dsmoe_jax.config import Config, ConfigError, DsmoeError
 from dsmoe_jax.evaluation import evaluate, jitted_eval_step, perplexity
 from dsmoe_jax.model import flops_per_token
 from dsmoe_jax.plan import device_peak_flops
@@ -208,7 +208,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     n_proc, shards = jax.process_count(), mesh_lib.batch_shards(mesh)
     mesh_lib.check_tensor_groups_local(mesh)
     if t.batch_size % (n_proc * t.grad_accum) or (t.batch_size // t.grad_accum) % shards:
-        raise TrainingError(f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
+        raise ConfigError(f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
                             f"micro-batches that divide over the {shards} devices ({n_proc} processes)")
     sources = data.load_training_data(cfg)  # refuses data the model's tokenizer did not write
     dataset = data.mixture_batches([(tokens, weight) for _, tokens, weight in sources.train], t.batch_size // n_proc,
