@@ -283,10 +283,15 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient: stop the run, or skip the step
+    # seconds a step of a multi-process run may take (after the first, which compiles) before the
+    # process stops, saying a peer has probably stopped and which checkpoint to resume from; 0 = never
+    step_timeout: float = 900.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.step_timeout >= 0,
+                 f"train.step_timeout must be >= 0 seconds (0: no limit), got {self.step_timeout}")
         _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1: it is how many of the newest "
                  f"checkpoints are kept, and with {self.keep_checkpoints} the trained model would be deleted")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")

@@ -233,3 +233,26 @@ def test_a_batch_that_does_not_split_is_a_config_error_with_exit_code_2(tmp_path
                      "--workdir", str(tmp_path / "run")]) == 2, "README: exit code 2 for configuration errors"
     err = capsys.readouterr().err
     assert "config error: train.batch_size=6 must split into train.grad_accum=4 micro-batches" in err, err
+
+
+def test_a_step_that_outlives_the_timeout_names_the_checkpoint_and_exits(monkeypatch, capsys):
+    """What a process of a multi-process run does when a peer stops answering (kill -STOP):
+    its step waits in a collective; after train.step_timeout it says so and ends."""
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)  # the timer thread would end pytest too
+    watchdog = loop_lib._StepWatchdog(0.2, lambda step: f"step {step} waited; resume from step 40")
+    watchdog.arm(41)
+    time.sleep(0.05)  # a step in time: nothing happens
+    watchdog.disarm()
+    time.sleep(0.3)
+    assert not exits
+    watchdog.arm(42)
+    deadline = time.time() + 10
+    while not exits and time.time() < deadline:
+        time.sleep(0.05)
+    assert exits == [1], exits
+    assert "dsmoe-jax: step 42 waited; resume from step 40" in capsys.readouterr().err
+    unlimited = loop_lib._StepWatchdog(0, lambda step: pytest.fail("0 is no limit"))
+    unlimited.arm(1)
+    time.sleep(0.05)
+    unlimited.disarm()

@@ -4,6 +4,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -99,3 +100,35 @@ def test_a_killed_process_stops_the_others_and_the_run_resumes(tmp_path):
     # it resumed from the last checkpoint: the steps logged after it were dropped and run again
     assert logged == last_checkpoint or f"lines logged after step {last_checkpoint}" in output, (
         logged, last_checkpoint, output[-2000:])
+
+
+@pytest.mark.slow  # about 60 s: run with -m slow
+def test_a_hung_process_is_named_by_the_others_with_the_checkpoint_to_resume_from(tmp_path):
+    """kill -STOP one process: the other waits in a collective; after train.step_timeout it says
+    that a peer has probably stopped and which checkpoint to resume from, and exits with 1 (JAX's
+    own heartbeat would abort it later, without saying either)."""
+    workdir = tmp_path / "run"
+    args = [*RUN, "--set", "train.steps=200", "--set", "mesh.expert=4", "--set", "train.step_timeout=10",
+            "--workdir", str(workdir), "--coordinator", f"127.0.0.1:{20000 + (os.getpid() + 7) % 20000}",
+            "--num-processes", "2", "--heartbeat-timeout", "300"]
+    procs = [subprocess.Popen([sys.executable, "-m", "dsmoe_jax.cli", "train", *args, "--process-id", str(i)],
+                              env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        deadline = time.monotonic() + 300
+        while len(_losses(workdir)) < 8 if (workdir / "metrics.jsonl").is_file() else True:
+            assert time.monotonic() < deadline and procs[0].poll() is None, "the run did not get going"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        _, stderr = procs[0].communicate(timeout=120)
+        waited = time.monotonic() - stopped_at
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 1, (procs[0].returncode, stderr[-3000:])
+    assert waited < 60, f"the waiting process took {waited:.0f} s to stop"
+    checkpoint = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert re.search(rf"process 0 of 2: step \d+ has not finished after 10 s \(train.step_timeout\): another "
+                     rf"process has probably stopped.*rerun them all with --resume; the last complete checkpoint is "
+                     rf"step {checkpoint}", stderr), stderr[-3000:]

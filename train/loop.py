@@ -44,6 +44,34 @@ class TrainingInterrupted(DsmoeError, RuntimeError):
         self.exit_code = 128 + signum
 
 
+class _StepWatchdog:
+    """In a multi-process run a stopped peer (``kill -STOP``, a hung host) leaves every other
+    process waiting inside a collective until JAX's own coordination timeout aborts it, without a
+    word on where to resume. Armed for a step, this fires after ``seconds`` unless disarmed: the
+    process says so, with the checkpoint to resume from (``message(step)``), and exits with 1."""
+
+    def __init__(self, seconds: float, message):
+        self.seconds, self.message = seconds, message
+        self._timer: threading.Timer | None = None
+
+    def arm(self, step: int) -> None:
+        self.disarm()
+        if self.seconds:
+            self._timer = threading.Timer(self.seconds, self._expire, (step,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self, step: int) -> None:
+        sys.stderr.write(f"\ndsmoe-jax: {self.message(step)}\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+
 class _StopSignals:
     """The first SIGINT (Ctrl-C) or SIGTERM (what schedulers such as SLURM send before killing a
     job) asks the loop to finish its step, write a checkpoint and stop. A second one stops the
@@ -230,9 +258,16 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     bar = tqdm(total=t.steps, initial=start, disable=not progress, dynamic_ncols=True, desc="train")
     last: dict = {}
     tick, tokens_since = time.perf_counter(), 0
+    watchdog = _StepWatchdog(t.step_timeout if n_proc > 1 else 0, lambda step: (
+        f"process {jax.process_index()} of {n_proc}: step {step} has not finished after {t.step_timeout:g} s "
+        "(train.step_timeout): another process has probably stopped (hung, or killed without the job ending). "
+        f"Stop every process and rerun them all with --resume; the last complete checkpoint is step "
+        f"{ckpt.manager.latest_step()}"))
     try:
         with _StopSignals() as stop:
             for step in range(start + 1, t.steps + 1):
+                if step > start + 1:  # the first step of a run compiles: it may take any time
+                    watchdog.arm(step)  # a peer that stops answering shows as a step that never ends
                 batch = jax.make_array_from_process_local_data(batch_sharding, next(iterator))
                 try:
                     state, m = train_step(state, batch)
@@ -277,7 +312,9 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
                     raise TrainingInterrupted(
                         f"stopped by {signal.Signals(signum).name} after step {step}, with a checkpoint of it in "
                         f"{workdir / 'checkpoints'}; continue with the same command plus --resume", signum)
+                watchdog.disarm()
     finally:
+        watchdog.disarm()
         bar.close()
         ckpt.wait()
         ckpt.close()
