@@ -206,6 +206,9 @@ class ModelConfig:
     # attention over a sequence's own keys (dsmoe_jax.attention): "auto" is "blocked" on CPU and
     # cuDNN's flash attention on GPU; "cudnn" needs each row's real tokens contiguous
     attention: Literal["auto", "xla", "blocked", "cudnn"] = "auto"
+    # multi-token prediction (DeepSeek-V3): depths of MTP blocks, each predicting one token further
+    # ahead for the training loss (train.mtp_weight); 0: none
+    mtp_depth: int = 0
     moe: MoEConfig | None = None
     mla: MLAConfig | None = None  # None: multi-head attention with n_kv_heads key/value heads
     yarn: YarnConfig | None = None  # None: plain RoPE
@@ -249,6 +252,8 @@ class ModelConfig:
             value = getattr(self, name)
             _require(value in DTYPES, f"model.{name} must be one of {DTYPES}, got {value!r}")
         _require(self.norm_eps > 0 and self.init_std > 0, "model.norm_eps and model.init_std must be > 0")
+        _require(self.mtp_depth >= 0,
+                 f"model.mtp_depth must be >= 0 (0: no multi-token prediction), got {self.mtp_depth}")
 
     @property
     def kv_heads(self) -> int:
@@ -286,10 +291,12 @@ class TrainConfig:
     # seconds a step of a multi-process run may take (after the first, which compiles) before the
     # process stops, saying a peer has probably stopped and which checkpoint to resume from; 0 = never
     step_timeout: float = 900.0
+    mtp_weight: float = 0.3  # weight of the multi-token-prediction loss (DeepSeek-V3: 0.3, later 0.1)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.mtp_weight >= 0, f"train.mtp_weight must be >= 0, got {self.mtp_weight}")
         _require(self.step_timeout >= 0,
                  f"train.step_timeout must be >= 0 seconds (0: no limit), got {self.step_timeout}")
         _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1: it is how many of the newest "

@@ -31,7 +31,7 @@ from jax.experimental import checkify
 
 from dsmoe_jax import mla
 from dsmoe_jax.attention import attention
-from dsmoe_jax.config import Config, DsmoeError, ModelConfig, model_config
+from dsmoe_jax.config import Config, ConfigError, DsmoeError, ModelConfig, model_config
 from dsmoe_jax.layers import MLP, RMSNorm, param
 from dsmoe_jax.moe import MoE, MoEStats, RouteOptions
 from dsmoe_jax.rope import rope, softmax_scale
@@ -120,6 +120,29 @@ class Block(nnx.Module):
         return x_BSD + y_BSD, stats, kv
 
 
+class MTPBlock(nnx.Module):
+    """One depth of multi-token prediction (DeepSeek-V3): the previous depth's hidden state and
+    the embedding of the token that many places ahead, each RMS-normalised, concatenated
+    (embedding first, the order the released weights expect) and projected back to the model
+    width; then one transformer block (MoE when the model's later blocks are); its output,
+    RMS-normalised, goes through the model's own LM head. C = 2 D: [embedding; hidden state]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, dt = cfg.d_model, jnp.dtype(cfg.param_dtype)
+        self.embed_norm = RMSNorm(D, cfg.norm_eps, dt)
+        self.hidden_norm = RMSNorm(D, cfg.norm_eps, dt)
+        self.w_proj_CD = param(rngs, (2 * D, D), (None, "embed"), cfg.init_std, dt)
+        self.block = Block(cfg, cfg.n_layers if cfg.n_moe_layers else 0, rngs=rngs)
+        self.head_norm = RMSNorm(D, cfg.norm_eps, dt)
+
+    def __call__(self, h_BSD, e_BSD, positions_BS, valid_BS, tokens_BS, route=None):
+        """(this depth's hidden state, its normalised form for the LM head, the block's MoE stats)."""
+        c_BSC = jnp.concatenate([self.embed_norm(e_BSD), self.hidden_norm(h_BSD)], axis=-1)
+        x_BSD = jnp.einsum("bsc,cd->bsd", c_BSC, self.w_proj_CD[...].astype(c_BSC.dtype))
+        x_BSD, stats, _ = self.block(x_BSD, positions_BS, valid_BS, tokens_BS, valid_BS, route=route)
+        return x_BSD, self.head_norm(x_BSD), stats
+
+
 class Aux(NamedTuple):
     """What ``forward`` reports besides the logits (a pytree: it passes through jit and scan)."""
 
@@ -175,6 +198,8 @@ class Decoder(nnx.Module):
             self.layers = nnx.List(blocks)
         self.final_norm = RMSNorm(D, cfg.norm_eps, dt)
         self.lm_head_DV = param(rngs, (D, V), ("embed", "vocab"), cfg.init_std, dt)
+        if cfg.mtp_depth:  # no params key at all without it: checkpoints of other models stay as they are
+            self.mtp = nnx.List([MTPBlock(cfg, rngs=rngs) for _ in range(cfg.mtp_depth)])
         self.dtype = jnp.dtype(cfg.dtype)
         self.remat = cfg.remat
         self.groups = tuple(layer_groups(cfg)) if cfg.scan_layers else None
@@ -193,15 +218,49 @@ class Decoder(nnx.Module):
                  route: RouteOptions | None = None, fresh: bool = False):
         """Logits, aux statistics and the updated cache (None without one); ``fresh``: fill the
         cache from its first slot, whatever it held."""
-        B, S = tokens_BS.shape
+        h_BSD, layer_stats, cache = self.hidden(tokens_BS, positions_BS, valid_BS, cache, route, fresh)
+        return self.logits(h_BSD), Aux.from_layers(layer_stats), cache
+
+    def embed(self, tokens_BS):
+        with jax.named_scope("embed"):
+            return self.embed_VD[...][tokens_BS].astype(self.dtype)
+
+    def logits(self, h_BSD):
+        """float32 logits of final (normalised) hidden states."""
+        B, S, D = h_BSD.shape
+        with jax.named_scope("lm_head"):
+            logits_TV = jnp.einsum("td,dv->tv", h_BSD.reshape(B * S, D), self.lm_head_DV[...].astype(self.dtype),
+                                   preferred_element_type=jnp.float32)
+        return logits_TV.reshape(B, S, -1)
+
+    def predict_ahead(self, h_BSD, tokens_BS, positions_BS, valid_BS, route: RouteOptions | None = None):
+        """Multi-token prediction from the main model's final hidden states ``h_BSD`` of
+        ``tokens_BS``: depth k at position i reads token i + k and predicts token i + k + 1, so its
+        logits cover the first S - k positions. Returns each depth's logits and the stats of the
+        MoE blocks among them (stacked on a leading axis, or None)."""
+        S = tokens_BS.shape[1]
+        logits, stats = [], []
+        for k, depth in enumerate(self.mtp, 1):
+            ahead_BS = tokens_BS[:, k:]
+            h_BSD, normed_BSD, st = depth(h_BSD[:, :S - k], self.embed(ahead_BS), positions_BS[:, :S - k],
+                                          valid_BS[:, k:], ahead_BS, route)
+            logits.append(self.logits(normed_BSD))
+            if st is not None:
+                stats.append(jax.tree.map(lambda a: a[None], st))
+        return tuple(logits), jax.tree.map(lambda *a: jnp.concatenate(a), *stats) if stats else None
+
+    def hidden(self, tokens_BS, positions_BS, valid_BS, cache: KVCache | None = None,
+               route: RouteOptions | None = None, fresh: bool = False):
+        """The final normalised hidden states, the MoE layers' stats (stacked, or None) and the
+        updated cache."""
+        S = tokens_BS.shape[1]
         if cache is None:
             index, valid_keys_BT = 0, valid_BS
         else:
             index = 0 if fresh else cache.index
             before_BT = jnp.zeros_like(cache.valid_BT) if fresh else cache.valid_BT
             valid_keys_BT = jax.lax.dynamic_update_slice_in_dim(before_BT, valid_BS.astype(bool), index, 1)
-        with jax.named_scope("embed"):
-            x_BSD = self.embed_VD[...][tokens_BS].astype(self.dtype)
+        x_BSD = self.embed(tokens_BS)
         run = lambda blk, *args: blk(*args, route=route)  # route is static: a closure, not an argument
         if self.remat and cache is None:  # rematerialise: the backward pass recomputes each block
             run = nnx.remat(run)
@@ -216,14 +275,10 @@ class Decoder(nnx.Module):
                 values.append(v)
                 if stats is not None:
                     layer_stats.append(jax.tree.map(lambda a: a[None], stats))
-        x_TD = self.final_norm(x_BSD).reshape(B * S, -1)  # one token axis, as in Attention
-        with jax.named_scope("lm_head"):
-            logits_TV = jnp.einsum("td,dv->tv", x_TD, self.lm_head_DV[...].astype(self.dtype),
-                                   preferred_element_type=jnp.float32)
         if cache is not None:
             cache = KVCache(tuple(keys), tuple(values), valid_keys_BT, jnp.asarray(index + S, jnp.int32))
         stats = jax.tree.map(lambda *a: jnp.concatenate(a), *layer_stats) if layer_stats else None
-        return logits_TV.reshape(B, S, -1), Aux.from_layers(stats), cache
+        return self.final_norm(x_BSD), stats, cache
 
     def _scan(self, run, x_BSD, positions_BS, valid_BS, tokens_BS):
         """Each group of stacked blocks as one ``lax.scan``; the MoE statistics come out stacked."""
@@ -392,6 +447,25 @@ def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
     return logits, aux
 
 
+def forward_mtp(params: dict, tokens: jax.Array, cfg: Config | ModelConfig) -> tuple[jax.Array, Aux, tuple]:
+    """``forward`` with multi-token prediction (``model.mtp_depth`` > 0), for training: the logits
+    ``[B, S, V]``, ``Aux`` over the model's MoE layers and then the MoE blocks of the MTP depths,
+    and each depth k's logits ``[B, S - k, V]``, which predict ``tokens[:, k + 1:]`` followed by
+    the k + 1 tokens after the window (the training window supplies them)."""
+    cfg = model_config(cfg)
+    if not cfg.mtp_depth:
+        raise ConfigError("forward_mtp needs model.mtp_depth >= 1 (the number of multi-token-prediction depths)")
+    check_tokens(tokens, cfg, "forward_mtp")
+    B, S = tokens.shape
+    positions, valid = jnp.broadcast_to(jnp.arange(S), (B, S)), jnp.ones((B, S), jnp.int32)
+    decoder = _decoder(params, cfg)
+    h_BSD, stats, _ = decoder.hidden(tokens, positions, valid)
+    ahead, mtp_stats = decoder.predict_ahead(h_BSD, tokens, positions, valid)
+    both = [s for s in (stats, mtp_stats) if s is not None]
+    stats = jax.tree.map(lambda *a: jnp.concatenate(a), *both) if both else None
+    return decoder.logits(h_BSD), Aux.from_layers(stats), ahead
+
+
 def forward_cached(params: dict, tokens: jax.Array, cache: KVCache, cfg: Config | ModelConfig,
                    attention_mask: jax.Array, positions: jax.Array, *,
                    fresh: bool = False) -> tuple[jax.Array, KVCache]:
@@ -410,18 +484,26 @@ def update_score_bias(params: dict, expert_load_LE: jax.Array, cfg: Config | Mod
     """Auxiliary-loss-free balancing (DeepSeek-V3): each MoE layer's ``score_bias_E`` moves by
     ``moe.bias_update_speed`` toward balance, b_i += speed * sign(mean load - load_i), from
     ``expert_load_LE`` (tokens per expert of each MoE layer over the whole batch, as
-    ``Aux.expert_load`` reports). Returns new params; ``params`` is unchanged."""
+    ``Aux.expert_load`` reports; with multi-token prediction, ``forward_mtp``'s rows for the MTP
+    depths' MoE blocks follow the model's). Returns new params; ``params`` is unchanged."""
     cfg = model_config(cfg)
     step_LE = cfg.moe.bias_update_speed * jnp.sign(jnp.mean(expert_load_LE, axis=-1, keepdims=True) - expert_load_LE)
     out = dict(params)
     if cfg.scan_layers:
         ffn = out["moe_layers"]["ffn"]
-        out["moe_layers"] = {**out["moe_layers"], "ffn": {**ffn, "score_bias_E": ffn["score_bias_E"] + step_LE}}
-        return out
-    out["layers"] = dict(out["layers"])
-    for j, i in enumerate(layer_groups(cfg)["moe_layers"]):
-        ffn = out["layers"][i]["ffn"]
-        out["layers"][i] = {**out["layers"][i], "ffn": {**ffn, "score_bias_E": ffn["score_bias_E"] + step_LE[j]}}
+        main = step_LE[:cfg.n_moe_layers]
+        out["moe_layers"] = {**out["moe_layers"], "ffn": {**ffn, "score_bias_E": ffn["score_bias_E"] + main}}
+    else:
+        out["layers"] = dict(out["layers"])
+        for j, i in enumerate(layer_groups(cfg)["moe_layers"]):
+            ffn = out["layers"][i]["ffn"]
+            out["layers"][i] = {**out["layers"][i], "ffn": {**ffn, "score_bias_E": ffn["score_bias_E"] + step_LE[j]}}
+    if "mtp" in out and len(step_LE) > cfg.n_moe_layers:  # the MTP depths' MoE blocks follow the model's rows
+        out["mtp"] = dict(out["mtp"])
+        for k, depth in out["mtp"].items():
+            ffn = depth["block"]["ffn"]
+            bias = ffn["score_bias_E"] + step_LE[cfg.n_moe_layers + k]
+            out["mtp"][k] = {**depth, "block": {**depth["block"], "ffn": {**ffn, "score_bias_E": bias}}}
     return out
 
 

@@ -23,11 +23,11 @@ EQUIVALENCE = textwrap.dedent("""
         # one device, the device-level loss told the grouping explicitly ...
         moe = dataclasses.replace(cfg.model.moe, device_groups=ep)
         one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
-        (ref, (_, ref_aux)), ref_g = grads(one, params, windows)
+        (ref, (_, ref_aux, _)), ref_g = grads(one, params, windows)
         # ... equals expert parallelism over ep devices, the grouping taken from the mesh
         mesh = mesh_lib.make_mesh({"data": 8 // ep, "expert": ep})
         with jax.set_mesh(mesh):
-            (loss, (_, aux)), g = grads(cfg, sharding.shard_params(params, cfg),
+            (loss, (_, aux, _)), g = grads(cfg, sharding.shard_params(params, cfg),
                                    jax.device_put(windows, mesh_lib.batch_sharding(mesh)))
         w = g["layers"][1]["ffn"]["w_gate_EDF"]
         assert ep == 1 or w.sharding.spec[0] == "expert", (ep, w.sharding)

@@ -63,7 +63,7 @@ TENSOR = textwrap.dedent("""
         params = dsmoe_jax.init_params(cfg.model, jax.random.key(0))
         windows = jax.random.randint(jax.random.key(1), (8, 17), 0, cfg.model.vocab_size)
         grads = lambda c, p, w: jax.jit(jax.value_and_grad(functools.partial(loss_fn, cfg=c), has_aux=True))(p, w)
-        (ref, (_, ref_aux)), ref_g = grads(cfg, params, windows)
+        (ref, (_, ref_aux, _)), ref_g = grads(cfg, params, windows)
         prompt = windows[:2, :6]
         decode = jax.jit(functools.partial(inference.generate, cfg=cfg.model, max_new_tokens=4, temperature=0.0))
         ref_tokens = decode(params, prompt, rng=jax.random.key(0))
@@ -71,7 +71,7 @@ TENSOR = textwrap.dedent("""
             mesh = mesh_lib.make_mesh(sizes)
             with jax.set_mesh(mesh):
                 sharded = sharding.shard_params(params, cfg)
-                (loss, (_, aux)), g = grads(cfg, sharded, jax.device_put(windows, mesh_lib.batch_sharding(mesh)))
+                (loss, (_, aux, _)), g = grads(cfg, sharded, jax.device_put(windows, mesh_lib.batch_sharding(mesh)))
                 tokens = decode(sharded, prompt, rng=jax.random.key(0))
             lm_head = sharded["lm_head_DV"].sharding.spec
             assert "tensor" in jax.tree.leaves(tuple(lm_head)), (name, sizes, lm_head)

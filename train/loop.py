@@ -179,6 +179,8 @@ def _step_metrics(m: StepMetrics, lr: float, tokens_per_s: float, cfg: Config) -
     peak = device_peak_flops()
     if peak:
         out["mfu"] = model_flops / (peak * jax.device_count())
+    for depth, ce in enumerate(np.asarray(m.mtp_ce), 1):
+        out[f"mtp_ce/depth_{depth}"] = float(ce)
     load = np.asarray(m.aux.expert_load)
     for layer, row in enumerate(load):
         out[f"load_max_over_mean/moe_layer_{layer}"] = float(row.max() / max(row.mean(), 1e-9))

@@ -13,7 +13,7 @@ import optax
 
 from dsmoe_jax.config import Config
 from dsmoe_jax.evaluation import cross_entropy
-from dsmoe_jax.model import Aux, forward, init_params, param_shapes, update_score_bias
+from dsmoe_jax.model import Aux, forward, forward_mtp, init_params, param_shapes, update_score_bias
 from dsmoe_jax.sharding import param_shardings
 
 
@@ -31,6 +31,7 @@ class StepMetrics(NamedTuple):
     grad_norm: jax.Array  # global norm before clipping
     finite: jax.Array  # bool: loss and gradient were finite, so the step was applied
     aux: Aux  # balance losses and expert load, as ``forward`` reports them
+    mtp_ce: jax.Array  # [model.mtp_depth] each multi-token-prediction depth's cross-entropy
 
 
 def init_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
@@ -54,14 +55,22 @@ def init_sharded_state(cfg: Config, optimizer: optax.GradientTransformation, key
     return jax.jit(lambda k: init_state(init_params(cfg.model, k), optimizer), out_shardings=shardings)(key)
 
 
-def loss_fn(params: dict, windows_BS1: jax.Array, cfg: Config) -> tuple[jax.Array, tuple[jax.Array, Aux]]:
-    """Cross-entropy of each window's next tokens plus the configured balance losses; the
-    auxiliary output is ``(cross-entropy, aux)``."""
+def loss_fn(params: dict, windows_BS1: jax.Array, cfg: Config) -> tuple[jax.Array, tuple]:
+    """Cross-entropy of each window's next tokens plus the configured balance losses, plus, with
+    multi-token prediction, ``train.mtp_weight`` times the mean over depths of each depth's
+    cross-entropy (depth k predicts the token k + 1 places ahead). The auxiliary output is
+    ``(cross-entropy, aux, the depths' cross-entropies [model.mtp_depth])``."""
     inputs, targets = windows_BS1[:, :-1], windows_BS1[:, 1:]
-    logits, aux = forward(params, inputs, cfg.model)
+    if cfg.model.mtp_depth:
+        logits, aux, ahead = forward_mtp(params, inputs, cfg.model)
+    else:
+        (logits, aux), ahead = forward(params, inputs, cfg.model), ()
     with jax.named_scope("loss"):
         ce = cross_entropy(logits, targets)
-    return ce + aux.balance_loss, (ce, aux)
+        mtp_ce = jnp.stack([cross_entropy(a, windows_BS1[:, k + 1:]) for k, a in enumerate(ahead, 1)]) if ahead \
+            else jnp.zeros((0,), jnp.float32)
+    mtp_loss = cfg.train.mtp_weight * jnp.mean(mtp_ce) if ahead else 0.0
+    return ce + aux.balance_loss + mtp_loss, (ce, aux, mtp_ce)
 
 
 def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
@@ -71,21 +80,21 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def gradients(params, windows_BS1):
-        """Loss, cross-entropy and aux (means over micro-batches), the mean gradient, and the
-        expert load of the whole batch (for the score-bias update)."""
+        """Loss, cross-entropy, aux and the MTP depths' cross-entropies (means over micro-batches),
+        the mean gradient, and the expert load of the whole batch (for the score-bias update)."""
         if A == 1:  # no accumulator: it would cost a zero-filled copy of the params and a pass adding into it
-            (loss, (ce, aux)), grads = grad_fn(params, windows_BS1, cfg)
-            return loss, ce, aux, grads, aux.expert_load
+            (loss, (ce, aux, mtp_ce)), grads = grad_fn(params, windows_BS1, cfg)
+            return loss, ce, aux, mtp_ce, grads, aux.expert_load
 
         def accumulate(grads, micro):
-            (loss, (ce, aux)), g = grad_fn(params, micro, cfg)
-            return jax.tree.map(jnp.add, grads, g), (loss, ce, aux)
+            (loss, (ce, aux, mtp_ce)), g = grad_fn(params, micro, cfg)
+            return jax.tree.map(jnp.add, grads, g), (loss, ce, aux, mtp_ce)
 
         micro_ABS1 = windows_BS1.reshape(A, -1, *windows_BS1.shape[1:])
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, per_micro = jax.lax.scan(accumulate, zeros, micro_ABS1)
-        loss, ce, aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), per_micro)
-        return loss, ce, aux, jax.tree.map(lambda g: g / A, grads), jnp.sum(per_micro[2].expert_load, axis=0)
+        loss, ce, aux, mtp_ce = jax.tree.map(lambda a: jnp.mean(a, axis=0), per_micro)
+        return loss, ce, aux, mtp_ce, jax.tree.map(lambda g: g / A, grads), jnp.sum(per_micro[2].expert_load, axis=0)
 
     def update(grads, opt_state, params, expert_load_LE):
         with jax.named_scope("optimizer"):
@@ -96,7 +105,7 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
         return params, opt_state
 
     def step(state: TrainState, windows_BS1: jax.Array):
-        loss, ce, aux, grads, expert_load_LE = gradients(state.params, windows_BS1)
+        loss, ce, aux, mtp_ce, grads, expert_load_LE = gradients(state.params, windows_BS1)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A bad step leaves params and optimizer state as they were: nothing non-finite is kept.
@@ -104,6 +113,6 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
         # buffers, where a select needs the old state kept, a copy of params and moments per step.
         params, opt_state = jax.lax.cond(finite, update, lambda g, o, p, load: (p, o),
                                          grads, state.opt_state, state.params, expert_load_LE)
-        return TrainState(state.step + 1, params, opt_state), StepMetrics(loss, ce, grad_norm, finite, aux)
+        return TrainState(state.step + 1, params, opt_state), StepMetrics(loss, ce, grad_norm, finite, aux, mtp_ce)
 
     return step
