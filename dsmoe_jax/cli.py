@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--dtype", choices=["float32", "bfloat16"],
                       help="hf-to-jax: parameter dtype (default: the checkpoint's torch_dtype)")
     conv.add_argument("--drop-mtp", action="store_true",
-                      help="hf-to-jax: leave out DeepSeek-V3's multi-token-prediction layers (not built here)")
+                      help="hf-to-jax: leave out DeepSeek-V3's multi-token-prediction layers (model.mtp_depth = 0)")
     conv.add_argument("--step", type=int, help="jax-to-hf: a training workdir's step (default: latest)")
     conv.add_argument("--max-shard-gb", type=float, default=2.0, help="jax-to-hf: safetensors shard size")
     conv.set_defaults(run=_convert)

@@ -137,20 +137,58 @@ def test_v2_v3_logits_match_transformers_and_the_round_trip_is_bit_exact(case, t
     assert capsys.readouterr().out.startswith("the cat")
 
 
-def test_v3_multi_token_prediction_layers_are_refused_unless_dropped(tmp_path):
+def test_v3_multi_token_prediction_layers_convert_both_ways_or_are_dropped(tmp_path, capsys):
+    """The released layout of V3's MTP module: block ``num_hidden_layers`` holds enorm, hnorm,
+    eh_proj ([D, 2D]: embedding, then hidden state), shared_head.norm, a transformer block, and
+    copies of the embedding and LM head. transformers writes none of it (its configs still count
+    one layer), so the tensors are made here by name."""
+    import json
+
     from safetensors.numpy import load_file, save_file
 
     model = _transformers_model("moonlight-like-no-groups")
     model.save_pretrained(tmp_path / "hf")
+    transformers_written = convert.hf_to_jax(tmp_path / "hf", tmp_path / "plain", progress=False)
+    assert transformers_written.model.mtp_depth == 0 and "holds none: converted without them" in capsys.readouterr().err
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
-    mtp = {name.replace("layers.2.", "layers.3."): a for name, a in tensors.items() if ".layers.2." in name}
+    rng = np.random.default_rng(0)
+    D = tensors["model.norm.weight"].shape[0]
+    mtp = {name.replace("layers.2.", "layers.3."): a + 0.01 for name, a in tensors.items() if ".layers.2." in name}
+    mtp.update({"model.layers.3.enorm.weight": rng.random(D, np.float32) + 0.5,
+                "model.layers.3.hnorm.weight": rng.random(D, np.float32) + 0.5,
+                "model.layers.3.eh_proj.weight": rng.standard_normal((D, 2 * D)).astype(np.float32),
+                "model.layers.3.shared_head.norm.weight": rng.random(D, np.float32) + 0.5,
+                "model.layers.3.shared_head.head.weight": tensors["lm_head.weight"],
+                "model.layers.3.embed_tokens.weight": tensors["model.embed_tokens.weight"]})
     save_file({**tensors, **mtp}, tmp_path / "hf" / "model.safetensors")
-    refused = r"1 multi-token-prediction layer\(s\) \(model.layers.3.\*.*--drop-mtp"
+
+    cfg = convert.hf_to_jax(tmp_path / "hf", tmp_path / "jax", progress=False)
+    assert cfg.model.n_layers == 3 and cfg.model.mtp_depth == 1
+    params, _ = dsmoe_jax.load_checkpoint(tmp_path / "jax")
+    depth = params["mtp"][0]
+    np.testing.assert_array_equal(depth["w_proj_CD"], mtp["model.layers.3.eh_proj.weight"].T)
+    np.testing.assert_array_equal(depth["embed_norm"]["scale_D"], mtp["model.layers.3.enorm.weight"])
+    np.testing.assert_array_equal(depth["block"]["ffn"]["score_bias_E"],
+                                  mtp["model.layers.3.mlp.gate.e_score_correction_bias"])
+    np.testing.assert_array_equal(depth["block"]["attn"]["w_kv_a_DA"],
+                                  mtp["model.layers.3.self_attn.kv_a_proj_with_mqa.weight"].T)
+
+    convert.jax_to_hf(tmp_path / "jax", tmp_path / "back", progress=False)
+    before, after = {**tensors, **mtp}, load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(before) == sorted(after), set(before) ^ set(after)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+
+    dropped = convert.hf_to_jax(tmp_path / "hf", tmp_path / "dropped", progress=False, drop_mtp=True)
+    assert dropped.model.mtp_depth == 0 and "mtp" not in dsmoe_jax.load_checkpoint(tmp_path / "dropped")[0]
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf_config, "num_nextn_predict_layers": 0}))
+    refused = (r"holds 1 multi-token-prediction layer\(s\) \(model.layers.3.\*\), but its config.json's "
+               r"num_nextn_predict_layers says 0.*--drop-mtp")
     with pytest.raises(convert.ConversionError, match=refused):
-        convert.hf_to_jax(tmp_path / "hf", tmp_path / "jax", progress=False)
-    assert not (tmp_path / "jax").exists(), "nothing is written before the refusal"
-    cfg = convert.hf_to_jax(tmp_path / "hf", tmp_path / "jax", progress=False, drop_mtp=True)
-    assert cfg.model.n_layers == 3
+        convert.hf_to_jax(tmp_path / "hf", tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists(), "nothing is written before the refusal"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -185,3 +223,10 @@ def test_shipped_v2_v3_configs_count_exactly_the_parameters_of_transformers_mode
     assert dsmoe_jax.count_params(cfg)[0] == want, f"{name}: parameter count differs from transformers'"
     assert convert.hf_shapes(convert.config_from_hf(hf)) == convert.hf_shapes(cfg), \
         f"{name}: the architecture does not survive config.json"
+
+
+def test_only_v3_exports_multi_token_prediction_depths():
+    cfg = dsmoe_jax.load_config("tiny", ["model.mtp_depth=1"]).model  # multi-head attention: a v1 model
+    with pytest.raises(ConfigError, match="only DeepSeek-V3 files carry multi-token-prediction depths, and this "
+                                          "model converts as deepseek: set model.mtp_depth = 0"):
+        convert.config_to_hf(cfg)

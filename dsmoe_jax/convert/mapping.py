@@ -52,6 +52,8 @@ V2_V3_FIELDS = {
     "routed_scaling_factor": ("moe", "routed_scaling_factor"), "n_group": ("moe", "n_group"),
     "topk_group": ("moe", "topk_group"),
 }
+# V3's multi-token prediction: its depths are the blocks after the model's (model.layers.{n_layers + k})
+V3_FIELDS = {**V2_V3_FIELDS, "num_nextn_predict_layers": ("model", "mtp_depth")}
 # rope_scaling (the released files) or rope_parameters (files transformers writes) -> [yarn]
 YARN_FIELDS = {"factor": "factor", "original_max_position_embeddings": "original_max_seq_len",
                "beta_fast": "beta_fast", "beta_slow": "beta_slow", "mscale": "mscale",
@@ -138,7 +140,16 @@ def _group_routing_from_hf(hf: dict, fmt: HFFormat) -> dict:
 
 def format_for(cfg: ModelConfig) -> HFFormat:
     """The HF format a model of ``cfg`` is written in: v1 for multi-head attention, V2 for MLA
-    with softmax scores, V3 for MLA with sigmoid scores (and the score bias V3 files carry)."""
+    with softmax scores, V3 for MLA with sigmoid scores (and the score bias and multi-token
+    prediction V3 files carry)."""
+    fmt = _format_of(cfg)
+    if cfg.mtp_depth and fmt is not V3:
+        raise ConfigError(f"only DeepSeek-V3 files carry multi-token-prediction depths, and this model converts as "
+                          f"{fmt.model_type}: set model.mtp_depth = 0 to export it without them")
+    return fmt
+
+
+def _format_of(cfg: ModelConfig) -> HFFormat:
     m = cfg.moe
     if m is None or m.routing == "hash" or m.device_aux_alpha or m.capacity_factor or cfg.yarn and cfg.mla is None:
         raise ConfigError("this model has no HF DeepSeek format: HF models are dropless, with score-based routing, no "
@@ -197,11 +208,13 @@ HEADS_OUT = Transform(lambda a, shape: a.T.reshape(shape), lambda a: a.reshape(-
 
 class Tensor(NamedTuple):
     hf: str  # name pattern: {i} layer, {e} routed expert
-    ours: str  # path in the params tree, '/'-separated, {i} layer
+    ours: str  # path in the params tree, '/'-separated, {i} layer ({k}: MTP depth)
     transform: Transform
     where: str  # "all" blocks, "dense" (the first_k_dense), "moe" (the rest), "shared" (MoE with shared experts)
     experts: bool = False  # one HF tensor per routed expert, stacked on our first axis
     when: str = "always"  # a key of WHEN: models that have this tensor
+    copy: bool = False  # the file's copy of a tensor the model shares (V3's MTP embedding and head): written on
+    # export, not read on import
 
 
 WHEN = {"always": lambda cfg: True, "q_lora": lambda cfg: cfg.mla.q_lora_rank > 0,
@@ -244,6 +257,15 @@ FFN = (
     Tensor("model.layers.{i}.mlp.shared_experts.down_proj.weight", "layers/{i}/ffn/shared/w_down_FD", LINEAR, "shared"),
 )
 SCORE_BIAS = (Tensor("model.layers.{i}.mlp.gate.e_score_correction_bias", "layers/{i}/ffn/score_bias_E", SAME, "moe"),)
+# An MTP depth's own tensors ({i}: its HF block index); its transformer block's follow the block rules.
+MTP = (
+    Tensor("model.layers.{i}.enorm.weight", "mtp/{k}/embed_norm/scale_D", SAME, "mtp"),
+    Tensor("model.layers.{i}.hnorm.weight", "mtp/{k}/hidden_norm/scale_D", SAME, "mtp"),
+    Tensor("model.layers.{i}.eh_proj.weight", "mtp/{k}/w_proj_CD", LINEAR, "mtp"),
+    Tensor("model.layers.{i}.shared_head.norm.weight", "mtp/{k}/head_norm/scale_D", SAME, "mtp"),
+    Tensor("model.layers.{i}.embed_tokens.weight", "embed_VD", SAME, "mtp", copy=True),
+    Tensor("model.layers.{i}.shared_head.head.weight", "lm_head_DV", LINEAR, "mtp", copy=True),
+)
 
 V1 = HFFormat(
     "deepseek", "DeepseekForCausalLM",
@@ -261,12 +283,12 @@ V2 = HFFormat(
     tensors=EDGES + MLA + FFN, written={})
 V3 = HFFormat(
     "deepseek_v3", "DeepseekV3ForCausalLM",
-    fields={**COMMON_FIELDS, **V2_V3_FIELDS},
+    fields={**COMMON_FIELDS, **V3_FIELDS},
     required={**COMMON_REQUIRED, "scoring_func": "sigmoid", "rope_interleave": True},
     fixed={("moe", "routing"): "sigmoid", ("moe", "group_score"): "top2_sum", ("moe", "score_bias"): True},
-    defaults={"norm_topk_prob": True, "topk_method": "noaux_tc"},
-    tensors=EDGES + MLA + FFN + SCORE_BIAS,
-    written={"num_nextn_predict_layers": 0})  # the multi-token-prediction module is not built here
+    defaults={"norm_topk_prob": True, "topk_method": "noaux_tc", "num_nextn_predict_layers": 0},
+    tensors=EDGES + MLA + FFN + SCORE_BIAS + MTP,
+    written={})
 FORMATS = {fmt.model_type: fmt for fmt in (V1, V2, V3)}
 # the values of ``topk_method`` each MLA format knows: without and with the group limit
 GROUP_METHODS = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("noaux_tc",)}
@@ -277,17 +299,32 @@ def _layers(t: Tensor, cfg: ModelConfig) -> list[int | None]:
         return [None]
     moe = range(cfg.first_k_dense, cfg.n_layers)
     shared = moe if cfg.moe is not None and cfg.moe.n_shared_experts else []
-    return list({"all": range(cfg.n_layers), "dense": range(cfg.first_k_dense), "moe": moe, "shared": shared}[t.where])
+    return list({"all": range(cfg.n_layers), "dense": range(cfg.first_k_dense), "moe": moe, "shared": shared,
+                 "mtp": []}[t.where])
+
+
+def _mtp_block(t: Tensor, cfg: ModelConfig) -> bool:
+    """Whether a block rule applies to the MTP depths' blocks: MoE ones when the model has MoE blocks."""
+    moe = cfg.n_moe_layers > 0
+    return "{i}" in t.hf and (t.where == "all" or t.where == ("moe" if moe else "dense")
+                              or t.where == "shared" and moe and cfg.moe.n_shared_experts > 0)
 
 
 def _entries(cfg: ModelConfig) -> Iterator[tuple[Tensor, int | None, tuple]]:
-    """Every (tensor rule, layer, our path) the model of ``cfg`` has."""
-    for t in format_for(cfg).tensors:
-        if not WHEN[t.when](cfg):
-            continue
+    """Every (tensor rule, layer, our path) the model of ``cfg`` has: the model's blocks, then each
+    MTP depth k as HF block ``n_layers + k`` (its own tensors, then its transformer block's)."""
+    path_of = lambda ours: tuple(int(p) if p.isdigit() else p for p in ours.split("/"))
+    tensors = [t for t in format_for(cfg).tensors if WHEN[t.when](cfg)]
+    for t in tensors:
         for i in _layers(t, cfg):
-            path = tuple(int(p) if p.isdigit() else p for p in t.ours.format(i=i).split("/"))
-            yield t, i, path
+            yield t, i, path_of(t.ours.format(i=i))
+    for k in range(cfg.mtp_depth):
+        for t in tensors:
+            if t.where == "mtp":
+                yield t, cfg.n_layers + k, path_of(t.ours.format(k=k))
+        for t in tensors:
+            if t.where != "mtp" and _mtp_block(t, cfg):  # layers/{i}/X -> mtp/{k}/block/X
+                yield t, cfg.n_layers + k, path_of(f"mtp/{k}/block/" + t.ours.split("/", 2)[2])
 
 
 def _unrolled_reader(read: Callable[[tuple], np.ndarray], cfg: ModelConfig) -> Callable[[tuple], np.ndarray]:
@@ -360,6 +397,8 @@ def params_from_hf(read: Callable[[str], np.ndarray], has: Callable[[str], bool]
         return array
 
     for t, i, path in _entries(cfg):
+        if t.copy:  # the model's own tensor, read once where the model keeps it
+            continue
         shape = get_path(shapes, path).shape
         if t.experts:
             array = np.stack([t.transform.to_ours(source(t.hf.format(i=i, e=e)), shape[1:]) for e in range(shape[0])])

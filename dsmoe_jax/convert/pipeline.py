@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -58,8 +59,8 @@ def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
     """Convert the HF checkpoint in ``hf_dir`` into a dsmoe-jax checkpoint directory ``out_dir``
     (``config.json``, Orbax ``params/``, tokenizer files). ``dtype`` (float32 | bfloat16) defaults
     to the checkpoint's ``torch_dtype`` (float16 and FP8 become float32). DeepSeek-V3's
-    multi-token-prediction layers (``model.layers.{num_hidden_layers + k}``), which this project
-    does not build, are refused unless ``drop_mtp`` leaves them out. Returns the converted config."""
+    multi-token-prediction layers (``model.layers.{num_hidden_layers + k}``)
+    are converted as ``model.mtp_depth`` depths, or left out with ``drop_mtp``. Returns the converted config."""
     source = HFCheckpoint(hf_dir)
     try:
         model = config_from_hf(source.config)
@@ -70,16 +71,22 @@ def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
         if dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"dtype {dtype!r}: choose float32 or bfloat16")
         model = dataclasses.replace(model, param_dtype=dtype, dtype=dtype)
-    expected = hf_shapes(model)
     names = [n for n in source.names() if not n.endswith(DERIVED_SUFFIXES)]
     mtp = [n for n in names if _layer_index(n) >= model.n_layers]
-    if mtp and not drop_mtp:
-        layers = sorted({_layer_index(n) for n in mtp})
-        raise ConversionError(f"{source.directory} holds {len(layers)} multi-token-prediction layer(s) "
-                              f"({', '.join(f'model.layers.{i}.*' for i in layers)}: DeepSeek-V3's MTP module), "
-                              "which dsmoe-jax does not build; "
-                              "convert with --drop-mtp to leave them out (the main model is complete without them)")
-    names = [n for n in names if n not in set(mtp)]
+    layers = sorted({_layer_index(n) for n in mtp})
+    if drop_mtp or not layers:
+        if model.mtp_depth and not drop_mtp:  # transformers counts V3's MTP layer in its configs but never saves it
+            print(f"note: {source.directory / 'config.json'} counts {model.mtp_depth} multi-token-prediction layer(s) "
+                  "but the checkpoint holds none: converted without them", file=sys.stderr)
+        model, names = dataclasses.replace(model, mtp_depth=0), [n for n in names if n not in set(mtp)]
+    elif len(layers) != model.mtp_depth:
+        named = ", ".join(f"model.layers.{i}.*" for i in layers)
+        held = f"holds {len(layers)} multi-token-prediction layer(s) ({named})" if layers else \
+            "holds no multi-token-prediction layer"
+        raise ConversionError(f"{source.directory} {held}, but "
+                              f"its config.json's num_nextn_predict_layers says {model.mtp_depth}: convert with "
+                              "--drop-mtp to build the model without them (it is complete without them)")
+    expected = hf_shapes(model)
     _check_names(names, expected, source.directory)
     shapes = param_shapes(unrolled(model))
 
