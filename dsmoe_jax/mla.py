@@ -68,12 +68,12 @@ class MLAttention(nnx.Module):
         return jnp.einsum("td,dnj->tnj", x_TD, self.w_q_DNJ[...].astype(dt))
 
     def __call__(self, x_BSD, positions_BS, valid_keys_BT, kv=None, index=0):
-        """As ``model.Attention``: attend to the sequence's own keys (``kv`` None) or to a cache
+        """As ``mha.Attention``: attend to the sequence's own keys (``kv`` None) or to a cache
         into which this call's latents are first written at ``index``; returns the output and
         the cache entries (``kv[0]`` the [c | k_rope] latents ``[B, T, 1, A]``, ``kv[1]`` empty)."""
         (B, S, D), dt = x_BSD.shape, x_BSD.dtype
         C, H = self.dims
-        x_TD = x_BSD.reshape(B * S, D)  # one token axis: see model.Attention
+        x_TD = x_BSD.reshape(B * S, D)  # one token axis: see mha.Attention
         q_BSNJ = self._queries(x_TD, dt).reshape(B, S, *self.w_kv_b_CNX.shape[1:2], -1)
         rotate = functools.partial(rope, positions_BS=positions_BS, theta=self.theta, yarn=self.yarn, interleaved=True)
         q_nope_BSNH, q_rope_BSNP = q_BSNJ[..., :H], rotate(q_BSNJ[..., H:])

@@ -4,7 +4,7 @@ Shape legend: B batch, S sequence, D model width, N query heads, K key/value hea
 width, F dense MLP hidden width, V vocabulary, L layers, E routed experts.
 
 Every block: RMSNorm -> causal attention with RoPE -> residual -> RMSNorm -> FFN -> residual.
-The attention is multi-head (grouped-query when n_kv_heads < n_heads), or multi-head latent
+The attention is multi-head (``mha.py``; grouped-query when n_kv_heads < n_heads), or multi-head latent
 attention (``mla.py``) when the config has an ``[mla]`` section.
 The FFN of the first ``first_k_dense`` blocks is a dense SwiGLU, the rest are DeepSeekMoE.
 Params cross the API as plain nested dicts; ``nnx.merge`` rebuilds the modules inside
@@ -30,11 +30,10 @@ from flax import nnx
 from jax.experimental import checkify
 
 from dsmoe_jax import mla
-from dsmoe_jax.attention import attention
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, ModelConfig, model_config
 from dsmoe_jax.layers import MLP, RMSNorm, param
+from dsmoe_jax.mha import Attention
 from dsmoe_jax.moe import MoE, MoEStats, RouteOptions
-from dsmoe_jax.rope import rope, softmax_scale
 
 
 class KVCache(NamedTuple):
@@ -46,50 +45,6 @@ class KVCache(NamedTuple):
     v: tuple[jax.Array, ...]
     valid_BT: jax.Array  # the slot holds a real token: written, and not padding
     index: jax.Array  # int32: the next slot to write
-
-
-class Attention(nnx.Module):
-    """Causal multi-head attention (grouped-query when n_kv_heads < n_heads), no biases."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        p = functools.partial(param, rngs, std=cfg.init_std, dtype=jnp.dtype(cfg.param_dtype))
-        self.w_q_DNH = p((D, N, H), ("embed", "heads", "head_dim"))
-        self.w_k_DKH = p((D, K, H), ("embed", "kv_heads", "head_dim"))
-        self.w_v_DKH = p((D, K, H), ("embed", "kv_heads", "head_dim"))
-        self.w_o_NHD = p((N, H, D), ("heads", "head_dim", "embed"))
-        self.theta, self.yarn = cfg.rope_theta, cfg.yarn
-        self.scale = softmax_scale(H, cfg.yarn)
-        self.implementation = cfg.attention
-
-    def __call__(self, x_BSD, positions_BS, valid_keys_BT, kv=None, index=0):
-        """Attend from ``x``'s positions to ``T`` key slots, of which ``valid_keys_BT`` marks the
-        real tokens: its own keys (``kv`` None, T = S) or a cache's, into which this call's keys
-        and values are first written at ``index``. Returns the output and the keys and values
-        (the cache's when there is one).
-
-        At ``index`` 0 (a Python int: a fresh cache) the cache holds nothing before this call's
-        own keys, so attention reads those directly, the same as without a cache."""
-        (B, S, D), dt = x_BSD.shape, x_BSD.dtype
-        # Projections see tokens as one flat axis T = B * S: XLA:CPU computes weight gradients
-        # that contract over two axes (batch and sequence) several times slower than over one.
-        x_TD = x_BSD.reshape(B * S, D)
-        proj = lambda w: jnp.einsum("td,dnh->tnh", x_TD, w[...].astype(dt)).reshape(B, S, *w.shape[1:])
-        q_BSNH = rope(proj(self.w_q_DNH), positions_BS, self.theta, self.yarn)
-        k_BTKH = rope(proj(self.w_k_DKH), positions_BS, self.theta, self.yarn)
-        v_BTKH = proj(self.w_v_DKH)
-        k_cache, v_cache = k_BTKH, v_BTKH
-        if kv is not None:
-            write = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, 1)
-            k_cache, v_cache = write(kv[0], k_BTKH).astype(dt), write(kv[1], v_BTKH).astype(dt)
-        if kv is None or (isinstance(index, int) and index == 0):
-            out_BSNH = attention(q_BSNH, k_BTKH, v_BTKH, valid_keys_BT[:, :S], implementation=self.implementation,
-                                 scale=self.scale)
-        else:
-            out_BSNH = attention(q_BSNH, k_cache, v_cache, valid_keys_BT, start=index, scale=self.scale)
-        out_TNH = out_BSNH.reshape(B * S, *out_BSNH.shape[2:])
-        y_BSD = jnp.einsum("tnh,nhd->td", out_TNH, self.w_o_NHD[...].astype(dt)).reshape(B, S, D)
-        return y_BSD, (k_cache, v_cache)
 
 
 class Block(nnx.Module):

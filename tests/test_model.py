@@ -10,7 +10,9 @@ import pytest
 from jax.experimental import checkify
 
 import dsmoe_jax
+from dsmoe_jax import mha
 from dsmoe_jax import model as model_lib
+from dsmoe_jax.rope import rope
 
 
 def _forward(cfg):
@@ -78,23 +80,23 @@ def test_padding_is_invisible_to_real_tokens(small_cfg, key):
 
 def test_rope_scores_depend_only_on_relative_position():
     q, k = jax.random.normal(jax.random.key(3), (2, 1, 1, 1, 16))
-    score = lambda i, j: jnp.sum(model_lib.rope(q, jnp.array([[i]]), 1e4) * model_lib.rope(k, jnp.array([[j]]), 1e4))
+    score = lambda i, j: jnp.sum(rope(q, jnp.array([[i]]), 1e4) * rope(k, jnp.array([[j]]), 1e4))
     assert float(score(7, 3)) == pytest.approx(float(score(104, 100)), rel=1e-4)
     assert float(score(0, 0)) == pytest.approx(float(jnp.sum(q * k)), rel=1e-5), "position 0 is the identity"
     # Rotate-half: dimension i pairs with i + H/2, rotated by angle p * theta^(-2i/H).
     x = jnp.zeros((1, 1, 1, 16)).at[..., 1].set(1.0)
-    out = model_lib.rope(x, jnp.array([[5]]), 1e4)
+    out = rope(x, jnp.array([[5]]), 1e4)
     angle = 5 * 1e4 ** (-2 / 16)
     np.testing.assert_allclose(out[0, 0, 0, [1, 9]], [np.cos(angle), np.sin(angle)], rtol=1e-5)
 
 
 def test_attention_matches_naive_softmax(small_cfg, key):
-    attn = model_lib.Attention(small_cfg, rngs=__import__("flax").nnx.Rngs(0))
+    attn = mha.Attention(small_cfg, rngs=__import__("flax").nnx.Rngs(0))
     x = jax.random.normal(key, (1, 5, small_cfg.d_model))
     pos = jnp.arange(5)[None]
     out, _ = attn(x, pos, jnp.ones((1, 5), bool))
-    q = model_lib.rope(jnp.einsum("bsd,dnh->bsnh", x, attn.w_q_DNH[...]), pos, small_cfg.rope_theta)
-    k = model_lib.rope(jnp.einsum("bsd,dnh->bsnh", x, attn.w_k_DKH[...]), pos, small_cfg.rope_theta)
+    q = rope(jnp.einsum("bsd,dnh->bsnh", x, attn.w_q_DNH[...]), pos, small_cfg.rope_theta)
+    k = rope(jnp.einsum("bsd,dnh->bsnh", x, attn.w_k_DKH[...]), pos, small_cfg.rope_theta)
     v = jnp.einsum("bsd,dnh->bsnh", x, attn.w_v_DKH[...])
     q, k, v = (np.asarray(a[0], np.float64) for a in (q, k, v))
     ref = np.zeros((5, small_cfg.n_heads, small_cfg.head_dim))
