@@ -24,11 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
-from dsmoe_jax.config import DsmoeError
-
-
-class OutputExistsError(DsmoeError, FileExistsError):
-    """An output directory that already holds something: it is never overwritten."""
+from dsmoe_jax.errors import OutputExistsError  # noqa: F401 - raised here, and importable from here
 
 
 def _owner() -> str:

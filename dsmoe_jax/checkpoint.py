@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import v1 as ocp_v1
 
 from dsmoe_jax.atomic import atomic_file
-from dsmoe_jax.config import Config, DsmoeError, config_from_dict
+from dsmoe_jax.config import Config, config_from_dict
+from dsmoe_jax.errors import CheckpointError  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.model import param_shapes
 from dsmoe_jax.sharding import param_shardings
 
@@ -32,8 +33,6 @@ PARAMS_DIR = "params"
 CONVERTED_ITEM = "state"
 
 
-class CheckpointError(DsmoeError, RuntimeError):
-    """A workdir or checkpoint that cannot be used as asked."""
 
 
 def write_config(directory: str | os.PathLike, cfg: Config) -> None:

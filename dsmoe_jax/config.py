@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dsmoe_jax.errors import ConfigError, DsmoeError  # noqa: F401 - raised here, and importable from here
+
 DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # Values ``moe.backend`` accepts: "auto" and the grouped-MLP backends of ``grouped.py`` (and
@@ -30,12 +32,8 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 GROUPED_BACKENDS = {"auto", "dense", "ragged", "tiled", "triton"}
 
 
-class DsmoeError(Exception):
-    """A problem with the user's input or run: reported by the CLI as one line, no traceback."""
 
 
-class ConfigError(DsmoeError, ValueError):
-    """A config file, override or dataclass value that cannot describe a valid run."""
 
 
 def _require(ok: bool, message: str) -> None:

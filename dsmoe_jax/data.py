@@ -33,7 +33,8 @@ import numpy as np
 
 from dsmoe_jax import runtime
 from dsmoe_jax.atomic import atomic_file
-from dsmoe_jax.config import Config, DataSource, DsmoeError
+from dsmoe_jax.config import Config, DataSource
+from dsmoe_jax.errors import DataError  # noqa: F401 - raised here, and importable from here
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".toml", ".html", ".c", ".h")
 VAL_EVERY = 20  # every 20th document goes to validation
@@ -47,8 +48,6 @@ FORMAT = "dsmoe-jax token shards v1"
 SPLITS = ("train", "val")
 
 
-class DataError(DsmoeError, ValueError):
-    """Data that cannot be read or does not fit the model."""
 
 
 class ByteTokenizer:

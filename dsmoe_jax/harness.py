@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from dsmoe_jax import data, inference
 from dsmoe_jax.checkpoint import load_checkpoint
-from dsmoe_jax.config import Config, DsmoeError
+from dsmoe_jax.config import Config
+from dsmoe_jax.errors import HarnessError  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.model import forward
 
 MODEL_NAME = "dsmoe-jax"  # the name lm-eval knows the model class by (``--model dsmoe-jax``)
@@ -48,8 +49,6 @@ INSTALL_HINT = 'pip install -e ".[eval]"  (or: pip install "dsmoe-jax[eval]")'
 log = logging.getLogger(__name__)
 
 
-class HarnessError(DsmoeError, ValueError):
-    """lm-eval is missing, or a request, task or model argument cannot be evaluated."""
 
 
 def require_lm_eval():

@@ -30,7 +30,8 @@ from flax import nnx
 from jax.experimental import checkify
 
 from dsmoe_jax import mla
-from dsmoe_jax.config import Config, ConfigError, DsmoeError, ModelConfig, model_config
+from dsmoe_jax.config import Config, ConfigError, ModelConfig, model_config
+from dsmoe_jax.errors import InputError  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.layers import MLP, RMSNorm, param
 from dsmoe_jax.mha import Attention
 from dsmoe_jax.moe import MoE, MoEStats, RouteOptions
@@ -255,10 +256,6 @@ class Decoder(nnx.Module):
 # ---- functional API -------------------------------------------------------------------------
 
 
-class InputError(DsmoeError, ValueError):
-    """Arguments the model cannot run as given: token ids, lengths, sampling settings."""
-
-    exit_code = 2  # the CLI's exit status: a usage error, like a bad option
 
 
 def check_tokens(tokens, cfg: ModelConfig, where: str, check_ids: bool = False) -> None:

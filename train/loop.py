@@ -23,25 +23,14 @@ from dsmoe_jax import data
 from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, write_config
-from dsmoe_jax.config import Config, ConfigError, DsmoeError
+from dsmoe_jax.config import Config, ConfigError
+from dsmoe_jax.errors import TrainingError, TrainingInterrupted  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.evaluation import evaluate, jitted_eval_step, perplexity
 from dsmoe_jax.model import flops_per_token
 from dsmoe_jax.plan import device_peak_flops
 from dsmoe_jax.train.checkpoint import Checkpointer, nothing_to_resume
 from dsmoe_jax.train.optimizer import learning_rate, make_optimizer
 from dsmoe_jax.train.step import StepMetrics, init_sharded_state, make_train_step, state_shardings
-
-
-class TrainingError(DsmoeError, RuntimeError):
-    """The run cannot go on: a non-finite loss, a batch that does not fit, bad data."""
-
-
-class TrainingInterrupted(DsmoeError, RuntimeError):
-    """SIGINT or SIGTERM stopped the run after a checkpoint; ``exit_code`` is 128 + the signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 class _StepWatchdog:

@@ -22,13 +22,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from dsmoe_jax.config import ConfigError, DsmoeError, ModelConfig, config_from_dict
+from dsmoe_jax.config import ConfigError, ModelConfig, config_from_dict
+from dsmoe_jax.errors import ConversionError  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.model import layer_groups, match_layout, param_shapes, unrolled
-
-
-class ConversionError(DsmoeError, ValueError):
-    """A checkpoint that does not match its config, or an output that cannot be written."""
-
 
 # ---- config --------------------------------------------------------------------------------
 

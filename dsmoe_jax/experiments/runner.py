@@ -26,7 +26,8 @@ import scipy.stats
 from dsmoe_jax import data
 from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, load_checkpoint, read_config
-from dsmoe_jax.config import Config, DsmoeError
+from dsmoe_jax.config import Config
+from dsmoe_jax.errors import ExperimentError  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.evaluation import evaluate
 from dsmoe_jax.experiments import measures, report
 from dsmoe_jax.experiments.specs import (
@@ -48,8 +49,6 @@ RESULTS = "results.json"
 WALLS = "wall_s.json"  # seconds of each invocation that trained the arm
 
 
-class ExperimentError(DsmoeError, RuntimeError):
-    """An experiment that cannot run as asked (an unknown name, a workdir of another config)."""
 
 
 def default_workdir(scale: str) -> pathlib.Path:
