@@ -33,7 +33,7 @@ from dsmoe_jax.attention import resolve_implementation
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
 from dsmoe_jax.evaluation import evaluate
 from dsmoe_jax.grouped import resolve_backend
-from dsmoe_jax.harness import load_for_eval  # lm-eval itself is imported only for --tasks
+from dsmoe_jax.loading import load_model
 from dsmoe_jax.model import cache_bytes_per_token, count_params, flops_per_token
 from dsmoe_jax.train.distributed import initialize_distributed
 from dsmoe_jax.train.loop import train
@@ -122,7 +122,7 @@ def _eval(args) -> None:
                                           ("--allow-code-execution", args.allow_code_execution)) if value]
     if task_only:
         raise ConfigError(f"{', '.join(task_only)}: only with --tasks (lm-evaluation-harness tasks)")
-    params, cfg, _ = load_for_eval(args.checkpoint)  # its tokenizer: the one the loss is taken in
+    params, cfg, _ = load_model(args.checkpoint)  # its tokenizer: the one the loss is taken in
     if args.data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
     train_tokens, val_tokens, _ = data.load_tokens(cfg, checkpoint=args.checkpoint)
@@ -157,7 +157,7 @@ def _eval_tasks(args) -> None:
 
 
 def _generate(args) -> None:
-    params, cfg, tok = load_for_eval(args.checkpoint)
+    params, cfg, tok = load_model(args.checkpoint)
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + [int(i) for i in tok.encode(args.prompt)]
     # stream checks the prompt and the sampling options when called: before anything is printed
     tokens = inference.stream(params, ids, cfg, args.max_new_tokens, jax.random.key(args.seed), args.temperature,

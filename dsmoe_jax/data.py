@@ -26,7 +26,7 @@ import pathlib
 import sys
 import sysconfig
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import grain
 import numpy as np
@@ -48,6 +48,20 @@ FORMAT = "dsmoe-jax token shards v1"
 SPLITS = ("train", "val")
 
 
+
+
+class Tokenizer(Protocol):
+    """What the project asks of a tokenizer (``ByteTokenizer``, ``HFTokenizer``)."""
+
+    bos_id: int | None  # put before each document (None: nothing)
+    eos_id: int | None  # after each document; generation stops at it
+    vocab_size: int
+
+    def encode(self, text: str) -> Sequence[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
 
 
 class ByteTokenizer:
@@ -143,7 +157,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str) -> Tokenizer:
     """``"byte"`` or the path of a ``tokenizer.json`` (or of a directory holding one)."""
     if spec == "byte":
         return ByteTokenizer()

@@ -24,7 +24,6 @@ Shape legend: B batch, L tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -36,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from dsmoe_jax import data, inference
-from dsmoe_jax.checkpoint import load_checkpoint
+from dsmoe_jax import inference
 from dsmoe_jax.config import Config
 from dsmoe_jax.errors import HarnessError  # noqa: F401 - raised here, and importable from here
+from dsmoe_jax.loading import load_model
 from dsmoe_jax.model import forward
 
 MODEL_NAME = "dsmoe-jax"  # the name lm-eval knows the model class by (``--model dsmoe-jax``)
@@ -67,20 +66,6 @@ def bucket(n: int, cap: int, floor: int = 1) -> int:
     return min(cap, max(floor, 1 << max(n - 1, 0).bit_length()))
 
 
-def load_for_eval(checkpoint: str | os.PathLike, step: int | None = None, tokenizer: str | None = None):
-    """``(params, cfg, tokenizer)`` of a training workdir or converted checkpoint; its tokenizer is
-    ``tokenizer`` if given, else a ``tokenizer.json`` beside the checkpoint (a converted one),
-    else the run's ``data.tokenizer``."""
-    params, cfg = load_checkpoint(checkpoint, step=step)
-    beside = pathlib.Path(checkpoint) / "tokenizer.json"
-    spec = tokenizer or (str(beside) if beside.is_file() else None)
-    if spec:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=spec))
-    tok = data.load_tokenizer(cfg.data.tokenizer)
-    data.check_tokenizer(tok, cfg, checkpoint=str(checkpoint))
-    return params, cfg, tok
-
-
 @functools.lru_cache(maxsize=8)
 def _score_fn(model_cfg):
     """Jitted ``(params, tokens [B, L], targets [B, L], mask [B, L]) -> (log p(target) [B, L],
@@ -104,7 +89,7 @@ _generate = jax.jit(inference.generate,
 class HarnessModel:
     """The scoring and generation behind the lm-eval model class, free of lm-eval itself.
 
-    ``params``/``cfg``/``tokenizer`` as ``load_for_eval`` returns them. ``batch_size``: requests
+    ``params``/``cfg``/``tokenizer`` as ``loading.load_model`` returns them. ``batch_size``: requests
     per forward pass (the largest bucket); ``max_length``: the context, at most (and by default)
     ``model.max_seq_len``; ``add_bos_token``: start encoded contexts with BOS (default: when the
     tokenizer has one); ``max_gen_toks``: generate_until's default number of new tokens."""
@@ -278,7 +263,7 @@ def lm_class():
                 raise HarnessError(f"{MODEL_NAME} needs checkpoint=DIR: a training workdir or a converted checkpoint")
             del max_batch_size, device  # lm-eval passes them to every model; JAX places the params itself
             self.checkpoint = str(directory)
-            params, cfg, tok = load_for_eval(directory, None if step is None else int(step), tokenizer)
+            params, cfg, tok = load_model(directory, None if step is None else int(step), tokenizer)
             HarnessModel.__init__(self, params, cfg, tok, batch_size=_batch_size(batch_size),
                                   max_length=None if max_length is None else int(max_length),
                                   add_bos_token=_flag(add_bos_token), max_gen_toks=int(max_gen_toks), seed=int(seed))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import dsmoe_jax
-from dsmoe_jax import Config, cli, harness, load_config
+from dsmoe_jax import Config, cli, load_config, loading
 from helpers import TINY_HF
 
 
@@ -75,7 +75,7 @@ def checkpoint(tmp_path, monkeypatch):
 
     def make(cfg):
         params = dsmoe_jax.init_params(cfg, jax.random.key(0))
-        monkeypatch.setattr(harness, "load_checkpoint", lambda directory, step=None: (params, cfg))
+        monkeypatch.setattr(loading, "load_checkpoint", lambda directory, step=None: (params, cfg))
         return str(tmp_path)
 
     return make

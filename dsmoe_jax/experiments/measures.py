@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsmoe_jax import data
-from dsmoe_jax.checkpoint import load_checkpoint
 from dsmoe_jax.evaluation import evaluate, validation_windows, window_batches
 from dsmoe_jax.experiments.specs import ARMS, Arm, Scale
+from dsmoe_jax.loading import load_model, validation_tokens
 from dsmoe_jax.model import forward
 from dsmoe_jax.moe import RouteOptions
 
@@ -38,8 +37,8 @@ RunDir = Callable[[pathlib.Path, Arm, int], pathlib.Path]
 
 
 def _load(directory: pathlib.Path):
-    params, cfg = load_checkpoint(directory)
-    _, val_tokens, _ = data.load_tokens(cfg)
+    params, cfg, _ = load_model(directory)
+    val_tokens = validation_tokens(cfg)
     return params, cfg, val_tokens
 
 

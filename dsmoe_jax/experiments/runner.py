@@ -23,9 +23,8 @@ import jax
 import numpy as np
 import scipy.stats
 
-from dsmoe_jax import data
 from dsmoe_jax.atomic import atomic_file
-from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, load_checkpoint, read_config
+from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, read_config
 from dsmoe_jax.config import Config
 from dsmoe_jax.errors import ExperimentError  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.evaluation import evaluate
@@ -41,6 +40,7 @@ from dsmoe_jax.experiments.specs import (
     arm_config,
     overrides_dict,
 )
+from dsmoe_jax.loading import load_model, validation_tokens
 from dsmoe_jax.model import count_params
 from dsmoe_jax.train.loop import train
 
@@ -90,8 +90,8 @@ def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume
         with atomic_file(walls_file) as f:
             json.dump([*walls, time.perf_counter() - tick], f)
     walls = json.loads(walls_file.read_text())
-    params, _ = load_checkpoint(directory)
-    _, val_tokens, _ = data.load_tokens(cfg)
+    params = load_model(directory).params
+    val_tokens = validation_tokens(cfg)
     result = evaluate(params, cfg, val_tokens, max_tokens=scale.eval_tokens)
     record = {"val_loss": result.loss, "val_loss_stderr": result.stderr, "eval_tokens": result.tokens,
               "val_window_losses": list(result.window_losses),  # the same windows for every arm of a seed
