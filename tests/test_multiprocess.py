@@ -47,6 +47,28 @@ def _losses(workdir) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in map(json.loads, lines)}
 
 
+def _signal_a_peer_mid_run(workdir, signum: int, *extra: str, port: int) -> tuple[int, str, float]:
+    """Train with two processes until 8 steps are logged, send process 1 ``signum``, and wait for
+    process 0 to end: its exit code, its stderr and the seconds it took after the signal."""
+    args = [*RUN, "--set", "mesh.expert=4", *extra, "--workdir", str(workdir), "--coordinator", f"127.0.0.1:{port}",
+            "--num-processes", "2"]
+    procs = [subprocess.Popen([sys.executable, "-m", "dsmoe_jax.cli", "train", *args, "--process-id", str(i)],
+                              env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        deadline = time.monotonic() + 300
+        while len(_losses(workdir)) < 8 if (workdir / "metrics.jsonl").is_file() else True:
+            assert time.monotonic() < deadline and procs[0].poll() is None, "the run did not get going"
+            time.sleep(0.2)
+        procs[1].send_signal(signum)
+        signalled = time.monotonic()
+        _, stderr = procs[0].communicate(timeout=120)
+        return procs[0].returncode, stderr, time.monotonic() - signalled
+    finally:
+        for p in procs:
+            p.kill()
+
+
 @pytest.mark.slow  # about 100 s: run with -m slow
 def test_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
     _train_one_process(tmp_path / "one", "--set", "train.steps=6", "--set", "mesh.expert=4")
@@ -70,25 +92,10 @@ def test_two_processes_match_one_and_resume_on_another_mesh(tmp_path):
 @pytest.mark.slow  # about 70 s: run with -m slow
 def test_a_killed_process_stops_the_others_and_the_run_resumes(tmp_path):
     workdir = tmp_path / "run"
-    args = [*RUN, "--set", "train.steps=60", "--set", "mesh.expert=4", "--workdir", str(workdir),
-            "--coordinator", f"127.0.0.1:{20000 + os.getpid() % 20000}", "--num-processes", "2",
-            "--heartbeat-timeout", "10"]
-    procs = [subprocess.Popen([sys.executable, "-m", "dsmoe_jax.cli", "train", *args, "--process-id", str(i)],
-                              env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    try:
-        deadline = time.monotonic() + 300
-        while len(_losses(workdir)) < 8 if (workdir / "metrics.jsonl").is_file() else True:
-            assert time.monotonic() < deadline and procs[0].poll() is None, "the run did not get going"
-            time.sleep(0.2)
-        procs[1].send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        _, stderr = procs[0].communicate(timeout=90)
-        stopped_after = time.monotonic() - killed_at
-    finally:
-        for p in procs:
-            p.kill()
-    assert procs[0].returncode != 0
+    returncode, stderr, stopped_after = _signal_a_peer_mid_run(
+        workdir, signal.SIGKILL, "--set", "train.steps=60", "--heartbeat-timeout", "10",
+        port=20000 + os.getpid() % 20000)
+    assert returncode != 0
     assert stopped_after < 60, f"the surviving process took {stopped_after:.0f} s to stop"
     assert "another process" in stderr or "task died" in stderr, stderr[-3000:]
 
@@ -108,25 +115,10 @@ def test_a_hung_process_is_named_by_the_others_with_the_checkpoint_to_resume_fro
     that a peer has probably stopped and which checkpoint to resume from, and exits with 1 (JAX's
     own heartbeat would abort it later, without saying either)."""
     workdir = tmp_path / "run"
-    args = [*RUN, "--set", "train.steps=200", "--set", "mesh.expert=4", "--set", "train.step_timeout=10",
-            "--workdir", str(workdir), "--coordinator", f"127.0.0.1:{20000 + (os.getpid() + 7) % 20000}",
-            "--num-processes", "2", "--heartbeat-timeout", "300"]
-    procs = [subprocess.Popen([sys.executable, "-m", "dsmoe_jax.cli", "train", *args, "--process-id", str(i)],
-                              env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    try:
-        deadline = time.monotonic() + 300
-        while len(_losses(workdir)) < 8 if (workdir / "metrics.jsonl").is_file() else True:
-            assert time.monotonic() < deadline and procs[0].poll() is None, "the run did not get going"
-            time.sleep(0.2)
-        procs[1].send_signal(signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        _, stderr = procs[0].communicate(timeout=120)
-        waited = time.monotonic() - stopped_at
-    finally:
-        for p in procs:
-            p.kill()
-    assert procs[0].returncode == 1, (procs[0].returncode, stderr[-3000:])
+    returncode, stderr, waited = _signal_a_peer_mid_run(
+        workdir, signal.SIGSTOP, "--set", "train.steps=200", "--set", "train.step_timeout=10", "--heartbeat-timeout",
+        "300", port=20000 + (os.getpid() + 7) % 20000)
+    assert returncode == 1, (returncode, stderr[-3000:])
     assert waited < 60, f"the waiting process took {waited:.0f} s to stop"
     checkpoint = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert re.search(rf"process 0 of 2: step \d+ has not finished after 10 s \(train.step_timeout\): another "
