@@ -99,6 +99,11 @@ class MTPBlock(nnx.Module):
         return x_BSD, self.head_norm(x_BSD), stats
 
 
+def _concat_stats(parts: list) -> MoEStats | None:
+    """MoE statistics stacked on a leading axis, joined along it (None when there are none)."""
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if parts else None
+
+
 class Aux(NamedTuple):
     """What ``forward`` reports besides the logits (a pytree: it passes through jit and scan)."""
 
@@ -203,7 +208,7 @@ class Decoder(nnx.Module):
             logits.append(self.logits(normed_BSD))
             if st is not None:
                 stats.append(jax.tree.map(lambda a: a[None], st))
-        return tuple(logits), jax.tree.map(lambda *a: jnp.concatenate(a), *stats) if stats else None
+        return tuple(logits), _concat_stats(stats)
 
     def hidden(self, tokens_BS, positions_BS, valid_BS, cache: KVCache | None = None,
                route: RouteOptions | None = None, fresh: bool = False):
@@ -233,8 +238,7 @@ class Decoder(nnx.Module):
                     layer_stats.append(jax.tree.map(lambda a: a[None], stats))
         if cache is not None:
             cache = KVCache(tuple(keys), tuple(values), valid_keys_BT, jnp.asarray(index + S, jnp.int32))
-        stats = jax.tree.map(lambda *a: jnp.concatenate(a), *layer_stats) if layer_stats else None
-        return self.final_norm(x_BSD), stats, cache
+        return self.final_norm(x_BSD), _concat_stats(layer_stats), cache
 
     def _scan(self, run, x_BSD, positions_BS, valid_BS, tokens_BS):
         """Each group of stacked blocks as one ``lax.scan``; the MoE statistics come out stacked."""
@@ -413,8 +417,7 @@ def forward_mtp(params: dict, tokens: jax.Array, cfg: Config | ModelConfig) -> t
     decoder = _decoder(params, cfg)
     h_BSD, stats, _ = decoder.hidden(tokens, positions, valid)
     ahead, mtp_stats = decoder.predict_ahead(h_BSD, tokens, positions, valid)
-    both = [s for s in (stats, mtp_stats) if s is not None]
-    stats = jax.tree.map(lambda *a: jnp.concatenate(a), *both) if both else None
+    stats = _concat_stats([s for s in (stats, mtp_stats) if s is not None])
     return decoder.logits(h_BSD), Aux.from_layers(stats), ahead
 
 

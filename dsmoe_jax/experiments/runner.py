@@ -86,10 +86,10 @@ def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume
     try:
         train(cfg, directory, resume=started, progress=progress)
     finally:
+        walls.append(time.perf_counter() - tick)
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_file(walls_file) as f:
-            json.dump([*walls, time.perf_counter() - tick], f)
-    walls = json.loads(walls_file.read_text())
+            json.dump(walls, f)
     params = load_model(directory).params
     val_tokens = validation_tokens(cfg)
     result = evaluate(params, cfg, val_tokens, max_tokens=scale.eval_tokens)
@@ -161,9 +161,8 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
         records.setdefault((v, a), []).append(train_arm(arm, sc, s, run_dir(root, arm, s), resume, progress))
     for v in names:
         gshard, deepseek = records[(v, "gshard")], records[(v, "deepseekmoe")]
-        arm, sc = VARIANTS[v].apply(ARMS["deepseekmoe"], SCALES[scale])
         rows[v] = {"reason": VARIANTS[v].reason, "scale": VARIANTS[v].scale, "overrides": list(VARIANTS[v].overrides),
-                   "tokens_per_arm": sc.tokens,
+                   "tokens_per_arm": deepseek[0]["train_tokens"],
                    "val_loss": {"gshard": [r["val_loss"] for r in gshard],
                                 "deepseekmoe": [r["val_loss"] for r in deepseek]},
                    "wall_s": sum(r["wall_s"] for r in gshard + deepseek),
