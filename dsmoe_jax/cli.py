@@ -333,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("name", help="architectures | ablation | shared-ratio | specialisation | balance | sensitivity")
     ex.add_argument("--variants", metavar="V1,V2",
                     help="sensitivity: which changes of the setting (default all): base, norm_topk, init_0.02, "
-                         "depth_4, ffn_512, batch_64, lr_1e-3, lr_4e-3")
+                         "depth_4, ffn_512, batch_64, lr_1e-3, lr_4e-3; join changes with '+' to combine them "
+                         "(norm_topk+lr_1e-3)")
     ex.add_argument("--scale", default="cpu", choices=["toy", "cpu", "cpu-long", "paper"],
                     help="toy: seconds (tests); cpu: under an hour on 2 cores; cpu-long: 10x the tokens, hours; "
                          "paper: the 2B setup (GPU mesh)")

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from dsmoe_jax import cli
+from dsmoe_jax.config import ConfigError
 from dsmoe_jax.experiments import (
     ARMS,
     EXPERIMENTS,
@@ -14,7 +15,9 @@ from dsmoe_jax.experiments import (
     ExperimentError,
     arm_config,
     run_experiment,
+    run_sensitivity,
     runner,
+    variant,
 )
 from dsmoe_jax.model import count_params
 from dsmoe_jax.train.checkpoint import Checkpointer
@@ -171,15 +174,15 @@ def test_sensitivity_trains_both_arms_per_variant_and_pairs_them(tmp_path, capsy
     assert (tmp_path / "runs" / "deepseekmoe@norm_topk" / "seed1" / "final.json").is_file(), "stored apart"
     assert "| norm_topk |" in (tmp_path / "sensitivity" / "results.md").read_text()
     assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--variants", "depth_9", "--workdir",
-                     str(tmp_path)]) == 1
-    assert "unknown variants ['depth_9']" in capsys.readouterr().err
+                     str(tmp_path)]) == 2
+    assert "unknown variant 'depth_9'" in capsys.readouterr().err
 
 
 def test_sensitivity_variants_change_what_they_say_and_keep_the_token_budget():
     cpu = SCALES["cpu"]
-    for name, variant in VARIANTS.items():
+    for name, change in VARIANTS.items():
         for arm in ("gshard", "deepseekmoe"):
-            changed, scale = variant.apply(ARMS[arm], cpu)
+            changed, scale = change.apply(ARMS[arm], cpu)
             arm_config(changed, scale, 0)  # every variant builds
             assert scale.tokens == cpu.tokens, f"{name}: every variant trains on the same number of tokens"
             assert (changed.name == arm) == (name == "base"), "each variant's runs are stored apart"
@@ -189,3 +192,16 @@ def test_sensitivity_variants_change_what_they_say_and_keep_the_token_budget():
     assert norm.model.moe.norm_topk_prob and deep.model.n_layers == 4 and wide.model.moe.expert_d_ff == 128
     big = arm_config(*VARIANTS["batch_64"].apply(ARMS["gshard"], cpu), 0)
     assert (big.train.batch_size, big.train.steps) == (64, 75), "4x the batch, a quarter of the steps"
+
+
+def test_sensitivity_combines_variants_with_plus_and_refuses_conflicts_and_other_budgets(tmp_path):
+    both = arm_config(*variant("norm_topk+lr_1e-3").apply(ARMS["deepseekmoe"], SCALES["cpu-long"]), 0)
+    assert both.model.moe.norm_topk_prob and both.train.lr == 1e-3, "both changes apply"
+    assert both.train.steps == SCALES["cpu-long"].steps, "the scale's own budget is kept"
+    with pytest.raises(ConfigError, match="lr_4e-3 sets lr=0.004 but an earlier part set lr=0.001"):
+        variant("lr_1e-3+lr_4e-3")
+    with pytest.raises(ConfigError, match="unknown variant 'base'"):
+        variant("base+norm_topk")
+    with pytest.raises(ExperimentError, match="batch_64 trains on 614,400 tokens at scale cpu-long, not .* 6,144,000"):
+        run_sensitivity("cpu-long", [0], ["norm_topk", "batch_64"], tmp_path, progress=False)
+    assert not any(tmp_path.iterdir()), "refused before training anything"

@@ -39,6 +39,7 @@ from dsmoe_jax.experiments.specs import (
     Scale,
     arm_config,
     overrides_dict,
+    variant,
 )
 from dsmoe_jax.loading import load_model, validation_tokens
 from dsmoe_jax.model import count_params
@@ -144,29 +145,34 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
     (``compare``: DeepSeekMoE - GShard). Writes ``sensitivity/results.json`` and ``results.md``."""
     if scale not in SCALES:
         raise ExperimentError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
-    names = list(variants) if variants else list(VARIANTS)
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not seeds:
-        raise ExperimentError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}" if unknown else
-                              "give at least one seed")
+    if not seeds:
+        raise ExperimentError("give at least one seed")
+    chosen = {v.name: v for v in map(variant, variants or VARIANTS)}  # names an unknown or conflicting one
+    for v in chosen.values():
+        changed = v.apply(ARMS[SENSITIVITY_ARMS[0]], SCALES[scale])[1]
+        if changed.tokens != SCALES[scale].tokens:
+            raise ExperimentError(f"variant {v.name} trains on {changed.tokens:,} tokens at scale {scale}, not the "
+                                  f"scale's {SCALES[scale].tokens:,}: it was written for another scale's budget, and "
+                                  "the comparison with the other variants would not be at equal tokens")
     root = pathlib.Path(workdir) if workdir is not None else default_workdir(scale)
     tick = time.perf_counter()
     rows = {}
-    runs = [(v, a, s) for v in names for a in SENSITIVITY_ARMS for s in seeds]
+    # seed by seed, both arms: a run stopped part-way has complete pairs to resume from
+    runs = [(v, a, s) for v in chosen for s in seeds for a in SENSITIVITY_ARMS]
     records: dict[tuple[str, str], list[dict]] = {}
     for i, (v, a, s) in enumerate(runs, 1):
-        arm, sc = VARIANTS[v].apply(ARMS[a], SCALES[scale])
+        arm, sc = chosen[v].apply(ARMS[a], SCALES[scale])
         if progress:
             print(f"[{i}/{len(runs)}] {v}: {arm.name} ({arm.structure()}), seed {s}", flush=True)
         records.setdefault((v, a), []).append(train_arm(arm, sc, s, run_dir(root, arm, s), resume, progress))
-    for v in names:
-        gshard, deepseek = records[(v, "gshard")], records[(v, "deepseekmoe")]
-        rows[v] = {"reason": VARIANTS[v].reason, "scale": VARIANTS[v].scale, "overrides": list(VARIANTS[v].overrides),
-                   "tokens_per_arm": deepseek[0]["train_tokens"],
-                   "val_loss": {"gshard": [r["val_loss"] for r in gshard],
-                                "deepseekmoe": [r["val_loss"] for r in deepseek]},
-                   "wall_s": sum(r["wall_s"] for r in gshard + deepseek),
-                   "deepseekmoe_minus_gshard": compare("deepseekmoe", deepseek, "gshard", gshard, seeds)}
+    for v in chosen.values():
+        gshard, deepseek = records[(v.name, "gshard")], records[(v.name, "deepseekmoe")]
+        rows[v.name] = {"reason": v.reason, "scale": v.scale, "overrides": list(v.overrides),
+                        "tokens_per_arm": deepseek[0]["train_tokens"],
+                        "val_loss": {"gshard": [r["val_loss"] for r in gshard],
+                                     "deepseekmoe": [r["val_loss"] for r in deepseek]},
+                        "wall_s": sum(r["wall_s"] for r in gshard + deepseek),
+                        "deepseekmoe_minus_gshard": compare("deepseekmoe", deepseek, "gshard", gshard, seeds)}
     results = {"experiment": "sensitivity", "scale": scale, "seeds": list(seeds), "variants": rows,
                "wall_s": time.perf_counter() - tick, "environment": _environment()}
     out = root / "sensitivity"

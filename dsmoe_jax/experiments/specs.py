@@ -207,6 +207,31 @@ VARIANTS = {v.name: v for v in (
 )}
 
 
+def variant(name: str) -> Variant:
+    """A variant by name; ``a+b`` is the two changes together (the winning combination), which
+    must not set the same field of the scale or the same override key differently."""
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in VARIANTS or (p == "base" and len(parts) > 1)]
+    if unknown:
+        raise ConfigError(f"unknown variant {unknown[0]!r} in {name!r}; choose from {', '.join(VARIANTS)}, "
+                          "or join changes with '+' (e.g. norm_topk+lr_1e-3)")
+    if len(parts) == 1:
+        return VARIANTS[name]
+    scale: dict = {}
+    overrides: dict[str, str] = {}
+    for part in parts:
+        v = VARIANTS[part]
+        items = [*v.scale.items(), *(o.split("=", 1) for o in v.overrides)]
+        for key, value in items:
+            seen = scale if key in v.scale else overrides
+            if key in seen and seen[key] != value:
+                raise ConfigError(f"variant {name!r}: {part} sets {key}={value} but an earlier part set "
+                                  f"{key}={seen[key]}")
+            seen[key] = value
+    return Variant(name, "together: " + "; ".join(VARIANTS[p].reason for p in parts), scale,
+                   tuple(f"{k}={v}" for k, v in overrides.items()))
+
+
 def arm_config(arm: Arm, scale: Scale, seed: int) -> Config:
     """The full config of one arm at one scale and seed."""
     return load_config(BASE_CONFIG, [*scale.overrides(), *arm.overrides(scale), f"train.seed={seed}"])
