@@ -30,7 +30,15 @@ from dsmoe_jax.config import (
 )
 from dsmoe_jax.evaluation import Evaluation, evaluate
 from dsmoe_jax.grouped import grouped_mlp, register_backend, unregister_backend
-from dsmoe_jax.inference import decode_step, generate, init_cache, pad_prompts, prefill
+from dsmoe_jax.inference import (
+    SpeculativeStats,
+    decode_step,
+    generate,
+    generate_speculative,
+    init_cache,
+    pad_prompts,
+    prefill,
+)
 from dsmoe_jax.mesh import make_mesh
 from dsmoe_jax.model import (
     Aux,
@@ -65,6 +73,7 @@ __all__ = [
     "flops_per_token",
     "forward",
     "generate",
+    "generate_speculative",
     "grouped_mlp",
     "init_cache",
     "init_params",
@@ -77,6 +86,7 @@ __all__ = [
     "param_shapes",
     "prefill",
     "RouteOptions",
+    "SpeculativeStats",
     "register_backend",
     "shard_params",
     "unregister_backend",

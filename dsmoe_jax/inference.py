@@ -20,13 +20,14 @@ import math
 import operator
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsmoe_jax.config import Config, ModelConfig, model_config
-from dsmoe_jax.model import InputError, KVCache, cache_dims, check_tokens, forward_cached
+from dsmoe_jax.model import InputError, KVCache, cache_dims, check_tokens, forward_cached, forward_cached_mtp
 
 
 def _old_argument_order_deprecated(fn):
@@ -111,16 +112,23 @@ def _check_generation(cfg: ModelConfig, prompt_len: int, max_new_tokens, tempera
                              f"{cfg.vocab_size - 1}); pass the end-of-sequence id of the model's tokenizer, or None")
 
 
-def init_cache(cfg: Config | ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+def init_cache(cfg: Config | ModelConfig, batch: int, max_len: int, dtype=None, *, mtp: bool = False) -> KVCache:
     """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (prompt included);
-    ``max_len`` may not exceed ``model.max_seq_len``."""
+    ``max_len`` may not exceed ``model.max_seq_len``. ``mtp``: the one-layer cache of the first
+    multi-token-prediction depth (``model.forward_cached_mtp``) instead of the model's."""
     cfg = model_config(cfg)
     if max_len > cfg.max_seq_len:
         raise InputError(f"init_cache: max_len {max_len} exceeds model.max_seq_len {cfg.max_seq_len}, the longest "
                          f"sequence the model takes; lower max_len to at most {cfg.max_seq_len}")
+    return _empty_cache(cfg, batch, max_len, dtype, 1 if mtp else cfg.n_layers)
+
+
+def _empty_cache(cfg: ModelConfig, batch: int, slots: int, dtype, layers: int) -> KVCache:
+    """``init_cache`` without the length check: speculative decoding leaves rejected drafts'
+    slots empty, so it may need more slots than positions."""
     heads, k_width, v_width = cache_dims(cfg)
-    zeros = lambda width: (jnp.zeros((batch, max_len, heads, width), dtype or jnp.dtype(cfg.dtype)),) * cfg.n_layers
-    return KVCache(zeros(k_width), zeros(v_width), jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+    zeros = lambda width: (jnp.zeros((batch, slots, heads, width), dtype or jnp.dtype(cfg.dtype)),) * layers
+    return KVCache(zeros(k_width), zeros(v_width), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
@@ -187,11 +195,15 @@ def sample(logits_BV: jax.Array, rng: jax.Array, temperature: float = 1.0, top_k
 @_old_argument_order_deprecated
 def generate(params: dict, prompt_ids: jax.Array, cfg: Config | ModelConfig, max_new_tokens: int,
              rng: jax.Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos: int | None = None, prompt_mask: jax.Array | None = None, check_ids: bool = False) -> jax.Array:
+             eos: int | None = None, prompt_mask: jax.Array | None = None, check_ids: bool = False,
+             speculative: str | None = None) -> jax.Array:
     """Continue left-padded prompts ``[B, S]`` by ``max_new_tokens`` tokens: ``[B, N]``.
 
     A row that emits ``eos`` repeats it from then on; the loop ends early once every row has.
-    Jit with ``cfg``, ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p`` and ``eos`` static.
+    Jit with ``cfg``, ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``eos`` and
+    ``speculative`` static. ``speculative="mtp"`` decodes greedily (``temperature`` 0) with the
+    model's multi-token-prediction module drafting a token that each step verifies (see
+    ``generate_speculative``, which also reports how many drafts were accepted).
 
     Refuses (``InputError``) before running anything: sampling settings out of range (see
     ``sample``), ``max_new_tokens < 1``, an ``eos`` outside the vocabulary, a prompt longer than
@@ -201,6 +213,14 @@ def generate(params: dict, prompt_ids: jax.Array, cfg: Config | ModelConfig, max
     ``checkify.checkify`` (see ``model.check_tokens``); unchecked, an out-of-range id silently
     reads a clamped or wrapped embedding.
     """
+    if speculative is not None:
+        if speculative != "mtp":
+            raise InputError(f"generate: speculative={speculative!r} is not a drafting method; pass 'mtp' (the "
+                             "model's multi-token-prediction module drafts) or None")
+        if _number(temperature) != 0:
+            raise InputError(f"generate: speculative='mtp' decodes greedily, but temperature={temperature!r}; pass "
+                             "temperature=0 (sampled speculative decoding is not implemented)")
+        return generate_speculative(params, prompt_ids, cfg, max_new_tokens, eos, prompt_mask, check_ids)[0]
     cfg_m = model_config(cfg)
     check_tokens(prompt_ids, cfg_m, "generate", check_ids)
     B, S = prompt_ids.shape
@@ -232,6 +252,102 @@ def generate(params: dict, prompt_ids: jax.Array, cfg: Config | ModelConfig, max
     if eos is not None:  # rows stopped early: fill the slots the loop did not reach
         out_BN = jnp.where(jnp.arange(max_new_tokens)[None, :] < i, out_BN, eos)
     return out_BN
+
+
+class SpeculativeStats(NamedTuple):
+    """How self-speculative decoding went (``generate_speculative``); arrays, so it leaves ``jit``."""
+
+    steps: jax.Array  # int32: decoding steps after the prompt's, each one pass of the model
+    drafted_B: jax.Array  # int32 [B]: drafts each row checked
+    accepted_B: jax.Array  # int32 [B]: of those, drafts the model agreed with (each a token gained)
+    tokens_B: jax.Array  # int32 [B]: tokens each row generated (up to and including eos)
+
+    @property
+    def acceptance(self) -> float:
+        """The fraction of drafts accepted, over every row."""
+        return float(jnp.sum(self.accepted_B) / jnp.maximum(jnp.sum(self.drafted_B), 1))
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens per pass of the model, the prompt's pass included (greedy decoding's is 1)."""
+        return float(jnp.max(self.tokens_B) / (self.steps + 1))
+
+
+def generate_speculative(params: dict, prompt_ids: jax.Array, cfg: Config | ModelConfig, max_new_tokens: int,
+                         eos: int | None = None, prompt_mask: jax.Array | None = None,
+                         check_ids: bool = False) -> tuple[jax.Array, SpeculativeStats]:
+    """Greedy decoding with the model's first multi-token-prediction depth as the draft model
+    (self-speculative decoding, as the DeepSeek-V3 report describes): ``[B, N]`` tokens, the
+    same as ``generate(..., temperature=0)``'s, and ``SpeculativeStats``.
+
+    Each step feeds the model two tokens: the last one it chose and the MTP module's guess of
+    the one after. The model's choice after the first is always kept; when it equals the guess,
+    its choice after the guess is kept too (two tokens from one pass). In the same pass the MTP
+    depth reads the new hidden states and proposes the next guess. A rejected guess's cache slot
+    is masked out; when every row's guess failed the next step overwrites it. Needs
+    ``model.mtp_depth`` >= 1 and the MTP weights. Jit with ``cfg``, ``max_new_tokens`` and ``eos``
+    static; the checks are those of ``generate``.
+    """
+    cfg_m = model_config(cfg)
+    check_tokens(prompt_ids, cfg_m, "generate_speculative", check_ids)
+    B, S = prompt_ids.shape
+    N = max_new_tokens
+    _check_generation(cfg_m, S, N, 0, None, None, eos, "generate_speculative")
+    mask = jnp.ones((B, S), jnp.int32) if prompt_mask is None else prompt_mask.astype(jnp.int32)
+    # slots: a step writes two and keeps at most two; with one row a rejected draft's slot is reused
+    slots = S + (N + 1 if B == 1 else 2 * N)
+    cache, mtp_cache = (_empty_cache(cfg_m, B, slots, None, layers) for layers in (cfg_m.n_layers, 1))
+    logits, draft, cache, mtp_cache = forward_cached_mtp(params, prompt_ids, cache, mtp_cache, cfg,
+                                                         mask, prompt_positions(mask), fresh=True)
+    greedy = lambda logits_BV: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    token_B, guess_B = greedy(logits[:, -1]), greedy(draft[:, -1])
+    zeros_B = jnp.zeros((B,), jnp.int32)
+    stats = SpeculativeStats(jnp.int32(0), zeros_B, zeros_B, jnp.ones((B,), jnp.int32))
+    out_BN = jnp.zeros((B, N), jnp.int32).at[:, 0].set(token_B)
+    done_B = token_B == eos if eos is not None else jnp.zeros((B,), bool)
+    position_B = jnp.sum(mask, axis=1)  # of token_B
+
+    def live(stats, done_B):
+        return ~done_B & (stats.tokens_B < N)
+
+    def cond(carry):
+        return jnp.any(live(carry[0], carry[1]))
+
+    def body(carry):
+        stats, done_B, out_BN, token_B, guess_B, position_B, cache, mtp_cache = carry
+        active_B = live(stats, done_B)
+        index = cache.index
+        logits, draft, cache, mtp_cache = forward_cached_mtp(
+            params, jnp.stack([token_B, guess_B], 1), cache, mtp_cache, cfg, jnp.ones((B, 2), jnp.int32),
+            jnp.stack([position_B, position_B + 1], 1))
+        chosen_B2, guesses_B2 = greedy(logits), greedy(draft)
+        first_B = chosen_B2[:, 0]  # the model's token after token_B: always kept
+        stops_B = first_B == eos if eos is not None else jnp.zeros((B,), bool)
+        accepted_B = active_B & (first_B == guess_B) & ~stops_B
+        rows = jnp.arange(B)
+        n_B = stats.tokens_B
+        out_BN = out_BN.at[rows, jnp.where(active_B, n_B, N)].set(first_B, mode="drop")
+        out_BN = out_BN.at[rows, jnp.where(accepted_B, n_B + 1, N)].set(chosen_B2[:, 1], mode="drop")
+        if eos is not None:
+            second_stops_B = accepted_B & (chosen_B2[:, 1] == eos)
+            done_B = done_B | (active_B & stops_B) | second_stops_B
+        gained_B = active_B.astype(jnp.int32) + accepted_B
+        stats = SpeculativeStats(stats.steps + 1, stats.drafted_B + active_B, stats.accepted_B + accepted_B,
+                                 jnp.minimum(n_B + gained_B, N))
+        # the guess's slot holds a real token only where it was accepted; when no row accepted,
+        # the next step writes over it
+        advance = 1 + jnp.any(accepted_B).astype(jnp.int32)
+        keep = lambda c: c._replace(valid_BT=jax.lax.dynamic_update_slice_in_dim(
+            c.valid_BT, accepted_B[:, None], index + 1, 1), index=index + advance)
+        token_B = jnp.where(accepted_B, chosen_B2[:, 1], first_B)
+        guess_B = jnp.where(accepted_B, guesses_B2[:, 1], guesses_B2[:, 0])
+        return stats, done_B, out_BN, token_B, guess_B, position_B + gained_B, keep(cache), keep(mtp_cache)
+
+    carry = (stats, done_B, out_BN, token_B, guess_B, position_B, cache, mtp_cache)
+    stats, done_B, out_BN, *_ = jax.lax.while_loop(cond, body, carry)
+    if eos is not None:  # rows that stopped: eos from then on, as generate writes them
+        out_BN = jnp.where(jnp.arange(N)[None, :] < stats.tokens_B[:, None], out_BN, eos)
+    return out_BN, stats
 
 
 @_old_argument_order_deprecated

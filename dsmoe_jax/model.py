@@ -91,12 +91,23 @@ class MTPBlock(nnx.Module):
         self.block = Block(cfg, cfg.n_layers if cfg.n_moe_layers else 0, rngs=rngs)
         self.head_norm = RMSNorm(D, cfg.norm_eps, dt)
 
-    def __call__(self, h_BSD, e_BSD, positions_BS, valid_BS, tokens_BS, route=None):
-        """(this depth's hidden state, its normalised form for the LM head, the block's MoE stats)."""
+    def __call__(self, h_BSD, e_BSD, positions_BS, valid_BS, tokens_BS, route=None, valid_keys_BT=None, kv=None,
+                 index=0):
+        """(this depth's hidden state, its normalised form for the LM head, the block's MoE stats,
+        its keys and values); with ``kv``, the block attends through that cache as a main block."""
         c_BSC = jnp.concatenate([self.embed_norm(e_BSD), self.hidden_norm(h_BSD)], axis=-1)
         x_BSD = jnp.einsum("bsc,cd->bsd", c_BSC, self.w_proj_CD[...].astype(c_BSC.dtype))
-        x_BSD, stats, _ = self.block(x_BSD, positions_BS, valid_BS, tokens_BS, valid_BS, route=route)
-        return x_BSD, self.head_norm(x_BSD), stats
+        valid_keys_BT = valid_BS if valid_keys_BT is None else valid_keys_BT
+        x_BSD, stats, kv = self.block(x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv, index, route=route)
+        return x_BSD, self.head_norm(x_BSD), stats, kv
+
+
+def _cache_keys(cache: KVCache, valid_BS, fresh: bool):
+    """Where new tokens go in ``cache`` (slot index; 0 when ``fresh``, forgetting what it held)
+    and which slots are then valid keys: the cache's, plus the new tokens' ``valid_BS``."""
+    index = 0 if fresh else cache.index
+    before_BT = jnp.zeros_like(cache.valid_BT) if fresh else cache.valid_BT
+    return index, jax.lax.dynamic_update_slice_in_dim(before_BT, valid_BS.astype(bool), index, 1)
 
 
 def _concat_stats(parts: list) -> MoEStats | None:
@@ -203,24 +214,28 @@ class Decoder(nnx.Module):
         logits, stats = [], []
         for k, depth in enumerate(self.mtp, 1):
             ahead_BS = tokens_BS[:, k:]
-            h_BSD, normed_BSD, st = depth(h_BSD[:, :S - k], self.embed(ahead_BS), positions_BS[:, :S - k],
-                                          valid_BS[:, k:], ahead_BS, route)
+            h_BSD, normed_BSD, st, _ = depth(h_BSD[:, :S - k], self.embed(ahead_BS), positions_BS[:, :S - k],
+                                             valid_BS[:, k:], ahead_BS, route)
             logits.append(self.logits(normed_BSD))
             if st is not None:
                 stats.append(jax.tree.map(lambda a: a[None], st))
         return tuple(logits), _concat_stats(stats)
+
+    def draft(self, h_BSD, next_BS, positions_BS, valid_BS, cache: KVCache, fresh: bool = False):
+        """The first MTP depth over the main model's hidden states ``h_BSD`` and the tokens that
+        follow them, ``next_BS``, through its own one-layer ``cache``: logits of the token after
+        each of ``next_BS`` (speculative decoding's draft), and the updated cache."""
+        index, valid_keys_BT = _cache_keys(cache, valid_BS, fresh)
+        _, normed_BSD, _, (k, v) = self.mtp[0](h_BSD, self.embed(next_BS), positions_BS, valid_BS, next_BS,
+                                               valid_keys_BT=valid_keys_BT, kv=(cache.k[0], cache.v[0]), index=index)
+        return self.logits(normed_BSD), KVCache((k,), (v,), valid_keys_BT, jnp.asarray(index + h_BSD.shape[1]))
 
     def hidden(self, tokens_BS, positions_BS, valid_BS, cache: KVCache | None = None,
                route: RouteOptions | None = None, fresh: bool = False):
         """The final normalised hidden states, the MoE layers' stats (stacked, or None) and the
         updated cache."""
         S = tokens_BS.shape[1]
-        if cache is None:
-            index, valid_keys_BT = 0, valid_BS
-        else:
-            index = 0 if fresh else cache.index
-            before_BT = jnp.zeros_like(cache.valid_BT) if fresh else cache.valid_BT
-            valid_keys_BT = jax.lax.dynamic_update_slice_in_dim(before_BT, valid_BS.astype(bool), index, 1)
+        index, valid_keys_BT = (0, valid_BS) if cache is None else _cache_keys(cache, valid_BS, fresh)
         x_BSD = self.embed(tokens_BS)
         run = lambda blk, *args: blk(*args, route=route)  # route is static: a closure, not an argument
         if self.remat and cache is None:  # rematerialise: the backward pass recomputes each block
@@ -433,6 +448,28 @@ def forward_cached(params: dict, tokens: jax.Array, cache: KVCache, cfg: Config 
     check_tokens(tokens, cfg, "forward_cached")
     logits, _, cache = _decoder(params, cfg)(tokens, positions, attention_mask, cache, fresh=fresh)
     return logits, cache
+
+
+def forward_cached_mtp(params: dict, tokens: jax.Array, cache: KVCache, mtp_cache: KVCache,
+                       cfg: Config | ModelConfig, attention_mask: jax.Array, positions: jax.Array, *,
+                       fresh: bool = False) -> tuple[jax.Array, jax.Array, KVCache, KVCache]:
+    """``forward_cached`` and the first MTP depth's greedy draft, in one call (self-speculative
+    decoding, ``inference.generate(..., speculative="mtp")``): the logits ``[B, S, V]``; then the
+    MTP depth reads each position's hidden state with the embedding of the main model's greedy
+    next token there (its argmax), through ``mtp_cache`` (one layer, slots aligned with
+    ``cache``'s), and its logits ``[B, S, V]`` predict the token after that one. Returns (logits,
+    draft logits, cache, mtp cache)."""
+    cfg = model_config(cfg)
+    if not cfg.mtp_depth:
+        raise ConfigError("speculative decoding with the MTP module needs model.mtp_depth >= 1 and its weights "
+                          "(a DeepSeek-V3 checkpoint converted without --drop-mtp, or a model trained with it)")
+    check_tokens(tokens, cfg, "forward_cached_mtp")
+    decoder = _decoder(params, cfg)
+    h_BSD, _, cache = decoder.hidden(tokens, positions, attention_mask, cache, fresh=fresh)
+    logits_BSV = decoder.logits(h_BSD)
+    next_BS = jnp.argmax(logits_BSV, axis=-1).astype(jnp.int32)
+    draft_BSV, mtp_cache = decoder.draft(h_BSD, next_BS, positions, attention_mask, mtp_cache, fresh)
+    return logits_BSV, draft_BSV, cache, mtp_cache
 
 
 def update_score_bias(params: dict, expert_load_LE: jax.Array, cfg: Config | ModelConfig) -> dict:

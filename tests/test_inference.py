@@ -217,3 +217,94 @@ def test_prompt_token_ids_are_checked(small_cfg, params):
         inference.stream(params, [], small_cfg, 2, jax.random.key(0))
     with pytest.raises(dsmoe_jax.InputError, match="generate: token ids must be an integer array, got float32"):
         _generate(params, jnp.asarray([[5.0, 2.0]]), small_cfg, 2, jax.random.key(0))  # dtype is static: under jit too
+
+
+# ---- self-speculative decoding with the MTP module ------------------------------------------
+
+_speculative = jax.jit(inference.generate_speculative, static_argnames=("cfg", "max_new_tokens", "eos"))
+
+
+@pytest.mark.parametrize("config", ["small", "tiny-v3"])  # MHA with softmax routing; MLA with sigmoid groups
+def test_speculative_decoding_is_greedy_decoding_token_for_token(small_cfg, config):
+    """Untrained weights: nearly every draft is wrong, so a rejected draft's slot is masked (in
+    a ragged batch) or overwritten (alone) step after step; the output must not notice."""
+    cfg = (dataclasses.replace(small_cfg, mtp_depth=1) if config == "small" else
+           dsmoe_jax.load_config("tiny-v3", ["model.n_layers=2", "model.vocab_size=24", "model.d_model=64",
+                                             "model.max_seq_len=64", "model.mtp_depth=1", "train.seq_len=32"]).model)
+    params = dsmoe_jax.init_params(cfg, jax.random.key(3))
+    prompts = [[5, 17, 3, 2, 8, 9, 1], [6, 2], [11, 12, 13, 14]]
+    ids, mask = inference.pad_prompts(prompts)
+    out, stats = _speculative(params, ids, cfg, 12, prompt_mask=mask)
+    greedy = _generate(params, ids, cfg, 12, jax.random.key(0), temperature=0.0, prompt_mask=mask)
+    np.testing.assert_array_equal(out, greedy, err_msg="speculative decoding changed the greedy tokens")
+    assert stats.tokens_B.tolist() == [12] * 3 and (stats.drafted_B >= stats.accepted_B).all(), stats
+    alone, alone_stats = _speculative(params, jnp.asarray([prompts[0]]), cfg, 12)
+    assert alone.tolist()[0] == _greedy_by_full_forward(params, cfg, prompts[0], 12)
+    assert int(alone_stats.steps) == 11 - int(alone_stats.accepted_B[0]), "each accepted draft saves one step"
+
+
+def _train_on_a_cycle_and_noise(steps: int):
+    """A small MTP model trained on the repeating sequence 0, 1, ..., 9, where both the model and
+    its MTP depth can be right every time, and on two fixed random strings of the tokens 10-15,
+    where they often disagree."""
+    from dsmoe_jax.train.optimizer import make_optimizer
+    from dsmoe_jax.train.step import init_state, make_train_step
+
+    cfg = dsmoe_jax.load_config("tiny", ["model.n_layers=2", "model.vocab_size=16", "model.d_model=32",
+                                         "model.head_dim=8", "model.d_ff=64", "moe.expert_d_ff=16",
+                                         "model.max_seq_len=64", "model.mtp_depth=1", "train.batch_size=4",
+                                         "train.seq_len=24", "train.lr=1e-2", "train.warmup_steps=1"])
+    noise = np.random.default_rng(0).integers(10, 16, (2, 25)).tolist()
+    windows = jnp.asarray([[(start + i) % 10 for i in range(25)] for start in (0, 5)] + noise)
+    optimizer = make_optimizer(cfg.train)
+    step = jax.jit(make_train_step(cfg, optimizer))
+    state = init_state(dsmoe_jax.init_params(cfg.model, jax.random.key(0)), optimizer)
+    for _ in range(steps):
+        state, _ = step(state, windows)
+    return state.params, cfg.model
+
+
+@pytest.fixture(scope="module")
+def cycle_model():
+    return _train_on_a_cycle_and_noise(60)
+
+
+def test_a_trained_mtp_depth_gets_its_drafts_accepted_and_eos_stops_mid_pair(cycle_model):
+    params, cfg = cycle_model
+    prompt = jnp.asarray([[2, 3, 4, 5]])
+    out, stats = _speculative(params, prompt, cfg, 16)
+    assert out.tolist()[0] == [(6 + i) % 10 for i in range(16)], "the model learned the cycle"
+    # 16 tokens in 9 passes: 1 from the prompt's, 2 from each step (the 8th step's second is past N)
+    assert (stats.acceptance, int(stats.steps)) == (1.0, 8), stats
+    assert stats.tokens_per_step == pytest.approx(16 / 9)
+    np.testing.assert_array_equal(out, _generate(params, prompt, cfg, 16, jax.random.key(0), temperature=0.0))
+    for eos in (9, 0):  # eos as the first or the second token of an accepted pair
+        stopped, s = _speculative(params, prompt, cfg, 16, eos=eos)
+        first = out.tolist()[0].index(eos)
+        assert stopped.tolist()[0] == out.tolist()[0][: first + 1] + [eos] * (15 - first), eos
+        assert int(s.tokens_B[0]) == first + 1, "tokens counted up to and including eos"
+
+
+def test_rows_that_accept_and_rows_that_reject_share_a_batch(cycle_model):
+    """On the cycle the drafts are right; among the random tokens many are not: rows then keep
+    different numbers of tokens per step in one cache, and finish at different steps."""
+    params, cfg = cycle_model
+    prompts = [[2, 3, 4, 5], [12, 15, 11, 14, 13], [13, 10]]
+    ids, mask = inference.pad_prompts(prompts)
+    out, stats = _speculative(params, ids, cfg, 14, prompt_mask=mask)
+    greedy = _generate(params, ids, cfg, 14, jax.random.key(0), temperature=0.0, prompt_mask=mask)
+    np.testing.assert_array_equal(out, greedy, err_msg="speculative decoding changed the greedy tokens")
+    accepted, drafted = stats.accepted_B.tolist(), stats.drafted_B.tolist()
+    assert accepted[0] == drafted[0] and all(0 < a < d for a, d in zip(accepted[1:], drafted[1:])), stats
+    for row, prompt in zip(out.tolist(), prompts):
+        assert row == _greedy_by_full_forward(params, cfg, prompt, 14), prompt
+
+
+def test_speculative_settings_are_refused_with_the_fix(small_cfg, params):
+    prompt = jnp.asarray([[5, 17, 3]])
+    with pytest.raises(dsmoe_jax.ConfigError, match="needs model.mtp_depth >= 1"):
+        inference.generate_speculative(params, prompt, small_cfg, 4)
+    with pytest.raises(dsmoe_jax.InputError, match="decodes greedily, but temperature=0.8"):
+        inference.generate(params, prompt, small_cfg, 4, jax.random.key(0), temperature=0.8, speculative="mtp")
+    with pytest.raises(dsmoe_jax.InputError, match="speculative='medusa' is not a drafting method"):
+        inference.generate(params, prompt, small_cfg, 4, jax.random.key(0), temperature=0.0, speculative="medusa")
