@@ -8,6 +8,7 @@
     dsmoe-jax eval --checkpoint runs/tiny                                     # loss and perplexity
     dsmoe-jax eval --checkpoint ckpt/16b --tasks hellaswag,piqa --limit 100   # lm-evaluation-harness
     dsmoe-jax generate --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 64
+    dsmoe-jax generate --checkpoint runs/tiny-v3-mtp --prompt "def " --temperature 0 --speculative mtp
     dsmoe-jax info --config 16b                       # architecture, parameters, FLOPs per token
     dsmoe-jax plan --config 16b --mesh data=8,expert=8 --batch 64 --seq 4096   # memory per device
     dsmoe-jax convert hf-to-jax deepseek-moe-16b-base ckpt/16b --dtype bfloat16
@@ -25,12 +26,14 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dsmoe_jax import convert, data, inference, prepare, runtime
 from dsmoe_jax import plan as plan_lib
 from dsmoe_jax.attention import resolve_implementation
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
+from dsmoe_jax.errors import InputError
 from dsmoe_jax.evaluation import evaluate
 from dsmoe_jax.grouped import resolve_backend
 from dsmoe_jax.loading import load_model
@@ -159,6 +162,9 @@ def _eval_tasks(args) -> None:
 def _generate(args) -> None:
     params, cfg, tok = load_model(args.checkpoint)
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + [int(i) for i in tok.encode(args.prompt)]
+    if args.speculative:
+        _generate_speculative(args, params, cfg, tok, ids)
+        return
     # stream checks the prompt and the sampling options when called: before anything is printed
     tokens = inference.stream(params, ids, cfg, args.max_new_tokens, jax.random.key(args.seed), args.temperature,
                               args.top_k, args.top_p, eos=tok.eos_id)
@@ -170,6 +176,21 @@ def _generate(args) -> None:
         print(text[len(shown):], end="", flush=True)
         shown = text
     print()
+
+
+def _generate_speculative(args, params, cfg, tok, ids) -> None:
+    """Greedy decoding with the MTP module drafting: all on device, then the text and the drafts'
+    acceptance (on stderr)."""
+    if args.temperature != 0:
+        raise InputError(f"--speculative {args.speculative} decodes greedily; add --temperature 0 (got "
+                         f"{args.temperature})")
+    fn = jax.jit(inference.generate_speculative, static_argnames=("cfg", "max_new_tokens", "eos"))
+    out, stats = fn(params, jnp.asarray([ids], jnp.int32), cfg.model, args.max_new_tokens, eos=tok.eos_id)
+    new = [int(t) for t in out[0, :int(stats.tokens_B[0])] if int(t) != tok.eos_id]
+    print(args.prompt + tok.decode(new))
+    print(f"speculative ({args.speculative}): {int(stats.tokens_B[0])} tokens in {int(stats.steps) + 1} passes of "
+          f"the model, {int(stats.accepted_B[0])} of {int(stats.drafted_B[0])} drafts accepted "
+          f"({stats.acceptance:.0%}), {stats.tokens_per_step:.2f} tokens per pass", file=sys.stderr)
 
 
 def _convert(args) -> None:
@@ -302,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--speculative", choices=["mtp"],
+                     help="greedy decoding (with --temperature 0) where the model's multi-token-prediction module "
+                          "drafts a token per step (model.mtp_depth >= 1); prints the drafts' acceptance")
     gen.set_defaults(run=_generate)
 
     pl = sub.add_parser("plan", parents=[configured],

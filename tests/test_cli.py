@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -88,6 +89,21 @@ def test_generate_refuses_the_byte_tokenizer_for_a_smaller_vocabulary(checkpoint
     assert not out
     assert err.startswith(f"dsmoe-jax: {ckpt} has no tokenizer.json and its config names the byte tokenizer"), err
     assert f"copy the tokenizer.json the model was trained with into {ckpt}" in err and err.count("\n") == 1, err
+
+
+def test_generate_speculative_prints_the_text_and_the_drafts_acceptance(checkpoint, capsys):
+    ckpt = checkpoint(load_config("tiny", ["model.n_layers=1", "model.mtp_depth=1"]))
+    command = ["generate", "--checkpoint", ckpt, "--prompt", "def ", "--max-new-tokens", "6", "--speculative", "mtp"]
+    assert cli.main(command + ["--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def "), out
+    assert re.fullmatch(r"speculative \(mtp\): \d+ tokens in \d+ passes of the model, \d+ of \d+ drafts accepted "
+                        r"\(\d+%\), [\d.]+ tokens per pass\n", err), err
+    assert cli.main(command) == 2, "the default temperature samples"
+    assert "--speculative mtp decodes greedily; add --temperature 0" in capsys.readouterr().err
+    ckpt = checkpoint(load_config("tiny", ["model.n_layers=1"]))
+    assert cli.main(command + ["--temperature", "0"]) == 2
+    assert "needs model.mtp_depth >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option, message", [
