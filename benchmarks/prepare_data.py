@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import dsmoe_jax
-from dsmoe_jax import data, prepare
+from dsmoe_jax import data, prepare, shards
+from dsmoe_jax.tokenizer import ByteTokenizer
 from dsmoe_jax.train.optimizer import make_optimizer
 from dsmoe_jax.train.step import init_state, make_train_step
 
@@ -64,7 +65,7 @@ def prepare_rate(src: pathlib.Path, out: pathlib.Path, tokenizer: str, workers: 
 
 
 def loader_rate(out: pathlib.Path, batch: int, seq: int, n: int) -> float:
-    train, _ = data.load_prepared(out, data.ByteTokenizer(), "byte")
+    train, _ = shards.load_prepared(out, ByteTokenizer(), "byte")
     sources = [(train, 3.0), (train, 1.0)]  # two sources (shuffled apart), memory-mapped as in training
     it = iter(data.mixture_batches(sources, batch, seq, seed=0))
     next(it)

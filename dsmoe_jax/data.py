@@ -1,4 +1,4 @@
-"""Tokens for training and evaluation: tokenizers, the embedded default corpus, grain pipelines.
+"""The token sequences a run reads and the batches it trains on.
 
 The default corpus needs no download: it is the Python standard library's own source and its
 documentation topics (``pydoc_data``), present in every CPython installation. It is tokenized
@@ -6,13 +6,14 @@ once and cached on disk as a flat ``uint16``/``uint32`` token array, split deter
 train and validation by document. ``data.path`` may instead point at a UTF-8 text file, a
 directory of text files, or a pre-tokenized ``.npy`` token array; text with too few documents for
 that split (a single file) is split by windows, its end going to validation. It may also be a
-dataset directory written by ``dsmoe-jax prepare-data`` (``prepare.py`` writes it, this module
-reads it: memory-mapped token shards seen as one flat sequence per split, ``TokenShards``), and
+dataset directory written by ``dsmoe-jax prepare-data`` (read through ``shards.py``), and
 ``data.mix`` names several of them with weights, mixed by grain (``mixture_batches``).
+Tokenizers live in ``tokenizer.py``.
 
-Batches come from a grain ``MapDataset`` over fixed-length windows of the token array:
-shuffled per epoch with the run's seed, batched, and sliced per process for multi-host runs;
-its iterator state is saved in every checkpoint so a resumed run sees exactly the next batch.
+Training and evaluation read the same fixed-length windows (``WindowSource``). Batches come
+from a grain ``MapDataset`` over them: shuffled per epoch with the run's seed, batched, and
+sliced per process for multi-host runs; its iterator state is saved in every checkpoint so a
+resumed run sees exactly the next batch.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import pathlib
 import sys
 import sysconfig
-from collections.abc import Iterable, Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import grain
 import numpy as np
@@ -35,138 +35,13 @@ from dsmoe_jax import runtime
 from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.config import Config, DataSource
 from dsmoe_jax.errors import DataError  # noqa: F401 - raised here, and importable from here
+from dsmoe_jax.shards import TokenShards, is_prepared, load_prepared
+from dsmoe_jax.tokenizer import Tokenizer, check_tokenizer, load_tokenizer, token_dtype
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".toml", ".html", ".c", ".h")
 VAL_EVERY = 20  # every 20th document goes to validation
-TOKENIZER_CONFIG = "tokenizer_config.json"
 CORPUS_MAX_BYTES = 8 * 2**20  # the embedded corpus: about 8 MiB of documents, in sorted order
-# A prepared dataset directory (prepare.py): the manifest is written last, so it marks a complete one.
-MANIFEST = "manifest.json"
-SETTINGS = "settings.json"  # written first: what an unfinished prepare-data run is preparing
-SHARDS_DIR = "shards"
-FORMAT = "dsmoe-jax token shards v1"
-SPLITS = ("train", "val")
-
-
-
-
-class Tokenizer(Protocol):
-    """What the project asks of a tokenizer (``ByteTokenizer``, ``HFTokenizer``)."""
-
-    bos_id: int | None  # put before each document (None: nothing)
-    eos_id: int | None  # after each document; generation stops at it
-    vocab_size: int
-
-    def encode(self, text: str) -> Sequence[int]: ...
-
-    def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]: ...
-
-    def decode(self, ids: Iterable[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, then ``bos`` = 256 and ``eos`` = 257."""
-
-    bos_id, eos_id = 256, 257
-    vocab_size = 258
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), np.uint8)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
-class HFTokenizer:
-    """An HF ``tokenizer.json`` through the ``tokenizers`` library.
-
-    BOS and EOS are the ``bos_token`` / ``eos_token`` of the ``tokenizer_config.json`` beside it
-    (as ``transformers`` reads them), unless given; without that file a document gets neither.
-    """
-
-    def __init__(self, path: str | os.PathLike, bos_id: int | None = None, eos_id: int | None = None):
-        from tokenizers import Tokenizer
-
-        path = pathlib.Path(path)
-        self.path = path
-        try:
-            self._tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # the tokenizers library raises a bare Exception for every parse error
-            raise DataError(f"{path} is not a valid tokenizer.json ({e}): use one saved by the tokenizers or "
-                            "transformers library (it comes with the model's files), or data.tokenizer='byte'"
-                            ) from None
-        self.vocab_size = self._tok.get_vocab_size()
-        special = _special_tokens(path.with_name(TOKENIZER_CONFIG))
-        self.bos_id = bos_id if bos_id is not None else self._id(special.get("bos_token"), path)
-        self.eos_id = eos_id if eos_id is not None else self._id(special.get("eos_token"), path)
-
-    def _id(self, token: str | None, path: pathlib.Path) -> int | None:
-        if token is None:
-            return None
-        token_id = self._tok.token_to_id(token)
-        if token_id is None:
-            raise DataError(f"{path.with_name(TOKENIZER_CONFIG)} names the special token {token!r}, which "
-                            f"{path.name} does not have")
-        return token_id
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode(list(ids))
-
-
-def _special_tokens(path: pathlib.Path) -> dict[str, str]:
-    """``bos_token`` / ``eos_token`` of a ``tokenizer_config.json`` (a string, or a dict with
-    ``content``); empty without the file."""
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from None
-    out = {}
-    for key in ("bos_token", "eos_token"):
-        value = config.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
-        if value is not None:
-            out[key] = value
-    return out
-
-
-def tokenizer_identity(tokenizer) -> dict:
-    """What a prepared dataset records of its tokenizer, and training compares: the sha256 of the
-    ``tokenizer.json`` (of a fixed string for the byte tokenizer), vocabulary size, BOS and EOS."""
-    if isinstance(tokenizer, HFTokenizer):
-        digest = hashlib.sha256(tokenizer.path.read_bytes()).hexdigest()
-    else:
-        digest = hashlib.sha256(b"dsmoe-jax byte tokenizer: UTF-8 bytes, bos 256, eos 257").hexdigest()
-    return {"sha256": digest, "vocab_size": int(tokenizer.vocab_size), "bos_id": tokenizer.bos_id,
-            "eos_id": tokenizer.eos_id}
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest unsigned dtype that holds every id: uint16 up to 65,536 tokens, else uint32."""
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def load_tokenizer(spec: str) -> Tokenizer:
-    """``"byte"`` or the path of a ``tokenizer.json`` (or of a directory holding one)."""
-    if spec == "byte":
-        return ByteTokenizer()
-    path = pathlib.Path(spec)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise DataError(f"data.tokenizer: no tokenizer.json at {spec!r}; use 'byte' or a path to a tokenizer.json")
-    return HFTokenizer(path)
+TokenSequence = np.ndarray | TokenShards  # a flat token sequence: in memory, memory-mapped, or a prepared split
 
 
 @functools.lru_cache(maxsize=1)
@@ -213,7 +88,7 @@ def _read_text(path: pathlib.Path) -> str:
     return text
 
 
-def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """Train and validation token arrays: each document as [bos] + text + [eos]; every
     ``VAL_EVERY``-th document (in the given order) goes to validation."""
     dtype = token_dtype(tokenizer.vocab_size)
@@ -225,25 +100,6 @@ def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer) -> tuple[np.n
                               np.asarray(eos, dtype)])
         parts[int(i % VAL_EVERY == VAL_EVERY - 1)].append(ids)
     return tuple(np.concatenate(p) if p else np.zeros((0,), dtype) for p in parts)
-
-
-def check_tokenizer(tokenizer, cfg: Config, checkpoint: str | None = None) -> None:
-    """Refuse a tokenizer with ids the model has no embedding for. ``checkpoint``: the directory
-    of the trained model it is for (evaluation, generation), where the fix is the tokenizer the
-    model was trained with; without it the model is a new one, which may grow its vocabulary."""
-    n, V = tokenizer.vocab_size, cfg.model.vocab_size
-    if n <= V:
-        return
-    if checkpoint is None:
-        raise DataError(f"the tokenizer {cfg.data.tokenizer!r} has {n} tokens but model.vocab_size is {V}; raise "
-                        f"model.vocab_size to at least {n}, or set data.tokenizer to a smaller tokenizer")
-    fix = (f"copy the tokenizer.json the model was trained with into {checkpoint} (or set data.tokenizer in "
-           f"{checkpoint}/config.json to its path)")
-    if cfg.data.tokenizer == "byte":
-        raise DataError(f"{checkpoint} has no tokenizer.json and its config names the byte tokenizer ({n} tokens), "
-                        f"but its model.vocab_size is {V}, so the model was trained with another tokenizer; {fix}")
-    raise DataError(f"the tokenizer {cfg.data.tokenizer!r} has {n} tokens but the checkpoint's model.vocab_size is "
-                    f"{V}, so it is not the tokenizer the model was trained with; {fix}")
 
 
 def _check_token_array(tokens: np.ndarray, path: pathlib.Path, cfg: Config, checkpoint: str | None) -> None:
@@ -267,102 +123,8 @@ def _check_token_array(tokens: np.ndarray, path: pathlib.Path, cfg: Config, chec
                         + ("" if checkpoint else ", or raise model.vocab_size"))
 
 
-class TokenShards:
-    """One split of a prepared dataset: its shards' memory-mapped token arrays read as one flat
-    sequence (``len``, slices, ``np.asarray``), so a window may cross from one shard into the next
-    and nothing is loaded until it is read."""
-
-    def __init__(self, arrays: Sequence[np.ndarray], dtype: np.dtype):
-        self.arrays = [a for a in arrays if len(a)]
-        self.dtype = np.dtype(dtype)
-        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])  # [n_shards + 1]: where each begins
-        self.shape = (int(self.starts[-1]),)
-        self.ndim = 1
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key):
-        if isinstance(key, (int, np.integer)):
-            i = int(key) + len(self) if key < 0 else int(key)
-            if not 0 <= i < len(self):
-                raise IndexError(f"token {key} of {len(self)}")
-            shard = int(np.searchsorted(self.starts, i, side="right")) - 1
-            return self.arrays[shard][i - self.starts[shard]]
-        if not isinstance(key, slice) or key.step not in (None, 1):
-            raise TypeError("TokenShards takes an index or a contiguous slice")
-        start, stop, _ = key.indices(len(self))
-        if stop <= start:
-            return np.zeros((0,), self.dtype)
-        first = int(np.searchsorted(self.starts, start, side="right")) - 1
-        last = int(np.searchsorted(self.starts, stop, side="left")) - 1
-        pieces = [self.arrays[k][max(start - self.starts[k], 0):stop - self.starts[k]] for k in range(first, last + 1)]
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = np.concatenate(self.arrays) if self.arrays else np.zeros((0,), self.dtype)
-        return out if dtype is None else out.astype(dtype)
-
-
-def is_prepared(path: pathlib.Path) -> bool:
-    """Whether ``path`` is a ``prepare-data`` output directory, complete or not."""
-    return path.is_dir() and ((path / MANIFEST).is_file() or (path / SETTINGS).is_file())
-
-
-def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a complete prepared dataset directory."""
-    path = pathlib.Path(path)
-    if not (path / MANIFEST).is_file():
-        raise DataError(f"{path} is an unfinished prepare-data output (no {MANIFEST}); run the same "
-                        "`dsmoe-jax prepare-data` command again to finish it (finished shards are kept)")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path / MANIFEST} is not valid JSON ({e}): damaged; prepare the data again") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path / MANIFEST} is not a {FORMAT!r} manifest (format {manifest.get('format')!r}); "
-                        "prepare the data again with this version of dsmoe-jax")
-    return manifest
-
-
-def check_prepared_tokenizer(manifest: dict, path: pathlib.Path, tokenizer, spec: str) -> None:
-    """Refuse a dataset tokenized by another tokenizer than ``data.tokenizer``: the ids would
-    mean other text, silently (an equal vocabulary size proves nothing)."""
-    saved, ours = manifest["tokenizer"], tokenizer_identity(tokenizer)
-    keys = ("sha256", "vocab_size", "bos_id", "eos_id")
-    if any(saved.get(k) != ours[k] for k in keys):
-        differ = ", ".join(f"{k} {saved.get(k)!r} vs {ours[k]!r}" for k in keys if saved.get(k) != ours[k])
-        raise DataError(f"{path} was tokenized with the tokenizer {saved.get('name')!r}, not with data.tokenizer "
-                        f"{spec!r} ({differ}); set data.tokenizer to the tokenizer the data was prepared with, or "
-                        f"prepare it again with --tokenizer {spec}")
-
-
-def load_prepared(path: str | os.PathLike, tokenizer, spec: str) -> tuple[TokenShards, TokenShards]:
-    """(train, validation) token sequences of a prepared dataset, memory-mapped, after checking
-    that it was tokenized by ``tokenizer`` (``spec``: the ``data.tokenizer`` that named it)."""
-    path = pathlib.Path(path)
-    manifest = read_manifest(path)
-    check_prepared_tokenizer(manifest, path, tokenizer, spec)
-    dtype = np.dtype(manifest["dtype"])
-    out = []
-    for split in SPLITS:
-        arrays = []
-        for shard in manifest["shards"]:
-            file = path / SHARDS_DIR / shard["name"] / f"{split}.npy"
-            try:
-                array = np.load(file, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise DataError(f"{file} cannot be read ({e}): the dataset is damaged; prepare it again") from None
-            if array.dtype != dtype or len(array) != shard[split]["tokens"]:
-                raise DataError(f"{file} holds {len(array)} {array.dtype} tokens, but {path / MANIFEST} says "
-                                f"{shard[split]['tokens']} {dtype}: the dataset is damaged; prepare it again")
-            arrays.append(array)
-        out.append(TokenShards(arrays, dtype))
-    return out[0], out[1]
-
-
 def load_tokens(cfg: Config, checkpoint: str | None = None,
-                setting: str = "data.path") -> tuple[np.ndarray, np.ndarray, object]:
+                setting: str = "data.path") -> tuple[TokenSequence, TokenSequence, Tokenizer]:
     """(train tokens, validation tokens, tokenizer) for ``cfg.data``, tokenized once and cached.
     ``checkpoint``: the trained model's directory, when the tokens are for it (evaluation):
     a mismatch then asks for its tokenizer rather than a larger vocabulary. ``setting``: how
@@ -419,7 +181,7 @@ def _split_by_windows(train: np.ndarray, val: np.ndarray, cfg: Config,
 class WindowSource:
     """Random access to non-overlapping windows of ``seq_len + 1`` tokens (inputs and targets)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
+    def __init__(self, tokens: TokenSequence, seq_len: int):
         self.tokens, self.seq_len = tokens, seq_len
         self.n = (len(tokens) - 1) // seq_len
         if self.n < 1:
@@ -434,7 +196,7 @@ class WindowSource:
         return np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)
 
 
-def batches(tokens: np.ndarray, batch_size: int, seq_len: int, *, seed: int, shuffle: bool = True,
+def batches(tokens: TokenSequence, batch_size: int, seq_len: int, *, seed: int, shuffle: bool = True,
             num_epochs: int | None = None, process_index: int = 0, process_count: int = 1):
     """A grain dataset of ``[batch_size, seq_len + 1]`` int32 windows for this process.
 
@@ -459,9 +221,9 @@ class TrainingData(NamedTuple):
     validation tokens by name: ``""`` for the held-out split of a single source, each mixture
     source's held-out split under its name, and each ``data.val`` set under its name."""
 
-    train: list[tuple[str, object, float]]
-    val: dict[str, object]
-    tokenizer: object
+    train: list[tuple[str, TokenSequence, float]]
+    val: dict[str, TokenSequence]
+    tokenizer: Tokenizer
 
 
 def load_training_data(cfg: Config) -> TrainingData:
@@ -498,7 +260,7 @@ def load_training_data(cfg: Config) -> TrainingData:
     return TrainingData(train, val, tokenizer)
 
 
-def mixture_batches(sources: Sequence[tuple[object, float]], batch_size: int, seq_len: int, *, seed: int,
+def mixture_batches(sources: Sequence[tuple[TokenSequence, float]], batch_size: int, seq_len: int, *, seed: int,
                     process_index: int = 0, process_count: int = 1):
     """A grain dataset of ``[batch_size, seq_len + 1]`` int32 windows drawn from several token
     sequences in proportion to their weights; one source is exactly ``batches``.

@@ -30,7 +30,7 @@ class InputError(DsmoeError, ValueError):
 
 
 class DataError(DsmoeError, ValueError):
-    """Data that cannot be read or does not fit the model (data.py, prepare.py)."""
+    """Data that cannot be read or does not fit the model (tokenizer.py, shards.py, data.py, prepare.py)."""
 
 
 class OutputExistsError(DsmoeError, FileExistsError):

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsmoe_jax import mesh as mesh_lib
-from dsmoe_jax.config import Config, ConfigError
+from dsmoe_jax.config import Config
+from dsmoe_jax.data import WindowSource
 from dsmoe_jax.model import forward
 from dsmoe_jax.moe import RouteOptions
 
@@ -81,12 +82,10 @@ def jitted_eval_step(cfg: Config, route: RouteOptions | None = None, mesh=None):
 
 
 def validation_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> np.ndarray:
-    """The indices of the windows of ``seq_len + 1`` tokens that validation reads: all of them,
-    or, when ``max_tokens`` > 0 caps them, that many spread evenly over the split."""
-    total = (len(tokens) - 1) // seq_len
-    if total < 1:
-        raise ConfigError(f"{len(tokens)} validation tokens cannot fill one window of {seq_len + 1}; lower "
-                         "train.seq_len or add data")
+    """The indices of the windows of ``seq_len + 1`` tokens (``data.WindowSource``'s, as training
+    reads them) that validation reads: all of them, or, when ``max_tokens`` > 0 caps them, that
+    many spread evenly over the split."""
+    total = len(WindowSource(tokens, seq_len))
     n = total if max_tokens <= 0 else max(1, min(total, max_tokens // seq_len))
     return np.arange(n) * total // n
 
@@ -95,11 +94,11 @@ def window_batches(tokens: np.ndarray, seq_len: int, index: np.ndarray, batch: i
     """Yield ``(windows [batch, seq_len + 1] int32, real)`` over the windows at ``index``, in
     order; the last batch is padded to full size by repeating its final window (one compiled
     shape), and ``real`` counts the windows that are not padding."""
+    source = WindowSource(tokens, seq_len)
     for start in range(0, len(index), batch):
         chosen = index[start:start + batch]
         padded = np.pad(chosen, (0, batch - len(chosen)), mode="edge")
-        windows = [np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1], np.int32) for i in padded]
-        yield np.stack(windows), len(chosen)
+        yield np.stack([source[i] for i in padded]), len(chosen)
 
 
 def evaluate(params, cfg: Config, tokens: np.ndarray, max_tokens: int | None = None, eval_step=None,

@@ -13,17 +13,16 @@ import os
 import pathlib
 from typing import NamedTuple
 
-import numpy as np
-
 from dsmoe_jax import data
 from dsmoe_jax.checkpoint import load_checkpoint
 from dsmoe_jax.config import Config
+from dsmoe_jax.tokenizer import Tokenizer, check_tokenizer, load_tokenizer
 
 
 class LoadedModel(NamedTuple):
     params: dict
     cfg: Config  # the run's config; ``data.tokenizer`` names the tokenizer below
-    tokenizer: data.Tokenizer
+    tokenizer: Tokenizer
 
 
 def load_model(checkpoint: str | os.PathLike, step: int | None = None, tokenizer: str | None = None) -> LoadedModel:
@@ -35,11 +34,11 @@ def load_model(checkpoint: str | os.PathLike, step: int | None = None, tokenizer
     spec = tokenizer or (str(beside) if beside.is_file() else None)
     if spec:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=spec))
-    tok = data.load_tokenizer(cfg.data.tokenizer)
-    data.check_tokenizer(tok, cfg, checkpoint=str(checkpoint))
+    tok = load_tokenizer(cfg.data.tokenizer)
+    check_tokenizer(tok, cfg, checkpoint=str(checkpoint))
     return LoadedModel(params, cfg, tok)
 
 
-def validation_tokens(cfg: Config, checkpoint: str | os.PathLike | None = None) -> np.ndarray:
+def validation_tokens(cfg: Config, checkpoint: str | os.PathLike | None = None) -> data.TokenSequence:
     """The held-out tokens of ``cfg.data`` that the model's loss is taken on."""
     return data.load_tokens(cfg, checkpoint=None if checkpoint is None else str(checkpoint))[1]

@@ -49,17 +49,9 @@ import numpy as np
 from tqdm import tqdm
 
 from dsmoe_jax.atomic import atomic_directory, atomic_file
-from dsmoe_jax.data import (
-    FORMAT,
-    MANIFEST,
-    SETTINGS,
-    SHARDS_DIR,
-    SPLITS,
-    DataError,
-    load_tokenizer,
-    token_dtype,
-    tokenizer_identity,
-)
+from dsmoe_jax.errors import DataError
+from dsmoe_jax.shards import FORMAT, MANIFEST, SETTINGS, SHARDS_DIR, SPLITS
+from dsmoe_jax.tokenizer import load_tokenizer, token_dtype, tokenizer_identity
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 CHUNK_BYTES = 2**20  # text per task sent to a worker: large enough to hide the IPC, small enough to balance

@@ -1,4 +1,4 @@
-"""Tokenizers, the embedded corpus, user data and the grain pipeline."""
+"""The embedded corpus, user data, prepared sources, windows and the grain pipeline."""
 
 import json
 import re
@@ -8,37 +8,7 @@ import pytest
 
 from dsmoe_jax import data, load_config
 from dsmoe_jax.evaluation import validation_windows
-
-
-def test_byte_tokenizer_round_trip():
-    tok = data.ByteTokenizer()
-    text = "héllo, wörld\n"
-    ids = tok.encode(text)
-    assert list(ids[:2]) == [104, 195], "UTF-8 bytes"
-    assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == text, "specials are dropped when decoding"
-
-
-def test_hf_tokenizer_json(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, "hello": 3, "world": 4}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    loaded = data.load_tokenizer(str(tmp_path))
-    assert loaded.encode("hello world again") == [3, 4, 2]
-    assert (loaded.bos_id, loaded.eos_id, loaded.vocab_size) == (None, None, 5), "no tokenizer_config.json"
-    assert loaded.decode([3, 4]) == "hello world"
-    # BOS/EOS come from tokenizer_config.json, as a string or as transformers' AddedToken dict
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": {"content": "</s>", "special": True}, "eos_token": "<s>"}))
-    loaded = data.load_tokenizer(str(tmp_path))
-    assert (loaded.bos_id, loaded.eos_id) == (1, 0)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>"}))
-    with pytest.raises(data.DataError, match="names the special token '<bos>'"):
-        data.load_tokenizer(str(tmp_path))
-    with pytest.raises(data.DataError, match="no tokenizer.json"):
-        data.load_tokenizer(str(tmp_path / "missing"))
+from dsmoe_jax.shards import TokenShards
 
 
 def test_embedded_corpus_is_deterministic_and_split():
@@ -138,13 +108,6 @@ def test_a_too_large_tokenizer_asks_a_trained_model_for_its_own_tokenizer(tmp_pa
         data.load_tokens(cfg, checkpoint="ckpt")
 
 
-def test_an_invalid_tokenizer_json_is_named(tmp_path):
-    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "WordLev')
-    with pytest.raises(data.DataError, match=f"{tmp_path / 'tokenizer.json'} is not a valid tokenizer.json "
-                                             r"\(.*\): use one saved by the tokenizers or transformers library"):
-        data.load_tokenizer(str(tmp_path))
-
-
 @pytest.mark.parametrize("name, content, message", [
     ("weights.bin", np.arange(300, dtype=np.float32).tobytes(),
      r"weights.bin is not UTF-8 text \(byte 0x80 at offset 6; a binary file\?\): data.path takes UTF-8 text files"),
@@ -225,7 +188,7 @@ def test_training_data_from_prepared_sources_and_named_validation_sets(tmp_path)
     d = data.load_training_data(cfg)
     assert [(name, w) for name, _, w in d.train] == [("web", 3.0), ("code", 1.0)]
     assert sorted(d.val) == ["code", "held", "web"] and len(d.val["held"]) == 10 * (2 + len("held out 0 " * 30))
-    assert isinstance(d.train[0][1], data.TokenShards)
+    assert isinstance(d.train[0][1], TokenShards)
     with pytest.raises(data.DataError, match="data.path and data.mix both name the training data"):
         data.load_training_data(load_config("tiny", [mix, f"data.path='{web}'"]))
     with pytest.raises(data.DataError, match="data.mix trains on several datasets \\(web, code\\)"):

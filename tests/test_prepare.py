@@ -7,8 +7,9 @@ import pathlib
 import numpy as np
 import pytest
 
-from dsmoe_jax import data, load_config, prepare
+from dsmoe_jax import data, load_config, prepare, shards
 from dsmoe_jax.cli import main
+from dsmoe_jax.tokenizer import ByteTokenizer
 
 SMALL = prepare.Options(shard_tokens=300)  # several shards from a few kB of text
 
@@ -29,7 +30,7 @@ def _files(out: pathlib.Path) -> dict[str, bytes]:
 def _documents(out: pathlib.Path, split: str) -> list[np.ndarray]:
     """Every document of ``split``, in order, cut at its shards' document offsets."""
     docs = []
-    for shard in data.read_manifest(out)["shards"]:
+    for shard in shards.read_manifest(out)["shards"]:
         tokens = np.load(out / "shards" / shard["name"] / f"{split}.npy")
         offsets = np.load(out / "shards" / shard["name"] / f"{split}_docs.npy")
         docs += [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
@@ -53,7 +54,7 @@ def test_jsonl_to_shards_with_a_held_out_split_by_document(tmp_path):
     assert m["totals"]["val"]["documents"] == 3 and m["totals"]["records"] == 60
     assert sum(s["train"]["tokens"] for s in m["shards"]) == m["totals"]["train"]["tokens"]
     # the reading side sees each split as one flat sequence across shards
-    tr, va = data.load_prepared(tmp_path / "out", data.ByteTokenizer(), "byte")
+    tr, va = shards.load_prepared(tmp_path / "out", ByteTokenizer(), "byte")
     np.testing.assert_array_equal(np.asarray(tr), np.concatenate(train))
     np.testing.assert_array_equal(tr[250:700], np.concatenate(train)[250:700])
     assert len(va) == sum(len(d) for d in val)

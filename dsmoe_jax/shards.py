@@ -1,0 +1,117 @@
+"""The prepared-dataset format: ``dsmoe-jax prepare-data`` (``prepare.py``) writes it, training
+reads it here. A directory holds ``settings.json`` (written first: what an unfinished run is
+preparing), ``shards/<name>/{train,val}.npy`` and ``manifest.json``, written last, so it marks a
+complete dataset; each split's shards are memory-mapped and read as one flat token sequence
+(``TokenShards``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from dsmoe_jax.errors import DataError
+from dsmoe_jax.tokenizer import Tokenizer, tokenizer_identity
+
+MANIFEST = "manifest.json"
+SETTINGS = "settings.json"
+SHARDS_DIR = "shards"
+FORMAT = "dsmoe-jax token shards v1"
+SPLITS = ("train", "val")
+
+
+class TokenShards:
+    """One split of a prepared dataset: its shards' memory-mapped token arrays read as one flat
+    sequence (``len``, slices, ``np.asarray``), so a window may cross from one shard into the next
+    and nothing is loaded until it is read."""
+
+    def __init__(self, arrays: Sequence[np.ndarray], dtype: np.dtype):
+        self.arrays = [a for a in arrays if len(a)]
+        self.dtype = np.dtype(dtype)
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])  # [n_shards + 1]: where each begins
+        self.shape = (int(self.starts[-1]),)
+        self.ndim = 1
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + len(self) if key < 0 else int(key)
+            if not 0 <= i < len(self):
+                raise IndexError(f"token {key} of {len(self)}")
+            shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+            return self.arrays[shard][i - self.starts[shard]]
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("TokenShards takes an index or a contiguous slice")
+        start, stop, _ = key.indices(len(self))
+        if stop <= start:
+            return np.zeros((0,), self.dtype)
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        last = int(np.searchsorted(self.starts, stop, side="left")) - 1
+        pieces = [self.arrays[k][max(start - self.starts[k], 0):stop - self.starts[k]] for k in range(first, last + 1)]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate(self.arrays) if self.arrays else np.zeros((0,), self.dtype)
+        return out if dtype is None else out.astype(dtype)
+
+
+def is_prepared(path: pathlib.Path) -> bool:
+    """Whether ``path`` is a ``prepare-data`` output directory, complete or not."""
+    return path.is_dir() and ((path / MANIFEST).is_file() or (path / SETTINGS).is_file())
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a complete prepared dataset directory."""
+    path = pathlib.Path(path)
+    if not (path / MANIFEST).is_file():
+        raise DataError(f"{path} is an unfinished prepare-data output (no {MANIFEST}); run the same "
+                        "`dsmoe-jax prepare-data` command again to finish it (finished shards are kept)")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path / MANIFEST} is not valid JSON ({e}): damaged; prepare the data again") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path / MANIFEST} is not a {FORMAT!r} manifest (format {manifest.get('format')!r}); "
+                        "prepare the data again with this version of dsmoe-jax")
+    return manifest
+
+
+def check_prepared_tokenizer(manifest: dict, path: pathlib.Path, tokenizer: Tokenizer, spec: str) -> None:
+    """Refuse a dataset tokenized by another tokenizer than ``data.tokenizer``: the ids would
+    mean other text, silently (an equal vocabulary size proves nothing)."""
+    saved, ours = manifest["tokenizer"], tokenizer_identity(tokenizer)
+    keys = ("sha256", "vocab_size", "bos_id", "eos_id")
+    if any(saved.get(k) != ours[k] for k in keys):
+        differ = ", ".join(f"{k} {saved.get(k)!r} vs {ours[k]!r}" for k in keys if saved.get(k) != ours[k])
+        raise DataError(f"{path} was tokenized with the tokenizer {saved.get('name')!r}, not with data.tokenizer "
+                        f"{spec!r} ({differ}); set data.tokenizer to the tokenizer the data was prepared with, or "
+                        f"prepare it again with --tokenizer {spec}")
+
+
+def load_prepared(path: str | os.PathLike, tokenizer: Tokenizer, spec: str) -> tuple[TokenShards, TokenShards]:
+    """(train, validation) token sequences of a prepared dataset, memory-mapped, after checking
+    that it was tokenized by ``tokenizer`` (``spec``: the ``data.tokenizer`` that named it)."""
+    path = pathlib.Path(path)
+    manifest = read_manifest(path)
+    check_prepared_tokenizer(manifest, path, tokenizer, spec)
+    dtype = np.dtype(manifest["dtype"])
+    out = []
+    for split in SPLITS:
+        arrays = []
+        for shard in manifest["shards"]:
+            file = path / SHARDS_DIR / shard["name"] / f"{split}.npy"
+            try:
+                array = np.load(file, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DataError(f"{file} cannot be read ({e}): the dataset is damaged; prepare it again") from None
+            if array.dtype != dtype or len(array) != shard[split]["tokens"]:
+                raise DataError(f"{file} holds {len(array)} {array.dtype} tokens, but {path / MANIFEST} says "
+                                f"{shard[split]['tokens']} {dtype}: the dataset is damaged; prepare it again")
+            arrays.append(array)
+        out.append(TokenShards(arrays, dtype))
+    return out[0], out[1]
