@@ -21,10 +21,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import json
 import pathlib
 import sys
 import sysconfig
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -42,6 +44,19 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".toml", ".htm
 VAL_EVERY = 20  # every 20th document goes to validation
 CORPUS_MAX_BYTES = 8 * 2**20  # the embedded corpus: about 8 MiB of documents, in sorted order
 TokenSequence = np.ndarray | TokenShards  # a flat token sequence: in memory, memory-mapped, or a prepared split
+# names that moved out in 0.2 to the module that now holds them; until 0.3 they still resolve here
+_MOVED = {**{name: "tokenizer" for name in ("ByteTokenizer", "HFTokenizer", "TOKENIZER_CONFIG", "tokenizer_identity")},
+          **{name: "shards" for name in ("MANIFEST", "SETTINGS", "SHARDS_DIR", "FORMAT", "SPLITS", "read_manifest",
+                                         "check_prepared_tokenizer")}}
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module 'dsmoe_jax.data' has no attribute {name!r}")
+    module = importlib.import_module(f"dsmoe_jax.{_MOVED[name]}")
+    warnings.warn(f"dsmoe_jax.data.{name} moved to dsmoe_jax.{_MOVED[name]}.{name}; the old name stops working in "
+                  "0.3", DeprecationWarning, stacklevel=2)
+    return getattr(module, name)
 
 
 @functools.lru_cache(maxsize=1)

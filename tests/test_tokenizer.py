@@ -44,3 +44,14 @@ def test_an_invalid_tokenizer_json_is_named(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'tokenizer.json'} is not a valid tokenizer.json "
                                              r"\(.*\): use one saved by the tokenizers or transformers library"):
         load_tokenizer(str(tmp_path))
+
+
+def test_the_names_that_moved_out_of_data_still_resolve_with_a_warning():
+    from dsmoe_jax import data, shards, tokenizer
+
+    with pytest.warns(DeprecationWarning, match="dsmoe_jax.data.ByteTokenizer moved to dsmoe_jax.tokenizer"):
+        assert data.ByteTokenizer is tokenizer.ByteTokenizer
+    with pytest.warns(DeprecationWarning, match="moved to dsmoe_jax.shards.read_manifest"):
+        assert data.read_manifest is shards.read_manifest
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        data.nothing  # noqa: B018
