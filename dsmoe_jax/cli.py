@@ -98,8 +98,8 @@ def _train(args) -> None:
     if not args.quiet:
         print(describe(cfg), f"\nworkdir       {workdir}", flush=True)
     last = train(cfg, workdir, resume=args.resume, progress=not args.quiet)
-    if "val_loss" in last and not args.quiet:
-        print(f"final: loss {last['loss']:.4f}, validation loss {last['val_loss']:.4f}")
+    if last is not None and last.val_loss is not None and not args.quiet:
+        print(f"final: loss {last.loss:.4f}, validation loss {last.val_loss:.4f}")
 
 
 def _prepare_data(args) -> None:

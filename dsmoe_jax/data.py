@@ -230,14 +230,24 @@ def batches(tokens: TokenSequence, batch_size: int, seq_len: int, *, seed: int, 
     return ds.batch(batch_size, drop_remainder=True)
 
 
-class TrainingData(NamedTuple):
-    """What a training run reads. ``train``: ``(name, tokens, weight)`` per source, one unnamed
-    source for ``data.path`` or the embedded corpus, else one per ``data.mix`` entry. ``val``:
-    validation tokens by name: ``""`` for the held-out split of a single source, each mixture
-    source's held-out split under its name, and each ``data.val`` set under its name."""
+class Source(NamedTuple):
+    """One dataset a run trains on: its training tokens, its held-out split and its weight in
+    the mixture. ``name`` is the ``[[data.mix]]`` entry's, None for ``data.path`` or the
+    embedded corpus."""
 
-    train: list[tuple[str, TokenSequence, float]]
-    val: dict[str, TokenSequence]
+    name: str | None
+    tokens: TokenSequence
+    held_out: TokenSequence
+    weight: float = 1.0
+
+
+class TrainingData(NamedTuple):
+    """What a training run reads: the ``sources`` it trains on (one per ``[[data.mix]]`` entry,
+    or the single unnamed one), the ``data.val`` sets evaluated beside them, by name, and the
+    tokenizer they were all checked against."""
+
+    sources: list[Source]
+    val_sets: dict[str, TokenSequence]
     tokenizer: Tokenizer
 
 
@@ -253,26 +263,23 @@ def load_training_data(cfg: Config) -> TrainingData:
         single = dataclasses.replace(cfg, data=dataclasses.replace(d, path=source.path, mix=(), val=()))
         return load_tokens(single, setting=f"the path of [[{table}]] {source.name!r}")
 
-    train, val = [], {}
     if d.mix:
-        for source in d.mix:
-            tokens, held_out, tokenizer = one(source, "data.mix")
-            train.append((source.name, tokens, source.weight))
-            val[source.name] = held_out
+        sources = []
+        for entry in d.mix:
+            tokens, held_out, tokenizer = one(entry, "data.mix")
+            sources.append(Source(entry.name, tokens, held_out, entry.weight))
     else:
         tokens, held_out, tokenizer = load_tokens(cfg)
-        train.append(("", tokens, 1.0))
-        val[""] = held_out
-    for source in d.val:
-        val[source.name] = one(source, "data.val")[1]
+        sources = [Source(None, tokens, held_out)]
+    val_sets = {entry.name: one(entry, "data.val")[1] for entry in d.val}
     window = cfg.train.seq_len + 1
-    for name, tokens in val.items():
+    held = [(f"validation set {s.name!r}" if s.name else "the validation split", s.held_out) for s in sources]
+    for where, tokens in held + [(f"validation set {name!r}", t) for name, t in val_sets.items()]:
         if len(tokens) < window:
-            where = f"validation set {name!r}" if name else "the validation split"
             raise DataError(f"{where} has {len(tokens)} held-out tokens, fewer than one window of train.seq_len + 1 = "
                             f"{window}; prepare that data with a held-out split (prepare-data --val-every N, e.g. "
                             "20; 1 holds out everything, for a validation-only set) or lower train.seq_len")
-    return TrainingData(train, val, tokenizer)
+    return TrainingData(sources, val_sets, tokenizer)
 
 
 def mixture_batches(sources: Sequence[tuple[TokenSequence, float]], batch_size: int, seq_len: int, *, seed: int,

@@ -186,9 +186,11 @@ def test_training_data_from_prepared_sources_and_named_validation_sets(tmp_path)
     mix = f"data.mix=[{{name='web', path='{web}', weight=3}}, {{name='code', path='{code}'}}]"
     cfg = load_config("tiny", [mix, f"data.val=[{{name='held', path='{held}'}}]"])
     d = data.load_training_data(cfg)
-    assert [(name, w) for name, _, w in d.train] == [("web", 3.0), ("code", 1.0)]
-    assert sorted(d.val) == ["code", "held", "web"] and len(d.val["held"]) == 10 * (2 + len("held out 0 " * 30))
-    assert isinstance(d.train[0][1], TokenShards)
+    assert [(s.name, s.weight) for s in d.sources] == [("web", 3.0), ("code", 1.0)]
+    assert list(d.val_sets) == ["held"] and len(d.val_sets["held"]) == 10 * (2 + len("held out 0 " * 30))
+    assert all(isinstance(a, TokenShards) for s in d.sources for a in (s.tokens, s.held_out)), "memory-mapped"
+    single = data.load_training_data(load_config("tiny", [f"data.path='{web}'"]))
+    assert [(s.name, s.weight) for s in single.sources] == [(None, 1.0)] and not single.val_sets
     with pytest.raises(data.DataError, match="data.path and data.mix both name the training data"):
         data.load_training_data(load_config("tiny", [mix, f"data.path='{web}'"]))
     with pytest.raises(data.DataError, match="data.mix trains on several datasets \\(web, code\\)"):

@@ -36,7 +36,7 @@ def test_tiny_config_learns_and_logs(tmp_path):
     _, val, _ = data.load_tokens(cfg)
     initial = evaluate(dsmoe_jax.init_params(cfg.model, jax.random.key(cfg.train.seed)), cfg, val).loss
     last = train(cfg, tmp_path, progress=False)
-    assert last["val_loss"] < initial - 2.0, f"validation loss {initial:.2f} -> {last['val_loss']:.2f}"
+    assert last.val_loss < initial - 2.0, f"validation loss {initial:.2f} -> {last.val_loss:.2f}"
     m = _metrics(tmp_path)
     assert sorted(m) == list(range(1, 41))
     assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "balance_loss"} <= set(m[1])
@@ -56,7 +56,7 @@ def test_tiny_v3_learns_and_its_score_bias_balances_the_load(tmp_path):
                                          "moe.bias_update_speed=0.01"])
     last = train(cfg, tmp_path, progress=False)
     m = _metrics(tmp_path)
-    assert last["val_loss"] < m[1]["loss"] - 2.0, f"loss {m[1]['loss']:.2f} -> validation {last['val_loss']:.2f}"
+    assert last.val_loss < m[1]["loss"] - 2.0, f"loss {m[1]['loss']:.2f} -> validation {last.val_loss:.2f}"
     imbalance = [np.mean([v for k, v in m[step].items() if k.startswith("load_max_over_mean/")]) for step in sorted(m)]
     assert np.mean(imbalance[-10:]) < max(imbalance) - 1.0, \
         f"the bias did not pull the load back from its peak: load max/mean by step {np.round(imbalance, 2)}"
@@ -156,9 +156,11 @@ def test_sigterm_checkpoints_the_current_step_and_resume_continues_exactly(tmp_p
     assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["4"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the loop's handlers are gone after the run"
     _on_call(monkeypatch, 10**9, signum=signal.SIGTERM)
-    train(cfg, tmp_path / "stopped", resume=True, progress=False)
+    last = train(cfg, tmp_path / "stopped", resume=True, progress=False)
     whole, stopped = _metrics(tmp_path / "whole"), _metrics(tmp_path / "stopped")
     assert [stopped[s]["loss"] for s in range(1, 11)] == [whole[s]["loss"] for s in range(1, 11)]
+    assert (last.step, last.loss, last.val_loss) == (10, whole[10]["loss"], stopped[10]["val_loss"]), last
+    assert train(cfg, tmp_path / "stopped", resume=True, progress=False) is None, "nothing left to train"
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint_and_logs_each_step_once(tmp_path, capsys):
@@ -204,7 +206,8 @@ def test_a_mixture_trains_and_logs_each_validation_set(tmp_path):
     assert {"val_loss/prose", "val_loss/code", "val_loss_stderr/code"} <= set(m) and "val_loss/prose" not in _metrics(
         tmp_path / "run")[1]
     assert m["val_loss"] == pytest.approx(0.75 * m["val_loss/prose"] + 0.25 * m["val_loss/code"]), "weighted as drawn"
-    assert last["val_loss/code"] == m["val_loss/code"]
+    assert (last.step, last.loss, last.val_loss) == (2, m["loss"], m["val_loss"]) and last.metrics == {
+        k: v for k, v in m.items() if k != "step"}, "the last logged line, typed"
 
 
 def test_a_second_signal_stops_at_once_with_one_line_and_no_traceback(monkeypatch, capsys):

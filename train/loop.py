@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -178,27 +179,35 @@ def _step_metrics(m: StepMetrics, lr: float, tokens_per_s: float, cfg: Config) -
     return out
 
 
-def _validate(params, cfg: Config, sources: data.TrainingData, eval_step) -> dict:
+def _validate(params, cfg: Config, training: data.TrainingData, eval_step) -> dict:
     """``val_loss`` (with its standard error and perplexity) on the held-out split of the training
     data: with a mixture, its sources' losses weighted as training draws them. Each named set
     (mixture sources, ``data.val``) is also logged on its own as ``val_loss/<name>``."""
-    results = {name: evaluate(params, cfg, tokens, eval_step=eval_step) for name, tokens in sources.val.items()}
-    if "" in results:
-        loss, stderr = results[""].loss, results[""].stderr
-    else:
-        weights = {name: w for name, _, w in sources.train}
-        total = sum(weights.values())
-        loss = sum(w / total * results[name].loss for name, w in weights.items())
-        stderr = sum((w / total * results[name].stderr) ** 2 for name, w in weights.items()) ** 0.5
+    held_out = [(s, evaluate(params, cfg, s.held_out, eval_step=eval_step)) for s in training.sources]
+    total = sum(s.weight for s in training.sources)
+    loss = sum(s.weight / total * r.loss for s, r in held_out)
+    stderr = sum((s.weight / total * r.stderr) ** 2 for s, r in held_out) ** 0.5
+    named = {s.name: r for s, r in held_out if s.name is not None}
+    named |= {name: evaluate(params, cfg, tokens, eval_step=eval_step) for name, tokens in training.val_sets.items()}
     out = {"val_loss": loss, "val_loss_stderr": stderr, "val_perplexity": perplexity(loss)}
-    for name, r in results.items():
-        if name:
-            out[f"val_loss/{name}"], out[f"val_loss_stderr/{name}"] = r.loss, r.stderr
+    for name, r in named.items():
+        out[f"val_loss/{name}"], out[f"val_loss_stderr/{name}"] = r.loss, r.stderr
     return out
 
 
-def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train ``cfg`` in ``workdir``; returns the last logged metrics.
+class TrainResult(NamedTuple):
+    """What ``train`` returns: the last logged step (the last line of ``metrics.jsonl``)."""
+
+    step: int
+    loss: float
+    val_loss: float | None  # None when that step was not an evaluation step
+    metrics: dict  # every value logged at that step (per-layer load, ``val_loss/<name>``, ...)
+
+
+def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False,
+          progress: bool = True) -> TrainResult | None:
+    """Train ``cfg`` in ``workdir``; returns the last logged step (None when a resumed run had no
+    step left to take).
 
     Keeps float32 master weights whatever ``model.param_dtype`` says; ``model.dtype`` sets the
     compute dtype. With ``resume`` it continues from the latest complete checkpoint (saved on any
@@ -211,7 +220,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False, progre
         return _train(cfg, workdir, resume, progress, mesh)
 
 
-def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.sharding.Mesh) -> dict:
+def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.sharding.Mesh) -> TrainResult | None:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="float32"))
     t = cfg.train
     workdir = pathlib.Path(workdir)
@@ -229,8 +238,8 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     if t.batch_size % (n_proc * t.grad_accum) or (t.batch_size // t.grad_accum) % shards:
         raise ConfigError(f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
                             f"micro-batches that divide over the {shards} devices ({n_proc} processes)")
-    sources = data.load_training_data(cfg)  # refuses data the model's tokenizer did not write
-    dataset = data.mixture_batches([(tokens, weight) for _, tokens, weight in sources.train], t.batch_size // n_proc,
+    training = data.load_training_data(cfg)  # refuses data the model's tokenizer did not write
+    dataset = data.mixture_batches([(s.tokens, s.weight) for s in training.sources], t.batch_size // n_proc,
                                    t.seq_len, seed=t.seed, process_index=jax.process_index(), process_count=n_proc)
     iterator = iter(dataset)
 
@@ -247,7 +256,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     eval_step = jitted_eval_step(cfg, mesh=mesh)
     logger = _Logger(workdir, start)
     bar = tqdm(total=t.steps, initial=start, disable=not progress, dynamic_ncols=True, desc="train")
-    last: dict = {}
+    last, last_step = {}, None
     tick, tokens_since = time.perf_counter(), 0
     watchdog = _StepWatchdog(t.step_timeout if n_proc > 1 else 0, lambda step: (
         f"process {jax.process_index()} of {n_proc}: step {step} has not finished after {t.step_timeout:g} s "
@@ -288,9 +297,10 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
                     last = _step_metrics(m, float(schedule(step - 1)), tokens_since / (now - tick), cfg)
                     load = None
                     if step % t.eval_every == 0 or step == t.steps:
-                        last.update(_validate(state.params, cfg, sources, eval_step))
+                        last.update(_validate(state.params, cfg, training, eval_step))
                         load = np.asarray(m.aux.expert_load)
                     logger.log(step, last, load)
+                    last_step = step
                     bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}",
                                     tok_s=f"{last['tokens_per_s']:.0f}")
                     tick, tokens_since = time.perf_counter(), 0  # evaluation and logging are not training time
@@ -310,4 +320,4 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
         ckpt.wait()
         ckpt.close()
         logger.close()
-    return last
+    return None if last_step is None else TrainResult(last_step, last["loss"], last.get("val_loss"), last)
