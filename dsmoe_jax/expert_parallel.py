@@ -24,20 +24,8 @@ from jax.sharding import PartitionSpec
 
 from dsmoe_jax import dispatch as dispatch_lib
 from dsmoe_jax import grouped
-from dsmoe_jax.config import ConfigError, MoEConfig
+from dsmoe_jax.config import MoEConfig
 from dsmoe_jax.mesh import EXPERT_AXIS, batch_axes, batch_shards, expert_parallel_size
-
-
-def check_expert_parallel(cfg: MoEConfig | None, ep: int) -> None:
-    """Refuse a MoE config that cannot spread over ``ep`` expert-parallel devices."""
-    if cfg is None or ep == 1:
-        return
-    if cfg.n_routed_experts % ep:
-        raise ConfigError(f"moe.n_routed_experts={cfg.n_routed_experts} does not split over the mesh's expert axis of "
-                          f"size {ep}; choose mesh.expert dividing it")
-    if cfg.device_groups and cfg.device_groups != ep:
-        raise ConfigError(f"moe.device_groups={cfg.device_groups} but the mesh spreads the experts over {ep} devices; "
-                          "set moe.device_groups = 0 to follow the mesh")
 
 
 def send_buffer_rows(cfg: MoEConfig, local_tokens: int, ep: int) -> int:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from dsmoe_jax.config import MESH_AXES, ConfigError, MeshConfig
+from dsmoe_jax.config import MESH_AXES, Config, ConfigError, MeshConfig, MoEConfig
 
 EXPERT_AXIS = "expert"
 
@@ -48,6 +48,38 @@ def make_mesh(sizes: Mapping[str, int] | MeshConfig, devices=None) -> jax.shardi
     shape = tuple(mesh_cfg.resolve(len(devices)).values())
     # Auto axes: jit partitions everything outside the expert exchange from the shardings alone.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def check_run(cfg: Config, mesh, batch: int | None = None) -> None:
+    """Every check of a run's config against its mesh and processes, in one place (the checks of
+    one config section against another run at config load): the routed experts split over the
+    expert axis, the batch (``train.batch_size`` unless given) into ``train.grad_accum``
+    micro-batches over the batch's devices and processes, and, on a real mesh, tensor groups
+    inside processes. ``ConfigError`` (exit 2) names both sides."""
+    m, t = cfg.model, cfg.train
+    check_expert_parallel(m.moe if m.n_moe_layers else None, expert_parallel_size(mesh))
+    batch, shards = batch or t.batch_size, batch_shards(mesh)
+    real = isinstance(mesh, jax.sharding.Mesh)
+    processes = len({d.process_index for d in mesh.devices.flat}) if real else 1
+    if batch % (processes * t.grad_accum) or (batch // t.grad_accum) % shards:
+        unit = math.lcm(processes * t.grad_accum, t.grad_accum * shards)
+        raise ConfigError(f"train.batch_size={batch} must split into train.grad_accum={t.grad_accum} micro-batches "
+                          f"that divide over the {shards} devices ({processes} process{'es' * (processes > 1)}) the "
+                          f"batch is split over; choose a multiple of {unit}")
+    if real:
+        check_tensor_groups_local(mesh)
+
+
+def check_expert_parallel(cfg: MoEConfig | None, ep: int) -> None:
+    """Refuse a MoE config that cannot spread over ``ep`` expert-parallel devices."""
+    if cfg is None or ep == 1:
+        return
+    if cfg.n_routed_experts % ep:
+        raise ConfigError(f"moe.n_routed_experts={cfg.n_routed_experts} does not split over the mesh's expert axis of "
+                          f"size {ep}; choose mesh.expert dividing it")
+    if cfg.device_groups and cfg.device_groups != ep:
+        raise ConfigError(f"moe.device_groups={cfg.device_groups} but the mesh spreads the experts over {ep} devices; "
+                          "set moe.device_groups = 0 to follow the mesh")
 
 
 def check_tensor_groups_local(mesh) -> None:

@@ -21,7 +21,7 @@ from flax import nnx
 from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.config import ConfigError, ModelConfig, MoEConfig
 from dsmoe_jax.dispatch import routed_experts
-from dsmoe_jax.expert_parallel import check_expert_parallel, expert_parallel
+from dsmoe_jax.expert_parallel import expert_parallel
 from dsmoe_jax.layers import MLP, param
 
 
@@ -196,7 +196,7 @@ class MoE(nnx.Module):
         E = cfg.n_routed_experts
 
         ep = mesh_lib.expert_parallel_size()
-        check_expert_parallel(cfg, ep)
+        mesh_lib.check_expert_parallel(cfg, ep)
         with jax.named_scope("router"):
             if cfg.routing == "hash":
                 routing = route_hash(tokens_BS.reshape(-1), E)

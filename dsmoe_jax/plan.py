@@ -31,8 +31,8 @@ from jax.sharding import AxisType
 
 from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.attention import QUERY_BLOCK, resolve_implementation
-from dsmoe_jax.config import MESH_AXES, Config, ConfigError, MeshConfig, ModelConfig
-from dsmoe_jax.expert_parallel import check_expert_parallel, send_buffer_rows
+from dsmoe_jax.config import MESH_AXES, Config, MeshConfig, ModelConfig
+from dsmoe_jax.expert_parallel import send_buffer_rows
 from dsmoe_jax.model import cache_bytes_per_token, flops_per_token, param_shapes, unrolled
 from dsmoe_jax.sharding import param_shardings
 
@@ -153,12 +153,8 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     m, t_cfg = cfg.model, cfg.train
     batch, seq = batch or t_cfg.batch_size, seq or t_cfg.seq_len
     devices, ep = mesh_lib.batch_shards(mesh), sizes["expert"]  # the batch splits over every device
-    check_expert_parallel(m.moe if m.n_moe_layers else None, ep)
-    micro = batch // t_cfg.grad_accum
-    if batch % t_cfg.grad_accum or micro % devices:
-        raise ConfigError(f"a batch of {batch} in {t_cfg.grad_accum} micro-batches does not split over "
-                          f"{devices} devices")
-    t = micro * seq // devices
+    mesh_lib.check_run(cfg, mesh, batch)
+    t = batch // t_cfg.grad_accum * seq // devices
 
     elements = _device_elements(m, mesh)
     attention = resolve_implementation(m.attention, platform=platform, dtype=m.dtype)

@@ -236,6 +236,8 @@ def test_a_batch_that_does_not_split_is_a_config_error_with_exit_code_2(tmp_path
                      "--workdir", str(tmp_path / "run")]) == 2, "README: exit code 2 for configuration errors"
     err = capsys.readouterr().err
     assert "config error: train.batch_size=6 must split into train.grad_accum=4 micro-batches" in err, err
+    assert err.rstrip().endswith("choose a multiple of 4"), err
+    assert not (tmp_path / "run").exists(), "refused before the workdir is created"
 
 
 def test_a_step_that_outlives_the_timeout_names_the_checkpoint_and_exits(monkeypatch, capsys):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from dsmoe_jax import ConfigError, MeshConfig, mesh
+from dsmoe_jax import ConfigError, MeshConfig, load_config, mesh
+from dsmoe_jax.config import MESH_AXES
 
 
 def test_mesh_size_errors_name_the_problem():
@@ -56,3 +57,18 @@ def test_tensor_groups_must_not_span_processes():
     with pytest.raises(ConfigError, match=r"tensor groups span processes \(devices \[0, 1, 2, 3, 4, 5, 6, 7\] belong "
                                           r"to processes \[0, 1\]\); choose mesh.tensor dividing the 4 devices"):
         mesh.check_tensor_groups_local(fake(8))
+
+
+def test_check_run_refuses_what_does_not_split_and_names_the_fix():
+    from jax.sharding import AbstractMesh
+
+    cfg = load_config("tiny", ["train.batch_size=12", "train.grad_accum=2"])  # 15 routed experts
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    on = lambda **sizes: AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES, axis_types=auto)
+    mesh.check_run(cfg, on(data=2, expert=3))  # 12 = 2 micro-batches of 6, over 6 devices; 15 experts over 3
+    with pytest.raises(ConfigError, match="n_routed_experts=15 does not split over the mesh's expert axis of size 2"):
+        mesh.check_run(cfg, on(expert=2))
+    with pytest.raises(ConfigError, match=r"train.batch_size=12 must split into train.grad_accum=2 micro-batches "
+                                          r"that divide over the 4 devices .* choose a multiple of 8"):
+        mesh.check_run(cfg, on(data=4))
+    mesh.check_run(cfg, on(data=4), batch=16)  # plan's --batch

@@ -24,7 +24,7 @@ from dsmoe_jax import data
 from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, write_config
-from dsmoe_jax.config import Config, ConfigError
+from dsmoe_jax.config import Config
 from dsmoe_jax.errors import TrainingError, TrainingInterrupted  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.evaluation import evaluate, jitted_eval_step, perplexity
 from dsmoe_jax.model import flops_per_token
@@ -224,6 +224,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="float32"))
     t = cfg.train
     workdir = pathlib.Path(workdir)
+    mesh_lib.check_run(cfg, mesh)  # before anything is written
     if resume and not (workdir / CHECKPOINTS_DIR).is_dir():  # before anything is created there
         raise nothing_to_resume(workdir)
     if jax.process_index() == 0:
@@ -233,11 +234,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     if jax.process_index() == 0:
         write_config(workdir, cfg)
 
-    n_proc, shards = jax.process_count(), mesh_lib.batch_shards(mesh)
-    mesh_lib.check_tensor_groups_local(mesh)
-    if t.batch_size % (n_proc * t.grad_accum) or (t.batch_size // t.grad_accum) % shards:
-        raise ConfigError(f"train.batch_size={t.batch_size} must split into train.grad_accum={t.grad_accum} "
-                            f"micro-batches that divide over the {shards} devices ({n_proc} processes)")
+    n_proc = jax.process_count()
     training = data.load_training_data(cfg)  # refuses data the model's tokenizer did not write
     dataset = data.mixture_batches([(s.tokens, s.weight) for s in training.sources], t.batch_size // n_proc,
                                    t.seq_len, seed=t.seed, process_index=jax.process_index(), process_count=n_proc)
