@@ -46,7 +46,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # first H200 run (2026-12-04): the 2B train step's first call took 15 s (compilation), the kernel
 # tests 40-60 s, each grouped_mlp shape about 20 s with two backends (now four); the profile and
 # the peer each compile a training step and a decode program and build the 2B model.
-TIME_BOX = {"profile": 95, "grouped_mlp": 85, "attention": 45, "train": 60, "decode": 60, "vs_transformers": 100,
+TIME_BOX = {"profile": 95, "grouped_mlp": 70, "attention": 45, "train": 60, "decode": 75, "vs_transformers": 100,
             "tests": 80}
 DRY_TIME_BOX = {"profile": 90, "grouped_mlp": 60, "attention": 60, "train": 90, "decode": 90, "vs_transformers": 180,
                 "tests": 240}
@@ -221,7 +221,39 @@ def step_decode(dry: bool, out: pathlib.Path) -> dict:
                                   "hbm_bound_ms": 1e3 * bound_s, "fraction_of_bound": bound_s / per_token}
     return {"config": "tiny" if dry else "2b", "dtype": str(dtype), "prompt": prompt, "new": new,
             "copy_bandwidth_gbs": bandwidth / 1e9, "params": total, "activated": activated,
-            **rows}
+            **rows, "speculative": _speculative_pass(m, prompt + new // 2, dry)}
+
+
+def _speculative_pass(m, filled: int, dry: bool) -> dict:
+    """What a self-speculative step costs against a greedy one, batch 1: the model over two
+    tokens plus the MTP depth (``forward_cached_mtp``) against ``decode_step``, on a cache of
+    ``filled`` tokens (random weights: the cost does not depend on them). With acceptance a, a
+    step yields 1 + a tokens, so the speed-up is (1 + a) x step / pass."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    import dsmoe_jax
+    from dsmoe_jax import inference, model
+
+    m = dataclasses.replace(m, mtp_depth=1)
+    dtype = jnp.dtype(m.dtype)
+    params = jax.tree.map(lambda p: p.astype(dtype), dsmoe_jax.init_params(m, jax.random.key(0)))
+    slots = filled + 8
+    full = lambda c: c._replace(valid_BT=c.valid_BT.at[:, :filled].set(True), index=jnp.int32(filled))
+    cache, mtp_cache = full(inference.init_cache(m, 1, slots)), full(inference.init_cache(m, 1, slots, mtp=True))
+    step = jax.jit(lambda p, c: inference.decode_step(p, jnp.zeros((1,), jnp.int32), jnp.full((1,), filled), c, m))
+    two = jnp.zeros((1, 2), jnp.int32)
+    positions = jnp.asarray([[filled, filled + 1]])
+    verify = jax.jit(lambda p, c, d: model.forward_cached_mtp(p, two, c, d, m, jnp.ones((1, 2), jnp.int32),
+                                                               positions))
+    reps = 3 if dry else 20
+    step_s = _seconds(lambda: step(params, cache), reps)
+    pass_s = _seconds(lambda: verify(params, cache, mtp_cache), reps)
+    return {"greedy_step_ms": 1e3 * step_s, "speculative_pass_ms": 1e3 * pass_s, "pass_over_step": pass_s / step_s,
+            # tiny-v3 + MTP after 300 CPU steps accepts 84% of drafts along validation text (BENCHMARKS.md)
+            "speedup_at_84pct_acceptance": 1.84 * step_s / pass_s}
 
 
 def step_vs_transformers(dry: bool, out: pathlib.Path) -> dict:

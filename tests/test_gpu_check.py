@@ -62,6 +62,8 @@ def test_dry_run_runs_every_step_and_reports_its_numbers(tmp_path):
     for batch in ("batch_1", "batch_64"):
         decode = steps["decode"][batch]
         assert decode["tokens_per_s"] > 0 and decode["hbm_bound_ms"] > 0, steps["decode"]
+    spec = steps["decode"]["speculative"]
+    assert spec["pass_over_step"] > 0 and spec["speedup_at_84pct_acceptance"] > 0, spec
     peer = steps["vs_transformers"]["results"][0]
     assert peer["parity_max_abs_diff"] < 1e-4 and set(peer["seconds"]) == {"train", "decode_b1"}, peer
     assert report["owed"] and "two GPUs" in report["owed"][0], report["owed"]
