@@ -107,7 +107,7 @@ def main() -> None:
             for workers in sorted({1, cores}):
                 rate, m = prepare_rate(tmp / "corpus.jsonl", tmp / f"out-{name}-{workers}".replace(" ", ""), spec,
                                        workers, text_bytes)
-                tokens = m["totals"]["train"]["tokens"] + m["totals"]["val"]["tokens"]
+                tokens = m.train.tokens + m.val.tokens
                 print(f"| {name} | {workers} | {rate:.1f} | {tokens:,} |")
         batch, seq = 16, 128  # the tiny config's
         loader = loader_rate(tmp / "out-byte-1", batch, seq, 2000)

@@ -106,11 +106,9 @@ def _prepare_data(args) -> None:
     options = prepare.Options(tokenizer=args.tokenizer, text_field=args.text_field, val_every=args.val_every,
                               shard_tokens=args.shard_tokens, on_error=args.on_error)
     m = prepare.prepare(args.inputs, args.out, options, workers=args.workers, progress=not args.quiet)
-    t = m["totals"]
-    skipped = f", {t['skipped']} bad records skipped (listed in manifest.json)" if t["skipped"] else ""
-    print(f"wrote {args.out}: {len(m['shards'])} shards of {m['dtype']} tokens; train {t['train']['tokens']:,} tokens "
-          f"in {t['train']['documents']:,} documents, validation {t['val']['tokens']:,} in "
-          f"{t['val']['documents']:,}{skipped}")
+    skipped = f", {m.skipped} bad records skipped (listed in manifest.json)" if m.skipped else ""
+    print(f"wrote {args.out}: {len(m.shards)} shards of {m.dtype} tokens; train {m.train.tokens:,} tokens in "
+          f"{m.train.documents:,} documents, validation {m.val.tokens:,} in {m.val.documents:,}{skipped}")
 
 
 def _eval(args) -> None:

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from dsmoe_jax.atomic import atomic_directory, atomic_file
 from dsmoe_jax.errors import DataError
-from dsmoe_jax.shards import FORMAT, MANIFEST, SETTINGS, SHARDS_DIR, SPLITS
+from dsmoe_jax.shards import FORMAT, MANIFEST, SETTINGS, SHARDS_DIR, SPLITS, Manifest, read_manifest
 from dsmoe_jax.tokenizer import load_tokenizer, token_dtype, tokenizer_identity
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
@@ -407,7 +407,7 @@ def default_workers(options: Options) -> int:
 
 
 def prepare(inputs: Sequence[str], out: str | os.PathLike, options: Options = Options(), workers: int | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True) -> Manifest:
     """Tokenize ``inputs`` into the dataset directory ``out`` (see the module docstring) and
     return its manifest. Run again after an interruption, it keeps the finished shards; on a
     complete ``out`` with the same inputs and options it only returns the manifest."""
@@ -423,7 +423,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, options: Options = Op
             raise DataError(f"{out} holds a dataset prepared from other inputs or options (its {SETTINGS} differs); "
                             "choose a new --out, or remove it to prepare again")
         if (out / MANIFEST).is_file():
-            return json.loads((out / MANIFEST).read_text())
+            return read_manifest(out)
     elif out.is_dir() and any(out.iterdir()):
         raise DataError(f"--out {out} is not empty and is not a prepare-data output; choose a new directory")
     with atomic_file(out / SETTINGS) as f:
@@ -469,7 +469,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, options: Options = Op
         raise DataError(f"{', '.join(inputs)}: no text in {manifest['totals']['records']} records")
     with atomic_file(out / MANIFEST) as f:
         f.write(json.dumps(manifest, indent=1) + "\n")
-    return manifest
+    return Manifest.from_json(manifest, out / MANIFEST)
 
 
 def _manifest(wanted: dict, shards: list[dict]) -> dict:

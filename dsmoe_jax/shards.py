@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,12 +61,50 @@ class TokenShards:
         return out if dtype is None else out.astype(dtype)
 
 
+class Split(NamedTuple):
+    tokens: int
+    documents: int
+
+
+class Shard(NamedTuple):
+    name: str  # its folder under shards/
+    train: Split
+    val: Split
+
+
+class Manifest(NamedTuple):
+    """``manifest.json`` of a complete prepared dataset, typed (the file itself stays JSON)."""
+
+    dtype: np.dtype
+    tokenizer: dict  # name, sha256, vocab_size, bos_id, eos_id (``tokenizer.tokenizer_identity``)
+    shards: list[Shard]
+    train: Split  # totals over the shards
+    val: Split
+    records: int  # input records read, skipped ones included
+    skipped: int
+    skipped_examples: list[str]  # the first few skipped records, named with the reason
+    sources: list[dict]  # each input file: path, bytes, sha256
+
+    @classmethod
+    def from_json(cls, m: dict, where: str | os.PathLike) -> Manifest:
+        """The record of a parsed manifest; a missing or malformed field is a damaged dataset."""
+        split = lambda d: Split(int(d["tokens"]), int(d["documents"]))
+        try:
+            totals = m["totals"]
+            return cls(np.dtype(m["dtype"]), dict(m["tokenizer"]),
+                       [Shard(s["name"], split(s["train"]), split(s["val"])) for s in m["shards"]],
+                       split(totals["train"]), split(totals["val"]), int(totals["records"]), int(totals["skipped"]),
+                       list(m["skipped_examples"]), list(m["sources"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{where} lacks or garbles {e}: the dataset is damaged; prepare it again") from None
+
+
 def is_prepared(path: pathlib.Path) -> bool:
     """Whether ``path`` is a ``prepare-data`` output directory, complete or not."""
     return path.is_dir() and ((path / MANIFEST).is_file() or (path / SETTINGS).is_file())
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
+def read_manifest(path: str | os.PathLike) -> Manifest:
     """The manifest of a complete prepared dataset directory."""
     path = pathlib.Path(path)
     if not (path / MANIFEST).is_file():
@@ -78,13 +117,13 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path / MANIFEST} is not a {FORMAT!r} manifest (format {manifest.get('format')!r}); "
                         "prepare the data again with this version of dsmoe-jax")
-    return manifest
+    return Manifest.from_json(manifest, path / MANIFEST)
 
 
-def check_prepared_tokenizer(manifest: dict, path: pathlib.Path, tokenizer: Tokenizer, spec: str) -> None:
+def check_prepared_tokenizer(manifest: Manifest, path: pathlib.Path, tokenizer: Tokenizer, spec: str) -> None:
     """Refuse a dataset tokenized by another tokenizer than ``data.tokenizer``: the ids would
     mean other text, silently (an equal vocabulary size proves nothing)."""
-    saved, ours = manifest["tokenizer"], tokenizer_identity(tokenizer)
+    saved, ours = manifest.tokenizer, tokenizer_identity(tokenizer)
     keys = ("sha256", "vocab_size", "bos_id", "eos_id")
     if any(saved.get(k) != ours[k] for k in keys):
         differ = ", ".join(f"{k} {saved.get(k)!r} vs {ours[k]!r}" for k in keys if saved.get(k) != ours[k])
@@ -99,19 +138,20 @@ def load_prepared(path: str | os.PathLike, tokenizer: Tokenizer, spec: str) -> t
     path = pathlib.Path(path)
     manifest = read_manifest(path)
     check_prepared_tokenizer(manifest, path, tokenizer, spec)
-    dtype = np.dtype(manifest["dtype"])
+    dtype = manifest.dtype
     out = []
     for split in SPLITS:
         arrays = []
-        for shard in manifest["shards"]:
-            file = path / SHARDS_DIR / shard["name"] / f"{split}.npy"
+        for shard in manifest.shards:
+            file = path / SHARDS_DIR / shard.name / f"{split}.npy"
             try:
                 array = np.load(file, mmap_mode="r")
             except (OSError, ValueError) as e:
                 raise DataError(f"{file} cannot be read ({e}): the dataset is damaged; prepare it again") from None
-            if array.dtype != dtype or len(array) != shard[split]["tokens"]:
+            expected = getattr(shard, split).tokens
+            if array.dtype != dtype or len(array) != expected:
                 raise DataError(f"{file} holds {len(array)} {array.dtype} tokens, but {path / MANIFEST} says "
-                                f"{shard[split]['tokens']} {dtype}: the dataset is damaged; prepare it again")
+                                f"{expected} {dtype}: the dataset is damaged; prepare it again")
             arrays.append(array)
         out.append(TokenShards(arrays, dtype))
     return out[0], out[1]

@@ -3,6 +3,7 @@
 import gzip
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -30,9 +31,9 @@ def _files(out: pathlib.Path) -> dict[str, bytes]:
 def _documents(out: pathlib.Path, split: str) -> list[np.ndarray]:
     """Every document of ``split``, in order, cut at its shards' document offsets."""
     docs = []
-    for shard in shards.read_manifest(out)["shards"]:
-        tokens = np.load(out / "shards" / shard["name"] / f"{split}.npy")
-        offsets = np.load(out / "shards" / shard["name"] / f"{split}_docs.npy")
+    for shard in shards.read_manifest(out).shards:
+        tokens = np.load(out / "shards" / shard.name / f"{split}.npy")
+        offsets = np.load(out / "shards" / shard.name / f"{split}_docs.npy")
         docs += [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
     return docs
 
@@ -44,15 +45,15 @@ def _byte_doc(text):
 def test_jsonl_to_shards_with_a_held_out_split_by_document(tmp_path):
     texts = _texts()
     m = prepare.prepare([str(_jsonl(tmp_path / "a.jsonl", texts))], tmp_path / "out", SMALL, workers=1, progress=False)
-    assert len(m["shards"]) > 3 and m["dtype"] == "uint16"
-    assert m["tokenizer"]["name"] == "byte" and m["tokenizer"]["vocab_size"] == 258
-    assert m["sources"][0]["sha256"] and m["sources"][0]["bytes"] == (tmp_path / "a.jsonl").stat().st_size
+    assert len(m.shards) > 3 and m.dtype == np.uint16
+    assert m.tokenizer["name"] == "byte" and m.tokenizer["vocab_size"] == 258
+    assert m.sources[0]["sha256"] and m.sources[0]["bytes"] == (tmp_path / "a.jsonl").stat().st_size
     train, val = _documents(tmp_path / "out", "train"), _documents(tmp_path / "out", "val")
     held_out = [i for i in range(len(texts)) if i % 20 == 19]
     assert [d.tolist() for d in val] == [_byte_doc(texts[i]).tolist() for i in held_out], "records 19, 39, 59"
     assert [d.tolist() for d in train] == [_byte_doc(t).tolist() for i, t in enumerate(texts) if i not in held_out]
-    assert m["totals"]["val"]["documents"] == 3 and m["totals"]["records"] == 60
-    assert sum(s["train"]["tokens"] for s in m["shards"]) == m["totals"]["train"]["tokens"]
+    assert m.val.documents == 3 and m.records == 60
+    assert sum(s.train.tokens for s in m.shards) == m.train.tokens
     # the reading side sees each split as one flat sequence across shards
     tr, va = shards.load_prepared(tmp_path / "out", ByteTokenizer(), "byte")
     np.testing.assert_array_equal(np.asarray(tr), np.concatenate(train))
@@ -100,7 +101,7 @@ def test_an_hf_tokenizer_is_recorded_and_a_mismatch_refused(tmp_path):
     src = _jsonl(tmp_path / "a.jsonl", ["the quick fox"] * 40)
     m = prepare.prepare([str(src)], tmp_path / "out", prepare.Options(tokenizer=str(tmp_path / "tok")), workers=1,
                         progress=False)
-    assert (m["tokenizer"]["vocab_size"], m["tokenizer"]["bos_id"], m["tokenizer"]["eos_id"]) == (7, 0, 1)
+    assert (m.tokenizer["vocab_size"], m.tokenizer["bos_id"], m.tokenizer["eos_id"]) == (7, 0, 1)
     assert _documents(tmp_path / "out", "train")[0].tolist() == [0, 3, 4, 6, 1]
     # training with another tokenizer is refused before anything runs
     cfg = load_config("tiny", [f"data.path='{tmp_path / 'out'}'"])
@@ -163,8 +164,8 @@ def test_a_bad_record_is_named_or_skipped_and_counted(tmp_path, line, message):
         prepare.prepare([str(tmp_path / "a.jsonl")], tmp_path / "out", workers=1, progress=False)
     m = prepare.prepare([str(tmp_path / "a.jsonl")], tmp_path / "skip", prepare.Options(on_error="skip", val_every=0),
                         workers=1, progress=False)
-    assert m["totals"]["skipped"] == 1 and m["totals"]["train"]["documents"] == 2
-    assert m["skipped_examples"][0].startswith(f"{tmp_path / 'a.jsonl'} line 3: ")
+    assert m.skipped == 1 and m.train.documents == 2
+    assert m.skipped_examples[0].startswith(f"{tmp_path / 'a.jsonl'} line 3: ")
 
 
 def test_a_truncated_zst_is_refused_and_a_whole_one_read_frame_after_frame(tmp_path):
@@ -175,7 +176,7 @@ def test_a_truncated_zst_is_refused_and_a_whole_one_read_frame_after_frame(tmp_p
         "".join(json.dumps({"text": t}) + "\n" for t in part).encode()) for part in (texts[:20], texts[20:])]
     (tmp_path / "whole.jsonl.zst").write_bytes(b"".join(frames))
     m = prepare.prepare([str(tmp_path / "whole.jsonl.zst")], tmp_path / "whole", workers=1, progress=False)
-    assert m["totals"]["records"] == 40, "both frames are read"
+    assert m.records == 40, "both frames are read"
     skip = prepare.Options(on_error="skip")
     for cut in (len(frames[1]) // 2, len(frames[1]) - 3):  # inside the last frame; just before its end
         name = f"cut{cut}.jsonl.zst"
@@ -214,6 +215,15 @@ def test_unreadable_inputs_are_named(tmp_path):
 def test_the_command_line(tmp_path, capsys):
     src = _jsonl(tmp_path / "a.jsonl", _texts(40))
     assert main(["prepare-data", str(src), "--out", str(tmp_path / "out"), "--workers", "1", "--quiet"]) == 0
-    assert "wrote" in capsys.readouterr().out and (tmp_path / "out" / "manifest.json").is_file()
+    printed = re.fullmatch(r"wrote (.+): (\d+) shards of (\w+) tokens; train ([\d,]+) tokens in ([\d,]+) documents, "
+                           r"validation ([\d,]+) in ([\d,]+)\n", capsys.readouterr().out)
+    m = shards.read_manifest(tmp_path / "out")
+    assert printed and printed.groups() == (str(tmp_path / "out"), str(len(m.shards)), "uint16", f"{m.train.tokens:,}",
+                                            f"{m.train.documents:,}", f"{m.val.tokens:,}", f"{m.val.documents:,}")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    del manifest["totals"]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(data.DataError, match="manifest.json lacks or garbles 'totals': the dataset is damaged"):
+        shards.read_manifest(tmp_path / "out")
     assert main(["prepare-data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--quiet"]) == 1
     assert "missing: no such file or directory" in capsys.readouterr().err
