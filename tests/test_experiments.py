@@ -140,25 +140,30 @@ def test_an_interrupted_arm_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(ExperimentError, match="pass --resume"):
         runner.train_arm(arm, scale, 0, directory)
     record = runner.train_arm(arm, scale, 0, directory, resume=True, progress=False)
-    assert record["resumed"] and record["steps"] == scale.steps
+    assert record.resumed and record.steps == scale.steps
     walls = json.loads((directory / runner.WALLS).read_text())
-    assert record["invocations"] == len(walls) == 2 and record["wall_s"] == pytest.approx(sum(walls)), \
+    assert record.invocations == len(walls) == 2 and record.wall_s == pytest.approx(sum(walls)), \
         "a resumed arm's wall time adds up its invocations"
+    assert runner.RunRecord.read(directory / runner.FINAL) == record, "final.json round-trips the record"
     steps = [json.loads(line)["step"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, scale.steps + 1)), f"continued after step 3, not from the start: {steps}"
+
+
+def _record(val_loss: float, windows: tuple[float, ...] = ()) -> runner.RunRecord:
+    return runner.RunRecord(val_loss, 0.01, 1024, 4096, 8, 1.0, val_window_losses=windows)
 
 
 def test_paired_comparison_by_hand():
     """Three seeds, A - B = 0.1, 0.2, 0.3: mean 0.2, std 0.1, t(0.975, 2) = 4.3027 -> +- 0.2484; the
     windows' paired SE is the std of the per-window differences over sqrt(windows)."""
-    a = [{"val_loss": v, "val_window_losses": [v + 0.1, v - 0.1, v]} for v in (2.1, 2.2, 2.3)]
-    b = [{"val_loss": 2.0, "val_window_losses": [2.1, 1.9, 2.0]}] * 3
+    a = [_record(v, (v + 0.1, v - 0.1, v)) for v in (2.1, 2.2, 2.3)]
+    b = [_record(2.0, (2.1, 1.9, 2.0))] * 3
     c = runner.compare("a", a, "b", b, seeds=[0, 1, 2])
     assert c["per_seed"] == pytest.approx([0.1, 0.2, 0.3]) and c["mean"] == pytest.approx(0.2)
     assert c["seed_std"] == pytest.approx(0.1)
     assert c["ci95"] == pytest.approx([0.2 - 0.24841, 0.2 + 0.24841], abs=1e-5)
     assert c["window_se"] == pytest.approx([0.0, 0.0, 0.0]), "A = B + a constant on every window: no spread"
-    old = runner.compare("a", [{"val_loss": 2.0}], "b", [{"val_loss": 2.5}], seeds=[0])
+    old = runner.compare("a", [_record(2.0)], "b", [_record(2.5)], seeds=[0])
     assert old["ci95"] is None and old["seed_std"] is None and old["window_se"] == [None], \
         "one seed has no interval; runs without window losses have no paired SE"
 

@@ -52,6 +52,33 @@ WALLS = "wall_s.json"  # seconds of each invocation that trained the arm
 
 
 
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One trained and evaluated arm and seed: what ``final.json`` holds."""
+
+    val_loss: float
+    val_loss_stderr: float  # over the validation windows
+    eval_tokens: int
+    train_tokens: int
+    steps: int
+    wall_s: float  # every invocation that trained the arm, summed
+    invocations: int = 1
+    resumed: bool = False
+    # each validation window's loss: the same windows for every arm of a seed (runs recorded
+    # before the windows were: empty)
+    val_window_losses: tuple[float, ...] = ()
+
+    @classmethod
+    def read(cls, path: pathlib.Path) -> RunRecord:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        record = {k: v for k, v in json.loads(path.read_text()).items() if k in fields}
+        return cls(**{**record, "val_window_losses": tuple(record.get("val_window_losses", ()))})
+
+    def write(self, path: pathlib.Path) -> None:
+        with atomic_file(path) as f:
+            json.dump({**dataclasses.asdict(self), "val_window_losses": list(self.val_window_losses)}, f, indent=2)
+
+
 def default_workdir(scale: str) -> pathlib.Path:
     return pathlib.Path("runs") / "experiments" / scale
 
@@ -67,7 +94,7 @@ def _comparable(cfg: Config) -> dict:
 
 
 def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume: bool = False,
-              progress: bool = True) -> dict:
+              progress: bool = True) -> RunRecord:
     """Train and evaluate one arm (or return the record of a finished one): ``final.json``."""
     cfg = arm_config(arm, scale, seed)
     final = directory / FINAL
@@ -75,7 +102,7 @@ def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume
         raise ExperimentError(f"{directory} holds a run of another config than arm {arm.name!r} at scale "
                               f"{scale.name!r}, seed {seed}; choose a new --workdir")
     if final.is_file():
-        return json.loads(final.read_text())
+        return RunRecord.read(final)
     checkpoints = directory / CHECKPOINTS_DIR
     started = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
     if started and not resume:
@@ -94,42 +121,40 @@ def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume
     params = load_model(directory).params
     val_tokens = validation_tokens(cfg)
     result = evaluate(params, cfg, val_tokens, max_tokens=scale.eval_tokens)
-    record = {"val_loss": result.loss, "val_loss_stderr": result.stderr, "eval_tokens": result.tokens,
-              "val_window_losses": list(result.window_losses),  # the same windows for every arm of a seed
-              "train_tokens": scale.tokens, "steps": scale.steps, "wall_s": sum(walls), "invocations": len(walls),
-              "resumed": started}
-    with atomic_file(final) as f:
-        json.dump(record, f, indent=2)
+    record = RunRecord(result.loss, result.stderr, result.tokens, scale.tokens, scale.steps, sum(walls), len(walls),
+                       started, tuple(result.window_losses))
+    record.write(final)
     return record
 
 
-def _arm_summary(arm: Arm, scale: Scale, records: list[dict], paper: float | None) -> dict:
+def _arm_summary(arm: Arm, scale: Scale, records: list[RunRecord], paper: float | None) -> dict:
     total, activated = count_params(arm_config(arm, scale, 0))
-    losses = [r["val_loss"] for r in records]
+    losses = [r.val_loss for r in records]
     return {
         "label": arm.label, "structure": arm.structure(), "overrides": overrides_dict(arm, scale),
         "params_total": total, "params_activated": activated,
-        "val_loss": losses, "val_loss_stderr": [r["val_loss_stderr"] for r in records],
+        "val_loss": losses, "val_loss_stderr": [r.val_loss_stderr for r in records],
         "val_loss_mean": float(np.mean(losses)),
         "val_loss_seed_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
-        "eval_tokens": records[0]["eval_tokens"], "wall_s": [r["wall_s"] for r in records],
-        "resumed": [r.get("resumed", False) for r in records],
+        "eval_tokens": records[0].eval_tokens, "wall_s": [r.wall_s for r in records],
+        "resumed": [r.resumed for r in records],
         "paper_val_loss": paper,
     }
 
 
-def compare(name_a: str, records_a: list[dict], name_b: str, records_b: list[dict], seeds: Sequence[int]) -> dict:
+def compare(name_a: str, records_a: list[RunRecord], name_b: str, records_b: list[RunRecord],
+            seeds: Sequence[int]) -> dict:
     """Arm A against arm B, paired by seed (a seed gives both the same batches and the same
     validation windows): the per-seed differences of validation loss (A - B), their mean,
     standard deviation and 95% t-interval over seeds, and per seed the paired standard error
     over the shared windows (None for runs recorded before their window losses were)."""
-    diffs = np.array([a["val_loss"] - b["val_loss"] for a, b in zip(records_a, records_b)])
+    diffs = np.array([a.val_loss - b.val_loss for a, b in zip(records_a, records_b)])
     n = len(diffs)
     sd = float(diffs.std(ddof=1)) if n > 1 else None
     half = float(scipy.stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if n > 1 else None
     window_se = []
     for a, b in zip(records_a, records_b):
-        wa, wb = np.asarray(a.get("val_window_losses", [])), np.asarray(b.get("val_window_losses", []))
+        wa, wb = np.asarray(a.val_window_losses), np.asarray(b.val_window_losses)
         paired = len(wa) > 1 and len(wa) == len(wb)
         window_se.append(float((wa - wb).std(ddof=1) / np.sqrt(len(wa))) if paired else None)
     mean = float(diffs.mean())
@@ -159,7 +184,7 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
     rows = {}
     # seed by seed, both arms: a run stopped part-way has complete pairs to resume from
     runs = [(v, a, s) for v in chosen for s in seeds for a in SENSITIVITY_ARMS]
-    records: dict[tuple[str, str], list[dict]] = {}
+    records: dict[tuple[str, str], list[RunRecord]] = {}
     for i, (v, a, s) in enumerate(runs, 1):
         arm, sc = chosen[v].apply(ARMS[a], SCALES[scale])
         if progress:
@@ -168,10 +193,10 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
     for v in chosen.values():
         gshard, deepseek = records[(v.name, "gshard")], records[(v.name, "deepseekmoe")]
         rows[v.name] = {"reason": v.reason, "scale": v.scale, "overrides": list(v.overrides),
-                        "tokens_per_arm": deepseek[0]["train_tokens"],
-                        "val_loss": {"gshard": [r["val_loss"] for r in gshard],
-                                     "deepseekmoe": [r["val_loss"] for r in deepseek]},
-                        "wall_s": sum(r["wall_s"] for r in gshard + deepseek),
+                        "tokens_per_arm": deepseek[0].train_tokens,
+                        "val_loss": {"gshard": [r.val_loss for r in gshard],
+                                     "deepseekmoe": [r.val_loss for r in deepseek]},
+                        "wall_s": sum(r.wall_s for r in gshard + deepseek),
                         "deepseekmoe_minus_gshard": compare("deepseekmoe", deepseek, "gshard", gshard, seeds)}
     results = {"experiment": "sensitivity", "scale": scale, "seeds": list(seeds), "variants": rows,
                "wall_s": time.perf_counter() - tick, "environment": _environment()}
@@ -229,7 +254,7 @@ def run_experiment(name: str, scale: str = "cpu", seeds: Sequence[int] = (0, 1, 
     root = pathlib.Path(workdir) if workdir is not None else default_workdir(scale)
     out = root / name
     tick = time.perf_counter()
-    records: dict[str, list[dict]] = {}
+    records: dict[str, list[RunRecord]] = {}
     runs = [(ARMS[a], s) for a in experiment.arms for s in seeds]
     for i, (arm, seed) in enumerate(runs, 1):
         if progress:
