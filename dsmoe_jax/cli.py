@@ -83,10 +83,25 @@ def run_paths(cfg: Config) -> str:
     return f"on {platform:<10}{', '.join(parts)}"
 
 
+def summary(cfg: Config, seq_len: int | None = None) -> dict:
+    """``describe``'s numbers as one record (``--json``)."""
+    m = cfg.model
+    seq_len = seq_len or cfg.train.seq_len
+    total, activated = count_params(m)
+    return {"params_total": total, "params_activated": activated, "seq_len": seq_len,
+            "flops_per_token_forward": flops_per_token(m, seq_len),
+            "kv_cache_bytes_per_token": cache_bytes_per_token(m), "n_layers": m.n_layers,
+            "n_moe_layers": m.n_moe_layers, "d_model": m.d_model, "vocab_size": m.vocab_size}
+
+
+def _print(args, text: str, record: dict) -> None:
+    """The command's result: text for people, or with ``--json`` one JSON object for scripts."""
+    print(json.dumps(record) if args.json else text)
+
+
 def _info(args) -> None:
     cfg = load_config(args.config, args.set)
-    print(describe(cfg))
-    print(run_paths(cfg))
+    _print(args, f"{describe(cfg)}\n{run_paths(cfg)}", {**summary(cfg), "platform": jax.default_backend()})
 
 
 def _train(args) -> None:
@@ -131,8 +146,10 @@ def _eval(args) -> None:
     tokens = np.concatenate([train_tokens, val_tokens]) if args.data else val_tokens
     max_tokens = args.tokens if args.tokens is not None else (0 if args.data else None)
     result = evaluate(params, cfg, tokens, max_tokens=max_tokens)
-    print(f"loss {result.loss:.4f} +- {result.stderr:.4f} (standard error)  perplexity {result.perplexity:.2f}  "
-          f"({result.tokens:,} tokens in {result.windows} windows of {cfg.train.seq_len})")
+    _print(args, f"loss {result.loss:.4f} +- {result.stderr:.4f} (standard error)  perplexity {result.perplexity:.2f}  "
+                 f"({result.tokens:,} tokens in {result.windows} windows of {cfg.train.seq_len})",
+           {"loss": result.loss, "stderr": result.stderr, "perplexity": result.perplexity, "tokens": result.tokens,
+            "windows": result.windows, "seq_len": cfg.train.seq_len})
 
 
 def _eval_tasks(args) -> None:
@@ -150,11 +167,10 @@ def _eval_tasks(args) -> None:
                                      include_path=args.include_path, include_builtin=not args.no_builtin_tasks,
                                      num_fewshot=args.num_fewshot,
                                      allow_code_execution=args.allow_code_execution)
-    print(harness.format_results(results))
+    record = {k: results[k] for k in ("results", "groups", "configs", "versions", "n-shot") if k in results}
+    print(json.dumps(record, default=str) if args.json else harness.format_results(results))
     if args.output:
-        pathlib.Path(args.output).write_text(json.dumps(
-            {k: results[k] for k in ("results", "groups", "configs", "versions", "n-shot") if k in results},
-            indent=2, default=str))
+        pathlib.Path(args.output).write_text(json.dumps(record, indent=2, default=str))
 
 
 def _generate(args) -> None:
@@ -210,8 +226,9 @@ def _parse_mesh(text: str) -> dict[str, int]:
 def _plan(args) -> None:
     cfg = load_config(args.config, args.set)
     p = plan_lib.make_plan(cfg, _parse_mesh(args.mesh), batch=args.batch, seq=args.seq, platform=args.platform)
-    print(describe(cfg, args.seq))
-    print(plan_lib.format_plan(p, args.gpu_memory, args.peak_tflops))
+    record = {**summary(cfg, args.seq), **dataclasses.asdict(p), "devices": p.devices,
+              "bytes_per_device": p.total(remat=False), "bytes_per_device_remat": p.total(remat=True)}
+    _print(args, f"{describe(cfg, args.seq)}\n{plan_lib.format_plan(p, args.gpu_memory, args.peak_tflops)}", record)
 
 
 def _experiment(args) -> None:
@@ -258,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     configured = argparse.ArgumentParser(add_help=False)
     configured.add_argument("--config", required=True, help="TOML file or shipped config name (tiny, 2b, 16b, ...)")
     configured.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
-    info = sub.add_parser("info", parents=[configured],
+    structured = argparse.ArgumentParser(add_help=False)  # the commands whose result a script may read
+    structured.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    info = sub.add_parser("info", parents=[configured, structured],
                           help="print a config's architecture, parameter counts and FLOPs")
     info.set_defaults(run=_info)
 
@@ -294,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="fail the run when a process is silent this many seconds")
     train.set_defaults(run=_train)
 
-    ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint, or lm-eval benchmarks (--tasks)")
+    ev = sub.add_parser("eval", parents=[structured],
+                        help="loss and perplexity of a checkpoint, or lm-eval benchmarks (--tasks)")
     ev.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint directory")
     ev.add_argument("--data", help="text file(s) or .npy tokens to evaluate (default: the run's validation split)")
     ev.add_argument("--tokens", type=int, metavar="N",
@@ -326,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                           "drafts a token per step (model.mtp_depth >= 1); prints the drafts' acceptance")
     gen.set_defaults(run=_generate)
 
-    pl = sub.add_parser("plan", parents=[configured],
+    pl = sub.add_parser("plan", parents=[configured, structured],
                         help="per-device memory, FLOPs and all_to_all traffic of a training step")
     pl.add_argument("--mesh", required=True, metavar="AXIS=SIZE,...", help="e.g. data=8,expert=8 (fsdp too)")
     pl.add_argument("--batch", type=int, help="global batch in sequences (default train.batch_size)")

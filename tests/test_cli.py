@@ -25,8 +25,12 @@ def test_info_prints_architecture_and_counts(capsys):
 
 
 def test_info_override_changes_the_count(capsys):
-    cli.main(["info", "--config", "16b", "--set", "model.n_layers=2"])
-    assert "16,375,728,128" not in capsys.readouterr().out
+    assert cli.main(["info", "--config", "16b", "--set", "model.n_layers=2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    cfg = load_config("16b", ["model.n_layers=2"])
+    assert (info["params_total"], info["params_activated"]) == dsmoe_jax.count_params(cfg.model), info
+    assert info["flops_per_token_forward"] == dsmoe_jax.flops_per_token(cfg.model, cfg.train.seq_len), info
+    assert (info["n_layers"], info["n_moe_layers"]) == (2, 1), info
 
 
 def test_config_errors_exit_2_with_the_message(capsys):
@@ -47,8 +51,12 @@ def test_train_eval_generate_round_trip(tmp_path, capsys):
             "train.eval_every=3", "model.n_layers=2"]
     assert cli.main(["train", "--config", "tiny", "--workdir", workdir] + [a for s in sets for a in ("--set", s)]) == 0
     assert "validation loss" in capsys.readouterr().out
-    assert cli.main(["eval", "--checkpoint", workdir, "--tokens", "128"]) == 0
-    assert "perplexity" in capsys.readouterr().out
+    assert cli.main(["eval", "--checkpoint", workdir, "--tokens", "128", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    model = loading.load_model(workdir)
+    expected = dsmoe_jax.evaluate(model.params, model.cfg, loading.validation_tokens(model.cfg), max_tokens=128)
+    assert printed == {"loss": expected.loss, "stderr": expected.stderr, "perplexity": expected.perplexity,
+                       "tokens": expected.tokens, "windows": expected.windows, "seq_len": 32}, printed
     assert cli.main(["generate", "--checkpoint", workdir, "--prompt", "import os", "--max-new-tokens", "5",
                      "--temperature", "0"]) == 0
     out = capsys.readouterr().out

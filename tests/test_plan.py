@@ -99,6 +99,13 @@ def test_cli_says_whether_it_fits(capsys):
                      "--set", "model.dtype=bfloat16", "--set", "model.remat=true"]) == 0
     out = capsys.readouterr().out
     assert "with remat        fits in 80 GiB" in out, out
+    assert cli.main(["plan", "--config", "16b", "--mesh", "fsdp=8,expert=8", "--batch", "64", "--seq", "4096",
+                     "--set", "model.dtype=bfloat16", "--set", "model.remat=true", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    cfg = dsmoe_jax.load_config("16b", ["model.dtype=bfloat16", "model.remat=true"])
+    p = plan.make_plan(cfg, {"fsdp": 8, "expert": 8}, batch=64, seq=4096)
+    assert printed["bytes_per_device_remat"] == p.total(remat=True) < 80 * 2**30, printed
+    assert (printed["devices"], printed["mesh"]["expert"], printed["all_to_all_bytes"]) == (64, 8, p.all_to_all_bytes)
 
 
 XLA = textwrap.dedent("""
