@@ -255,13 +255,16 @@ def _experiment(args) -> None:
     if repeated:
         raise ConfigError(f"--seeds {args.seeds!r} repeats seed {repeated[0]}: each seed is one run, and a repeat "
                           "would count the same run twice in the spread")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     if args.name == "sensitivity":
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
         experiments.run_sensitivity(args.scale, seeds, variants, args.workdir, resume=args.resume,
                                     progress=not args.quiet)
         return
+    if args.name == "probes":
+        experiments.run_probes(args.scale, seeds, variants, args.workdir, progress=not args.quiet)
+        return
     if args.variants:
-        raise ConfigError("--variants is for the sensitivity experiment")
+        raise ConfigError("--variants is for the sensitivity experiment and its probes")
     experiments.run_experiment(args.name, args.scale, seeds, args.workdir, resume=args.resume,
                                progress=not args.quiet)
 
@@ -372,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     conv.set_defaults(run=_convert)
 
     ex = sub.add_parser("experiment", help="the paper's experiments: train every arm and seed, evaluate, report")
-    ex.add_argument("name", help="architectures | ablation | shared-ratio | specialisation | balance | sensitivity")
+    ex.add_argument("name", help="architectures | ablation | shared-ratio | specialisation | balance | sensitivity | "
+                                 "probes (evaluation only, on sensitivity's trained arms)")
     ex.add_argument("--variants", metavar="V1,V2",
                     help="sensitivity: which changes of the setting (default all): base, norm_topk, init_0.02, "
                          "depth_4, ffn_512, batch_64, lr_1e-3, lr_4e-3; join changes with '+' to combine them "

@@ -103,18 +103,22 @@ def _read_text(path: pathlib.Path) -> str:
     return text
 
 
-def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Train and validation token arrays: each document as [bos] + text + [eos]; every
-    ``VAL_EVERY``-th document (in the given order) goes to validation."""
+def document_tokens(docs: Sequence[tuple[str, str]], tokenizer: Tokenizer) -> np.ndarray:
+    """The documents' tokens one after another, each document as [bos] + text + [eos]."""
     dtype = token_dtype(tokenizer.vocab_size)
-    parts: tuple[list, list] = ([], [])
-    for i, (_, text) in enumerate(docs):
-        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-        eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-        ids = np.concatenate([np.asarray(bos, dtype), np.asarray(tokenizer.encode(text), dtype),
-                              np.asarray(eos, dtype)])
-        parts[int(i % VAL_EVERY == VAL_EVERY - 1)].append(ids)
-    return tuple(np.concatenate(p) if p else np.zeros((0,), dtype) for p in parts)
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    parts = [np.concatenate([np.asarray(bos, dtype), np.asarray(tokenizer.encode(text), dtype),
+                             np.asarray(eos, dtype)]) for _, text in docs]
+    return np.concatenate(parts) if parts else np.zeros((0,), dtype)
+
+
+def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation token arrays (``document_tokens``); every ``VAL_EVERY``-th document
+    (in the given order) goes to validation."""
+    held_out = [i % VAL_EVERY == VAL_EVERY - 1 for i in range(len(docs))]
+    return (document_tokens([d for d, held in zip(docs, held_out) if not held], tokenizer),
+            document_tokens([d for d, held in zip(docs, held_out) if held], tokenizer))
 
 
 def _check_token_array(tokens: np.ndarray, path: pathlib.Path, cfg: Config, checkpoint: str | None) -> None:

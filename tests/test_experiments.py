@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from dsmoe_jax import cli
+from dsmoe_jax import cli, loading
 from dsmoe_jax.config import ConfigError
 from dsmoe_jax.experiments import (
     ARMS,
@@ -14,7 +14,9 @@ from dsmoe_jax.experiments import (
     VARIANTS,
     ExperimentError,
     arm_config,
+    measures,
     run_experiment,
+    run_probes,
     run_sensitivity,
     runner,
     variant,
@@ -181,6 +183,29 @@ def test_sensitivity_trains_both_arms_per_variant_and_pairs_them(tmp_path, capsy
     assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--variants", "depth_9", "--workdir",
                      str(tmp_path)]) == 2
     assert "unknown variant 'depth_9'" in capsys.readouterr().err
+
+
+def test_probes_split_validation_by_kind_and_pair_the_arms(tmp_path, capsys):
+    with pytest.raises(ExperimentError, match="holds no trained arm; train it first: dsmoe-jax experiment sensitivity "
+                                              "--scale toy --variants base --seeds 0,1"):
+        run_probes("toy", [0, 1], workdir=tmp_path, progress=False)
+    assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--seeds", "0,1", "--variants", "base",
+                     "--workdir", str(tmp_path), "--quiet"]) == 0
+    assert cli.main(["experiment", "probes", "--scale", "toy", "--seeds", "0,1", "--workdir", str(tmp_path),
+                     "--quiet"]) == 0
+    results = json.loads((tmp_path / "probes" / "results.json").read_text())
+    base = results["variants"]["base"]
+    cfg = arm_config(ARMS["gshard"], SCALES["toy"], 0)
+    kinds = measures.validation_by_kind(cfg)
+    assert sum(map(len, kinds.values())) == len(loading.validation_tokens(cfg)), "the kinds make up the split"
+    for kind, gap in base["deepseekmoe_minus_gshard"].items():
+        arms = base["arms"]
+        by_hand = [d["loss"][kind] - g["loss"][kind] for d, g in zip(arms["deepseekmoe"], arms["gshard"])]
+        assert gap["per_seed"] == pytest.approx(by_hand) and gap["ci95"][0] <= gap["mean"] <= gap["ci95"][1], gap
+    gshard = base["arms"]["gshard"][0]
+    assert set(gshard["loss"]) == {"code", "documentation"} and all(v > 0 for v in gshard["stderr"].values())
+    assert len(gshard["load"]["max_over_mean"]) == cfg.model.n_moe_layers, gshard["load"]
+    assert "| documentation |" in (tmp_path / "probes" / "results.md").read_text()
 
 
 def test_sensitivity_variants_change_what_they_say_and_keep_the_token_budget():

@@ -5,8 +5,8 @@ resumably, and results.json; ``measures``: the specialisation probes and load st
 ``report``: the Markdown table and the plots. EXPERIMENTS.md holds what came out.
 """
 
-from dsmoe_jax.experiments.runner import ExperimentError, describe_arms, run_experiment, run_sensitivity
+from dsmoe_jax.experiments.runner import ExperimentError, describe_arms, run_experiment, run_probes, run_sensitivity
 from dsmoe_jax.experiments.specs import ARMS, EXPERIMENTS, SCALES, VARIANTS, arm_config, variant
 
 __all__ = ["ARMS", "EXPERIMENTS", "SCALES", "VARIANTS", "ExperimentError", "arm_config", "describe_arms",
-           "run_experiment", "run_sensitivity", "variant"]
+           "run_experiment", "run_probes", "run_sensitivity", "variant"]

@@ -24,11 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsmoe_jax import data
+from dsmoe_jax.errors import ExperimentError
 from dsmoe_jax.evaluation import evaluate, validation_windows, window_batches
 from dsmoe_jax.experiments.specs import ARMS, Arm, Scale
 from dsmoe_jax.loading import load_model, validation_tokens
 from dsmoe_jax.model import forward
 from dsmoe_jax.moe import RouteOptions
+from dsmoe_jax.tokenizer import load_tokenizer
 
 MAX_DISABLED_FRACTION = 4 / 64  # the paper's largest ratio of disabled top routed experts
 DEVICE_GROUPS = 7  # the balance experiment's device-level groups (63 routed experts, 9 per group)
@@ -88,14 +91,39 @@ def expert_load(params, cfg, tokens: np.ndarray, max_tokens: int) -> np.ndarray:
     return sum(np.asarray(step(params, jnp.asarray(windows), real)) for windows, real in batches)
 
 
-def load_statistics(load_LE: np.ndarray, groups: int = DEVICE_GROUPS) -> dict:
+def load_statistics(load_LE: np.ndarray, groups: int | None = DEVICE_GROUPS) -> dict:
     """Per layer: max/mean expert load, normalised entropy of the load (1 = perfectly even), and
-    max/mean load of ``groups`` contiguous expert groups (devices)."""
+    max/mean load of ``groups`` contiguous expert groups (devices; None: not asked)."""
     share_LE = load_LE / load_LE.sum(-1, keepdims=True)
     entropy = -(share_LE * np.log(np.where(share_LE > 0, share_LE, 1))).sum(-1) / math.log(load_LE.shape[-1])
-    group_LG = load_LE.reshape(load_LE.shape[0], groups, -1).sum(-1)
     ratio = lambda a: (a.max(-1) / a.mean(-1)).tolist()
-    return {"max_over_mean": ratio(load_LE), "entropy": entropy.tolist(), "device_max_over_mean": ratio(group_LG)}
+    out = {"max_over_mean": ratio(load_LE), "entropy": entropy.tolist()}
+    if groups:
+        out["device_max_over_mean"] = ratio(load_LE.reshape(load_LE.shape[0], groups, -1).sum(-1))
+    return out
+
+
+def validation_by_kind(cfg) -> dict[str, np.ndarray]:
+    """The embedded corpus's validation split by kind of text, each kind's documents (in their
+    order) as one token sequence: ``code`` (the standard library's source) and ``documentation``
+    (the pydoc topics). Together they are the validation split, document for document."""
+    if cfg.data.path is not None:
+        raise ExperimentError(f"the split by kind of text is of the embedded corpus; this run reads {cfg.data.path}")
+    tok = load_tokenizer(cfg.data.tokenizer)
+    held_out = data.embedded_documents()[data.VAL_EVERY - 1::data.VAL_EVERY]  # as data.tokenize_documents splits
+    kinds = {"code": "stdlib:", "documentation": "pydoc:"}
+    return {kind: data.document_tokens([(name, text) for name, text in held_out if name.startswith(prefix)], tok)
+            for kind, prefix in kinds.items()}
+
+
+def probe_arm(params, cfg, scale: Scale) -> dict:
+    """Evaluation-only probes of one trained arm: validation loss by kind of text (with its
+    standard error over windows) and the routed experts' load statistics per MoE layer."""
+    by_kind = {kind: evaluate(params, cfg, tokens, scale.eval_tokens)
+               for kind, tokens in validation_by_kind(cfg).items()}
+    load = expert_load(params, cfg, validation_tokens(cfg), scale.probe_tokens)
+    return {"loss": {k: r.loss for k, r in by_kind.items()}, "stderr": {k: r.stderr for k, r in by_kind.items()},
+            "tokens": {k: r.tokens for k, r in by_kind.items()}, "load": load_statistics(load, groups=None)}
 
 
 def balance(root: pathlib.Path, arms: Sequence[Arm], scale: Scale, seeds: Sequence[int], run_dir: RunDir) -> dict:

@@ -58,6 +58,27 @@ def sensitivity_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def probes_markdown(results: dict) -> str:
+    """The probes' tables: loss by kind of text per arm with the paired gap, and expert load."""
+    seeds = len(results["seeds"])
+    lines = [f"### probes ({results['scale']} scale, {seeds} seeds): evaluation only, on the trained arms", ""]
+    for name, v in results["variants"].items():
+        arms, gaps = v["arms"], v["deepseekmoe_minus_gshard"]
+        lines += [f"**{name}**", "", "| text | tokens | GShard | DeepSeekMoE | DeepSeekMoE - GShard | 95% interval |",
+                  "|---|---|---|---|---|---|"]
+        for kind, g in gaps.items():
+            mean = lambda arm: _mean_std([r["loss"][kind] for r in arms[arm]])
+            interval = f"[{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g["ci95"] else "one seed"
+            lines.append(f"| {kind} | {arms['gshard'][0]['tokens'][kind]:,} | {mean('gshard')} | "
+                         f"{mean('deepseekmoe')} | {g['mean']:+.4f} | {interval} |")
+        lines += ["", "| arm | load max/mean per layer | load entropy per layer (1 = even) |", "|---|---|---|"]
+        for arm, runs in arms.items():
+            per_layer = lambda key: ", ".join(f"{x:.2f}" for x in np.mean([r["load"][key] for r in runs], axis=0))
+            lines.append(f"| {arm} | {per_layer('max_over_mean')} | {per_layer('entropy')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _comparison_lines(results: dict) -> list[str]:
     """Each pair of arms, paired by seed: A - B per seed, mean, std, 95% t-interval, and the
     paired standard error over the shared validation windows (mean over seeds)."""

@@ -148,19 +148,25 @@ def compare(name_a: str, records_a: list[RunRecord], name_b: str, records_b: lis
     validation windows): the per-seed differences of validation loss (A - B), their mean,
     standard deviation and 95% t-interval over seeds, and per seed the paired standard error
     over the shared windows (None for runs recorded before their window losses were)."""
-    diffs = np.array([a.val_loss - b.val_loss for a, b in zip(records_a, records_b)])
-    n = len(diffs)
-    sd = float(diffs.std(ddof=1)) if n > 1 else None
-    half = float(scipy.stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if n > 1 else None
+    diffs = [a.val_loss - b.val_loss for a, b in zip(records_a, records_b)]
+    mean, sd, ci = paired(diffs)
     window_se = []
     for a, b in zip(records_a, records_b):
         wa, wb = np.asarray(a.val_window_losses), np.asarray(b.val_window_losses)
-        paired = len(wa) > 1 and len(wa) == len(wb)
-        window_se.append(float((wa - wb).std(ddof=1) / np.sqrt(len(wa))) if paired else None)
-    mean = float(diffs.mean())
-    return {"a": name_a, "b": name_b, "seeds": list(seeds), "per_seed": [float(d) for d in diffs], "mean": mean,
-            "seed_std": sd, "ci95": [mean - half, mean + half] if half is not None else None,
-            "window_se": window_se}
+        same_windows = len(wa) > 1 and len(wa) == len(wb)
+        window_se.append(float((wa - wb).std(ddof=1) / np.sqrt(len(wa))) if same_windows else None)
+    return {"a": name_a, "b": name_b, "seeds": list(seeds), "per_seed": diffs, "mean": mean, "seed_std": sd,
+            "ci95": ci, "window_se": window_se}
+
+
+def paired(diffs: Sequence[float]) -> tuple[float, float | None, list[float] | None]:
+    """Per-seed differences: their mean, standard deviation and 95% t-interval (None for one)."""
+    d = np.asarray(diffs, float)
+    if len(d) < 2:
+        return float(d.mean()), None, None
+    sd = float(d.std(ddof=1))
+    half = float(scipy.stats.t.ppf(0.975, len(d) - 1) * sd / np.sqrt(len(d)))
+    return float(d.mean()), sd, [float(d.mean()) - half, float(d.mean()) + half]
 
 
 def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), variants: Sequence[str] | None = None,
@@ -205,6 +211,54 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
     with atomic_file(out / RESULTS) as f:
         json.dump(results, f, indent=2)
     table = report.sensitivity_markdown(results)
+    with atomic_file(out / "results.md") as f:
+        f.write(table)
+    if progress:
+        print(table)
+    return results
+
+
+def run_probes(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), variants: Sequence[str] | None = None,
+               workdir: str | pathlib.Path | None = None, progress: bool = True) -> dict:
+    """Evaluation-only probes (``measures.probe_arm``) of the sensitivity experiment's trained
+    GShard and DeepSeekMoE arms (variants: default ``base``): validation loss on code and on
+    documentation, paired by seed (DeepSeekMoE - GShard), and the experts' load. Trains nothing;
+    an arm not trained yet is named with the command that trains it. Writes
+    ``probes/results.json`` and ``results.md``."""
+    if scale not in SCALES:
+        raise ExperimentError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    if not seeds:
+        raise ExperimentError("give at least one seed")
+    root = pathlib.Path(workdir) if workdir is not None else default_workdir(scale)
+    rows = {}
+    for v in map(variant, variants or ["base"]):
+        arms: dict[str, list[dict]] = {}
+        for a in SENSITIVITY_ARMS:
+            arm, sc = v.apply(ARMS[a], SCALES[scale])
+            for s in seeds:
+                directory = run_dir(root, arm, s)
+                if not (directory / FINAL).is_file():
+                    raise ExperimentError(f"{directory} holds no trained arm; train it first: dsmoe-jax experiment "
+                                          f"sensitivity --scale {scale} --variants {v.name} --seeds "
+                                          f"{','.join(map(str, seeds))}")
+                if progress:
+                    print(f"probing {arm.name}, seed {s}", flush=True)
+                params, cfg, _ = load_model(directory)
+                arms.setdefault(a, []).append(measures.probe_arm(params, cfg, sc))
+        kinds = list(arms["gshard"][0]["loss"])
+        gaps = {}
+        for kind in kinds:
+            diffs = [d["loss"][kind] - g["loss"][kind] for d, g in zip(arms["deepseekmoe"], arms["gshard"])]
+            mean, sd, ci = paired(diffs)
+            gaps[kind] = {"per_seed": diffs, "mean": mean, "seed_std": sd, "ci95": ci}
+        rows[v.name] = {"arms": arms, "deepseekmoe_minus_gshard": gaps}
+    results = {"experiment": "probes", "scale": scale, "seeds": list(seeds), "variants": rows,
+               "environment": _environment()}
+    out = root / "probes"
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out / RESULTS) as f:
+        json.dump(results, f, indent=2)
+    table = report.probes_markdown(results)
     with atomic_file(out / "results.md") as f:
         f.write(table)
     if progress:
