@@ -206,16 +206,7 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
                         "deepseekmoe_minus_gshard": compare("deepseekmoe", deepseek, "gshard", gshard, seeds)}
     results = {"experiment": "sensitivity", "scale": scale, "seeds": list(seeds), "variants": rows,
                "wall_s": time.perf_counter() - tick, "environment": _environment()}
-    out = root / "sensitivity"
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / RESULTS) as f:
-        json.dump(results, f, indent=2)
-    table = report.sensitivity_markdown(results)
-    with atomic_file(out / "results.md") as f:
-        f.write(table)
-    if progress:
-        print(table)
-    return results
+    return _write(root / "sensitivity", results, report.sensitivity_markdown(results), progress)
 
 
 def run_probes(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), variants: Sequence[str] | None = None,
@@ -254,11 +245,14 @@ def run_probes(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), variants: S
         rows[v.name] = {"arms": arms, "deepseekmoe_minus_gshard": gaps}
     results = {"experiment": "probes", "scale": scale, "seeds": list(seeds), "variants": rows,
                "environment": _environment()}
-    out = root / "probes"
+    return _write(root / "probes", results, report.probes_markdown(results), progress)
+
+
+def _write(out: pathlib.Path, results: dict, table: str, progress: bool) -> dict:
+    """``results.json`` and ``results.md`` in ``out``, each written whole; the table printed."""
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / RESULTS) as f:
         json.dump(results, f, indent=2)
-    table = report.probes_markdown(results)
     with atomic_file(out / "results.md") as f:
         f.write(table)
     if progress:
@@ -329,11 +323,4 @@ def run_experiment(name: str, scale: str = "cpu", seeds: Sequence[int] = (0, 1, 
     results["environment"] = _environment()
     out.mkdir(parents=True, exist_ok=True)
     results["plots"] = report.plots(results, out, {a: run_dir(root, ARMS[a], seeds[0]) for a in experiment.arms})
-    table = report.markdown(results)
-    with atomic_file(out / RESULTS) as f:
-        json.dump(results, f, indent=2)
-    with atomic_file(out / "results.md") as f:
-        f.write(table)
-    if progress:
-        print(table)
-    return results
+    return _write(out, results, report.markdown(results), progress)
