@@ -260,14 +260,21 @@ def _write(out: pathlib.Path, results: dict, table: str, progress: bool) -> dict
     return results
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit (None outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=pathlib.Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+_COMMIT = _git_commit()  # when this process imported the code it runs, not when a long run ends
+
+
 def _environment() -> dict:
     """What produced the results: the commit (when run from a git checkout), versions, peak memory."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=pathlib.Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        commit = None
-    return {"commit": commit, "jax": jax.__version__, "python": platform.python_version(),
+    return {"commit": _COMMIT, "jax": jax.__version__, "python": platform.python_version(),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux reports KiB
 
 
