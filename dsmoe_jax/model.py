@@ -123,6 +123,8 @@ class Aux(NamedTuple):
     device_balance_loss: jax.Array  # summed over MoE layers
     expert_load: jax.Array  # [MoE layers, E] tokens routed to each expert
     drop_fraction: jax.Array  # [MoE layers] assignments dropped by the capacity limit
+    # [MoE layers, B * S, K] each token's chosen experts, best first: only with RouteOptions(record=True)
+    expert_choices: jax.Array | None = None
 
     @classmethod
     def from_layers(cls, stacked: MoEStats | None) -> Aux:
@@ -132,7 +134,7 @@ class Aux(NamedTuple):
             zero = jnp.zeros((), jnp.float32)
             return cls(zero, zero, zero, jnp.zeros((0, 0), jnp.float32), jnp.zeros((0,), jnp.float32))
         expert, device = stacked.expert_balance_loss.sum(), stacked.device_balance_loss.sum()
-        return cls(expert + device, expert, device, stacked.expert_load, stacked.drop_fraction)
+        return cls(expert + device, expert, device, stacked.expert_load, stacked.drop_fraction, stacked.expert_TK)
 
 
 STACKED_GROUPS = ("dense_layers", "moe_layers")  # the params keys of the scanned layout

@@ -40,11 +40,13 @@ class RouteOptions:
     routing (their logits become -inf, so the softmax and the top-k run over the rest).
     ``top_k``: activate this many routed experts instead of ``moe.top_k``.
     ``shared``: False switches the shared experts off.
+    ``record``: report each token's chosen experts (``Aux.expert_choices``); routing is unchanged.
     """
 
     exclude_top: int = 0
     top_k: int | None = None
     shared: bool = True
+    record: bool = False
 
     def apply(self, cfg: MoEConfig) -> MoEConfig:
         """``cfg`` with ``top_k`` replaced; refuses options this MoE layer cannot take."""
@@ -149,6 +151,7 @@ class MoEStats(NamedTuple):
     device_balance_loss: jax.Array  # float32 scalar, weighted by moe.device_aux_alpha
     expert_load: jax.Array  # [E] tokens routed to each expert (padding left out)
     drop_fraction: jax.Array  # float32 scalar: assignments dropped by the capacity limit
+    expert_TK: jax.Array | None = None  # int32: each token's chosen experts, best first (RouteOptions.record)
 
 
 class MoE(nnx.Module):
@@ -222,6 +225,7 @@ class MoE(nnx.Module):
             device_balance_loss=device_loss,
             expert_load=expert_counts(routing.expert_TK, E, valid_T),
             drop_fraction=1.0 - jnp.sum(keep_TK * valid_TK) / jnp.maximum(jnp.sum(valid_TK), 1.0),
+            expert_TK=routing.expert_TK if route.record else None,
         )
         return y_TD.astype(x_BSD.dtype).reshape(B, S, D), stats
 

@@ -1,10 +1,14 @@
 """The paper's experiments: arms sized as the paper requires, and the machinery end to end at toy
 scale (every number and plot, resuming without retraining)."""
 
+import dataclasses
 import json
 
+import jax
+import numpy as np
 import pytest
 
+import dsmoe_jax
 from dsmoe_jax import cli, loading
 from dsmoe_jax.config import ConfigError
 from dsmoe_jax.experiments import (
@@ -206,6 +210,21 @@ def test_probes_split_validation_by_kind_and_pair_the_arms(tmp_path, capsys):
     assert set(gshard["loss"]) == {"code", "documentation"} and all(v > 0 for v in gshard["stderr"].values())
     assert len(gshard["load"]["max_over_mean"]) == cfg.model.n_moe_layers, gshard["load"]
     assert "| documentation |" in (tmp_path / "probes" / "results.md").read_text()
+
+
+def test_routing_by_token_is_one_for_hash_routing_and_less_for_a_learned_router():
+    cfg = arm_config(ARMS["hash"], SCALES["toy"], 0)
+    tokens = np.random.default_rng(0).integers(0, 64, 4 * 33)  # 4 windows of the toy seq_len 32 + 1
+    params = dsmoe_jax.init_params(cfg.model, jax.random.key(0))
+    for layer in measures.routing_by_token(params, cfg, tokens, 0):
+        assert layer["table_accuracy"] == 1.0 and layer["normalised_mutual_information"] == pytest.approx(1.0), layer
+        assert layer["constant_accuracy"] < 0.5, "hash routing spreads the ids over the experts"
+    # a learned router with weights large enough for attention to mix the context into its input,
+    # over four token ids seen 32 times each (the plug-in estimates need many tokens per id)
+    learned = arm_config(dataclasses.replace(ARMS["gshard"], settings=("model.init_std=0.3",)), SCALES["toy"], 0)
+    params = dsmoe_jax.init_params(learned.model, jax.random.key(0))
+    for layer in measures.routing_by_token(params, learned, tokens % 4, 0):
+        assert layer["normalised_mutual_information"] < 0.9, f"the context, not the id alone, routes: {layer}"
 
 
 def test_sensitivity_variants_change_what_they_say_and_keep_the_token_budget():

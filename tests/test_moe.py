@@ -49,6 +49,21 @@ def test_route_options_match_the_token_by_token_reference(small_cfg, options):
     assert float(stats.expert_load.sum()) == 20 * (options.top_k or small_cfg.moe.top_k)
 
 
+def test_recorded_choices_are_the_routers_and_leave_the_output_alone(small_cfg):
+    import dsmoe_jax
+
+    params = dsmoe_jax.init_params(small_cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, small_cfg.vocab_size)
+    plain, aux = dsmoe_jax.forward(params, tokens, small_cfg)
+    logits, recorded = dsmoe_jax.forward(params, tokens, small_cfg, route=moe_lib.RouteOptions(record=True))
+    np.testing.assert_array_equal(logits, plain, err_msg="recording changes nothing")
+    assert aux.expert_choices is None and recorded.expert_choices.shape == (2, 24, 3), recorded.expert_choices.shape
+    for layer, choices in enumerate(np.asarray(recorded.expert_choices)):
+        np.testing.assert_array_equal(np.bincount(choices.ravel(), minlength=8), aux.expert_load[layer],
+                                      err_msg="the choices are what the load counts")
+        assert all(len(set(row)) == 3 for row in choices.tolist()), "three distinct experts per token"
+
+
 def test_impossible_route_options_are_refused(small_cfg):
     with pytest.raises(ConfigError, match="needs more than the 8 routed experts"):
         moe_lib.RouteOptions(exclude_top=6).apply(small_cfg.moe)

@@ -116,14 +116,53 @@ def validation_by_kind(cfg) -> dict[str, np.ndarray]:
             for kind, prefix in kinds.items()}
 
 
+@functools.lru_cache(maxsize=8)
+def _choice_step(cfg):
+    def step(params, windows_BS1):
+        aux = forward(params, windows_BS1[:, :-1], cfg.model, route=RouteOptions(record=True))[1]
+        return aux.expert_choices[:, :, 0]  # [MoE layers, B * S]: each token's first choice
+
+    return jax.jit(step)
+
+
+def routing_by_token(params, cfg, tokens: np.ndarray, max_tokens: int) -> list[dict]:
+    """Per MoE layer, how much the first choice of expert is decided by the token id alone, on
+    the windows validation reads: the accuracy of the best table from token id to expert, that
+    of always naming the most used expert, and the mutual information I(expert; token id) over
+    the entropy of the expert (1: the token id decides, as hash routing does; 0: it says nothing)."""
+    seq, V = cfg.train.seq_len, cfg.model.vocab_size
+    index = validation_windows(tokens, seq, max_tokens)
+    step, counts = _choice_step(cfg), None
+    for windows, real in window_batches(tokens, seq, index, min(cfg.train.batch_size, len(index))):
+        choice_LT = np.asarray(step(params, jnp.asarray(windows)))[:, :real * seq]
+        token_T = windows[:real, :-1].reshape(-1)
+        if counts is None:
+            counts = np.zeros((choice_LT.shape[0], V, cfg.model.moe.n_routed_experts))
+        for layer, choice_T in enumerate(choice_LT):
+            np.add.at(counts[layer], (token_T, choice_T), 1)
+    out = []
+    for c_VE in counts:
+        n = c_VE.sum()
+        p_E, p_V = c_VE.sum(0) / n, c_VE.sum(1) / n
+        entropy = lambda p: -np.sum(p * np.log(np.where(p > 0, p, 1)), axis=-1)
+        given_V = entropy(c_VE / np.maximum(c_VE.sum(1, keepdims=True), 1))  # H(expert | token id = v)
+        h_E = float(entropy(p_E))
+        out.append({"table_accuracy": float(c_VE.max(1).sum() / n), "constant_accuracy": float(p_E.max()),
+                    "normalised_mutual_information": (h_E - float(p_V @ given_V)) / h_E if h_E > 0 else 1.0})
+    return out
+
+
 def probe_arm(params, cfg, scale: Scale) -> dict:
     """Evaluation-only probes of one trained arm: validation loss by kind of text (with its
-    standard error over windows) and the routed experts' load statistics per MoE layer."""
+    standard error over windows), the routed experts' load statistics and how much the token id
+    alone decides the routing, per MoE layer."""
     by_kind = {kind: evaluate(params, cfg, tokens, scale.eval_tokens)
                for kind, tokens in validation_by_kind(cfg).items()}
-    load = expert_load(params, cfg, validation_tokens(cfg), scale.probe_tokens)
+    val = validation_tokens(cfg)
+    load = expert_load(params, cfg, val, scale.probe_tokens)
     return {"loss": {k: r.loss for k, r in by_kind.items()}, "stderr": {k: r.stderr for k, r in by_kind.items()},
-            "tokens": {k: r.tokens for k, r in by_kind.items()}, "load": load_statistics(load, groups=None)}
+            "tokens": {k: r.tokens for k, r in by_kind.items()}, "load": load_statistics(load, groups=None),
+            "routing_by_token": routing_by_token(params, cfg, val, scale.probe_tokens)}
 
 
 def balance(root: pathlib.Path, arms: Sequence[Arm], scale: Scale, seeds: Sequence[int], run_dir: RunDir) -> dict:
