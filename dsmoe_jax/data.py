@@ -38,14 +38,14 @@ from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.config import Config, DataSource
 from dsmoe_jax.errors import DataError  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.shards import TokenShards, is_prepared, load_prepared
-from dsmoe_jax.tokenizer import Tokenizer, check_tokenizer, load_tokenizer, token_dtype
+from dsmoe_jax.tokenizer import Tokenizer, check_tokenizer, load_tokenizer, token_dtype, tokenizer_identity
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".toml", ".html", ".c", ".h")
 VAL_EVERY = 20  # every 20th document goes to validation
 CORPUS_MAX_BYTES = 8 * 2**20  # the embedded corpus: about 8 MiB of documents, in sorted order
 TokenSequence = np.ndarray | TokenShards  # a flat token sequence: in memory, memory-mapped, or a prepared split
 # names that moved out in 0.2 to the module that now holds them; until 0.3 they still resolve here
-_MOVED = {**{name: "tokenizer" for name in ("ByteTokenizer", "HFTokenizer", "TOKENIZER_CONFIG", "tokenizer_identity")},
+_MOVED = {**{name: "tokenizer" for name in ("ByteTokenizer", "HFTokenizer", "TOKENIZER_CONFIG")},
           **{name: "shards" for name in ("MANIFEST", "SETTINGS", "SHARDS_DIR", "FORMAT", "SPLITS", "read_manifest",
                                          "check_prepared_tokenizer")}}
 
@@ -169,7 +169,9 @@ def load_tokens(cfg: Config, checkpoint: str | None = None,
         docs = _user_documents(path, setting)
     else:
         docs = embedded_documents()
-    key = hashlib.sha256(json.dumps([cfg.data.tokenizer, sys.version_info[:2], [n for n, _ in docs],
+    # the tokenizer's identity (its file's hash), not its path: a tokenizer.json rewritten in place
+    # must not read tokens cached with the old one
+    key = hashlib.sha256(json.dumps([tokenizer_identity(tokenizer), sys.version_info[:2], [n for n, _ in docs],
                                      [len(t) for _, t in docs]]).encode()).hexdigest()[:16]
     cached = [runtime.cache_dir() / f"tokens-{key}-{split}.npy" for split in ("train", "val")]
     if not all(p.is_file() for p in cached):

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from dsmoe_jax.atomic import atomic_directory
 from dsmoe_jax.config import Config
 from dsmoe_jax.errors import DataError
 
@@ -124,6 +125,33 @@ def tokenizer_identity(tokenizer) -> dict:
 def token_dtype(vocab_size: int) -> np.dtype:
     """The narrowest unsigned dtype that holds every id: uint16 up to 65,536 tokens, else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+BPE_SPECIALS = ("<bos>", "<eos>")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out: str | os.PathLike) -> pathlib.Path:
+    """Train a byte-level BPE tokenizer of ``vocab_size`` tokens on ``texts`` (every byte is a
+    token, so any text encodes) and write it to the new directory ``out``: ``tokenizer.json`` and
+    the ``tokenizer_config.json`` naming ``<bos>`` and ``<eos>``, as ``HFTokenizer`` reads them.
+    ``out`` appears only when complete. Returns the ``tokenizer.json``."""
+    from tokenizers import Tokenizer as HFTokenizerModel
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(BPE_SPECIALS):
+        raise DataError(f"a byte-level BPE tokenizer needs at least {len(alphabet) + len(BPE_SPECIALS)} tokens (the "
+                        f"{len(alphabet)} bytes and {', '.join(BPE_SPECIALS)}), not {vocab_size}")
+    tok = HFTokenizerModel(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIALS), initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    with atomic_directory(out) as tmp:
+        tok.save(str(tmp / "tokenizer.json"))
+        (tmp / TOKENIZER_CONFIG).write_text(json.dumps(dict(zip(("bos_token", "eos_token"), BPE_SPECIALS))))
+    return pathlib.Path(out) / "tokenizer.json"
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -227,3 +227,22 @@ def test_data_mix_and_val_tables_are_checked_and_round_trip(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config("tiny", [override])
+
+
+def test_the_token_cache_follows_the_tokenizer_file_not_its_path(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("hello world " * 400)
+    cfg = load_config("tiny", [f"data.path='{tmp_path / 'text'}'", f"data.tokenizer='{tmp_path / 'tok'}'",
+                               "train.seq_len=16"])
+    (tmp_path / "tok").mkdir()
+    seen = []
+    for hello, world in ((3, 4), (4, 3)):  # the same path, rewritten with other ids
+        tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": hello, "world": world, "x": 1, "y": 2},
+                                         unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+        train, val, _ = data.load_tokens(cfg)
+        seen.append(np.concatenate([train, val])[:4].tolist())
+    assert seen == [[3, 4, 3, 4], [4, 3, 4, 3]], f"tokens cached with the old tokenizer were read: {seen}"

@@ -55,3 +55,20 @@ def test_the_names_that_moved_out_of_data_still_resolve_with_a_warning():
         assert data.read_manifest is shards.read_manifest
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         data.nothing  # noqa: B018
+
+
+def test_a_trained_byte_level_bpe_encodes_any_text_and_names_its_specials(tmp_path):
+    from dsmoe_jax.errors import OutputExistsError
+    from dsmoe_jax.tokenizer import train_bpe
+
+    texts = ["def parse(self, text):\n    return text.split()\n" * 20, "The cat sat on the mat. " * 40]
+    path = train_bpe(texts, 300, tmp_path / "bpe")
+    tok = load_tokenizer(str(path.parent))
+    assert 258 < tok.vocab_size <= 300 and (tok.bos_id, tok.eos_id) == (0, 1), (tok.vocab_size, tok.bos_id, tok.eos_id)
+    for text in ("def parse(self, text):", "héllo wörld ☃ 漢字"):  # unseen characters: bytes
+        assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode("def parse(self, text):")) < len(b"def parse(self, text):"), "merges learned"
+    with pytest.raises(DataError, match="needs at least 258 tokens"):
+        train_bpe(texts, 100, tmp_path / "small")
+    with pytest.raises(OutputExistsError):
+        train_bpe(texts, 300, tmp_path / "bpe")
