@@ -189,6 +189,25 @@ def test_sensitivity_trains_both_arms_per_variant_and_pairs_them(tmp_path, capsy
     assert "unknown variant 'depth_9'" in capsys.readouterr().err
 
 
+def test_a_bpe_variant_trains_its_tokenizer_on_the_training_split_only(tmp_path, monkeypatch):
+    from dsmoe_jax import data
+    from dsmoe_jax.experiments import specs
+
+    monkeypatch.setitem(specs.VARIANTS, "bpe_300", specs.Variant("bpe_300", "a small BPE", vocab_size=300))
+    seen = []
+    real = runner.train_bpe
+    monkeypatch.setattr(runner, "train_bpe", lambda texts, *args: (seen.extend(texts), real(seen, *args))[1])
+    results = run_sensitivity("toy", [0], ["bpe_300"], tmp_path, progress=False)
+    docs = data.embedded_documents()
+    held_out = {text for _, text in docs[data.VAL_EVERY - 1::data.VAL_EVERY]}
+    assert len(seen) == len(docs) - len(held_out) and not held_out & set(seen), "never the held-out documents"
+    cfg = loading.load_model(tmp_path / "runs" / "deepseekmoe@bpe_300" / "seed0").cfg
+    assert cfg.data.tokenizer == str(tmp_path / "tokenizers" / "bpe-300" / "tokenizer.json")
+    assert cfg.model.vocab_size == 300 and results["variants"]["bpe_300"]["deepseekmoe_minus_gshard"]["per_seed"]
+    run_sensitivity("toy", [0], ["bpe_300"], tmp_path, progress=False)
+    assert len(seen) == len(docs) - len(held_out), "trained once, then reused"
+
+
 def test_probes_split_validation_by_kind_and_pair_the_arms(tmp_path, capsys):
     with pytest.raises(ExperimentError, match="holds no trained arm; train it first: dsmoe-jax experiment sensitivity "
                                               "--scale toy --variants base --seeds 0,1"):
@@ -231,7 +250,7 @@ def test_sensitivity_variants_change_what_they_say_and_keep_the_token_budget():
     cpu = SCALES["cpu"]
     for name, change in VARIANTS.items():
         for arm in ("gshard", "deepseekmoe"):
-            changed, scale = change.apply(ARMS[arm], cpu)
+            changed, scale = change.apply(ARMS[arm], cpu, tokenizer="bpe/tokenizer.json")
             arm_config(changed, scale, 0)  # every variant builds
             assert scale.tokens == cpu.tokens, f"{name}: every variant trains on the same number of tokens"
             assert (changed.name == arm) == (name == "base"), "each variant's runs are stored apart"

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import scipy.stats
 
+from dsmoe_jax import data
 from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, read_config
 from dsmoe_jax.config import Config
@@ -37,12 +38,14 @@ from dsmoe_jax.experiments.specs import (
     VARIANTS,
     Arm,
     Scale,
+    Variant,
     arm_config,
     overrides_dict,
     variant,
 )
 from dsmoe_jax.loading import load_model, validation_tokens
 from dsmoe_jax.model import count_params
+from dsmoe_jax.tokenizer import train_bpe
 from dsmoe_jax.train.loop import train
 
 FINAL = "final.json"
@@ -179,20 +182,20 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
     if not seeds:
         raise ExperimentError("give at least one seed")
     chosen = {v.name: v for v in map(variant, variants or VARIANTS)}  # names an unknown or conflicting one
+    root = pathlib.Path(workdir) if workdir is not None else default_workdir(scale)
     for v in chosen.values():
-        changed = v.apply(ARMS[SENSITIVITY_ARMS[0]], SCALES[scale])[1]
+        changed = dataclasses.replace(SCALES[scale], **v.scale)
         if changed.tokens != SCALES[scale].tokens:
             raise ExperimentError(f"variant {v.name} trains on {changed.tokens:,} tokens at scale {scale}, not the "
                                   f"scale's {SCALES[scale].tokens:,}: it was written for another scale's budget, and "
                                   "the comparison with the other variants would not be at equal tokens")
-    root = pathlib.Path(workdir) if workdir is not None else default_workdir(scale)
     tick = time.perf_counter()
     rows = {}
     # seed by seed, both arms: a run stopped part-way has complete pairs to resume from
     runs = [(v, a, s) for v in chosen for s in seeds for a in SENSITIVITY_ARMS]
     records: dict[tuple[str, str], list[RunRecord]] = {}
     for i, (v, a, s) in enumerate(runs, 1):
-        arm, sc = chosen[v].apply(ARMS[a], SCALES[scale])
+        arm, sc = chosen[v].apply(ARMS[a], SCALES[scale], variant_tokenizer(chosen[v], root))
         if progress:
             print(f"[{i}/{len(runs)}] {v}: {arm.name} ({arm.structure()}), seed {s}", flush=True)
         records.setdefault((v, a), []).append(train_arm(arm, sc, s, run_dir(root, arm, s), resume, progress))
@@ -207,6 +210,20 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
     results = {"experiment": "sensitivity", "scale": scale, "seeds": list(seeds), "variants": rows,
                "wall_s": time.perf_counter() - tick, "environment": _environment()}
     return _write(root / "sensitivity", results, report.sensitivity_markdown(results), progress)
+
+
+def variant_tokenizer(v: Variant, root: pathlib.Path) -> str | None:
+    """The path of a variant's BPE ``tokenizer.json`` under ``root/tokenizers/``, trained on the
+    embedded corpus's training split (never its held-out documents) the first time it is asked
+    for; None for the byte tokenizer."""
+    if not v.vocab_size:
+        return None
+    out = root / "tokenizers" / f"bpe-{v.vocab_size}"
+    if not (out / "tokenizer.json").is_file():
+        docs = data.embedded_documents()
+        texts = [text for i, (_, text) in enumerate(docs) if i % data.VAL_EVERY != data.VAL_EVERY - 1]
+        train_bpe(texts, v.vocab_size, out)
+    return str(out / "tokenizer.json")
 
 
 def run_probes(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), variants: Sequence[str] | None = None,
@@ -225,7 +242,7 @@ def run_probes(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), variants: S
     for v in map(variant, variants or ["base"]):
         arms: dict[str, list[dict]] = {}
         for a in SENSITIVITY_ARMS:
-            arm, sc = v.apply(ARMS[a], SCALES[scale])
+            arm, sc = v.apply(ARMS[a], SCALES[scale], variant_tokenizer(v, root))
             for s in seeds:
                 directory = run_dir(root, arm, s)
                 if not (directory / FINAL).is_file():
