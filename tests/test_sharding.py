@@ -50,7 +50,8 @@ def test_sharded_forward_equals_single_device():
 
 # Tensor parallelism: heads, FFN widths and the vocabulary split over a tensor axis, alone and
 # with fsdp and expert parallelism: training loss, aux and gradients, and cached decoding, equal
-# one device's, for the MHA model and the MLA one (12 experts: the expert axis of 2 divides them).
+# one device's, for the MHA model and the MLA one with its MTP depth (12 experts: the expert axis of 2
+# divides them), and on the tensor x expert x fsdp mesh speculative decoding with the MTP depth too.
 TENSOR = textwrap.dedent("""
     import dataclasses, functools, json, jax, jax.numpy as jnp, numpy as np
     import dsmoe_jax
@@ -59,7 +60,8 @@ TENSOR = textwrap.dedent("""
     from jax.sharding import PartitionSpec as P
     report = {}
     for name in ("tiny", "tiny-v3"):
-        cfg = dsmoe_jax.load_config(name, ["model.n_layers=2", "moe.n_routed_experts=12"])
+        mtp = ["model.mtp_depth=1"] if name == "tiny-v3" else []  # V3 with its MTP depth: loss and drafting
+        cfg = dsmoe_jax.load_config(name, ["model.n_layers=2", "moe.n_routed_experts=12", *mtp])
         params = dsmoe_jax.init_params(cfg.model, jax.random.key(0))
         windows = jax.random.randint(jax.random.key(1), (8, 17), 0, cfg.model.vocab_size)
         grads = lambda c, p, w: jax.jit(jax.value_and_grad(functools.partial(loss_fn, cfg=c), has_aux=True))(p, w)
@@ -67,6 +69,7 @@ TENSOR = textwrap.dedent("""
         prompt = windows[:2, :6]
         decode = jax.jit(functools.partial(inference.generate, cfg=cfg.model, max_new_tokens=4, temperature=0.0))
         ref_tokens = decode(params, prompt, rng=jax.random.key(0))
+        speculate = jax.jit(functools.partial(inference.generate_speculative, cfg=cfg.model, max_new_tokens=4))
         for sizes in ({"data": 4, "tensor": 2}, {"data": 2, "tensor": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}):
             mesh = mesh_lib.make_mesh(sizes)
             with jax.set_mesh(mesh):
@@ -81,6 +84,10 @@ TENSOR = textwrap.dedent("""
                 err = float(jnp.abs(a - b).max() / jnp.maximum(jnp.abs(b).max(), 1e-30))
                 assert err < 1e-5, (name, sizes, jax.tree_util.keystr(path), err)
             np.testing.assert_array_equal(np.asarray(tokens), np.asarray(ref_tokens), err_msg=f"{name} {sizes}")
+            if mtp and "expert" in sizes:
+                with jax.set_mesh(mesh):
+                    drafted = speculate(sharded, prompt)[0]
+                np.testing.assert_array_equal(np.asarray(drafted), np.asarray(ref_tokens), err_msg="speculative")
             report.setdefault(name, []).append(sizes)
     print(json.dumps(report))
 """)
