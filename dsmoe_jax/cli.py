@@ -378,9 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("name", help="architectures | ablation | shared-ratio | specialisation | balance | sensitivity | "
                                  "probes (evaluation only, on sensitivity's trained arms)")
     ex.add_argument("--variants", metavar="V1,V2",
-                    help="sensitivity: which changes of the setting (default all): base, norm_topk, init_0.02, "
-                         "depth_4, ffn_512, batch_64, lr_1e-3, lr_4e-3; join changes with '+' to combine them "
-                         "(norm_topk+lr_1e-3)")
+                    help="sensitivity and probes: which changes of the setting (sensitivity's default: all of "
+                         "specs.VARIANTS, e.g. norm_topk, depth_4, lr_1e-3, bpe_8k); join changes with '+' to "
+                         "combine them (norm_topk+lr_1e-3)")
     ex.add_argument("--scale", default="cpu", choices=["toy", "cpu", "cpu-long", "paper"],
                     help="toy: seconds (tests); cpu: under an hour on 2 cores; cpu-long: 10x the tokens, hours; "
                          "paper: the 2B setup (GPU mesh)")

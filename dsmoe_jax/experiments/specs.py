@@ -206,11 +206,14 @@ VARIANTS = {v.name: v for v in (
     Variant("init_0.02", "initialisation: std 0.006 is the paper's for width 1280, used here at width 128",
             overrides=("model.init_std=0.02",)),
     Variant("depth_4", "depth: with 2 blocks the router sees nearly raw embeddings", scale={"n_layers": 4}),
+    Variant("depth_8", "depth: 8 blocks, the paper's 2B setup's 9 at this width", scale={"n_layers": 8}),
     Variant("ffn_512", "dense width F 512: fine-grained experts are 64 wide at F 256", scale={"ffn": 512}),
     Variant("batch_64", "tokens per step: batch 64 at the same token budget (4x the assignments per expert "
             "per step)", scale={"batch_size": 64, "steps": 75, "warmup_steps": 8, "checkpoint_every": 25}),
     Variant("lr_1e-3", "learning rate 1e-3 (the cpu setting uses 2e-3)", scale={"lr": 1e-3}),
     Variant("lr_4e-3", "learning rate 4e-3", scale={"lr": 4e-3}),
+    Variant("warmup_100", "warmup over a third of the steps (100 of 300, not 30): the routers settle before the "
+            "full learning rate", scale={"warmup_steps": 100}),
     Variant("bpe_8k", "vocabulary: a byte-level BPE of 8,192 tokens trained on the training split (the paper's 2B "
             "setup uses 8K), where over 512 byte slots hash routing is a per-byte FFN; losses are then per BPE token, "
             "so only the paired gap compares with the other rows", vocab_size=8192),
