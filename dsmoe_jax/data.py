@@ -113,12 +113,16 @@ def document_tokens(docs: Sequence[tuple[str, str]], tokenizer: Tokenizer) -> np
     return np.concatenate(parts) if parts else np.zeros((0,), dtype)
 
 
+def split_documents(docs: Sequence[tuple[str, str]]) -> tuple[list, list]:
+    """(training, held-out) documents: every ``VAL_EVERY``-th document (in the given order) is held out."""
+    held = [i % VAL_EVERY == VAL_EVERY - 1 for i in range(len(docs))]
+    return [d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]
+
+
 def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Train and validation token arrays (``document_tokens``); every ``VAL_EVERY``-th document
-    (in the given order) goes to validation."""
-    held_out = [i % VAL_EVERY == VAL_EVERY - 1 for i in range(len(docs))]
-    return (document_tokens([d for d, held in zip(docs, held_out) if not held], tokenizer),
-            document_tokens([d for d, held in zip(docs, held_out) if held], tokenizer))
+    """Train and validation token arrays (``document_tokens``) of ``split_documents``."""
+    train, held_out = split_documents(docs)
+    return document_tokens(train, tokenizer), document_tokens(held_out, tokenizer)
 
 
 def _check_token_array(tokens: np.ndarray, path: pathlib.Path, cfg: Config, checkpoint: str | None) -> None:

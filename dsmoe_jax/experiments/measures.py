@@ -110,7 +110,7 @@ def validation_by_kind(cfg) -> dict[str, np.ndarray]:
     if cfg.data.path is not None:
         raise ExperimentError(f"the split by kind of text is of the embedded corpus; this run reads {cfg.data.path}")
     tok = load_tokenizer(cfg.data.tokenizer)
-    held_out = data.embedded_documents()[data.VAL_EVERY - 1::data.VAL_EVERY]  # as data.tokenize_documents splits
+    held_out = data.split_documents(data.embedded_documents())[1]
     kinds = {"code": "stdlib:", "documentation": "pydoc:"}
     return {kind: data.document_tokens([(name, text) for name, text in held_out if name.startswith(prefix)], tok)
             for kind, prefix in kinds.items()}

@@ -53,8 +53,6 @@ RESULTS = "results.json"
 WALLS = "wall_s.json"  # seconds of each invocation that trained the arm
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
     """One trained and evaluated arm and seed: what ``final.json`` holds."""
@@ -177,10 +175,7 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
     """GShard against DeepSeekMoE under one change of the setting at a time (``specs.VARIANTS``,
     default all): every variant's two arms for every seed, each pair compared by seed
     (``compare``: DeepSeekMoE - GShard). Writes ``sensitivity/results.json`` and ``results.md``."""
-    if scale not in SCALES:
-        raise ExperimentError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
-    if not seeds:
-        raise ExperimentError("give at least one seed")
+    _check_scale_and_seeds(scale, seeds)
     chosen = {v.name: v for v in map(variant, variants or VARIANTS)}  # names an unknown or conflicting one
     root = pathlib.Path(workdir) if workdir is not None else default_workdir(scale)
     for v in chosen.values():
@@ -212,6 +207,13 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
     return _write(root / "sensitivity", results, report.sensitivity_markdown(results), progress)
 
 
+def _check_scale_and_seeds(scale: str, seeds: Sequence[int]) -> None:
+    if scale not in SCALES:
+        raise ExperimentError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    if not seeds:
+        raise ExperimentError("give at least one seed")
+
+
 def variant_tokenizer(v: Variant, root: pathlib.Path) -> str | None:
     """The path of a variant's BPE ``tokenizer.json`` under ``root/tokenizers/``, trained on the
     embedded corpus's training split (never its held-out documents) the first time it is asked
@@ -220,9 +222,7 @@ def variant_tokenizer(v: Variant, root: pathlib.Path) -> str | None:
         return None
     out = root / "tokenizers" / f"bpe-{v.vocab_size}"
     if not (out / "tokenizer.json").is_file():
-        docs = data.embedded_documents()
-        texts = [text for i, (_, text) in enumerate(docs) if i % data.VAL_EVERY != data.VAL_EVERY - 1]
-        train_bpe(texts, v.vocab_size, out)
+        train_bpe([text for _, text in data.split_documents(data.embedded_documents())[0]], v.vocab_size, out)
     return str(out / "tokenizer.json")
 
 
@@ -233,10 +233,7 @@ def run_probes(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), variants: S
     documentation, paired by seed (DeepSeekMoE - GShard), and the experts' load. Trains nothing;
     an arm not trained yet is named with the command that trains it. Writes
     ``probes/results.json`` and ``results.md``."""
-    if scale not in SCALES:
-        raise ExperimentError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
-    if not seeds:
-        raise ExperimentError("give at least one seed")
+    _check_scale_and_seeds(scale, seeds)
     root = pathlib.Path(workdir) if workdir is not None else default_workdir(scale)
     rows = {}
     for v in map(variant, variants or ["base"]):
