@@ -44,12 +44,30 @@ from dsmoe_jax.train.loop import train
 COMPILING = ("train", "eval", "generate", "experiment")  # the commands that jit a model
 
 
-def describe(cfg: Config, seq_len: int | None = None) -> str:
-    """A short human-readable summary of ``cfg``'s architecture and size."""
+def run_paths(cfg: Config) -> str:
+    """Which implementations a run of ``cfg`` takes on this machine's JAX backend."""
+    m, platform = cfg.model, jax.default_backend()
+    parts = [f"attention {resolve_implementation(m.attention, dtype=m.dtype)} (xla over a KV cache)"]
+    if m.moe is not None and m.n_moe_layers:
+        parts.insert(0, f"grouped MLP backend {resolve_backend(m.moe.backend)}")
+    return f"on {platform:<10}{', '.join(parts)}"
+
+
+def summary(cfg: Config, seq_len: int | None = None) -> dict:
+    """The numbers of ``describe`` as one record (``--json``)."""
     m = cfg.model
     seq_len = seq_len or cfg.train.seq_len
     total, activated = count_params(m)
-    fwd = flops_per_token(m, seq_len)
+    return {"params_total": total, "params_activated": activated, "seq_len": seq_len,
+            "flops_per_token_forward": flops_per_token(m, seq_len),
+            "kv_cache_bytes_per_token": cache_bytes_per_token(m), "n_layers": m.n_layers,
+            "n_moe_layers": m.n_moe_layers, "d_model": m.d_model, "vocab_size": m.vocab_size}
+
+
+def describe(cfg: Config, seq_len: int | None = None) -> str:
+    """A short human-readable summary of ``cfg``'s architecture and size (``summary``'s numbers)."""
+    m, n = cfg.model, summary(cfg, seq_len)
+    fwd = n["flops_per_token_forward"]
     lines = [
         f"layers        {m.n_layers} ({m.first_k_dense} dense, {m.n_moe_layers} MoE), d_model {m.d_model}",
         f"attention     {m.n_heads} heads x {m.head_dim} ({m.kv_heads} kv heads), RoPE theta {m.rope_theta:g}"
@@ -67,31 +85,11 @@ def describe(cfg: Config, seq_len: int | None = None) -> str:
         )
     lines += [
         f"vocabulary    {m.vocab_size}, untied LM head; params {m.param_dtype}, compute {m.dtype}",
-        f"parameters    {total:,} total, {activated:,} activated per token",
-        f"FLOPs/token   {fwd / 1e9:.3f} GFLOP forward, {3 * fwd / 1e9:.3f} GFLOP train step (seq {seq_len})",
-        f"KV cache      {cache_bytes_per_token(m) / 1024:.1f} KiB per token, all layers, in {m.dtype}",
+        f"parameters    {n['params_total']:,} total, {n['params_activated']:,} activated per token",
+        f"FLOPs/token   {fwd / 1e9:.3f} GFLOP forward, {3 * fwd / 1e9:.3f} GFLOP train step (seq {n['seq_len']})",
+        f"KV cache      {n['kv_cache_bytes_per_token'] / 1024:.1f} KiB per token, all layers, in {m.dtype}",
     ]
     return "\n".join(lines)
-
-
-def run_paths(cfg: Config) -> str:
-    """Which implementations a run of ``cfg`` takes on this machine's JAX backend."""
-    m, platform = cfg.model, jax.default_backend()
-    parts = [f"attention {resolve_implementation(m.attention, dtype=m.dtype)} (xla over a KV cache)"]
-    if m.moe is not None and m.n_moe_layers:
-        parts.insert(0, f"grouped MLP backend {resolve_backend(m.moe.backend)}")
-    return f"on {platform:<10}{', '.join(parts)}"
-
-
-def summary(cfg: Config, seq_len: int | None = None) -> dict:
-    """``describe``'s numbers as one record (``--json``)."""
-    m = cfg.model
-    seq_len = seq_len or cfg.train.seq_len
-    total, activated = count_params(m)
-    return {"params_total": total, "params_activated": activated, "seq_len": seq_len,
-            "flops_per_token_forward": flops_per_token(m, seq_len),
-            "kv_cache_bytes_per_token": cache_bytes_per_token(m), "n_layers": m.n_layers,
-            "n_moe_layers": m.n_moe_layers, "d_model": m.d_model, "vocab_size": m.vocab_size}
 
 
 def _print(args, text: str, record: dict) -> None:

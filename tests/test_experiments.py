@@ -10,6 +10,7 @@ import pytest
 
 import dsmoe_jax
 from dsmoe_jax import cli, loading
+from dsmoe_jax.checkpoint import write_config
 from dsmoe_jax.config import ConfigError
 from dsmoe_jax.experiments import (
     ARMS,
@@ -155,6 +156,21 @@ def test_an_interrupted_arm_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert steps == list(range(1, scale.steps + 1)), f"continued after step 3, not from the start: {steps}"
 
 
+def test_a_saved_run_counts_as_its_arm_whatever_its_evaluation_settings(tmp_path):
+    """Runs trained before validation curves (one evaluation, other log spacing) stay valid; a run of
+    another learning rate does not."""
+    arm, scale = ARMS["gshard"], SCALES["toy"]
+    cfg = arm_config(arm, scale, 0)
+    earlier = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=scale.steps, log_every=5,
+                                                                 eval_tokens=4096))
+    write_config(tmp_path, earlier)
+    runner.RunRecord(2.0, 0.01, 2048, scale.tokens, scale.steps, 1.0).write(tmp_path / runner.FINAL)
+    assert runner.train_arm(arm, scale, 0, tmp_path).val_loss == 2.0, "the finished run is reused"
+    write_config(tmp_path, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-2)))
+    with pytest.raises(ExperimentError, match="another config"):
+        runner.train_arm(arm, scale, 0, tmp_path)
+
+
 def _record(val_loss: float, windows: tuple[float, ...] = ()) -> runner.RunRecord:
     return runner.RunRecord(val_loss, 0.01, 1024, 4096, 8, 1.0, val_window_losses=windows)
 
@@ -174,6 +190,21 @@ def test_paired_comparison_by_hand():
         "one seed has no interval; runs without window losses have no paired SE"
 
 
+def test_gap_curve_pairs_seeds_at_the_validations_every_run_logged():
+    """Seed 0 logged at 100, 200, 300 tokens, seed 1 missed 200 (a run recorded before curves):
+    only 100 and 300 are shared; at 300, A - B = 0.1 and 0.3: mean 0.2, std 0.1414, t(0.975, 1) =
+    12.706 -> +- 1.2706."""
+    curve = lambda *points: runner.RunRecord(2.0, 0.01, 1024, 300, 3, 1.0, val_curve=points)
+    a = [curve((100, 3.0), (200, 2.5), (300, 2.1)), curve((100, 3.2), (300, 2.3))]
+    b = [curve((100, 3.1), (200, 2.6), (300, 2.0)), curve((100, 3.1), (300, 2.0))]
+    c = runner.gap_curve(a, b)
+    assert c["tokens"] == [100, 300] and c["mean"] == pytest.approx([0.0, 0.2]), c
+    assert c["ci95"][1] == pytest.approx([0.2 - 1.2706, 0.2 + 1.2706], abs=1e-3), c
+    one = runner.gap_curve(a[:1], b[:1])
+    assert one["tokens"] == [100, 200, 300] and one["mean"] == pytest.approx([-0.1, -0.1, 0.1])
+    assert one["ci95"] == [None] * 3, "one seed: no interval"
+
+
 def test_sensitivity_trains_both_arms_per_variant_and_pairs_them(tmp_path, capsys):
     assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--seeds", "0,1", "--variants", "norm_topk",
                      "--workdir", str(tmp_path), "--quiet"]) == 0
@@ -184,6 +215,15 @@ def test_sensitivity_trains_both_arms_per_variant_and_pairs_them(tmp_path, capsy
     assert all(se > 0 for se in c["window_se"]) and c["ci95"][0] <= c["mean"] <= c["ci95"][1], c
     assert (tmp_path / "runs" / "deepseekmoe@norm_topk" / "seed1" / "final.json").is_file(), "stored apart"
     assert "| norm_topk |" in (tmp_path / "sensitivity" / "results.md").read_text()
+    # the gap against tokens: every step of the toy run is a validation (6 steps of 4 x 32 tokens)
+    logged = {a: [{r["step"]: r["val_loss"] for r in map(json.loads, (tmp_path / "runs" / f"{a}@norm_topk" / f"seed{s}"
+                                                                      / "metrics.jsonl").read_text().splitlines())}
+                  for s in (0, 1)] for a in ("gshard", "deepseekmoe")}
+    assert c["curve"]["tokens"] == [128 * step for step in range(1, 7)], c["curve"]
+    expected = [np.mean([d[step] - g[step] for d, g in zip(logged["deepseekmoe"], logged["gshard"])])
+                for step in range(1, 7)]
+    assert c["curve"]["mean"] == pytest.approx(expected), "paired by seed from each run's logged validations"
+    assert (tmp_path / "sensitivity" / "gap_vs_tokens.png").stat().st_size > 1000
     assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--variants", "depth_9", "--workdir",
                      str(tmp_path)]) == 2
     assert "unknown variant 'depth_9'" in capsys.readouterr().err

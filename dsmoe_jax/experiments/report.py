@@ -46,16 +46,31 @@ def sensitivity_markdown(results: dict) -> str:
              f"Seeds {', '.join(map(str, results['seeds']))}, paired by seed; negative: DeepSeekMoE has the lower "
              "validation loss.", "",
              "| variant | tokens per arm | GShard | DeepSeekMoE | DeepSeekMoE - GShard per seed | mean "
-             "| 95% t-interval | paired SE over windows | why |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| 95% t-interval | paired SE over windows | gap at 1/10, 1/2 of the run | why |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in results["variants"].items():
         c = v["deepseekmoe_minus_gshard"]
         interval = f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c["ci95"] else "one seed"
         ses = [s for s in c["window_se"] if s is not None]
         lines.append(f"| {name} | {v['tokens_per_arm']:,} | {_mean_std(v['val_loss']['gshard'])} | "
                      f"{_mean_std(v['val_loss']['deepseekmoe'])} | {', '.join(f'{d:+.4f}' for d in c['per_seed'])} "
-                     f"| {c['mean']:+.4f} | {interval} | {f'{np.mean(ses):.4f}' if ses else ''} | {v['reason']} |")
+                     f"| {c['mean']:+.4f} | {interval} | {f'{np.mean(ses):.4f}' if ses else ''} | "
+                     f"{_early_gaps(c['curve'], v['tokens_per_arm'])} | {v['reason']} |")
+    lines += ["", "The gap at 1/10 and 1/2 of the run: mean over seeds at the validation during training nearest "
+              "that point (on the scale's curve_tokens; runs trained before curves were recorded have only the "
+              "last). `gap_vs_tokens.png` plots every validation."]
     return "\n".join(lines) + "\n"
+
+
+def _early_gaps(curve: dict, tokens: int) -> str:
+    """The curve's mean gap at the validations nearest 1/10 and 1/2 of ``tokens`` (if logged)."""
+    found = []
+    for fraction in (0.1, 0.5):
+        target = fraction * tokens
+        near = [(abs(t - target), m) for t, m in zip(curve["tokens"], curve["mean"])
+                if abs(t - target) <= 0.05 * tokens]
+        found.append(f"{min(near)[1]:+.4f}" if near else "-")
+    return ", ".join(found)
 
 
 def probes_markdown(results: dict) -> str:
@@ -188,6 +203,28 @@ def _loss_curves(plt, results: dict, out: pathlib.Path, runs: dict[str, pathlib.
     ax.set_title(f"training curves, seed {results['seeds'][0]}")
     ax.legend(fontsize=8)
     return _save(plt, fig, out / "train_loss.png")
+
+
+def gap_curves(results: dict, out: pathlib.Path) -> str:
+    """The sensitivity experiment's DeepSeekMoE - GShard against training tokens seen, one line
+    per variant with its 95% t-interval over seeds as a band: ``gap_vs_tokens.png``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, v in results["variants"].items():
+        curve = v["deepseekmoe_minus_gshard"]["curve"]
+        tokens = np.asarray(curve["tokens"], float) / 1e6
+        line, = ax.plot(tokens, curve["mean"], "o-", markersize=3, label=name)
+        bands = [(t, *ci) for t, ci in zip(tokens, curve["ci95"]) if ci is not None]
+        if bands:
+            t, low, high = zip(*bands)
+            ax.fill_between(t, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.axhline(0, color="0.5", linewidth=0.8)
+    ax.set_xlabel("training tokens seen (millions)")
+    ax.set_ylabel("DeepSeekMoE - GShard validation loss")
+    ax.set_title(f"sensitivity ({results['scale']} scale): the gap as training goes, "
+                 f"{len(results['seeds'])} seeds, 95% bands")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, out / "gap_vs_tokens.png")
 
 
 def _specialisation_plot(plt, s: dict, out: pathlib.Path) -> str:

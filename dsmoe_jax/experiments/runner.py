@@ -68,16 +68,28 @@ class RunRecord:
     # each validation window's loss: the same windows for every arm of a seed (runs recorded
     # before the windows were: empty)
     val_window_losses: tuple[float, ...] = ()
+    # (training tokens seen, validation loss) at each validation during training (on the scale's
+    # curve_tokens, the same windows for every arm); runs trained before: only the last step
+    val_curve: tuple[tuple[int, float], ...] = ()
 
     @classmethod
     def read(cls, path: pathlib.Path) -> RunRecord:
         fields = {f.name for f in dataclasses.fields(cls)}
         record = {k: v for k, v in json.loads(path.read_text()).items() if k in fields}
-        return cls(**{**record, "val_window_losses": tuple(record.get("val_window_losses", ()))})
+        return cls(**{**record, "val_window_losses": tuple(record.get("val_window_losses", ())),
+                      "val_curve": tuple((int(t), float(v)) for t, v in record.get("val_curve", ()))})
 
     def write(self, path: pathlib.Path) -> None:
         with atomic_file(path) as f:
-            json.dump({**dataclasses.asdict(self), "val_window_losses": list(self.val_window_losses)}, f, indent=2)
+            json.dump({**dataclasses.asdict(self), "val_window_losses": list(self.val_window_losses),
+                       "val_curve": [list(p) for p in self.val_curve]}, f, indent=2)
+
+
+def validation_curve(directory: pathlib.Path, tokens_per_step: int) -> tuple[tuple[int, float], ...]:
+    """(tokens seen, val_loss) at every validation a training run logged in ``metrics.jsonl``."""
+    path = directory / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return tuple((r["step"] * tokens_per_step, r["val_loss"]) for r in rows if "val_loss" in r)
 
 
 def default_workdir(scale: str) -> pathlib.Path:
@@ -89,8 +101,10 @@ def run_dir(root: pathlib.Path, arm: Arm, seed: int) -> pathlib.Path:
 
 
 def _comparable(cfg: Config) -> dict:
-    """What must agree for a saved run to count as this arm (training keeps float32 weights)."""
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="float32"))
+    """What must agree for a saved run to count as this arm: what shapes its weights (training
+    keeps them in float32), not how often it was evaluated or logged."""
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="float32"),
+                              train=dataclasses.replace(cfg.train, eval_every=1, eval_tokens=0, log_every=1))
     return {k: v for k, v in cfg.to_dict().items() if k in ("model", "moe", "train", "data")}
 
 
@@ -103,7 +117,9 @@ def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume
         raise ExperimentError(f"{directory} holds a run of another config than arm {arm.name!r} at scale "
                               f"{scale.name!r}, seed {seed}; choose a new --workdir")
     if final.is_file():
-        return RunRecord.read(final)
+        record = RunRecord.read(final)  # recorded before curves were: read what its log holds
+        return record if record.val_curve else dataclasses.replace(
+            record, val_curve=validation_curve(directory, scale.tokens // scale.steps))
     checkpoints = directory / CHECKPOINTS_DIR
     started = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
     if started and not resume:
@@ -123,7 +139,7 @@ def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume
     val_tokens = validation_tokens(cfg)
     result = evaluate(params, cfg, val_tokens, max_tokens=scale.eval_tokens)
     record = RunRecord(result.loss, result.stderr, result.tokens, scale.tokens, scale.steps, sum(walls), len(walls),
-                       started, tuple(result.window_losses))
+                       started, tuple(result.window_losses), validation_curve(directory, scale.tokens // scale.steps))
     record.write(final)
     return record
 
@@ -157,7 +173,16 @@ def compare(name_a: str, records_a: list[RunRecord], name_b: str, records_b: lis
         same_windows = len(wa) > 1 and len(wa) == len(wb)
         window_se.append(float((wa - wb).std(ddof=1) / np.sqrt(len(wa))) if same_windows else None)
     return {"a": name_a, "b": name_b, "seeds": list(seeds), "per_seed": diffs, "mean": mean, "seed_std": sd,
-            "ci95": ci, "window_se": window_se}
+            "ci95": ci, "window_se": window_se, "curve": gap_curve(records_a, records_b)}
+
+
+def gap_curve(records_a: list[RunRecord], records_b: list[RunRecord]) -> dict:
+    """A - B against training tokens seen, paired by seed at each validation every pair logged:
+    ``{"tokens", "mean", "ci95"}`` lists (a 95% interval is None where there is one seed)."""
+    curves = [(dict(a.val_curve), dict(b.val_curve)) for a, b in zip(records_a, records_b)]
+    shared = sorted(set.intersection(*(set(a) & set(b) for a, b in curves))) if curves else []
+    points = [paired([a[t] - b[t] for a, b in curves]) for t in shared]
+    return {"tokens": shared, "mean": [p[0] for p in points], "ci95": [p[2] for p in points]}
 
 
 def paired(diffs: Sequence[float]) -> tuple[float, float | None, list[float] | None]:
@@ -204,7 +229,10 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
                         "deepseekmoe_minus_gshard": compare("deepseekmoe", deepseek, "gshard", gshard, seeds)}
     results = {"experiment": "sensitivity", "scale": scale, "seeds": list(seeds), "variants": rows,
                "wall_s": time.perf_counter() - tick, "environment": _environment()}
-    return _write(root / "sensitivity", results, report.sensitivity_markdown(results), progress)
+    out = root / "sensitivity"
+    out.mkdir(parents=True, exist_ok=True)
+    results["plots"] = [report.gap_curves(results, out)]
+    return _write(out, results, report.sensitivity_markdown(results), progress)
 
 
 def _check_scale_and_seeds(scale: str, seeds: Sequence[int]) -> None:

@@ -18,6 +18,7 @@ from fractions import Fraction
 from dsmoe_jax.config import Config, ConfigError, load_config
 
 BASE_CONFIG = "2b"
+CURVE_POINTS = 10  # validations during each run, evenly spaced, for the loss against tokens seen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Scale:
     warmup_steps: int
     eval_tokens: int  # the final evaluation (0: the whole validation split)
     probe_tokens: int  # each specialisation probe and load measurement
+    curve_tokens: int  # each of the CURVE_POINTS evaluations during training (the gap against tokens seen)
     checkpoint_every: int
     scan_layers: bool = False  # the CPU scales keep the unrolled blocks their published results used
 
@@ -48,7 +50,7 @@ class Scale:
             f"model.max_seq_len={max(self.seq_len, 16)}", f"train.seq_len={self.seq_len}",
             f"train.batch_size={self.batch_size}", f"train.steps={self.steps}", f"train.lr={self.lr}",
             f"train.warmup_steps={self.warmup_steps}", f"train.checkpoint_every={self.checkpoint_every}",
-            f"train.eval_every={self.steps}", f"train.eval_tokens={self.probe_tokens}",
+            f"train.eval_every={max(self.steps // CURVE_POINTS, 1)}", f"train.eval_tokens={self.curve_tokens}",
             f"train.log_every={max(self.steps // 50, 1)}", f"model.scan_layers={str(self.scan_layers).lower()}",
         ]
 
@@ -62,19 +64,19 @@ SCALES = {
     # seconds: for tests of the machinery, not for conclusions
     "toy": Scale("toy", d_model=32, n_layers=1, n_heads=2, head_dim=16, ffn=64, vocab_size=260, seq_len=32,
                  batch_size=4, steps=6, lr=2e-3, warmup_steps=2, eval_tokens=2048, probe_tokens=1024,
-                 checkpoint_every=3),
+                 curve_tokens=1024, checkpoint_every=3),
     # a 2-core CPU: each experiment, all arms and three seeds, in under an hour (614K tokens per arm)
     "cpu": Scale("cpu", d_model=128, n_layers=2, n_heads=4, head_dim=32, ffn=256, vocab_size=512, seq_len=128,
                  batch_size=16, steps=300, lr=2e-3, warmup_steps=30, eval_tokens=131072, probe_tokens=65536,
-                 checkpoint_every=100),
+                 curve_tokens=16384, checkpoint_every=100),
     # the same models 10x longer (6.1M tokens per arm): hours on a 2-core CPU, resumable with --resume
     "cpu-long": Scale("cpu-long", d_model=128, n_layers=2, n_heads=4, head_dim=32, ffn=256, vocab_size=512,
                       seq_len=128, batch_size=16, steps=3000, lr=2e-3, warmup_steps=100, eval_tokens=0,
-                      probe_tokens=131072, checkpoint_every=250),
+                      probe_tokens=131072, curve_tokens=32768, checkpoint_every=250),
     # the paper's 2B setup (its section 4.1): 9 layers, width 1280, 100B tokens, for a GPU mesh
     "paper": Scale("paper", d_model=1280, n_layers=9, n_heads=10, head_dim=128, ffn=3456, vocab_size=8192,
                    seq_len=2048, batch_size=2048, steps=25000, lr=1.08e-3, warmup_steps=2000, eval_tokens=0,
-                   probe_tokens=2**22, checkpoint_every=1000, scan_layers=True),
+                   probe_tokens=2**22, curve_tokens=2**20, checkpoint_every=1000, scan_layers=True),
 }
 
 
