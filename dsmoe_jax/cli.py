@@ -254,15 +254,16 @@ def _experiment(args) -> None:
         raise ConfigError(f"--seeds {args.seeds!r} repeats seed {repeated[0]}: each seed is one run, and a repeat "
                           "would count the same run twice in the spread")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else experiments.SENSITIVITY_ARMS
     if args.name == "sensitivity":
         experiments.run_sensitivity(args.scale, seeds, variants, args.workdir, resume=args.resume,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, arms=arms)
         return
     if args.name == "probes":
-        experiments.run_probes(args.scale, seeds, variants, args.workdir, progress=not args.quiet)
+        experiments.run_probes(args.scale, seeds, variants, args.workdir, progress=not args.quiet, arms=arms)
         return
-    if args.variants:
-        raise ConfigError("--variants is for the sensitivity experiment and its probes")
+    if args.variants or args.arms:
+        raise ConfigError("--variants and --arms are for the sensitivity experiment and its probes")
     experiments.run_experiment(args.name, args.scale, seeds, args.workdir, resume=args.resume,
                                progress=not args.quiet)
 
@@ -379,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="sensitivity and probes: which changes of the setting (sensitivity's default: all of "
                          "specs.VARIANTS, e.g. norm_topk, depth_4, lr_1e-3, bpe_8k); join changes with '+' to "
                          "combine them (norm_topk+lr_1e-3)")
+    ex.add_argument("--arms", metavar="A1,A2",
+                    help="sensitivity and probes: the arms (default gshard,deepseekmoe, the pair compared; add any "
+                         "other of the experiments' arms, e.g. switch, to train or probe it beside them)")
     ex.add_argument("--scale", default="cpu", choices=["toy", "cpu", "cpu-long", "paper"],
                     help="toy: seconds (tests); cpu: under an hour on 2 cores; cpu-long: 10x the tokens, hours; "
                          "paper: the 2B setup (GPU mesh)")

@@ -253,11 +253,20 @@ def test_probes_split_validation_by_kind_and_pair_the_arms(tmp_path, capsys):
                                               "--scale toy --variants base --seeds 0,1"):
         run_probes("toy", [0, 1], workdir=tmp_path, progress=False)
     assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--seeds", "0,1", "--variants", "base",
-                     "--workdir", str(tmp_path), "--quiet"]) == 0
+                     "--arms", "switch,gshard", "--workdir", str(tmp_path)]) == 2
+    assert "name gshard and deepseekmoe (the pair compared)" in capsys.readouterr().err
+    assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--seeds", "0,1", "--variants", "base",
+                     "--arms", "switch,gshard,deepseekmoe", "--workdir", str(tmp_path), "--quiet"]) == 0
+    trained = json.loads((tmp_path / "sensitivity" / "results.json").read_text())["variants"]["base"]["val_loss"]
+    assert list(trained) == ["switch", "gshard", "deepseekmoe"] and len(trained["switch"]) == 2, trained
+    assert "- base: switch " in (tmp_path / "sensitivity" / "results.md").read_text()
     assert cli.main(["experiment", "probes", "--scale", "toy", "--seeds", "0,1", "--workdir", str(tmp_path),
-                     "--quiet"]) == 0
+                     "--arms", "gshard,deepseekmoe,switch", "--quiet"]) == 0
     results = json.loads((tmp_path / "probes" / "results.json").read_text())
     base = results["variants"]["base"]
+    switch = base["arms"]["switch"]
+    assert len(switch) == 2 and all(r["load"]["max_over_mean"][0] >= 1.0 for r in switch), switch
+    assert "| switch |" in (tmp_path / "probes" / "results.md").read_text(), "every probed arm's load is reported"
     cfg = arm_config(ARMS["gshard"], SCALES["toy"], 0)
     kinds = measures.validation_by_kind(cfg)
     assert sum(map(len, kinds.values())) == len(loading.validation_tokens(cfg)), "the kinds make up the split"

@@ -6,7 +6,7 @@ resumably, and results.json; ``measures``: the specialisation probes and load st
 """
 
 from dsmoe_jax.experiments.runner import ExperimentError, describe_arms, run_experiment, run_probes, run_sensitivity
-from dsmoe_jax.experiments.specs import ARMS, EXPERIMENTS, SCALES, VARIANTS, arm_config, variant
+from dsmoe_jax.experiments.specs import ARMS, EXPERIMENTS, SCALES, SENSITIVITY_ARMS, VARIANTS, arm_config, variant
 
-__all__ = ["ARMS", "EXPERIMENTS", "SCALES", "VARIANTS", "ExperimentError", "arm_config", "describe_arms",
-           "run_experiment", "run_probes", "run_sensitivity", "variant"]
+__all__ = ["ARMS", "EXPERIMENTS", "SCALES", "SENSITIVITY_ARMS", "VARIANTS", "ExperimentError", "arm_config",
+           "describe_arms", "run_experiment", "run_probes", "run_sensitivity", "variant"]

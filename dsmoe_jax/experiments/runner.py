@@ -26,7 +26,7 @@ import scipy.stats
 from dsmoe_jax import data
 from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, read_config
-from dsmoe_jax.config import Config
+from dsmoe_jax.config import Config, ConfigError
 from dsmoe_jax.errors import ExperimentError  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.evaluation import evaluate
 from dsmoe_jax.experiments import measures, report
@@ -196,11 +196,14 @@ def paired(diffs: Sequence[float]) -> tuple[float, float | None, list[float] | N
 
 
 def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), variants: Sequence[str] | None = None,
-                    workdir: str | pathlib.Path | None = None, resume: bool = False, progress: bool = True) -> dict:
+                    workdir: str | pathlib.Path | None = None, resume: bool = False, progress: bool = True,
+                    arms: Sequence[str] = SENSITIVITY_ARMS) -> dict:
     """GShard against DeepSeekMoE under one change of the setting at a time (``specs.VARIANTS``,
-    default all): every variant's two arms for every seed, each pair compared by seed
-    (``compare``: DeepSeekMoE - GShard). Writes ``sensitivity/results.json`` and ``results.md``."""
+    default all): every variant's arms for every seed (``arms``: GShard, DeepSeekMoE and any other
+    of ``specs.ARMS`` to train beside them), the pair compared by seed (``compare``: DeepSeekMoE -
+    GShard). Writes ``sensitivity/results.json``, ``results.md`` and ``gap_vs_tokens.png``."""
     _check_scale_and_seeds(scale, seeds)
+    _check_arms(arms)
     chosen = {v.name: v for v in map(variant, variants or VARIANTS)}  # names an unknown or conflicting one
     root = pathlib.Path(workdir) if workdir is not None else default_workdir(scale)
     for v in chosen.values():
@@ -212,7 +215,7 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
     tick = time.perf_counter()
     rows = {}
     # seed by seed, both arms: a run stopped part-way has complete pairs to resume from
-    runs = [(v, a, s) for v in chosen for s in seeds for a in SENSITIVITY_ARMS]
+    runs = [(v, a, s) for v in chosen for s in seeds for a in arms]
     records: dict[tuple[str, str], list[RunRecord]] = {}
     for i, (v, a, s) in enumerate(runs, 1):
         arm, sc = chosen[v].apply(ARMS[a], SCALES[scale], variant_tokenizer(chosen[v], root))
@@ -223,9 +226,8 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
         gshard, deepseek = records[(v.name, "gshard")], records[(v.name, "deepseekmoe")]
         rows[v.name] = {"reason": v.reason, "scale": v.scale, "overrides": list(v.overrides),
                         "tokens_per_arm": deepseek[0].train_tokens,
-                        "val_loss": {"gshard": [r.val_loss for r in gshard],
-                                     "deepseekmoe": [r.val_loss for r in deepseek]},
-                        "wall_s": sum(r.wall_s for r in gshard + deepseek),
+                        "val_loss": {a: [r.val_loss for r in records[(v.name, a)]] for a in arms},
+                        "wall_s": sum(r.wall_s for a in arms for r in records[(v.name, a)]),
                         "deepseekmoe_minus_gshard": compare("deepseekmoe", deepseek, "gshard", gshard, seeds)}
     results = {"experiment": "sensitivity", "scale": scale, "seeds": list(seeds), "variants": rows,
                "wall_s": time.perf_counter() - tick, "environment": _environment()}
@@ -233,6 +235,15 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
     out.mkdir(parents=True, exist_ok=True)
     results["plots"] = [report.gap_curves(results, out)]
     return _write(out, results, report.sensitivity_markdown(results), progress)
+
+
+def _check_arms(arms: Sequence[str]) -> None:
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ConfigError(f"unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
+    if not set(SENSITIVITY_ARMS) <= set(arms) or len(set(arms)) < len(arms):
+        raise ConfigError(f"arms {', '.join(arms)}: name {' and '.join(SENSITIVITY_ARMS)} (the pair compared), "
+                              "each once, plus any other arm to train beside them")
 
 
 def _check_scale_and_seeds(scale: str, seeds: Sequence[int]) -> None:
@@ -255,36 +266,37 @@ def variant_tokenizer(v: Variant, root: pathlib.Path) -> str | None:
 
 
 def run_probes(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), variants: Sequence[str] | None = None,
-               workdir: str | pathlib.Path | None = None, progress: bool = True) -> dict:
+               workdir: str | pathlib.Path | None = None, progress: bool = True,
+               arms: Sequence[str] = SENSITIVITY_ARMS) -> dict:
     """Evaluation-only probes (``measures.probe_arm``) of the sensitivity experiment's trained
-    GShard and DeepSeekMoE arms (variants: default ``base``): validation loss on code and on
-    documentation, paired by seed (DeepSeekMoE - GShard), and the experts' load. Trains nothing;
-    an arm not trained yet is named with the command that trains it. Writes
-    ``probes/results.json`` and ``results.md``."""
+    arms (variants: default ``base``; ``arms``: GShard, DeepSeekMoE and any other it trained):
+    validation loss on code and on documentation, DeepSeekMoE - GShard paired by seed, and every
+    arm's expert load and routing by token id. Trains nothing; an arm not trained yet is named
+    with the command that trains it. Writes ``probes/results.json`` and ``results.md``."""
     _check_scale_and_seeds(scale, seeds)
+    _check_arms(arms)
     root = pathlib.Path(workdir) if workdir is not None else default_workdir(scale)
     rows = {}
     for v in map(variant, variants or ["base"]):
-        arms: dict[str, list[dict]] = {}
-        for a in SENSITIVITY_ARMS:
+        probed: dict[str, list[dict]] = {}
+        for a in arms:
             arm, sc = v.apply(ARMS[a], SCALES[scale], variant_tokenizer(v, root))
             for s in seeds:
                 directory = run_dir(root, arm, s)
                 if not (directory / FINAL).is_file():
                     raise ExperimentError(f"{directory} holds no trained arm; train it first: dsmoe-jax experiment "
                                           f"sensitivity --scale {scale} --variants {v.name} --seeds "
-                                          f"{','.join(map(str, seeds))}")
+                                          f"{','.join(map(str, seeds))} --arms {','.join(arms)}")
                 if progress:
                     print(f"probing {arm.name}, seed {s}", flush=True)
                 params, cfg, _ = load_model(directory)
-                arms.setdefault(a, []).append(measures.probe_arm(params, cfg, sc))
-        kinds = list(arms["gshard"][0]["loss"])
+                probed.setdefault(a, []).append(measures.probe_arm(params, cfg, sc))
         gaps = {}
-        for kind in kinds:
-            diffs = [d["loss"][kind] - g["loss"][kind] for d, g in zip(arms["deepseekmoe"], arms["gshard"])]
+        for kind in probed["gshard"][0]["loss"]:
+            diffs = [d["loss"][kind] - g["loss"][kind] for d, g in zip(probed["deepseekmoe"], probed["gshard"])]
             mean, sd, ci = paired(diffs)
             gaps[kind] = {"per_seed": diffs, "mean": mean, "seed_std": sd, "ci95": ci}
-        rows[v.name] = {"arms": arms, "deepseekmoe_minus_gshard": gaps}
+        rows[v.name] = {"arms": probed, "deepseekmoe_minus_gshard": gaps}
     results = {"experiment": "probes", "scale": scale, "seeds": list(seeds), "variants": rows,
                "environment": _environment()}
     return _write(root / "probes", results, report.probes_markdown(results), progress)
