@@ -260,6 +260,9 @@ def test_probes_split_validation_by_kind_and_pair_the_arms(tmp_path, capsys):
     trained = json.loads((tmp_path / "sensitivity" / "results.json").read_text())["variants"]["base"]["val_loss"]
     assert list(trained) == ["switch", "gshard", "deepseekmoe"] and len(trained["switch"]) == 2, trained
     assert "- base: switch " in (tmp_path / "sensitivity" / "results.md").read_text()
+    versus = json.loads((tmp_path / "sensitivity" / "results.json").read_text())["variants"]["base"]
+    assert versus["others_minus_gshard"]["switch"]["per_seed"] == pytest.approx(
+        [s - g for s, g in zip(trained["switch"], trained["gshard"])]), "Switch paired with GShard by seed"
     assert cli.main(["experiment", "probes", "--scale", "toy", "--seeds", "0,1", "--workdir", str(tmp_path),
                      "--arms", "gshard,deepseekmoe,switch", "--quiet"]) == 0
     results = json.loads((tmp_path / "probes" / "results.json").read_text())

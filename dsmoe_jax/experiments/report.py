@@ -56,11 +56,12 @@ def sensitivity_markdown(results: dict) -> str:
                      f"{_mean_std(v['val_loss']['deepseekmoe'])} | {', '.join(f'{d:+.4f}' for d in c['per_seed'])} "
                      f"| {c['mean']:+.4f} | {interval} | {f'{np.mean(ses):.4f}' if ses else ''} | "
                      f"{_early_gaps(c['curve'], v['tokens_per_arm'])} | {v['reason']} |")
-    others = [f"- {name}: " + ", ".join(f"{arm} {_mean_std(losses)}" for arm, losses in v["val_loss"].items()
-                                       if arm not in ("gshard", "deepseekmoe"))
-              for name, v in results["variants"].items() if len(v["val_loss"]) > 2]
+    others = [f"- {name}: {arm} {_mean_std(v['val_loss'][arm])}, {arm} - GShard {c['mean']:+.4f} "
+              + (f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c["ci95"] else "(one seed)")
+              for name, v in results["variants"].items() for arm, c in v.get("others_minus_gshard", {}).items()]
     if others:
-        lines += ["", "Other arms trained beside the pair (validation loss, mean ± seed std):", *others]
+        lines += ["", "Other arms trained beside the pair (validation loss, mean ± seed std; paired by seed, 95% "
+                  "t-interval):", *others]
     lines += ["", "The gap at 1/10 and 1/2 of the run: mean over seeds at the validation during training nearest "
               "that point (on the scale's curve_tokens; runs trained before curves were recorded have only the "
               "last). `gap_vs_tokens.png` plots every validation."]

@@ -228,7 +228,9 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
                         "tokens_per_arm": deepseek[0].train_tokens,
                         "val_loss": {a: [r.val_loss for r in records[(v.name, a)]] for a in arms},
                         "wall_s": sum(r.wall_s for a in arms for r in records[(v.name, a)]),
-                        "deepseekmoe_minus_gshard": compare("deepseekmoe", deepseek, "gshard", gshard, seeds)}
+                        "deepseekmoe_minus_gshard": compare("deepseekmoe", deepseek, "gshard", gshard, seeds),
+                        "others_minus_gshard": {a: compare(a, records[(v.name, a)], "gshard", gshard, seeds)
+                                                for a in arms if a not in SENSITIVITY_ARMS}}
     results = {"experiment": "sensitivity", "scale": scale, "seeds": list(seeds), "variants": rows,
                "wall_s": time.perf_counter() - tick, "environment": _environment()}
     out = root / "sensitivity"
@@ -243,7 +245,7 @@ def _check_arms(arms: Sequence[str]) -> None:
         raise ConfigError(f"unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
     if not set(SENSITIVITY_ARMS) <= set(arms) or len(set(arms)) < len(arms):
         raise ConfigError(f"arms {', '.join(arms)}: name {' and '.join(SENSITIVITY_ARMS)} (the pair compared), "
-                              "each once, plus any other arm to train beside them")
+                          "each once, plus any other arm to train beside them")
 
 
 def _check_scale_and_seeds(scale: str, seeds: Sequence[int]) -> None:
