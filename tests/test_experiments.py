@@ -20,10 +20,12 @@ from dsmoe_jax.experiments import (
     ExperimentError,
     arm_config,
     measures,
+    report,
     run_experiment,
     run_probes,
     run_sensitivity,
     runner,
+    specs,
     variant,
 )
 from dsmoe_jax.model import count_params
@@ -156,6 +158,14 @@ def test_an_interrupted_arm_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert steps == list(range(1, scale.steps + 1)), f"continued after step 3, not from the start: {steps}"
 
 
+@pytest.mark.parametrize("scale", list(SCALES))
+def test_every_run_validates_curve_points_times_the_last_at_its_last_step(scale):
+    for v in VARIANTS.values():
+        t = arm_config(ARMS["gshard"], dataclasses.replace(SCALES[scale], **v.scale), 0).train
+        validated = [s for s in range(1, t.steps + 1) if s % t.eval_every == 0 or s == t.steps]  # as train/loop.py
+        assert len(validated) == min(specs.CURVE_POINTS, t.steps) and validated[-1] == t.steps, (v.name, validated)
+
+
 def test_a_saved_run_counts_as_its_arm_whatever_its_evaluation_settings(tmp_path):
     """Runs trained before validation curves (one evaluation, other log spacing) stay valid; a run of
     another learning rate does not."""
@@ -165,7 +175,13 @@ def test_a_saved_run_counts_as_its_arm_whatever_its_evaluation_settings(tmp_path
                                                                  eval_tokens=4096))
     write_config(tmp_path, earlier)
     runner.RunRecord(2.0, 0.01, 2048, scale.tokens, scale.steps, 1.0).write(tmp_path / runner.FINAL)
-    assert runner.train_arm(arm, scale, 0, tmp_path).val_loss == 2.0, "the finished run is reused"
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": scale.steps, "loss": 2.1, "val_loss": 2.05}) + "\n")
+    record = runner.train_arm(arm, scale, 0, tmp_path)
+    assert record.val_loss == 2.0, "the finished run is reused"
+    assert record.val_curve == (), "its one validation read other windows than the curves' and pairs with none"
+    write_config(tmp_path, dataclasses.replace(earlier, train=dataclasses.replace(earlier.train,
+                                                                                  eval_tokens=scale.curve_tokens)))
+    assert runner.train_arm(arm, scale, 0, tmp_path).val_curve == ((scale.tokens, 2.05),), "read from its log"
     write_config(tmp_path, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-2)))
     with pytest.raises(ExperimentError, match="another config"):
         runner.train_arm(arm, scale, 0, tmp_path)
@@ -191,18 +207,19 @@ def test_paired_comparison_by_hand():
 
 
 def test_gap_curve_pairs_seeds_at_the_validations_every_run_logged():
-    """Seed 0 logged at 100, 200, 300 tokens, seed 1 missed 200 (a run recorded before curves):
-    only 100 and 300 are shared; at 300, A - B = 0.1 and 0.3: mean 0.2, std 0.1414, t(0.975, 1) =
-    12.706 -> +- 1.2706."""
+    """Seed 0 logged at 100, 200, 300 tokens, seed 1 missed 200: each point is paired over the seeds
+    that have it; at 300, A - B = 0.1 and 0.3: mean 0.2, std 0.1414, t(0.975, 1) = 12.706 -> +- 1.2706."""
     curve = lambda *points: runner.RunRecord(2.0, 0.01, 1024, 300, 3, 1.0, val_curve=points)
     a = [curve((100, 3.0), (200, 2.5), (300, 2.1)), curve((100, 3.2), (300, 2.3))]
     b = [curve((100, 3.1), (200, 2.6), (300, 2.0)), curve((100, 3.1), (300, 2.0))]
     c = runner.gap_curve(a, b)
-    assert c["tokens"] == [100, 300] and c["mean"] == pytest.approx([0.0, 0.2]), c
-    assert c["ci95"][1] == pytest.approx([0.2 - 1.2706, 0.2 + 1.2706], abs=1e-3), c
-    one = runner.gap_curve(a[:1], b[:1])
-    assert one["tokens"] == [100, 200, 300] and one["mean"] == pytest.approx([-0.1, -0.1, 0.1])
-    assert one["ci95"] == [None] * 3, "one seed: no interval"
+    assert c["tokens"] == [100, 200, 300] and c["seeds"] == [2, 1, 2], c
+    assert c["mean"] == pytest.approx([0.0, -0.1, 0.2]), c
+    assert c["ci95"][2] == pytest.approx([0.2 - 1.2706, 0.2 + 1.2706], abs=1e-3) and c["ci95"][1] is None, c
+    assert runner.gap_curve([curve()], [curve()]) == {"tokens": [], "mean": [], "ci95": [], "seeds": []}
+    assert report._early_gaps(c, 3000, 2) == "+0.2000, -", "1/10 of 3000 is 300 (logged by both seeds); 1500 is not"
+    assert report._early_gaps(c, 1000, 2) == "+0.0000, -", "100 tokens is 1/10 of 1000; 500 lies nowhere near a point"
+    assert report._early_gaps(c, 400, 2) == "-, -", "200 (half of 400) was logged by one seed only"
 
 
 def test_sensitivity_trains_both_arms_per_variant_and_pairs_them(tmp_path, capsys):

@@ -48,11 +48,11 @@ def test_sharded_forward_equals_single_device():
     assert json.loads(run_python(SCRIPT).splitlines()[-1]) == {"ok": True}
 
 
-# Tensor parallelism: heads, FFN widths and the vocabulary split over a tensor axis, with data
-# parallelism and with fsdp and expert parallelism: training loss, aux and gradients, and cached
-# decoding, equal one device's, for the MHA model and the MLA one with its MTP depth (12 experts: the
-# expert axis of 2 divides them), and on the tensor x expert x fsdp mesh speculative decoding with
-# the MTP depth too. One process per config, so the two run side by side.
+# Tensor parallelism: heads, FFN widths and the vocabulary split over a tensor axis of 4 beside data
+# parallelism and of 2 beside fsdp and expert parallelism: training loss, aux and gradients, and
+# cached decoding, equal one device's, for the MHA model and the MLA one with its MTP depth (12
+# experts: the expert axis of 2 divides them), and on the tensor x expert x fsdp mesh speculative
+# decoding with the MTP depth too. One process per config (xdist runs the two side by side).
 TENSOR = textwrap.dedent("""
     import dataclasses, functools, json, sys, jax, jax.numpy as jnp, numpy as np
     import dsmoe_jax

@@ -55,7 +55,7 @@ def sensitivity_markdown(results: dict) -> str:
         lines.append(f"| {name} | {v['tokens_per_arm']:,} | {_mean_std(v['val_loss']['gshard'])} | "
                      f"{_mean_std(v['val_loss']['deepseekmoe'])} | {', '.join(f'{d:+.4f}' for d in c['per_seed'])} "
                      f"| {c['mean']:+.4f} | {interval} | {f'{np.mean(ses):.4f}' if ses else ''} | "
-                     f"{_early_gaps(c['curve'], v['tokens_per_arm'])} | {v['reason']} |")
+                     f"{_early_gaps(c['curve'], v['tokens_per_arm'], len(results['seeds']))} | {v['reason']} |")
     others = [f"- {name}: {arm} {_mean_std(v['val_loss'][arm])}, {arm} - GShard {c['mean']:+.4f} "
               + (f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c["ci95"] else "(one seed)")
               for name, v in results["variants"].items() for arm, c in v.get("others_minus_gshard", {}).items()]
@@ -63,18 +63,25 @@ def sensitivity_markdown(results: dict) -> str:
         lines += ["", "Other arms trained beside the pair (validation loss, mean ± seed std; paired by seed, 95% "
                   "t-interval):", *others]
     lines += ["", "The gap at 1/10 and 1/2 of the run: mean over seeds at the validation during training nearest "
-              "that point (on the scale's curve_tokens; runs trained before curves were recorded have only the "
-              "last). `gap_vs_tokens.png` plots every validation."]
+              "that point, on the scale's curve_tokens (fewer windows than the final evaluation, so the curve's last "
+              "point differs a little from the mean column); '-' where a run trained before curves were recorded "
+              "has none. `gap_vs_tokens.png` plots every validation all seeds logged."]
     return "\n".join(lines) + "\n"
 
 
-def _early_gaps(curve: dict, tokens: int) -> str:
-    """The curve's mean gap at the validations nearest 1/10 and 1/2 of ``tokens`` (if logged)."""
+def _complete(curve: dict, seeds: int) -> list[tuple[int, float, list[float] | None]]:
+    """The curve's (tokens, mean, interval) points that every seed's pair logged."""
+    return [(t, m, ci) for t, m, ci, n in zip(curve["tokens"], curve["mean"], curve["ci95"], curve["seeds"])
+            if n == seeds]
+
+
+def _early_gaps(curve: dict, tokens: int, seeds: int) -> str:
+    """The curve's mean gap at the validations nearest 1/10 and 1/2 of ``tokens`` that every seed
+    logged ("-" where none lies within 5% of the run's tokens of that point)."""
     found = []
     for fraction in (0.1, 0.5):
         target = fraction * tokens
-        near = [(abs(t - target), m) for t, m in zip(curve["tokens"], curve["mean"])
-                if abs(t - target) <= 0.05 * tokens]
+        near = [(abs(t - target), m) for t, m, _ in _complete(curve, seeds) if abs(t - target) <= 0.05 * tokens]
         found.append(f"{min(near)[1]:+.4f}" if near else "-")
     return ", ".join(found)
 
@@ -217,10 +224,13 @@ def gap_curves(results: dict, out: pathlib.Path) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, v in results["variants"].items():
-        curve = v["deepseekmoe_minus_gshard"]["curve"]
-        tokens = np.asarray(curve["tokens"], float) / 1e6
-        line, = ax.plot(tokens, curve["mean"], "o-", markersize=3, label=name)
-        bands = [(t, *ci) for t, ci in zip(tokens, curve["ci95"]) if ci is not None]
+        points = _complete(v["deepseekmoe_minus_gshard"]["curve"], len(results["seeds"]))
+        if not points:
+            continue
+        tokens, means, intervals = zip(*points)
+        unit = " (per BPE token)" if v.get("vocab_size") else ""
+        line, = ax.plot(np.asarray(tokens) / 1e6, means, "o-", markersize=3, label=name + unit)
+        bands = [(t / 1e6, *ci) for t, ci in zip(tokens, intervals) if ci is not None]
         if bands:
             t, low, high = zip(*bands)
             ax.fill_between(t, low, high, color=line.get_color(), alpha=0.15, linewidth=0)

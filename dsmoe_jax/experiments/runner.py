@@ -68,8 +68,8 @@ class RunRecord:
     # each validation window's loss: the same windows for every arm of a seed (runs recorded
     # before the windows were: empty)
     val_window_losses: tuple[float, ...] = ()
-    # (training tokens seen, validation loss) at each validation during training (on the scale's
-    # curve_tokens, the same windows for every arm); runs trained before: only the last step
+    # (training tokens seen, validation loss) at each validation during training, on the scale's
+    # curve_tokens: the same windows for every arm (runs trained before curves were: empty)
     val_curve: tuple[tuple[int, float], ...] = ()
 
     @classmethod
@@ -85,11 +85,16 @@ class RunRecord:
                        "val_curve": [list(p) for p in self.val_curve]}, f, indent=2)
 
 
-def validation_curve(directory: pathlib.Path, tokens_per_step: int) -> tuple[tuple[int, float], ...]:
-    """(tokens seen, val_loss) at every validation a training run logged in ``metrics.jsonl``."""
+def validation_curve(directory: pathlib.Path, scale: Scale) -> tuple[tuple[int, float], ...]:
+    """(tokens seen, val_loss) at every validation a training run logged in ``metrics.jsonl``;
+    empty for a run that validated on other windows than the scale's ``curve_tokens`` (one trained
+    before curves were), whose losses would not pair with other runs'."""
     path = directory / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return tuple((r["step"] * tokens_per_step, r["val_loss"]) for r in rows if "val_loss" in r)
+    if not path.is_file() or read_config(directory).train.eval_tokens != scale.curve_tokens:
+        return ()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    per_step = scale.batch_size * scale.seq_len
+    return tuple((r["step"] * per_step, r["val_loss"]) for r in rows if "val_loss" in r)
 
 
 def default_workdir(scale: str) -> pathlib.Path:
@@ -117,9 +122,8 @@ def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume
         raise ExperimentError(f"{directory} holds a run of another config than arm {arm.name!r} at scale "
                               f"{scale.name!r}, seed {seed}; choose a new --workdir")
     if final.is_file():
-        record = RunRecord.read(final)  # recorded before curves were: read what its log holds
-        return record if record.val_curve else dataclasses.replace(
-            record, val_curve=validation_curve(directory, scale.tokens // scale.steps))
+        record = RunRecord.read(final)
+        return record if record.val_curve else dataclasses.replace(record, val_curve=validation_curve(directory, scale))
     checkpoints = directory / CHECKPOINTS_DIR
     started = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
     if started and not resume:
@@ -139,7 +143,7 @@ def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume
     val_tokens = validation_tokens(cfg)
     result = evaluate(params, cfg, val_tokens, max_tokens=scale.eval_tokens)
     record = RunRecord(result.loss, result.stderr, result.tokens, scale.tokens, scale.steps, sum(walls), len(walls),
-                       started, tuple(result.window_losses), validation_curve(directory, scale.tokens // scale.steps))
+                       started, tuple(result.window_losses), validation_curve(directory, scale))
     record.write(final)
     return record
 
@@ -177,12 +181,15 @@ def compare(name_a: str, records_a: list[RunRecord], name_b: str, records_b: lis
 
 
 def gap_curve(records_a: list[RunRecord], records_b: list[RunRecord]) -> dict:
-    """A - B against training tokens seen, paired by seed at each validation every pair logged:
-    ``{"tokens", "mean", "ci95"}`` lists (a 95% interval is None where there is one seed)."""
+    """A - B against training tokens seen, paired by seed at each validation: ``{"tokens", "mean",
+    "ci95", "seeds"}`` lists, where ``seeds`` counts the pairs that logged that point (a run trained
+    before curves were logs none) and a 95% interval is None where fewer than two did."""
     curves = [(dict(a.val_curve), dict(b.val_curve)) for a, b in zip(records_a, records_b)]
-    shared = sorted(set.intersection(*(set(a) & set(b) for a, b in curves))) if curves else []
-    points = [paired([a[t] - b[t] for a, b in curves]) for t in shared]
-    return {"tokens": shared, "mean": [p[0] for p in points], "ci95": [p[2] for p in points]}
+    tokens = sorted({t for a, b in curves for t in set(a) & set(b)})
+    diffs = [[a[t] - b[t] for a, b in curves if t in a and t in b] for t in tokens]
+    points = [paired(d) for d in diffs]
+    return {"tokens": tokens, "mean": [p[0] for p in points], "ci95": [p[2] for p in points],
+            "seeds": [len(d) for d in diffs]}
 
 
 def paired(diffs: Sequence[float]) -> tuple[float, float | None, list[float] | None]:
@@ -225,6 +232,7 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
     for v in chosen.values():
         gshard, deepseek = records[(v.name, "gshard")], records[(v.name, "deepseekmoe")]
         rows[v.name] = {"reason": v.reason, "scale": v.scale, "overrides": list(v.overrides),
+                        "vocab_size": v.vocab_size,
                         "tokens_per_arm": deepseek[0].train_tokens,
                         "val_loss": {a: [r.val_loss for r in records[(v.name, a)]] for a in arms},
                         "wall_s": sum(r.wall_s for a in arms for r in records[(v.name, a)]),

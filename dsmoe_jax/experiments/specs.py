@@ -18,7 +18,7 @@ from fractions import Fraction
 from dsmoe_jax.config import Config, ConfigError, load_config
 
 BASE_CONFIG = "2b"
-CURVE_POINTS = 10  # validations during each run, evenly spaced, for the loss against tokens seen
+CURVE_POINTS = 10  # validations during each run (at most), for the loss against tokens seen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +50,15 @@ class Scale:
             f"model.max_seq_len={max(self.seq_len, 16)}", f"train.seq_len={self.seq_len}",
             f"train.batch_size={self.batch_size}", f"train.steps={self.steps}", f"train.lr={self.lr}",
             f"train.warmup_steps={self.warmup_steps}", f"train.checkpoint_every={self.checkpoint_every}",
-            f"train.eval_every={max(self.steps // CURVE_POINTS, 1)}", f"train.eval_tokens={self.curve_tokens}",
+            f"train.eval_every={self.eval_every}", f"train.eval_tokens={self.curve_tokens}",
             f"train.log_every={max(self.steps // 50, 1)}", f"model.scan_layers={str(self.scan_layers).lower()}",
         ]
+
+    @property
+    def eval_every(self) -> int:
+        """Steps between validations during training: CURVE_POINTS of them, the last at the last
+        step (fewer for a run of fewer steps)."""
+        return -(-self.steps // CURVE_POINTS)
 
     @property
     def tokens(self) -> int:
