@@ -123,6 +123,7 @@ class Aux(NamedTuple):
     device_balance_loss: jax.Array  # summed over MoE layers
     expert_load: jax.Array  # [MoE layers, E] tokens routed to each expert
     drop_fraction: jax.Array  # [MoE layers] assignments dropped by the capacity limit
+    gate_sum: jax.Array  # [MoE layers] a token's routed gates summed, mean over real tokens
     # [MoE layers, B * S, K] each token's chosen experts, best first: only with RouteOptions(record=True)
     expert_choices: jax.Array | None = None
 
@@ -132,9 +133,11 @@ class Aux(NamedTuple):
         the statistics of every MoE layer stacked on a leading axis (None: no MoE layer)."""
         if stacked is None:
             zero = jnp.zeros((), jnp.float32)
-            return cls(zero, zero, zero, jnp.zeros((0, 0), jnp.float32), jnp.zeros((0,), jnp.float32))
+            none = jnp.zeros((0,), jnp.float32)
+            return cls(zero, zero, zero, jnp.zeros((0, 0), jnp.float32), none, none)
         expert, device = stacked.expert_balance_loss.sum(), stacked.device_balance_loss.sum()
-        return cls(expert + device, expert, device, stacked.expert_load, stacked.drop_fraction, stacked.expert_TK)
+        return cls(expert + device, expert, device, stacked.expert_load, stacked.drop_fraction, stacked.gate_sum,
+                   stacked.expert_TK)
 
 
 STACKED_GROUPS = ("dense_layers", "moe_layers")  # the params keys of the scanned layout

@@ -151,6 +151,7 @@ class MoEStats(NamedTuple):
     device_balance_loss: jax.Array  # float32 scalar, weighted by moe.device_aux_alpha
     expert_load: jax.Array  # [E] tokens routed to each expert (padding left out)
     drop_fraction: jax.Array  # float32 scalar: assignments dropped by the capacity limit
+    gate_sum: jax.Array  # float32 scalar: a token's routed gates summed, mean over real tokens
     expert_TK: jax.Array | None = None  # int32: each token's chosen experts, best first (RouteOptions.record)
 
 
@@ -225,6 +226,8 @@ class MoE(nnx.Module):
             device_balance_loss=device_loss,
             expert_load=expert_counts(routing.expert_TK, E, valid_T),
             drop_fraction=1.0 - jnp.sum(keep_TK * valid_TK) / jnp.maximum(jnp.sum(valid_TK), 1.0),
+            # the routed experts' weight beside the shared experts' 1: small softmax gates leave them silent
+            gate_sum=jnp.sum(routing.gate_TK.sum(-1) * valid_T) / jnp.maximum(jnp.sum(valid_T), 1.0),
             expert_TK=routing.expert_TK if route.record else None,
         )
         return y_TD.astype(x_BSD.dtype).reshape(B, S, D), stats

@@ -331,6 +331,22 @@ def test_sensitivity_variants_change_what_they_say_and_keep_the_token_budget():
     assert (big.train.batch_size, big.train.steps) == (64, 75), "4x the batch, a quarter of the steps"
 
 
+@pytest.mark.parametrize("arm", ["gshard", "deepseekmoe"])
+def test_routed_scale_makes_the_gates_sum_to_about_one_at_initialisation(arm):
+    """At initialisation the router is nearly uniform: top-K of E softmax gates sum to a little over
+    K/E (GShard 2/16, DeepSeekMoE 7/63: the largest K are chosen); scaled by E/K (the same weights)
+    they sum to a little over 1."""
+    tokens = jax.random.randint(jax.random.key(1), (2, 64), 0, 256)
+    sums = {}
+    for name in ("base", "routed_scale"):
+        cfg = arm_config(*VARIANTS[name].apply(ARMS[arm], SCALES["cpu"]), 0).model
+        aux = dsmoe_jax.forward(dsmoe_jax.init_params(cfg, jax.random.key(0)), tokens, cfg)[1]
+        sums[name] = np.asarray(aux.gate_sum)
+    K_over_E = ARMS[arm].top_k / ARMS[arm].routed
+    np.testing.assert_allclose(sums["base"], K_over_E, rtol=0.2, err_msg="nearly uniform softmax gates")
+    np.testing.assert_allclose(sums["routed_scale"], sums["base"] / K_over_E, rtol=1e-5, err_msg="scaled by E/K")
+
+
 def test_sensitivity_combines_variants_with_plus_and_refuses_conflicts_and_other_budgets(tmp_path):
     both = arm_config(*variant("norm_topk+lr_1e-3").apply(ARMS["deepseekmoe"], SCALES["cpu-long"]), 0)
     assert both.model.moe.norm_topk_prob and both.train.lr == 1e-3, "both changes apply"

@@ -42,6 +42,8 @@ def test_tiny_config_learns_and_logs(tmp_path):
     assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "balance_loss"} <= set(m[1])
     assert "val_loss" in m[20] and "val_loss" not in m[19]
     assert "load_max_over_mean/moe_layer_2" in m[40], "per-layer expert load"
+    gates = [m[40][f"gate_sum/moe_layer_{i}"] for i in range(3)]
+    assert all(0 < g <= 1 for g in gates), f"top-k softmax gates sum to at most 1 per token: {gates}"
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["20", "40"]
 

@@ -43,8 +43,8 @@ def test_route_options_match_the_token_by_token_reference(small_cfg, options):
     layer = _layer(small_cfg)
     x_BSD = jax.random.normal(jax.random.key(3), (2, 10, small_cfg.d_model))
     y, stats = layer(x_BSD, jnp.zeros((2, 10), jnp.int32), jnp.ones((2, 10)), options)
-    ref = _numpy_moe(layer, x_BSD.reshape(20, -1), top_k=options.top_k, exclude_top=options.exclude_top,
-                     shared=options.shared)
+    ref, _ = _numpy_moe(layer, x_BSD.reshape(20, -1), top_k=options.top_k, exclude_top=options.exclude_top,
+                        shared=options.shared)
     np.testing.assert_allclose(y, ref.reshape(y.shape), atol=1e-5, err_msg=f"{options}")
     assert float(stats.expert_load.sum()) == 20 * (options.top_k or small_cfg.moe.top_k)
 
@@ -175,13 +175,13 @@ def _numpy_moe(layer: moe_lib.MoE, x_TD, keep_TK=None, top_k=None, exclude_top=0
     """Token by token: sum_k g_k FFN_{e_k}(x) + shared(x), routing recomputed in float64
     (softmax or sigmoid scores, the best groups first when ``n_group`` > 1, gates scaled);
     ``exclude_top`` drops each token's best experts from the scores, ``shared`` False the
-    shared experts."""
+    shared experts. Returns the output and each token's sum of gates."""
     c = layer.cfg
     top_k = top_k or c.top_k
     p = jax.tree.map(lambda v: np.asarray(v, np.float64), nnx.to_pure_dict(nnx.state(layer, nnx.Param)))
     swiglu = lambda x, wg, wu, wd: ((x @ wg) / (1 + np.exp(-(x @ wg))) * (x @ wu)) @ wd
     x = np.asarray(x_TD, np.float64)
-    y = np.zeros_like(x)
+    y, gate_sum_T = np.zeros_like(x), np.zeros(x.shape[0])
     for t in range(x.shape[0]):
         logits = x[t] @ p["w_router_DE"]
         logits[np.argsort(-logits, kind="stable")[:exclude_top]] = -np.inf
@@ -197,12 +197,13 @@ def _numpy_moe(layer: moe_lib.MoE, x_TD, keep_TK=None, top_k=None, exclude_top=0
             groups[dropped] = -np.inf
         top = np.argsort(-choose, kind="stable")[:top_k]
         gates = scores[top] / (scores[top].sum() if c.norm_topk_prob else 1.0) * c.routed_scaling_factor
+        gate_sum_T[t] = gates.sum()
         for k, (e, g) in enumerate(zip(top, gates)):
             if keep_TK is None or keep_TK[t, k]:
                 y[t] += g * swiglu(x[t], p["w_gate_EDF"][e], p["w_up_EDF"][e], p["w_down_EFD"][e])
         if c.n_shared_experts and shared:
             y[t] += swiglu(x[t], *(p["shared"][n] for n in ("w_gate_DF", "w_up_DF", "w_down_FD")))
-    return y
+    return y, gate_sum_T
 
 
 @pytest.mark.gpu
@@ -214,10 +215,13 @@ def test_moe_layer_matches_token_by_token_reference(small_cfg, backend, norm_top
     layer = _layer(cfg)
     x_BSD = jax.random.normal(jax.random.key(3), (2, 10, cfg.d_model))
     y, stats = layer(x_BSD, jnp.zeros((2, 10), jnp.int32), jnp.ones((2, 10)))
-    ref = _numpy_moe(layer, x_BSD.reshape(20, -1)).reshape(y.shape)
-    np.testing.assert_allclose(y, ref, atol=1e-5, err_msg=f"MoE layer ({backend}) != token-by-token reference")
+    ref, gate_sum_T = _numpy_moe(layer, x_BSD.reshape(20, -1))
+    np.testing.assert_allclose(y, ref.reshape(y.shape), atol=1e-5,
+                               err_msg=f"MoE layer ({backend}) != token-by-token reference")
     assert float(stats.expert_load.sum()) == 20 * cfg.moe.top_k
     assert float(stats.drop_fraction) == 0.0
+    assert float(stats.gate_sum) == pytest.approx(gate_sum_T.mean(), rel=1e-5), "the routed gates' mean sum"
+    assert norm_topk_prob == (float(stats.gate_sum) == pytest.approx(1.0)), "renormalised gates sum to 1"
 
 
 @pytest.mark.parametrize("routing", [
@@ -229,9 +233,12 @@ def test_moe_layer_with_deepseek_v2_v3_routing_matches_reference(small_cfg, rout
     cfg = dataclasses.replace(small_cfg, moe=dataclasses.replace(small_cfg.moe, **routing))
     layer = _layer(cfg)
     x_BSD = jax.random.normal(jax.random.key(5), (2, 10, cfg.d_model))
-    y, stats = layer(x_BSD, jnp.zeros((2, 10), jnp.int32), jnp.ones((2, 10)))
-    np.testing.assert_allclose(y, _numpy_moe(layer, x_BSD.reshape(20, -1)).reshape(y.shape), atol=1e-5)
-    assert float(stats.expert_load.sum()) == 20 * cfg.moe.top_k
+    valid_BS = jnp.ones((2, 10)).at[1, 7:].set(0)  # padding is left out of the gate sum
+    y, stats = layer(x_BSD, jnp.zeros((2, 10), jnp.int32), valid_BS)
+    ref, gate_sum_T = _numpy_moe(layer, x_BSD.reshape(20, -1))
+    np.testing.assert_allclose(y, ref.reshape(y.shape), atol=1e-5)
+    assert float(stats.expert_load.sum()) == 17 * cfg.moe.top_k
+    assert float(stats.gate_sum) == pytest.approx(gate_sum_T[:17].mean(), rel=1e-5), "gates scaled, padding out"
 
 
 def test_moe_layer_with_capacity_matches_reference_with_drops(small_cfg):
@@ -249,7 +256,7 @@ def test_moe_layer_with_capacity_matches_reference_with_drops(small_cfg):
             keep[t, k] = used[e] < C
             used[e] += 1
     assert 0 < (~keep).sum() < keep.size, "the example must drop some assignments, not all"
-    np.testing.assert_allclose(y[0], _numpy_moe(layer, x_TD, keep), atol=1e-5)
+    np.testing.assert_allclose(y[0], _numpy_moe(layer, x_TD, keep)[0], atol=1e-5)
     assert float(stats.drop_fraction) == pytest.approx((~keep).mean())
 
 

@@ -172,8 +172,9 @@ def _step_metrics(m: StepMetrics, lr: float, tokens_per_s: float, cfg: Config) -
     for depth, ce in enumerate(np.asarray(m.mtp_ce), 1):
         out[f"mtp_ce/depth_{depth}"] = float(ce)
     load = np.asarray(m.aux.expert_load)
-    for layer, row in enumerate(load):
+    for layer, (row, gates) in enumerate(zip(load, np.asarray(m.aux.gate_sum))):
         out[f"load_max_over_mean/moe_layer_{layer}"] = float(row.max() / max(row.mean(), 1e-9))
+        out[f"gate_sum/moe_layer_{layer}"] = float(gates)
     if np.asarray(m.aux.drop_fraction).size:
         out["drop_fraction"] = float(np.mean(m.aux.drop_fraction))
     return out

@@ -190,6 +190,7 @@ class Variant:
     scale: dict = dataclasses.field(default_factory=dict)  # Scale fields to replace
     overrides: tuple[str, ...] = ()
     vocab_size: int = 0  # > 0: a byte-level BPE tokenizer of this many tokens instead of the bytes
+    gates_to_one: bool = False  # routed gates scaled by E / K: about 1 per token at initialisation
 
     def apply(self, arm: Arm, scale: Scale, tokenizer: str | None = None) -> tuple[Arm, Scale]:
         """The arm (named ``arm@variant``, trained and stored apart) and scale of this variant;
@@ -201,6 +202,8 @@ class Variant:
             if tokenizer is None:
                 raise ConfigError(f"variant {self.name} reads a {self.vocab_size}-token BPE tokenizer: pass its path")
             overrides += (f"data.tokenizer='{tokenizer}'", f"model.vocab_size={self.vocab_size}")
+        if self.gates_to_one and arm.routed:
+            overrides += (f"moe.routed_scaling_factor={arm.routed / arm.top_k:g}",)
         return (dataclasses.replace(arm, name=f"{arm.name}@{self.name}", settings=arm.settings + overrides),
                 dataclasses.replace(scale, **self.scale))
 
@@ -211,6 +214,9 @@ VARIANTS = {v.name: v for v in (
     Variant("norm_topk", "gate scale: top-k weights renormalised to sum 1, where GShard's routed experts "
             "otherwise carry about 2/16 of a token's weight and DeepSeekMoE's about 7/63 beside a shared expert "
             "at weight 1", overrides=("moe.norm_topk_prob=true",)),
+    Variant("routed_scale", "gate scale without renormalising: routed gates multiplied by E/K (GShard 8, DeepSeekMoE "
+            "9), so that at initialisation they sum to about 1 per token beside the shared expert's 1, while the "
+            "router's confidence still scales them", gates_to_one=True),
     Variant("init_0.02", "initialisation: std 0.006 is the paper's for width 1280, used here at width 128",
             overrides=("model.init_std=0.02",)),
     Variant("depth_4", "depth: with 2 blocks the router sees nearly raw embeddings", scale={"n_layers": 4}),
@@ -253,7 +259,8 @@ def variant(name: str) -> Variant:
                                   f"{key}={seen[key]}")
             seen[key] = value
     return Variant(name, "together: " + "; ".join(VARIANTS[p].reason for p in parts), scale,
-                   tuple(f"{k}={v}" for k, v in overrides.items()), max(vocab_sizes, default=0))
+                   tuple(f"{k}={v}" for k, v in overrides.items()), max(vocab_sizes, default=0),
+                   any(VARIANTS[p].gates_to_one for p in parts))
 
 
 def arm_config(arm: Arm, scale: Scale, seed: int) -> Config:
