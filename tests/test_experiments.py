@@ -297,6 +297,9 @@ def test_probes_split_validation_by_kind_and_pair_the_arms(tmp_path, capsys):
     gshard = base["arms"]["gshard"][0]
     assert set(gshard["loss"]) == {"code", "documentation"} and all(v > 0 for v in gshard["stderr"].values())
     assert len(gshard["load"]["max_over_mean"]) == cfg.model.n_moe_layers, gshard["load"]
+    for arm, runs in base["arms"].items():  # the top K of E softmax probabilities sum to between K/E and 1
+        K_over_E = ARMS[arm].top_k / ARMS[arm].routed
+        assert all(K_over_E - 1e-6 <= g <= 1 + 1e-6 for r in runs for g in r["gate_sum"]), (arm, runs[0]["gate_sum"])
     assert "| documentation |" in (tmp_path / "probes" / "results.md").read_text()
 
 

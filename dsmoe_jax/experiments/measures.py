@@ -10,7 +10,8 @@ evaluation time (``moe.RouteOptions``), never its parameters:
 - fewer activated experts: DeepSeekMoE evaluated with top-3 .. top-7 routed experts, against
   GShard's loss with its own top-2.
 
-Balance: the number of validation tokens routed to each expert of each layer.
+Balance: the number of validation tokens routed to each expert of each layer (and the routed
+gates' sum per token, the weight the routed experts carry).
 """
 
 from __future__ import annotations
@@ -73,22 +74,29 @@ def specialisation(root: pathlib.Path, scale: Scale, seeds: Sequence[int], run_d
 
 
 @functools.lru_cache(maxsize=8)
-def _load_step(cfg):
+def _routing_step(cfg):
     def step(params, windows_BS1, real):
         # padding windows (index >= real) are masked out, so they route no tokens
         mask_BS = jnp.broadcast_to((jnp.arange(windows_BS1.shape[0]) < real)[:, None], windows_BS1[:, :-1].shape)
-        return forward(params, windows_BS1[:, :-1], cfg.model, attention_mask=mask_BS)[1].expert_load
+        aux = forward(params, windows_BS1[:, :-1], cfg.model, attention_mask=mask_BS)[1]
+        return aux.expert_load, aux.gate_sum * mask_BS.sum()  # gate sums totalled over the real tokens
 
     return jax.jit(step)
 
 
-def expert_load(params, cfg, tokens: np.ndarray, max_tokens: int) -> np.ndarray:
-    """Validation tokens routed to each expert ``[MoE layers, E]`` over the same windows that
-    validation reads (``evaluation.validation_windows`` and ``window_batches``)."""
+def routing_totals(params, cfg, tokens: np.ndarray, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Over the windows validation reads (``evaluation.validation_windows`` and
+    ``window_batches``): the tokens routed to each expert ``[MoE layers, E]`` and each MoE layer's
+    routed gates summed per token, mean over tokens ``[MoE layers]``."""
     index = validation_windows(tokens, cfg.train.seq_len, max_tokens)
-    step = _load_step(cfg)
+    step = _routing_step(cfg)
     batches = window_batches(tokens, cfg.train.seq_len, index, min(cfg.train.batch_size, len(index)))
-    return sum(np.asarray(step(params, jnp.asarray(windows), real)) for windows, real in batches)
+    load, gates, seen = 0, 0, 0
+    for windows, real in batches:
+        batch_load, batch_gates = map(np.asarray, step(params, jnp.asarray(windows), real))
+        load, gates, seen = load + batch_load, gates + batch_gates, seen + real * cfg.train.seq_len
+    return load, gates / seen
+
 
 
 def load_statistics(load_LE: np.ndarray, groups: int | None = DEVICE_GROUPS) -> dict:
@@ -159,10 +167,10 @@ def probe_arm(params, cfg, scale: Scale) -> dict:
     by_kind = {kind: evaluate(params, cfg, tokens, scale.eval_tokens)
                for kind, tokens in validation_by_kind(cfg).items()}
     val = validation_tokens(cfg)
-    load = expert_load(params, cfg, val, scale.probe_tokens)
+    load, gate_sum = routing_totals(params, cfg, val, scale.probe_tokens)
     return {"loss": {k: r.loss for k, r in by_kind.items()}, "stderr": {k: r.stderr for k, r in by_kind.items()},
             "tokens": {k: r.tokens for k, r in by_kind.items()}, "load": load_statistics(load, groups=None),
-            "routing_by_token": routing_by_token(params, cfg, val, scale.probe_tokens)}
+            "gate_sum": gate_sum.tolist(), "routing_by_token": routing_by_token(params, cfg, val, scale.probe_tokens)}
 
 
 def balance(root: pathlib.Path, arms: Sequence[Arm], scale: Scale, seeds: Sequence[int], run_dir: RunDir) -> dict:
@@ -172,7 +180,7 @@ def balance(root: pathlib.Path, arms: Sequence[Arm], scale: Scale, seeds: Sequen
         stats = []
         for seed in seeds:
             params, cfg, val = _load(run_dir(root, arm, seed))
-            load = expert_load(params, cfg, val, scale.probe_tokens)
+            load = routing_totals(params, cfg, val, scale.probe_tokens)[0]
             stats.append(load_statistics(load))
             if seed == seeds[0]:
                 out.setdefault(arm.name, {})["load"] = load.tolist()

@@ -99,13 +99,15 @@ def probes_markdown(results: dict) -> str:
             interval = f"[{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if g["ci95"] else "one seed"
             lines.append(f"| {kind} | {arms['gshard'][0]['tokens'][kind]:,} | {mean('gshard')} | "
                          f"{mean('deepseekmoe')} | {g['mean']:+.4f} | {interval} |")
-        lines += ["", "| arm | load max/mean | load entropy (1 = even) | token id -> first expert: table accuracy "
-                  "| always the top expert | I(expert; token id) / H(expert) |", "|---|---|---|---|---|---|"]
+        lines += ["", "| arm | load max/mean | load entropy (1 = even) | routed gates' sum per token "
+                  "| token id -> first expert: table accuracy | always the top expert "
+                  "| I(expert; token id) / H(expert) |", "|---|---|---|---|---|---|---|"]
         for arm, runs in arms.items():
             per_layer = lambda get: ", ".join(f"{x:.2f}" for x in np.mean([get(r) for r in runs], axis=0))
             routing = lambda key: per_layer(lambda r: [layer[key] for layer in r["routing_by_token"]])
+            gates = per_layer(lambda r: r["gate_sum"]) if all("gate_sum" in r for r in runs) else ""
             lines.append(f"| {arm} | {per_layer(lambda r: r['load']['max_over_mean'])} | "
-                         f"{per_layer(lambda r: r['load']['entropy'])} | {routing('table_accuracy')} | "
+                         f"{per_layer(lambda r: r['load']['entropy'])} | {gates} | {routing('table_accuracy')} | "
                          f"{routing('constant_accuracy')} | {routing('normalised_mutual_information')} |")
         lines.append("Per MoE layer, first to last; means over seeds.")
         lines.append("")
