@@ -96,7 +96,13 @@ def test_toy_experiment_end_to_end_and_resume_without_retraining(toy_workdir, mo
     assert list(s["disable_top"]["gshard_x1.5"]) == ["0/16", "1/16"]
     assert list(s["top_k"]) == ["3", "4", "5", "6", "7"] and len(s["gshard_top2"]) == 2
     assert s["top_k"]["7"] == s["no_shared"]["standard"], "top-7 is the model as trained"
-    assert {"val_loss.png", "train_loss.png", "specialisation.png"} <= {p.name for p in out.iterdir()}
+    assert {"val_loss.png", "train_loss.png", "val_curve.png", "specialisation.png"} <= {p.name for p in out.iterdir()}
+    curve = saved["arms"]["gshard"]["val_curve"]
+    assert curve["tokens"] == [128 * step for step in range(1, 7)], curve
+    logged = [[json.loads(line) for line in (toy_workdir / "runs" / "gshard" / f"seed{s}" / "metrics.jsonl")
+               .read_text().splitlines()] for s in (0, 1)]
+    by_step = [np.mean([rows[step - 1]["val_loss"] for rows in logged]) for step in range(1, 7)]
+    assert curve["mean"] == pytest.approx(by_step), "the seeds' logged validations, averaged step by step"
     assert "DeepSeekMoE" in (out / "results.md").read_text() and results["scale"] == "toy"
     pairs = {(c["a"], c["b"]): c for c in saved["comparisons"]}
     assert set(pairs) == {("deepseekmoe", "gshard"), ("deepseekmoe", "gshard_x1.5"), ("gshard", "gshard_x1.5")}

@@ -170,6 +170,8 @@ def plots(results: dict, out: pathlib.Path, first_seed_runs: dict[str, pathlib.P
     """Write the experiment's PNG plots into ``out``; returns their file names."""
     plt = _pyplot()
     names = [_loss_bars(plt, results, out), _loss_curves(plt, results, out, first_seed_runs)]
+    if any(arm["val_curve"]["tokens"] for arm in results["arms"].values()):
+        names.append(_validation_curves(plt, results, out))
     if "specialisation" in results:
         names.append(_specialisation_plot(plt, results["specialisation"], out))
     if "balance" in results:
@@ -218,6 +220,18 @@ def _loss_curves(plt, results: dict, out: pathlib.Path, runs: dict[str, pathlib.
     ax.set_title(f"training curves, seed {results['seeds'][0]}")
     ax.legend(fontsize=8)
     return _save(plt, fig, out / "train_loss.png")
+
+
+def _validation_curves(plt, results: dict, out: pathlib.Path) -> str:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm in results["arms"].values():
+        curve = arm["val_curve"]
+        ax.plot(np.asarray(curve["tokens"]) / 1e6, curve["mean"], "o-", markersize=3, label=arm["label"])
+    ax.set_xlabel("training tokens seen (millions)")
+    ax.set_ylabel("validation loss (curve_tokens)")
+    ax.set_title(f"validation during training, mean over {len(results['seeds'])} seeds")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, out / "val_curve.png")
 
 
 def gap_curves(results: dict, out: pathlib.Path) -> str:

@@ -159,8 +159,16 @@ def _arm_summary(arm: Arm, scale: Scale, records: list[RunRecord], paper: float 
         "val_loss_seed_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
         "eval_tokens": records[0].eval_tokens, "wall_s": [r.wall_s for r in records],
         "resumed": [r.resumed for r in records],
+        "val_curve": _mean_curve(records),
         "paper_val_loss": paper,
     }
+
+
+def _mean_curve(records: list[RunRecord]) -> dict:
+    """Validation loss against tokens seen, mean over the seeds, at the points every seed logged."""
+    curves = [dict(r.val_curve) for r in records]
+    tokens = sorted(set.intersection(*map(set, curves))) if curves else []
+    return {"tokens": tokens, "mean": [float(np.mean([c[t] for c in curves])) for t in tokens]}
 
 
 def compare(name_a: str, records_a: list[RunRecord], name_b: str, records_b: list[RunRecord],
