@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import dsmoe_jax
-from dsmoe_jax import cli, loading
+from dsmoe_jax import cli, data, loading
 from dsmoe_jax.checkpoint import write_config
 from dsmoe_jax.config import ConfigError
 from dsmoe_jax.experiments import (
@@ -252,23 +252,36 @@ def test_sensitivity_trains_both_arms_per_variant_and_pairs_them(tmp_path, capsy
     assert "unknown variant 'depth_9'" in capsys.readouterr().err
 
 
-def test_a_bpe_variant_trains_its_tokenizer_on_the_training_split_only(tmp_path, monkeypatch):
-    from dsmoe_jax import data
-    from dsmoe_jax.experiments import specs
-
+def _bpe_300(monkeypatch) -> list[str]:
+    """A 300-token BPE variant; returns the list the texts its tokenizer is trained on go into."""
     monkeypatch.setitem(specs.VARIANTS, "bpe_300", specs.Variant("bpe_300", "a small BPE", vocab_size=300))
     seen = []
     real = runner.train_bpe
     monkeypatch.setattr(runner, "train_bpe", lambda texts, *args: (seen.extend(texts), real(seen, *args))[1])
-    results = run_sensitivity("toy", [0], ["bpe_300"], tmp_path, progress=False)
+    return seen
+
+
+def test_a_bpe_variant_trains_its_tokenizer_on_the_training_split_only(tmp_path, monkeypatch):
+    seen = _bpe_300(monkeypatch)
+    v = variant("bpe_300")
+    path = runner.variant_tokenizer(v, tmp_path)
     docs = data.embedded_documents()
     held_out = {text for _, text in docs[data.VAL_EVERY - 1::data.VAL_EVERY]}
     assert len(seen) == len(docs) - len(held_out) and not held_out & set(seen), "never the held-out documents"
+    assert path == str(tmp_path / "tokenizers" / "bpe-300" / "tokenizer.json")
+    cfg = arm_config(*v.apply(ARMS["deepseekmoe"], SCALES["toy"], path), 0)
+    assert (cfg.data.tokenizer, cfg.model.vocab_size) == (path, 300), "the arms read it"
+    assert runner.variant_tokenizer(v, tmp_path) == path and len(seen) == len(docs) - len(held_out), \
+        "trained once, then reused"
+
+
+@pytest.mark.slow  # about 25 s: run with -m slow
+def test_a_bpe_variant_trains_and_pairs_its_arms(tmp_path, monkeypatch):
+    _bpe_300(monkeypatch)
+    results = run_sensitivity("toy", [0], ["bpe_300"], tmp_path, progress=False)
     cfg = loading.load_model(tmp_path / "runs" / "deepseekmoe@bpe_300" / "seed0").cfg
     assert cfg.data.tokenizer == str(tmp_path / "tokenizers" / "bpe-300" / "tokenizer.json")
     assert cfg.model.vocab_size == 300 and results["variants"]["bpe_300"]["deepseekmoe_minus_gshard"]["per_seed"]
-    run_sensitivity("toy", [0], ["bpe_300"], tmp_path, progress=False)
-    assert len(seen) == len(docs) - len(held_out), "trained once, then reused"
 
 
 def test_probes_split_validation_by_kind_and_pair_the_arms(tmp_path, capsys):

@@ -234,15 +234,20 @@ def _validation_curves(plt, results: dict, out: pathlib.Path) -> str:
     return _save(plt, fig, out / "val_curve.png")
 
 
-def gap_curves(results: dict, out: pathlib.Path) -> str:
+def gap_curves(results: dict, out: pathlib.Path) -> list[str]:
     """The sensitivity experiment's DeepSeekMoE - GShard against training tokens seen, one line
-    per variant with its 95% t-interval over seeds as a band: ``gap_vs_tokens.png``."""
+    per variant with its 95% t-interval over seeds as a band: ``gap_vs_tokens.png`` (none when no
+    variant's runs logged a curve)."""
+    curves = {name: _complete(v["deepseekmoe_minus_gshard"]["curve"], len(results["seeds"]))
+              for name, v in results["variants"].items()}
+    if not any(curves.values()):
+        return []
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, v in results["variants"].items():
-        points = _complete(v["deepseekmoe_minus_gshard"]["curve"], len(results["seeds"]))
+    for name, points in curves.items():
         if not points:
             continue
+        v = results["variants"][name]
         tokens, means, intervals = zip(*points)
         unit = " (per BPE token)" if v.get("vocab_size") else ""
         line, = ax.plot(np.asarray(tokens) / 1e6, means, "o-", markersize=3, label=name + unit)
@@ -256,7 +261,7 @@ def gap_curves(results: dict, out: pathlib.Path) -> str:
     ax.set_title(f"sensitivity ({results['scale']} scale): the gap as training goes, "
                  f"{len(results['seeds'])} seeds, 95% bands")
     ax.legend(fontsize=8)
-    return _save(plt, fig, out / "gap_vs_tokens.png")
+    return [_save(plt, fig, out / "gap_vs_tokens.png")]
 
 
 def _specialisation_plot(plt, s: dict, out: pathlib.Path) -> str:

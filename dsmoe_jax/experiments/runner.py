@@ -251,7 +251,7 @@ def run_sensitivity(scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
                "wall_s": time.perf_counter() - tick, "environment": _environment()}
     out = root / "sensitivity"
     out.mkdir(parents=True, exist_ok=True)
-    results["plots"] = [report.gap_curves(results, out)]
+    results["plots"] = report.gap_curves(results, out)
     return _write(out, results, report.sensitivity_markdown(results), progress)
 
 
