@@ -380,6 +380,10 @@ def test_sensitivity_combines_variants_with_plus_and_refuses_conflicts_and_other
         variant("lr_1e-3+lr_4e-3")
     with pytest.raises(ConfigError, match="unknown variant 'base'"):
         variant("base+norm_topk")
+    with pytest.raises(ConfigError, match="Choose one of norm_topk and routed_scale"):
+        variant("routed_scale+norm_topk")
+    scaled = arm_config(*variant("routed_scale+lr_1e-3").apply(ARMS["gshard"], SCALES["cpu"]), 0)
+    assert (scaled.model.moe.routed_scaling_factor, scaled.train.lr) == (8.0, 1e-3), "16 experts, top-2: x8"
     with pytest.raises(ExperimentError, match="batch_64 trains on 614,400 tokens at scale cpu-long, not .* 6,144,000"):
         run_sensitivity("cpu-long", [0], ["norm_topk", "batch_64"], tmp_path, progress=False)
     assert not any(tmp_path.iterdir()), "refused before training anything"

@@ -258,9 +258,12 @@ def variant(name: str) -> Variant:
                 raise ConfigError(f"variant {name!r}: {part} sets {key}={value} but an earlier part set "
                                   f"{key}={seen[key]}")
             seen[key] = value
+    gates_to_one = any(VARIANTS[p].gates_to_one for p in parts)
+    if gates_to_one and overrides.get("moe.norm_topk_prob") == "true":
+        raise ConfigError(f"variant {name!r}: renormalised gates already sum to 1; scaling them by E/K too would "
+                          "make them sum to E/K. Choose one of norm_topk and routed_scale")
     return Variant(name, "together: " + "; ".join(VARIANTS[p].reason for p in parts), scale,
-                   tuple(f"{k}={v}" for k, v in overrides.items()), max(vocab_sizes, default=0),
-                   any(VARIANTS[p].gates_to_one for p in parts))
+                   tuple(f"{k}={v}" for k, v in overrides.items()), max(vocab_sizes, default=0), gates_to_one)
 
 
 def arm_config(arm: Arm, scale: Scale, seed: int) -> Config:
