@@ -212,6 +212,13 @@ def test_paired_comparison_by_hand():
         "one seed has no interval; runs without window losses have no paired SE"
 
 
+def test_an_arms_validation_curve_is_the_mean_over_seeds_where_every_seed_logged():
+    curve = lambda *points: runner.RunRecord(2.0, 0.01, 1024, 300, 3, 1.0, val_curve=points)
+    mean = runner._mean_curve([curve((100, 3.0), (200, 2.5), (300, 2.1)), curve((100, 3.2), (300, 2.3))])
+    assert mean["tokens"] == [100, 300] and mean["mean"] == pytest.approx([3.1, 2.2]), mean
+    assert runner._mean_curve([curve(), curve((100, 3.0))]) == {"tokens": [], "mean": []}, "an old run: no curve"
+
+
 def test_gap_curve_pairs_seeds_at_the_validations_every_run_logged():
     """Seed 0 logged at 100, 200, 300 tokens, seed 1 missed 200: each point is paired over the seeds
     that have it; at 300, A - B = 0.1 and 0.3: mean 0.2, std 0.1414, t(0.975, 1) = 12.706 -> +- 1.2706."""
