@@ -7,6 +7,7 @@
     params, cfg = dsmoe_jax.load_checkpoint("runs/tiny")    # a training workdir or converted HF checkpoint
     params, cfg = dsmoe_jax.load_checkpoint("ckpt/16b", mesh=dsmoe_jax.make_mesh({"fsdp": 8}))  # sharded
     out = dsmoe_jax.generate(params, prompt_ids, cfg, max_new_tokens=32, rng=jax.random.key(0))
+    prompt = dsmoe_jax.render_chat(messages, tokenizer, add_generation_prompt=True)  # chat format -> ids
 
 Also: ``dsmoe_jax.convert`` (HF checkpoints), ``dsmoe_jax.plan`` (memory and FLOPs per device),
 ``dsmoe_jax.mesh`` (meshes and the logical-axis rules), ``dsmoe_jax.expert_parallel`` (the
@@ -15,6 +16,7 @@ concept to its module.
 """
 
 from dsmoe_jax import kernels  # noqa: F401 - importing it registers the "triton" grouped-MLP backend
+from dsmoe_jax.chat import RenderedChat, render_chat
 from dsmoe_jax.checkpoint import load_checkpoint
 from dsmoe_jax.config import (
     Config,
@@ -66,6 +68,7 @@ __all__ = [
     "MeshConfig",
     "ModelConfig",
     "MoEConfig",
+    "RenderedChat",
     "TrainConfig",
     "count_params",
     "decode_step",
@@ -85,6 +88,7 @@ __all__ = [
     "param_axes",
     "param_shapes",
     "prefill",
+    "render_chat",
     "RouteOptions",
     "SpeculativeStats",
     "register_backend",

@@ -9,6 +9,8 @@
     dsmoe-jax eval --checkpoint ckpt/16b --tasks hellaswag,piqa --limit 100   # lm-evaluation-harness
     dsmoe-jax generate --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 64
     dsmoe-jax generate --checkpoint runs/tiny-v3-mtp --prompt "def " --temperature 0 --speculative mtp
+    dsmoe-jax generate --checkpoint runs/sft --prompt "What is MoE?" --chat   # one user turn, the chat template
+    dsmoe-jax chat --checkpoint runs/sft --system "Be brief."   # a conversation; one turn per line when piped
     dsmoe-jax info --config 16b                       # architecture, parameters, FLOPs per token
     dsmoe-jax plan --config 16b --mesh data=8,expert=8 --batch 64 --seq 4096   # memory per device
     dsmoe-jax convert hf-to-jax deepseek-moe-16b-base ckpt/16b --dtype bfloat16
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsmoe_jax import convert, data, inference, prepare, runtime
+from dsmoe_jax import chat_session, convert, data, inference, prepare, runtime
 from dsmoe_jax import plan as plan_lib
 from dsmoe_jax.attention import resolve_implementation
 from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
@@ -41,7 +43,7 @@ from dsmoe_jax.model import cache_bytes_per_token, count_params, flops_per_token
 from dsmoe_jax.train.distributed import initialize_distributed
 from dsmoe_jax.train.loop import train
 
-COMPILING = ("train", "eval", "generate", "experiment")  # the commands that jit a model
+COMPILING = ("train", "eval", "generate", "chat", "experiment")  # the commands that jit a model
 
 
 def run_paths(cfg: Config) -> str:
@@ -117,11 +119,15 @@ def _train(args) -> None:
 
 def _prepare_data(args) -> None:
     options = prepare.Options(tokenizer=args.tokenizer, text_field=args.text_field, val_every=args.val_every,
-                              shard_tokens=args.shard_tokens, on_error=args.on_error)
+                              shard_tokens=args.shard_tokens, on_error=args.on_error, format=args.format)
     m = prepare.prepare(args.inputs, args.out, options, workers=args.workers, progress=not args.quiet)
     skipped = f", {m.skipped} bad records skipped (listed in manifest.json)" if m.skipped else ""
     print(f"wrote {args.out}: {len(m.shards)} shards of {m.dtype} tokens; train {m.train.tokens:,} tokens in "
           f"{m.train.documents:,} documents, validation {m.val.tokens:,} in {m.val.documents:,}{skipped}")
+    if m.record_format == "chat":
+        print(f"chat examples: train {m.train.documents:,} with {m.train.answer_tokens:,} answer tokens (the loss "
+              f"mask), validation {m.val.documents:,} with {m.val.answer_tokens:,}; the longest "
+              f"{max(m.train.longest, m.val.longest):,} tokens")
 
 
 def _eval(args) -> None:
@@ -172,7 +178,15 @@ def _eval_tasks(args) -> None:
 
 
 def _generate(args) -> None:
-    params, cfg, tok = load_model(args.checkpoint)
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system: only with --chat (the system prompt of a chat-formatted prompt)")
+    if args.chat and args.speculative:
+        raise ConfigError("--chat with --speculative is not supported: leave one of them out")
+    model = load_model(args.checkpoint)
+    if args.chat:
+        _generate_chat(args, model)
+        return
+    params, cfg, tok = model
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + [int(i) for i in tok.encode(args.prompt)]
     if args.speculative:
         _generate_speculative(args, params, cfg, tok, ids)
@@ -181,13 +195,26 @@ def _generate(args) -> None:
     tokens = inference.stream(params, ids, cfg, args.max_new_tokens, jax.random.key(args.seed), args.temperature,
                               args.top_k, args.top_p, eos=tok.eos_id)
     print(args.prompt, end="", flush=True)
-    out, shown = [], ""
+    text = chat_session.TextStream(tok)  # a token may end inside a character: it is printed when whole
     for token in tokens:
-        out.append(token)
-        text = tok.decode(out)  # decode everything so far: a token may complete a character
-        print(text[len(shown):], end="", flush=True)
-        shown = text
+        print(text.push(token), end="", flush=True)
+    print(text.flush())
+
+
+def _generate_chat(args, model) -> None:
+    """``generate --chat``: the prompt as one user turn in the chat format; the answer alone is printed."""
+    session = chat_session.ChatSession(model, args.system, args.max_new_tokens, args.temperature, args.top_k,
+                                       args.top_p, args.seed)
+    reply = session.reply(args.prompt)
     print()
+    if reply.interrupted:  # as plain generate: Ctrl-C stops the command
+        raise KeyboardInterrupt
+
+
+def _chat(args) -> None:
+    model = load_model(args.checkpoint, tokenizer=args.tokenizer)
+    chat_session.run(chat_session.ChatSession(model, args.system, args.max_new_tokens, args.temperature,
+                                              args.top_k, args.top_p, args.seed))
 
 
 def _generate_speculative(args, params, cfg, tok, ids) -> None:
@@ -289,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--out", required=True, help="the dataset directory; rerun the same command to resume it")
     prep.add_argument("--tokenizer", default="byte", help="'byte' (default) or an HF tokenizer.json (or its folder)")
     prep.add_argument("--text-field", default="text", help="JSON key / Parquet column of the text (default text)")
+    prep.add_argument("--format", choices=prepare.FORMATS, default="text",
+                      help="text: documents (default); chat: JSON Lines of conversations ('messages', or 'prompt' "
+                           "and 'completion'), one example each in the tokenizer's chat format, with a loss mask "
+                           "on the answers")
     prep.add_argument("--val-every", type=int, default=data.VAL_EVERY, metavar="N",
                       help=f"hold out every N-th record for validation (default {data.VAL_EVERY}; 0: none; 1: all, "
                            "for a validation-only set)")
@@ -346,7 +377,24 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--speculative", choices=["mtp"],
                      help="greedy decoding (with --temperature 0) where the model's multi-token-prediction module "
                           "drafts a token per step (model.mtp_depth >= 1); prints the drafts' acceptance")
+    gen.add_argument("--chat", action="store_true",
+                     help="the prompt is a user turn in the tokenizer's chat format; print the answer alone, up to "
+                          "the end-of-sentence token")
+    gen.add_argument("--system", help="with --chat: a system prompt before the user turn")
     gen.set_defaults(run=_generate)
+
+    ch = sub.add_parser("chat", help="a conversation with a (fine-tuned) model in its chat format; one user turn "
+                                     "per line when standard input is not a terminal")
+    ch.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint directory")
+    ch.add_argument("--system", help="a system prompt, kept when old turns are dropped")
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer (default 256)")
+    ch.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    ch.add_argument("--top-k", type=int, default=None)
+    ch.add_argument("--top-p", type=float, default=None)
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--tokenizer", help="a tokenizer.json (or its folder) with the chat template, if not the "
+                                        "checkpoint's")
+    ch.set_defaults(run=_chat)
 
     pl = sub.add_parser("plan", parents=[configured, structured],
                         help="per-device memory, FLOPs and all_to_all traffic of a training step")

@@ -262,6 +262,18 @@ class ModelConfig:
         return self.n_layers - self.first_k_dense
 
 
+def parse_init_from(value: str) -> tuple[str, int | None]:
+    """``train.init_from`` as ``(directory, step)``: ``DIR@STEP`` names a step of a training
+    workdir; anything else (an ``@`` not followed by digits included) is a directory, step None."""
+    directory, at, step = value.strip().rpartition("@")
+    if not (at and step.isdigit()):
+        directory, step = value.strip(), None
+    _require(bool(directory) and not directory.endswith("@"),
+             f"train.init_from {value!r} must be a directory (a converted checkpoint or a training workdir) or "
+             "DIR@STEP (a step of a training workdir)")
+    return directory, None if step is None else int(step)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The paper's recipe: AdamW, warmup, then lr x ``decay_factor`` at each of ``decay_at``."""
@@ -290,11 +302,23 @@ class TrainConfig:
     # process stops, saying a peer has probably stopped and which checkpoint to resume from; 0 = never
     step_timeout: float = 900.0
     mtp_weight: float = 0.3  # weight of the multi-token-prediction loss (DeepSeek-V3: 0.3, later 0.1)
+    # fine-tuning: start from the params (only: a fresh optimizer state, step 0) of a converted
+    # checkpoint, a training workdir's latest step, or "DIR@STEP"; --resume ignores it (train/init_from.py)
+    init_from: str | None = None
+    # MTP depths on one side only of init_from: "match" refuses, "drop" leaves the checkpoint's
+    # extra depths unread, "fresh" starts the run's extra depths from random initialisation
+    init_mtp: Literal["match", "drop", "fresh"] = "match"
+    # a finite dataset's passes: > 0 trains this many epochs (each reshuffled; train.steps is then
+    # derived from the dataset's size); 0: train.steps decides
+    epochs: int = 0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.init_from is not None:
+            parse_init_from(self.init_from)
         _require(self.mtp_weight >= 0, f"train.mtp_weight must be >= 0, got {self.mtp_weight}")
+        _require(self.epochs >= 0, f"train.epochs must be >= 0 (0: train.steps decides), got {self.epochs}")
         _require(self.step_timeout >= 0,
                  f"train.step_timeout must be >= 0 seconds (0: no limit), got {self.step_timeout}")
         _require(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1: it is how many of the newest "
@@ -339,6 +363,11 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or a path to an HF tokenizer.json
     mix: tuple[DataSource, ...] = ()
     val: tuple[DataSource, ...] = ()
+    # pretraining on a prepared dataset: each document its own segment (attention and the loss
+    # stay inside it), as packed chat examples always are
+    document_mask: bool = False
+    # a chat example longer than train.seq_len + 1: cut it (and count it), or refuse the data
+    long_examples: Literal["truncate", "error"] = "truncate"
 
     def __post_init__(self):
         names = [s.name for s in (*self.mix, *self.val)]

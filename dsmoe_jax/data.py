@@ -37,13 +37,18 @@ from dsmoe_jax import runtime
 from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.config import Config, DataSource
 from dsmoe_jax.errors import DataError  # noqa: F401 - raised here, and importable from here
-from dsmoe_jax.shards import TokenShards, is_prepared, load_prepared
+from dsmoe_jax.packing import DocumentWindows, PackedRows
+from dsmoe_jax.shards import Examples, TokenShards, is_prepared, load_examples, load_prepared, read_manifest
 from dsmoe_jax.tokenizer import Tokenizer, check_tokenizer, load_tokenizer, token_dtype, tokenizer_identity
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".toml", ".html", ".c", ".h")
 VAL_EVERY = 20  # every 20th document goes to validation
 CORPUS_MAX_BYTES = 8 * 2**20  # the embedded corpus: about 8 MiB of documents, in sorted order
 TokenSequence = np.ndarray | TokenShards  # a flat token sequence: in memory, memory-mapped, or a prepared split
+# what a split of a dataset is read as: a token sequence (windows), or examples (a chat dataset's,
+# packed; or a text dataset's documents with data.document_mask)
+SplitData = TokenSequence | Examples
+ENDLESS_EPOCHS = 10**6  # the epochs a packed source offers when train.steps, not train.epochs, ends the run
 # names that moved out in 0.2 to the module that now holds them; until 0.3 they still resolve here
 _MOVED = {**{name: "tokenizer" for name in ("ByteTokenizer", "HFTokenizer", "TOKENIZER_CONFIG")},
           **{name: "shards" for name in ("MANIFEST", "SETTINGS", "SHARDS_DIR", "FORMAT", "SPLITS", "read_manifest",
@@ -147,8 +152,10 @@ def _check_token_array(tokens: np.ndarray, path: pathlib.Path, cfg: Config, chec
 
 
 def load_tokens(cfg: Config, checkpoint: str | None = None,
-                setting: str = "data.path") -> tuple[TokenSequence, TokenSequence, Tokenizer]:
-    """(train tokens, validation tokens, tokenizer) for ``cfg.data``, tokenized once and cached.
+                setting: str = "data.path") -> tuple[SplitData, SplitData, Tokenizer]:
+    """(train tokens, validation tokens, tokenizer) for ``cfg.data``, tokenized once and cached;
+    a prepared chat dataset (and a prepared text dataset with ``data.document_mask``) gives its
+    splits as ``Examples``, which training packs (``row_source``).
     ``checkpoint``: the trained model's directory, when the tokens are for it (evaluation):
     a mismatch then asks for its tokenizer rather than a larger vocabulary. ``setting``: how
     errors name the path (``data.path``, or the ``data.mix`` / ``data.val`` entry it came from)."""
@@ -164,7 +171,16 @@ def load_tokens(cfg: Config, checkpoint: str | None = None,
                             "of text files, a .npy token array or a prepare-data output"
                             + (", or unset it for the embedded corpus" if setting == "data.path" else ""))
         if is_prepared(path):
+            if cfg.data.document_mask or read_manifest(path).record_format == "chat":
+                return (*load_examples(path, tokenizer, cfg.data.tokenizer), tokenizer)
             return (*load_prepared(path, tokenizer, cfg.data.tokenizer), tokenizer)
+        if cfg.data.document_mask:
+            raise DataError(f"data.document_mask needs the document boundaries of a prepared dataset, which {setting} "
+                            f"{cfg.data.path!r} is not; prepare it with `dsmoe-jax prepare-data`, or set "
+                            "data.document_mask = false")
+    elif cfg.data.document_mask:
+        raise DataError("data.document_mask needs the document boundaries of a prepared dataset; the embedded corpus "
+                        "has none: set data.path to a `dsmoe-jax prepare-data` output, or data.document_mask = false")
         if path.suffix == ".npy":
             tokens = np.load(path, mmap_mode="r")
             _check_token_array(tokens, path, cfg, checkpoint)
@@ -221,23 +237,48 @@ class WindowSource:
         return np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)
 
 
-def batches(tokens: TokenSequence, batch_size: int, seq_len: int, *, seed: int, shuffle: bool = True,
-            num_epochs: int | None = None, process_index: int = 0, process_count: int = 1):
-    """A grain dataset of ``[batch_size, seq_len + 1]`` int32 windows for this process.
+def row_source(split: SplitData, seq_len: int, *, seed: int | None = None, epochs: int = 1,
+               long_examples: str = "truncate", where: str = "the data"):
+    """Random access to the rows of ``seq_len + 1`` tokens a split is read as: windows of a token
+    sequence (``WindowSource``: plain arrays), a text dataset's documents as segments of those
+    windows (``packing.DocumentWindows``), or a chat dataset's examples packed into rows,
+    ``epochs`` times, each epoch reshuffled with ``seed`` (``packing.PackedRows``; ``seed`` None:
+    one fixed packing, for validation). The last two give ``packing.Packed`` rows."""
+    if not isinstance(split, Examples):
+        return WindowSource(split, seq_len)
+    if split.mask is None:
+        return DocumentWindows(split, seq_len)
+    return PackedRows(split, seq_len, seed=seed, epochs=epochs, long_examples=long_examples, where=where)
 
-    Windows are shuffled per epoch with ``seed``; each process takes every ``process_count``-th
-    window, so processes read disjoint parts; ``batch_size`` is the per-process batch.
+
+def batches(tokens: SplitData, batch_size: int, seq_len: int, *, seed: int, shuffle: bool = True,
+            num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
+            long_examples: str = "truncate"):
+    """A grain dataset of ``[batch_size, seq_len + 1]`` int32 windows (``Packed`` rows for
+    ``Examples``, see ``row_source``) for this process.
+
+    Windows are shuffled per epoch with ``seed`` (packed rows by ``PackedRows`` itself, which
+    repacks every epoch); each process takes every ``process_count``-th row, so processes read
+    disjoint parts; ``batch_size`` is the per-process batch. ``num_epochs`` None repeats without end.
     """
-    source = WindowSource(tokens, seq_len)
+    packed = isinstance(tokens, Examples) and tokens.mask is not None
+    epochs = (num_epochs or ENDLESS_EPOCHS) if packed else 1
+    source = row_source(tokens, seq_len, seed=seed if shuffle else None, epochs=epochs, long_examples=long_examples)
     if len(source) < process_count * batch_size:
-        raise DataError(f"{len(source)} windows of {seq_len + 1} tokens cannot fill one batch of "
-                        f"{batch_size} per process x {process_count} processes; lower train.batch_size or "
+        raise DataError(f"{len(source)} {'rows' if packed else 'windows'} of {seq_len + 1} tokens cannot fill one "
+                        f"batch of {batch_size} per process x {process_count} processes; lower train.batch_size or "
                         "train.seq_len, or add data")
     ds = grain.MapDataset.source(source)
-    ds = ds.shuffle(seed=seed) if shuffle else ds
+    ds = ds.shuffle(seed=seed) if shuffle and not packed else ds
     ds = ds[process_index::process_count]
-    ds = ds.repeat(num_epochs)
+    ds = ds if packed else ds.repeat(num_epochs)
     return ds.batch(batch_size, drop_remainder=True)
+
+
+def rows_per_epoch(split: SplitData, seq_len: int, long_examples: str = "truncate") -> int:
+    """How many rows of ``seq_len + 1`` tokens one pass over ``split`` reads (``train.epochs``)."""
+    source = row_source(split, seq_len, seed=0, long_examples=long_examples)
+    return source.rows_per_epoch if isinstance(source, PackedRows) else len(source)
 
 
 class Source(NamedTuple):
@@ -246,8 +287,8 @@ class Source(NamedTuple):
     embedded corpus."""
 
     name: str | None
-    tokens: TokenSequence
-    held_out: TokenSequence
+    tokens: SplitData
+    held_out: SplitData
     weight: float = 1.0
 
 
@@ -257,7 +298,7 @@ class TrainingData(NamedTuple):
     tokenizer they were all checked against."""
 
     sources: list[Source]
-    val_sets: dict[str, TokenSequence]
+    val_sets: dict[str, SplitData]
     tokenizer: Tokenizer
 
 
@@ -284,31 +325,44 @@ def load_training_data(cfg: Config) -> TrainingData:
     val_sets = {entry.name: one(entry, "data.val")[1] for entry in d.val}
     window = cfg.train.seq_len + 1
     held = [(f"validation set {s.name!r}" if s.name else "the validation split", s.held_out) for s in sources]
-    for where, tokens in held + [(f"validation set {name!r}", t) for name, t in val_sets.items()]:
-        if len(tokens) < window:
+    for where, split in held + [(f"validation set {name!r}", t) for name, t in val_sets.items()]:
+        packed = isinstance(split, Examples) and split.mask is not None  # then one example is enough
+        tokens = split.tokens if isinstance(split, Examples) else split
+        if len(tokens) < (1 if packed else window):
             raise DataError(f"{where} has {len(tokens)} held-out tokens, fewer than one window of train.seq_len + 1 = "
                             f"{window}; prepare that data with a held-out split (prepare-data --val-every N, e.g. "
                             "20; 1 holds out everything, for a validation-only set) or lower train.seq_len")
     return TrainingData(sources, val_sets, tokenizer)
 
 
-def mixture_batches(sources: Sequence[tuple[TokenSequence, float]], batch_size: int, seq_len: int, *, seed: int,
-                    process_index: int = 0, process_count: int = 1):
-    """A grain dataset of ``[batch_size, seq_len + 1]`` int32 windows drawn from several token
-    sequences in proportion to their weights; one source is exactly ``batches``.
+def mixture_batches(sources: Sequence[tuple[SplitData, float]], batch_size: int, seq_len: int, *, seed: int,
+                    process_index: int = 0, process_count: int = 1, num_epochs: int | None = None,
+                    long_examples: str = "truncate"):
+    """A grain dataset of ``[batch_size, seq_len + 1]`` int32 windows (or ``Packed`` rows, see
+    ``row_source``) drawn from several splits in proportion to their weights; one source is
+    exactly ``batches`` (and only one may set ``num_epochs``: a mixture draws without end).
 
-    Each source's windows are shuffled (its own seed) and repeated without end; grain's
+    Each source's rows are shuffled (its own seed) and repeated without end; grain's
     ``MapDataset.mix`` interleaves them by the weights (a fixed, deterministic pattern), and each
-    process then takes every ``process_count``-th mixed window, so processes read disjoint windows
-    and global batch k holds the same windows whatever the process count. It stays a
+    process then takes every ``process_count``-th mixed row, so processes read disjoint rows
+    and global batch k holds the same rows whatever the process count. It stays a
     ``MapDataset``: its iterator state is one index, checkpointed like ``batches``'.
     """
     if len(sources) == 1:
         return batches(sources[0][0], batch_size, seq_len, seed=seed, process_index=process_index,
-                       process_count=process_count)
-    parts = []
-    for i, (tokens, _) in enumerate(sources):
-        source = WindowSource(tokens, seq_len)
-        parts.append(grain.MapDataset.source(source).shuffle(seed=seed + i).repeat(None))
+                       process_count=process_count, num_epochs=num_epochs, long_examples=long_examples)
+    if num_epochs is not None:
+        raise DataError(f"train.epochs counts passes over one finite dataset, but data.mix draws from {len(sources)} "
+                        "datasets without end; set train.steps (and train.epochs = 0), or train on one dataset")
+    parts, kinds = [], set()
+    for i, (split, _) in enumerate(sources):
+        source = row_source(split, seq_len, seed=seed + i, epochs=ENDLESS_EPOCHS, long_examples=long_examples)
+        kinds.add(isinstance(source, (PackedRows, DocumentWindows)))
+        part = grain.MapDataset.source(source)
+        parts.append(part if isinstance(source, PackedRows) else part.shuffle(seed=seed + i).repeat(None))
+    if len(kinds) > 1:
+        raise DataError("data.mix joins datasets read as plain windows with datasets of examples or documents (chat "
+                        "data, data.document_mask): their batches differ; prepare them alike (e.g. set "
+                        "data.document_mask = true with every dataset prepared by prepare-data)")
     ds = grain.MapDataset.mix(parts, [float(w) for _, w in sources])
     return ds[process_index::process_count].batch(batch_size, drop_remainder=True)

@@ -8,7 +8,11 @@ are read every time, so two evaluations of one checkpoint agree exactly, whereve
 
 The loss is the mean next-token cross-entropy over all tokens read. Its standard error is taken
 over windows (``std(window means) / sqrt(windows)``): neighbouring tokens are correlated, whole
-windows much less so.
+windows much less so. A chat dataset's held-out examples are packed into rows the same way
+training packs them (one fixed packing) and read like windows; only the answer tokens count,
+so the loss is a ratio of sums over rows and its standard error the ratio estimator's
+(``sqrt(sum_i (s_i - L c_i)^2 / (n (n - 1))) / mean(c)`` for row sums s_i of c_i tokens), which
+for rows of equal counts is the formula above.
 
 Shape legend: B windows in a batch, S sequence, V vocabulary.
 """
@@ -25,9 +29,10 @@ import numpy as np
 
 from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.config import Config
-from dsmoe_jax.data import WindowSource
+from dsmoe_jax.data import SplitData, row_source
 from dsmoe_jax.model import forward
 from dsmoe_jax.moe import RouteOptions
+from dsmoe_jax.packing import Packed, row_tokens, row_weights
 
 
 class Evaluation(NamedTuple):
@@ -62,12 +67,16 @@ def token_losses(logits_BSV: jax.Array, targets_BS: jax.Array) -> jax.Array:
 
 
 def make_eval_step(cfg: Config, route: RouteOptions | None = None):
-    """``(params, windows [B, S+1]) -> mean cross-entropy of each window [B]`` (no balance loss);
-    ``route`` changes the routing at evaluation (``moe.RouteOptions``)."""
+    """``(params, rows) -> (cross-entropy summed over each row's counted targets [B], their count
+    [B])`` for windows ``[B, S+1]`` or ``Packed`` rows (no balance loss); ``route`` changes the
+    routing at evaluation (``moe.RouteOptions``)."""
 
-    def step(params, windows_BS1):
-        logits, _ = forward(params, windows_BS1[:, :-1], cfg.model, route=route)
-        return jnp.mean(token_losses(logits, windows_BS1[:, 1:]), axis=-1)
+    def step(params, batch):
+        tokens_BS1, segments_BS = row_tokens(batch)
+        logits, _ = forward(params, tokens_BS1[:, :-1], cfg.model, route=route, segment_ids=segments_BS)
+        counted_BS = row_weights(batch)
+        nll_BS = jnp.where(counted_BS > 0, token_losses(logits, tokens_BS1[:, 1:]), 0.0)
+        return jnp.sum(nll_BS, axis=-1), jnp.sum(counted_BS, axis=-1)
 
     return step
 
@@ -81,27 +90,28 @@ def jitted_eval_step(cfg: Config, route: RouteOptions | None = None, mesh=None):
     return jax.jit(make_eval_step(cfg, route), out_shardings=out)
 
 
-def validation_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> np.ndarray:
-    """The indices of the windows of ``seq_len + 1`` tokens (``data.WindowSource``'s, as training
+def validation_windows(tokens: SplitData, seq_len: int, max_tokens: int) -> np.ndarray:
+    """The indices of the windows of ``seq_len + 1`` tokens (``data.row_source``'s, as training
     reads them) that validation reads: all of them, or, when ``max_tokens`` > 0 caps them, that
     many spread evenly over the split."""
-    total = len(WindowSource(tokens, seq_len))
+    total = len(row_source(tokens, seq_len))
     n = total if max_tokens <= 0 else max(1, min(total, max_tokens // seq_len))
     return np.arange(n) * total // n
 
 
-def window_batches(tokens: np.ndarray, seq_len: int, index: np.ndarray, batch: int):
-    """Yield ``(windows [batch, seq_len + 1] int32, real)`` over the windows at ``index``, in
-    order; the last batch is padded to full size by repeating its final window (one compiled
-    shape), and ``real`` counts the windows that are not padding."""
-    source = WindowSource(tokens, seq_len)
+def window_batches(tokens: SplitData, seq_len: int, index: np.ndarray, batch: int):
+    """Yield ``(windows [batch, seq_len + 1] int32, real)`` (``Packed`` rows for examples) over
+    the windows at ``index``, in order; the last batch is padded to full size by repeating its
+    final window (one compiled shape), and ``real`` counts the windows that are not padding."""
+    source = row_source(tokens, seq_len)
     for start in range(0, len(index), batch):
         chosen = index[start:start + batch]
         padded = np.pad(chosen, (0, batch - len(chosen)), mode="edge")
-        yield np.stack([source[i] for i in padded]), len(chosen)
+        rows = [source[i] for i in padded]
+        yield (Packed(*map(np.stack, zip(*rows))) if isinstance(rows[0], Packed) else np.stack(rows)), len(chosen)
 
 
-def evaluate(params, cfg: Config, tokens: np.ndarray, max_tokens: int | None = None, eval_step=None,
+def evaluate(params, cfg: Config, tokens: SplitData, max_tokens: int | None = None, eval_step=None,
              route: RouteOptions | None = None) -> Evaluation:
     """Validation loss of ``params`` on ``tokens`` (see the module docstring); ``max_tokens``
     defaults to ``cfg.train.eval_tokens`` (0: every window). Runs on the context mesh, if any."""
@@ -113,13 +123,20 @@ def evaluate(params, cfg: Config, tokens: np.ndarray, max_tokens: int | None = N
     batch = cfg.train.batch_size
     if not mesh.empty:  # every process reads the same batch; each places its own shards
         sharding = mesh_lib.batch_sharding(mesh)
-        place = lambda b: jax.make_array_from_callback(b.shape, sharding, lambda i: b[i])
+        place = lambda rows: jax.tree.map(lambda b: jax.make_array_from_callback(b.shape, sharding, lambda i: b[i]),
+                                          rows)
         batch = max(batch // mesh_lib.batch_shards(mesh), 1) * mesh_lib.batch_shards(mesh)
     else:
-        place = jnp.asarray
-    losses = [np.asarray(eval_step(params, place(windows)))[:real]
-              for windows, real in window_batches(tokens, seq, index, batch)]
-    per_window = np.concatenate(losses)
-    stderr = float(per_window.std(ddof=1) / math.sqrt(len(per_window))) if len(per_window) > 1 else 0.0
-    return Evaluation(float(per_window.mean()), stderr, len(per_window) * seq, len(per_window),
-                      tuple(float(x) for x in per_window))
+        place = lambda rows: jax.tree.map(jnp.asarray, rows)
+    sums, counts = [], []
+    for windows, real in window_batches(tokens, seq, index, batch):
+        summed, counted = eval_step(params, place(windows))
+        sums.append(np.asarray(summed, np.float64)[:real])
+        counts.append(np.asarray(counted, np.float64)[:real])
+    sum_W, count_W = np.concatenate(sums), np.concatenate(counts)
+    n = len(sum_W)
+    loss = float(sum_W.sum() / max(count_W.sum(), 1.0))
+    # the ratio estimator's standard error (the module docstring)
+    spread = np.sum((sum_W - loss * count_W) ** 2) / (n * (n - 1)) if n > 1 else 0.0
+    stderr = float(math.sqrt(spread) / max(count_W.mean(), 1e-12)) if n > 1 else 0.0
+    return Evaluation(loss, stderr, int(count_W.sum()), n, tuple(float(x) for x in sum_W / np.maximum(count_W, 1)))

@@ -34,7 +34,7 @@ class Attention(nnx.Module):
         self.scale = softmax_scale(H, cfg.yarn)
         self.implementation = cfg.attention
 
-    def __call__(self, x_BSD, positions_BS, valid_keys_BT, kv=None, index=0):
+    def __call__(self, x_BSD, positions_BS, valid_keys_BT, kv=None, index=0, segment_ids_BS=None):
         """Attend from ``x``'s positions to ``T`` key slots, of which ``valid_keys_BT`` marks the
         real tokens: its own keys (``kv`` None, T = S) or a cache's, into which this call's keys
         and values are first written at ``index``. Returns the output and the keys and values
@@ -56,7 +56,7 @@ class Attention(nnx.Module):
             k_cache, v_cache = write(kv[0], k_BTKH).astype(dt), write(kv[1], v_BTKH).astype(dt)
         if kv is None or (isinstance(index, int) and index == 0):
             out_BSNH = attention(q_BSNH, k_BTKH, v_BTKH, valid_keys_BT[:, :S], implementation=self.implementation,
-                                 scale=self.scale)
+                                 scale=self.scale, segment_ids_BT=segment_ids_BS)
         else:
             out_BSNH = attention(q_BSNH, k_cache, v_cache, valid_keys_BT, start=index, scale=self.scale)
         out_TNH = out_BSNH.reshape(B * S, *out_BSNH.shape[2:])

@@ -67,7 +67,7 @@ class MLAttention(nnx.Module):
             return jnp.einsum("tq,qnj->tnj", self.q_norm(q_TQ), self.w_q_b_QNJ[...].astype(dt))
         return jnp.einsum("td,dnj->tnj", x_TD, self.w_q_DNJ[...].astype(dt))
 
-    def __call__(self, x_BSD, positions_BS, valid_keys_BT, kv=None, index=0):
+    def __call__(self, x_BSD, positions_BS, valid_keys_BT, kv=None, index=0, segment_ids_BS=None):
         """As ``mha.Attention``: attend to the sequence's own keys (``kv`` None) or to a cache
         into which this call's latents are first written at ``index``; returns the output and
         the cache entries (``kv[0]`` the [c | k_rope] latents ``[B, T, 1, A]``, ``kv[1]`` empty)."""
@@ -90,7 +90,7 @@ class MLAttention(nnx.Module):
             k_BSNJ = jnp.concatenate([kv_BSNX[..., :H], jnp.broadcast_to(k_rope_BS1P, q_rope_BSNP.shape)], axis=-1)
             q_BSNJ = jnp.concatenate([q_nope_BSNH, q_rope_BSNP], axis=-1)
             out_BSNW = attention(q_BSNJ, k_BSNJ, kv_BSNX[..., H:], valid_keys_BT[:, :S],
-                                 implementation=self.implementation, scale=self.scale)
+                                 implementation=self.implementation, scale=self.scale, segment_ids_BT=segment_ids_BS)
         else:  # absorbed: queries move into the latent space, the cache is read as it is
             q_latent_BSNC = jnp.einsum("bsnh,cnh->bsnc", q_nope_BSNH, w_kv_b_CNX[..., :H])
             q_BSNA = jnp.concatenate([q_latent_BSNC, q_rope_BSNP], axis=-1)

@@ -61,15 +61,16 @@ class Block(nnx.Module):
         else:
             self.ffn = MoE(cfg, rngs=rngs)
 
-    def __call__(self, x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv=None, index=0, route=None):
+    def __call__(self, x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv=None, index=0,
+                 segment_ids_BS=None, route=None):
         # Named scopes label each phase's kernels in profiles (benchmarks/profile_step.py).
         h_BSD = self.attn_norm(x_BSD)
         with jax.named_scope("attention"):
-            a_BSD, kv = self.attn(h_BSD, positions_BS, valid_keys_BT, kv, index)
+            a_BSD, kv = self.attn(h_BSD, positions_BS, valid_keys_BT, kv, index, segment_ids_BS)
         x_BSD = x_BSD + a_BSD
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
-            y_BSD, stats = self.ffn(h_BSD, tokens_BS, valid_BS, route)
+            y_BSD, stats = self.ffn(h_BSD, tokens_BS, valid_BS, route, segment_ids_BS)
         else:
             with jax.named_scope("dense_mlp"):
                 y_BSD, stats = self.ffn(h_BSD), None
@@ -92,13 +93,14 @@ class MTPBlock(nnx.Module):
         self.head_norm = RMSNorm(D, cfg.norm_eps, dt)
 
     def __call__(self, h_BSD, e_BSD, positions_BS, valid_BS, tokens_BS, route=None, valid_keys_BT=None, kv=None,
-                 index=0):
+                 index=0, segment_ids_BS=None):
         """(this depth's hidden state, its normalised form for the LM head, the block's MoE stats,
         its keys and values); with ``kv``, the block attends through that cache as a main block."""
         c_BSC = jnp.concatenate([self.embed_norm(e_BSD), self.hidden_norm(h_BSD)], axis=-1)
         x_BSD = jnp.einsum("bsc,cd->bsd", c_BSC, self.w_proj_CD[...].astype(c_BSC.dtype))
         valid_keys_BT = valid_BS if valid_keys_BT is None else valid_keys_BT
-        x_BSD, stats, kv = self.block(x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv, index, route=route)
+        x_BSD, stats, kv = self.block(x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv, index,
+                                      segment_ids_BS, route=route)
         return x_BSD, self.head_norm(x_BSD), stats, kv
 
 
@@ -108,6 +110,13 @@ def _cache_keys(cache: KVCache, valid_BS, fresh: bool):
     index = 0 if fresh else cache.index
     before_BT = jnp.zeros_like(cache.valid_BT) if fresh else cache.valid_BT
     return index, jax.lax.dynamic_update_slice_in_dim(before_BT, valid_BS.astype(bool), index, 1)
+
+
+def _own_keys(valid_BS, segment_ids_BS):
+    """The keys a sequence attending to itself may see: its real tokens, or with packed examples
+    every slot, the segment ids then keeping each example (and the padding, segment 0) to
+    itself. So no query is left without a key, which cuDNN's kernel answers with NaN."""
+    return valid_BS if segment_ids_BS is None else jnp.ones_like(valid_BS)
 
 
 def _concat_stats(parts: list) -> MoEStats | None:
@@ -192,10 +201,11 @@ class Decoder(nnx.Module):
                 yield nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
 
     def __call__(self, tokens_BS, positions_BS, valid_BS, cache: KVCache | None = None,
-                 route: RouteOptions | None = None, fresh: bool = False):
+                 route: RouteOptions | None = None, fresh: bool = False, segment_ids_BS=None):
         """Logits, aux statistics and the updated cache (None without one); ``fresh``: fill the
-        cache from its first slot, whatever it held."""
-        h_BSD, layer_stats, cache = self.hidden(tokens_BS, positions_BS, valid_BS, cache, route, fresh)
+        cache from its first slot, whatever it held; ``segment_ids_BS``: packed examples (no cache)."""
+        h_BSD, layer_stats, cache = self.hidden(tokens_BS, positions_BS, valid_BS, cache, route, fresh,
+                                                segment_ids_BS)
         return self.logits(h_BSD), Aux.from_layers(layer_stats), cache
 
     def embed(self, tokens_BS):
@@ -210,17 +220,24 @@ class Decoder(nnx.Module):
                                    preferred_element_type=jnp.float32)
         return logits_TV.reshape(B, S, -1)
 
-    def predict_ahead(self, h_BSD, tokens_BS, positions_BS, valid_BS, route: RouteOptions | None = None):
+    def predict_ahead(self, h_BSD, tokens_BS, positions_BS, valid_BS, route: RouteOptions | None = None,
+                      segment_ids_BS=None):
         """Multi-token prediction from the main model's final hidden states ``h_BSD`` of
         ``tokens_BS``: depth k at position i reads token i + k and predicts token i + k + 1, so its
         logits cover the first S - k positions. Returns each depth's logits and the stats of the
-        MoE blocks among them (stacked on a leading axis, or None)."""
+        MoE blocks among them (stacked on a leading axis, or None). With packed examples
+        (``segment_ids_BS``) position i attends within its own example; a position whose token
+        i + k lies in the next example reads it, and its prediction is left out of the loss
+        (``train.step``)."""
         S = tokens_BS.shape[1]
         logits, stats = [], []
         for k, depth in enumerate(self.mtp, 1):
             ahead_BS = tokens_BS[:, k:]
+            segments_BS = None if segment_ids_BS is None else segment_ids_BS[:, :S - k]
+            valid_keys_BT = _own_keys(valid_BS[:, k:], segments_BS)
             h_BSD, normed_BSD, st, _ = depth(h_BSD[:, :S - k], self.embed(ahead_BS), positions_BS[:, :S - k],
-                                             valid_BS[:, k:], ahead_BS, route)
+                                             valid_BS[:, k:], ahead_BS, route, valid_keys_BT,
+                                             segment_ids_BS=segments_BS)
             logits.append(self.logits(normed_BSD))
             if st is not None:
                 stats.append(jax.tree.map(lambda a: a[None], st))
@@ -236,22 +253,24 @@ class Decoder(nnx.Module):
         return self.logits(normed_BSD), KVCache((k,), (v,), valid_keys_BT, jnp.asarray(index + h_BSD.shape[1]))
 
     def hidden(self, tokens_BS, positions_BS, valid_BS, cache: KVCache | None = None,
-               route: RouteOptions | None = None, fresh: bool = False):
+               route: RouteOptions | None = None, fresh: bool = False, segment_ids_BS=None):
         """The final normalised hidden states, the MoE layers' stats (stacked, or None) and the
         updated cache."""
         S = tokens_BS.shape[1]
-        index, valid_keys_BT = (0, valid_BS) if cache is None else _cache_keys(cache, valid_BS, fresh)
+        index, valid_keys_BT = (0, _own_keys(valid_BS, segment_ids_BS)) if cache is None else \
+            _cache_keys(cache, valid_BS, fresh)
         x_BSD = self.embed(tokens_BS)
         run = lambda blk, *args: blk(*args, route=route)  # route is static: a closure, not an argument
         if self.remat and cache is None:  # rematerialise: the backward pass recomputes each block
             run = nnx.remat(run)
         layer_stats, keys, values = [], [], []
         if self.groups is not None and cache is None:
-            x_BSD, layer_stats = self._scan(run, x_BSD, positions_BS, valid_BS, tokens_BS)
+            x_BSD, layer_stats = self._scan(run, x_BSD, positions_BS, valid_BS, tokens_BS, segment_ids_BS)
         else:
             for i, block in enumerate(self._blocks()):
                 kv = None if cache is None else (cache.k[i], cache.v[i])
-                x_BSD, stats, (k, v) = run(block, x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv, index)
+                x_BSD, stats, (k, v) = run(block, x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv, index,
+                                           segment_ids_BS)
                 keys.append(k)
                 values.append(v)
                 if stats is not None:
@@ -260,7 +279,7 @@ class Decoder(nnx.Module):
             cache = KVCache(tuple(keys), tuple(values), valid_keys_BT, jnp.asarray(index + S, jnp.int32))
         return self.final_norm(x_BSD), _concat_stats(layer_stats), cache
 
-    def _scan(self, run, x_BSD, positions_BS, valid_BS, tokens_BS):
+    def _scan(self, run, x_BSD, positions_BS, valid_BS, tokens_BS, segment_ids_BS=None):
         """Each group of stacked blocks as one ``lax.scan``; the MoE statistics come out stacked."""
         layer_stats = []
         for name in self.groups:
@@ -268,7 +287,7 @@ class Decoder(nnx.Module):
 
             def body(x_BSD, layer_state, graphdef=graphdef):
                 x_BSD, stats, _ = run(nnx.merge(graphdef, layer_state), x_BSD, positions_BS, valid_BS, tokens_BS,
-                                      valid_BS)
+                                      _own_keys(valid_BS, segment_ids_BS), None, 0, segment_ids_BS)
                 return x_BSD, stats
 
             x_BSD, stats = jax.lax.scan(body, x_BSD, state)
@@ -395,13 +414,37 @@ def _check_params(params: dict, cfg: ModelConfig) -> None:
             raise ValueError(f"param {jax.tree_util.keystr(path)} has shape {a.shape}, the config needs {b.shape}")
 
 
+def segment_positions(segment_ids_BS: jax.Array) -> jax.Array:
+    """RoPE positions of packed examples: each run of equal segment ids counts from 0."""
+    S = segment_ids_BS.shape[1]
+    slots_BS = jnp.broadcast_to(jnp.arange(S), segment_ids_BS.shape)
+    starts_BS = jnp.concatenate([jnp.ones_like(segment_ids_BS[:, :1], bool),
+                                 segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]], axis=1)
+    return slots_BS - jax.lax.cummax(jnp.where(starts_BS, slots_BS, 0), axis=1)
+
+
+def _positions_and_mask(tokens, attention_mask, positions, segment_ids):
+    """The defaults of ``forward``'s optional arrays: all tokens real at positions 0..S-1, or,
+    with ``segment_ids``, the tokens of segment 0 padding and each example's positions from 0."""
+    B, S = tokens.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, S), jnp.int32) if segment_ids is None else (segment_ids > 0).astype(jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(S), (B, S)) if segment_ids is None else segment_positions(segment_ids)
+    return attention_mask, positions
+
+
 def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-            route: RouteOptions | None = None, check_ids: bool = False):
+            route: RouteOptions | None = None, check_ids: bool = False, segment_ids: jax.Array | None = None):
     """Logits ``[B, S, V]`` (float32) and ``Aux`` for integer ``tokens [B, S]``.
 
     ``attention_mask [B, S]`` (1 = real token, 0 = padding) hides padding keys and keeps
     padding out of the balance statistics; ``positions [B, S]`` default to ``arange(S)``.
+    ``segment_ids [B, S]`` (int, 0 = padding) packs several examples into a row: attention never
+    crosses from one example to another, positions restart at each example (unless given),
+    and the sequence-wise balance statistics (``moe.seq_aux``) are taken per example; each
+    position's logits then equal those of its example run alone.
     ``aux.balance_loss`` (expert + device level, summed over MoE layers) is what training adds
     to the loss; ``aux.expert_load [moe layers, E]`` counts the tokens routed to each expert.
     ``route`` (``moe.RouteOptions``) changes a trained model's routing, to probe its experts.
@@ -414,29 +457,26 @@ def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
     """
     cfg = model_config(cfg)
     check_tokens(tokens, cfg, "forward", check_ids)
-    B, S = tokens.shape
-    if attention_mask is None:
-        attention_mask = jnp.ones((B, S), jnp.int32)
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(S), (B, S))
-    logits, aux, _ = _decoder(params, cfg)(tokens, positions, attention_mask, route=route)
+    attention_mask, positions = _positions_and_mask(tokens, attention_mask, positions, segment_ids)
+    logits, aux, _ = _decoder(params, cfg)(tokens, positions, attention_mask, route=route, segment_ids_BS=segment_ids)
     return logits, aux
 
 
-def forward_mtp(params: dict, tokens: jax.Array, cfg: Config | ModelConfig) -> tuple[jax.Array, Aux, tuple]:
+def forward_mtp(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
+                segment_ids: jax.Array | None = None) -> tuple[jax.Array, Aux, tuple]:
     """``forward`` with multi-token prediction (``model.mtp_depth`` > 0), for training: the logits
     ``[B, S, V]``, ``Aux`` over the model's MoE layers and then the MoE blocks of the MTP depths,
     and each depth k's logits ``[B, S - k, V]``, which predict ``tokens[:, k + 1:]`` followed by
-    the k + 1 tokens after the window (the training window supplies them)."""
+    the k + 1 tokens after the window (the training window supplies them). ``segment_ids``: packed
+    examples, as in ``forward``."""
     cfg = model_config(cfg)
     if not cfg.mtp_depth:
         raise ConfigError("forward_mtp needs model.mtp_depth >= 1 (the number of multi-token-prediction depths)")
     check_tokens(tokens, cfg, "forward_mtp")
-    B, S = tokens.shape
-    positions, valid = jnp.broadcast_to(jnp.arange(S), (B, S)), jnp.ones((B, S), jnp.int32)
+    valid, positions = _positions_and_mask(tokens, None, None, segment_ids)
     decoder = _decoder(params, cfg)
-    h_BSD, stats, _ = decoder.hidden(tokens, positions, valid)
-    ahead, mtp_stats = decoder.predict_ahead(h_BSD, tokens, positions, valid)
+    h_BSD, stats, _ = decoder.hidden(tokens, positions, valid, segment_ids_BS=segment_ids)
+    ahead, mtp_stats = decoder.predict_ahead(h_BSD, tokens, positions, valid, segment_ids_BS=segment_ids)
     stats = _concat_stats([s for s in (stats, mtp_stats) if s is not None])
     return decoder.logits(h_BSD), Aux.from_layers(stats), ahead
 

@@ -118,29 +118,44 @@ def expert_counts(expert_TK: jax.Array, num_experts: int, weight_T: jax.Array) -
 
 
 def balance_losses(routing: Routing, valid_T: jax.Array, cfg: MoEConfig, num_seqs: int,
-                   device_groups: int = 1) -> tuple[jax.Array, jax.Array]:
+                   device_groups: int = 1, segment_ids_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Expert-level and device-level balance losses (the paper's section 3.3).
 
     f_i = E / (K T) * #{t : t picks i},  P_i = mean_t s_i,t,  L_exp = a1 * sum_i f_i P_i;
     over D = ``device_groups`` contiguous groups of experts (the experts each expert-parallel
     device holds) f'_j = mean of f in group j, P'_j = sum of P in group j,
     L_dev = a2 * sum_j f'_j P'_j. Padding tokens (``valid_T`` = 0) are left out. With
-    ``seq_aux`` the statistics are taken per sequence and the losses averaged over sequences.
+    ``seq_aux`` the statistics are taken per sequence and the losses averaged over sequences;
+    a sequence is one of the ``num_seqs`` rows, or, with ``segment_ids_T`` (packed examples,
+    numbered within each row), one example: then the mean is over the examples present.
     """
     if routing.probs_TE is None:
         zero = jnp.zeros((), jnp.float32)
         return zero, zero
     E, K = routing.probs_TE.shape[-1], routing.expert_TK.shape[-1]
-    C = num_seqs if cfg.seq_aux else 1
-    valid_CT = valid_T.astype(jnp.float32).reshape(C, -1)
-    tokens_C1 = jnp.maximum(jnp.sum(valid_CT, axis=1, keepdims=True), 1.0)
-    onehot_CTE = jax.nn.one_hot(routing.expert_TK, E, dtype=jnp.float32).sum(1).reshape(C, -1, E)
-    f_CE = jnp.einsum("cte,ct->ce", onehot_CTE, valid_CT) * E / (K * tokens_C1)
-    P_CE = jnp.einsum("cte,ct->ce", routing.probs_TE.reshape(C, -1, E), valid_CT) / tokens_C1
-    expert_loss = cfg.aux_loss_alpha * jnp.mean(jnp.sum(f_CE * P_CE, axis=-1))
+    chosen_TE = jax.nn.one_hot(routing.expert_TK, E, dtype=jnp.float32).sum(1)
+    if cfg.seq_aux and segment_ids_T is not None:
+        # one group per (row, example); a row holds at most S examples, numbered 1..S
+        S = valid_T.shape[0] // num_seqs
+        C = num_seqs * (S + 1)
+        group_T = jnp.repeat(jnp.arange(num_seqs), S) * (S + 1) + segment_ids_T
+        total = lambda a_T_: jax.ops.segment_sum(a_T_ * valid_T.astype(jnp.float32)[:, None], group_T, C)
+        tokens_C1 = total(jnp.ones_like(valid_T, jnp.float32)[:, None])
+        present_C = (tokens_C1[:, 0] > 0).astype(jnp.float32)
+        f_CE = total(chosen_TE) * E / (K * jnp.maximum(tokens_C1, 1.0))
+        P_CE = total(routing.probs_TE) / jnp.maximum(tokens_C1, 1.0)
+        mean_C = lambda a_C: jnp.sum(a_C * present_C) / jnp.maximum(jnp.sum(present_C), 1.0)
+    else:
+        C = num_seqs if cfg.seq_aux else 1
+        valid_CT = valid_T.astype(jnp.float32).reshape(C, -1)
+        tokens_C1 = jnp.maximum(jnp.sum(valid_CT, axis=1, keepdims=True), 1.0)
+        f_CE = jnp.einsum("cte,ct->ce", chosen_TE.reshape(C, -1, E), valid_CT) * E / (K * tokens_C1)
+        P_CE = jnp.einsum("cte,ct->ce", routing.probs_TE.reshape(C, -1, E), valid_CT) / tokens_C1
+        mean_C = jnp.mean
+    expert_loss = cfg.aux_loss_alpha * mean_C(jnp.sum(f_CE * P_CE, axis=-1))
     groups = lambda a_CE: a_CE.reshape(C, device_groups, E // device_groups)
     f_dev_CD, P_dev_CD = groups(f_CE).mean(-1), groups(P_CE).sum(-1)
-    device_loss = cfg.device_aux_alpha * jnp.mean(jnp.sum(f_dev_CD * P_dev_CD, axis=-1))
+    device_loss = cfg.device_aux_alpha * mean_C(jnp.sum(f_dev_CD * P_dev_CD, axis=-1))
     return expert_loss, device_loss
 
 
@@ -186,9 +201,11 @@ class MoE(nnx.Module):
         self.shared = MLP(D, Ks * F, std=std, param_dtype=dt, rngs=rngs) if Ks else None
 
     def __call__(self, x_BSD: jax.Array, tokens_BS: jax.Array, valid_BS: jax.Array,
-                 route: RouteOptions | None = None) -> tuple[jax.Array, MoEStats]:
+                 route: RouteOptions | None = None, segment_ids_BS: jax.Array | None = None
+                 ) -> tuple[jax.Array, MoEStats]:
         """Returns the FFN output and this layer's ``MoEStats``; ``route`` probes a trained
-        layer with changed routing (``RouteOptions``).
+        layer with changed routing (``RouteOptions``). ``segment_ids_BS``: packed examples, each
+        a sequence of its own for the sequence-wise balance statistics (``moe.seq_aux``).
 
         Under a mesh with an ``expert`` axis the routed experts run expert-parallel; the route
         and the shared experts stay here either way, partitioned by jit.
@@ -207,8 +224,9 @@ class MoE(nnx.Module):
             else:
                 bias_E = self.score_bias_E[...] if cfg.score_bias else None
                 routing = route_scores(x_TD, self.w_router_DE[...], cfg, route.exclude_top, bias_E)
-            expert_loss, device_loss = balance_losses(routing, valid_T, cfg, num_seqs=B,
-                                                      device_groups=cfg.device_groups or ep)
+            segment_ids_T = None if segment_ids_BS is None else segment_ids_BS.reshape(B * S)
+            expert_loss, device_loss = balance_losses(routing, valid_T, cfg, num_seqs=B, device_groups=cfg.device_groups
+                                                      or ep, segment_ids_T=segment_ids_T)
 
         weights = (self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
         # Too few tokens to split over the mesh (decoding a single sequence): run the experts in

@@ -8,6 +8,12 @@ per row, the ``text_field`` column), given as files, directories or globs. A rec
 row or a ``.txt`` file; records are numbered in input order, and every ``val_every``-th one is a
 held-out (validation) document.
 
+With ``format="chat"`` (``--format chat``) the inputs are JSON Lines of conversations for supervised
+fine-tuning: each line holds ``messages`` (``[{"role", "content"}, ...]``) or ``prompt`` and
+``completion`` strings, and becomes one example, rendered by ``chat.render_chat`` in the tokenizer's
+chat format (its template writes BOS and EOS), with a loss mask beside the tokens (1 = a token of an
+answer, a training target). Reruns are byte-identical unless the template writes today's date.
+
 The format: flat memory-mapped ``.npy`` token arrays, one per split per shard, with a document
 offsets array beside each. Training reads fixed-length windows at arbitrary token offsets,
 across document (and shard) boundaries: over a flat array that is one slice of a memory map,
@@ -19,6 +25,7 @@ one piece, so it is written whole and renamed into place.
     OUT/shards/00000/train.npy     [train tokens] uint16 (uint32 when the vocabulary exceeds 65,536)
     OUT/shards/00000/train_docs.npy  [train documents + 1] int64: where each document starts, then the end
     OUT/shards/00000/val.npy, val_docs.npy   the same for the held-out documents
+    OUT/shards/00000/train_mask.npy, val_mask.npy  chat only: [tokens] uint8, 1 where the token is a target
     OUT/shards/00000/shard.json    its record range, token and document counts, skipped records
     OUT/manifest.json              written last, so its presence means complete: settings + every shard
 
@@ -49,11 +56,14 @@ import numpy as np
 from tqdm import tqdm
 
 from dsmoe_jax.atomic import atomic_directory, atomic_file
+from dsmoe_jax.chat import render_chat, render_prompt_completion
 from dsmoe_jax.errors import DataError
 from dsmoe_jax.shards import FORMAT, MANIFEST, SETTINGS, SHARDS_DIR, SPLITS, Manifest, read_manifest
 from dsmoe_jax.tokenizer import load_tokenizer, token_dtype, tokenizer_identity
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+CHAT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")  # what --format chat reads
+FORMATS = ("text", "chat")
 CHUNK_BYTES = 2**20  # text per task sent to a worker: large enough to hide the IPC, small enough to balance
 SKIPPED_EXAMPLES = 10  # skipped records named in the manifest
 
@@ -67,8 +77,11 @@ class Options:
     val_every: int = 20  # every val_every-th record is held out; 0: none; 1: all (a validation-only set)
     shard_tokens: int = 2**26  # a shard ends after the document that reaches this many tokens
     on_error: str = "raise"  # a bad record: "raise" (stop, naming it) or "skip" (count it in the manifest)
+    format: str = "text"  # "text": documents; "chat": conversations, one example each, with a loss mask
 
     def __post_init__(self):
+        if self.format not in FORMATS:
+            raise DataError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.on_error not in ("raise", "skip"):
             raise DataError(f"--on-error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.val_every < 0 or self.shard_tokens < 1:
@@ -125,7 +138,7 @@ def settings(files: Sequence[pathlib.Path], options: Options, tokenizer, progres
     with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="hash inputs",
               disable=not progress, dynamic_ncols=True) as bar:
         sources = [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p, bar)} for p in files]
-    return {
+    out = {
         "format": FORMAT,
         "tokenizer": {"name": options.tokenizer, **tokenizer_identity(tokenizer)},
         "dtype": token_dtype(tokenizer.vocab_size).name,
@@ -135,6 +148,9 @@ def settings(files: Sequence[pathlib.Path], options: Options, tokenizer, progres
         "on_error": options.on_error,
         "sources": sources,
     }
+    if options.format != "text":  # only then: a text dataset's settings stay those of earlier versions
+        out["record_format"] = options.format
+    return out
 
 
 # ---- reading records (main process) ------------------------------------------------------
@@ -264,8 +280,9 @@ def _chunks(files: Sequence[pathlib.Path], text_field: str, first_record: int, c
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_spec: str, text_field: str, on_error: str) -> None:
-    _worker.update(tokenizer=load_tokenizer(tokenizer_spec), text_field=text_field, on_error=on_error)
+def _init_worker(tokenizer_spec: str, text_field: str, on_error: str, record_format: str) -> None:
+    _worker.update(tokenizer=load_tokenizer(tokenizer_spec), text_field=text_field, on_error=on_error,
+                   format=record_format)
 
 
 def _utf8_error(data: bytes, e: UnicodeDecodeError, what: str) -> str:
@@ -273,6 +290,41 @@ def _utf8_error(data: bytes, e: UnicodeDecodeError, what: str) -> str:
     column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
     return (f"{what} is not UTF-8 (byte {data[e.start]:#04x} at line {line}, column {column}); re-encode it as "
             "UTF-8 (iconv -t UTF-8), or pass --on-error skip to leave such records out")
+
+
+def _json_line(where: str, payload: bytes):
+    """The JSON value of one line; DataError naming ``where`` when it is not UTF-8 or not JSON."""
+    try:
+        line = payload.decode("utf-8").rstrip("\r\n")  # so an error's column is on this line
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: the line is not UTF-8 (byte {payload[e.start]:#04x} at column {e.start + 1}); "
+                        "re-encode the file as UTF-8, or pass --on-error skip to leave such lines out") from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); fix the line, or pass --on-error "
+                        "skip to leave such lines out") from None
+
+
+def _conversation(path: str, locator: int, payload: bytes, tokenizer):
+    """A chat record's example (``chat.RenderedChat``); DataError naming the file and line when it
+    is not a conversation with an answer, or the chat template fails on it."""
+    where = f"{path} line {locator}"
+    record = _json_line(where, payload)
+    try:
+        if isinstance(record, dict) and "messages" in record:
+            return render_chat(record["messages"], tokenizer, require_assistant=True)
+        if isinstance(record, dict) and "prompt" in record and "completion" in record:
+            prompt, completion = record["prompt"], record["completion"]
+            if not isinstance(prompt, str) or not isinstance(completion, str):
+                raise DataError(f"'prompt' and 'completion' must be strings (they hold {type(prompt).__name__} and "
+                                f"{type(completion).__name__})")
+            return render_prompt_completion(prompt, completion, tokenizer)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    keys = ", ".join(map(str, record)) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+    raise DataError(f"{where}: not a chat record (the line has {keys}); --format chat reads lines with 'messages' "
+                    "([{'role', 'content'}, ...]) or with 'prompt' and 'completion'")
 
 
 def _text(kind: str, path: str, locator: int, payload, field: str) -> str:
@@ -290,16 +342,7 @@ def _text(kind: str, path: str, locator: int, payload, field: str) -> str:
             raise DataError(f"{path} row {locator}: {field!r} is null; fill it, or pass --on-error skip")
         return payload
     where = f"{path} line {locator}"
-    try:
-        line = payload.decode("utf-8").rstrip("\r\n")  # so an error's column is on this line
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: the line is not UTF-8 (byte {payload[e.start]:#04x} at column {e.start + 1}); "
-                        "re-encode the file as UTF-8, or pass --on-error skip to leave such lines out") from None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); fix the line, or pass --on-error "
-                        "skip to leave such lines out") from None
+    record = _json_line(where, payload)
     if not isinstance(record, dict) or field not in record:
         keys = ", ".join(map(str, record)) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
         raise DataError(f"{where}: no text field {field!r} (the line has {keys}); pass --text-field NAME, or "
@@ -310,10 +353,14 @@ def _text(kind: str, path: str, locator: int, payload, field: str) -> str:
     return text
 
 
-def _tokenize_chunk(chunk: list) -> tuple[list[tuple[int, np.ndarray | None]], list[tuple[int, str]], int]:
-    """``(documents, skipped, text bytes)`` of one chunk: ``(record index, token ids)`` of each
-    document with text (``[bos] + text + [eos]``; ``None`` for an empty one), ``(record index,
-    why)`` of each bad record when skipping them."""
+def _tokenize_chunk(chunk: list) -> tuple[list[tuple[int, np.ndarray | None, np.ndarray | None]],
+                                           list[tuple[int, str]], int]:
+    """``(documents, skipped, text bytes)`` of one chunk: ``(record index, token ids, loss mask)`` of
+    each document with text (``[bos] + text + [eos]``, no mask: every token counts; ids ``None``
+    for an empty one; a chat record's rendered example and its mask), ``(record index, why)`` of
+    each bad record when skipping them."""
+    if _worker["format"] == "chat":
+        return _render_chunk(chunk)
     tok, field = _worker["tokenizer"], _worker["text_field"]
     dtype = token_dtype(tok.vocab_size)
     texts, indices, skipped = [], [], []
@@ -330,8 +377,25 @@ def _tokenize_chunk(chunk: list) -> tuple[list[tuple[int, np.ndarray | None]], l
     docs = []
     for index, text, ids in zip(indices, texts, tok.encode_batch(texts)):
         docs.append((index, np.concatenate([np.asarray(bos, dtype), np.asarray(ids, dtype), np.asarray(eos, dtype)])
-                     if text else None))
+                     if text else None, None))
     return docs, skipped, sum(len(t.encode("utf-8")) for t in texts)
+
+
+def _render_chunk(chunk: list) -> tuple[list[tuple[int, np.ndarray, np.ndarray]], list[tuple[int, str]], int]:
+    """``_tokenize_chunk`` of chat records: each one example, its ids and loss mask."""
+    tok = _worker["tokenizer"]
+    dtype = token_dtype(tok.vocab_size)
+    docs, skipped = [], []
+    for index, _, path, locator, payload in chunk:
+        try:
+            example = _conversation(path, locator, payload, tok)
+        except DataError as e:
+            if _worker["on_error"] != "skip":
+                raise
+            skipped.append((index, str(e).split("; ")[0]))
+            continue
+        docs.append((index, example.ids.astype(dtype), example.loss_mask))
+    return docs, skipped, sum(len(item[4]) for item in chunk)
 
 
 # ---- shards ------------------------------------------------------------------------------
@@ -339,12 +403,15 @@ def _tokenize_chunk(chunk: list) -> tuple[list[tuple[int, np.ndarray | None]], l
 
 @dataclasses.dataclass
 class _Shard:
-    """A shard being filled: the documents of records ``[first, next_record)``."""
+    """A shard being filled: the documents of records ``[first, next_record)`` (of a chat dataset:
+    its examples, with their loss masks)."""
 
     number: int
     first: int
     next_record: int
+    chat: bool = False
     docs: dict = dataclasses.field(default_factory=lambda: {s: [] for s in SPLITS})
+    masks: dict = dataclasses.field(default_factory=lambda: {s: [] for s in SPLITS})  # chat only
     tokens: int = 0
     skipped: list = dataclasses.field(default_factory=list)
 
@@ -362,6 +429,13 @@ class _Shard:
                 with open(tmp / f"{split}_docs.npy", "wb") as f:
                     np.save(f, offsets)
                 meta[split] = {"tokens": int(offsets[-1]), "documents": len(docs)}
+                if self.chat:
+                    masks = self.masks[split]
+                    mask = np.concatenate(masks).astype(np.uint8) if masks else np.zeros((0,), np.uint8)
+                    with open(tmp / f"{split}_mask.npy", "wb") as f:
+                        np.save(f, mask)
+                    meta[split].update(answer_tokens=int(mask.sum(dtype=np.int64)),
+                                       longest=int(np.diff(offsets).max(initial=0)))
             (tmp / "shard.json").write_text(json.dumps(meta, indent=1) + "\n")
         return meta
 
@@ -380,14 +454,14 @@ def _pool(workers: int, options: Options):
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
-    return ctx.Pool(workers, _init_worker, (options.tokenizer, options.text_field, options.on_error))
+    return ctx.Pool(workers, _init_worker, (options.tokenizer, options.text_field, options.on_error, options.format))
 
 
 def _in_order(chunks: Iterator[list], workers: int, options: Options) -> Iterator[tuple]:
     """``_tokenize_chunk`` of every chunk, in order; at most ``2 * workers`` chunks in flight, so
     memory stays bounded however large the input (``Pool.imap`` would read all of it ahead)."""
     if workers <= 1:
-        _init_worker(options.tokenizer, options.text_field, options.on_error)
+        _init_worker(options.tokenizer, options.text_field, options.on_error, options.format)
         yield from map(_tokenize_chunk, chunks)
         return
     with _pool(workers, options) as pool:
@@ -414,6 +488,9 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, options: Options = Op
     out = pathlib.Path(out)
     files = expand_inputs(inputs)
     tokenizer = load_tokenizer(options.tokenizer)
+    chat = options.format == "chat"
+    if chat:
+        _check_chat(files, tokenizer)
     wanted = settings(files, options, tokenizer, progress)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a directory")
@@ -435,28 +512,31 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, options: Options = Op
     if shards and progress:
         print(f"resuming {out}: {len(shards)} shards already finished, starting at record {first}")
     counter = [0]
-    shard = _Shard(len(shards), first, first)
+    shard = _Shard(len(shards), first, first, chat)
     bar = tqdm(unit="B", unit_scale=True, desc="prepare", disable=not progress, dynamic_ncols=True)
     tokens_done, start = 0, time.perf_counter()
     try:
         for docs, skipped, text_bytes in _in_order(_chunks(files, options.text_field, first, counter),
                                                    workers or default_workers(options), options):
-            events = sorted([(i, "doc", ids) for i, ids in docs] + [(i, "skip", why) for i, why in skipped],
-                            key=lambda e: e[0])
+            events = sorted([(i, "doc", (ids, mask)) for i, ids, mask in docs] +
+                            [(i, "skip", why) for i, why in skipped], key=lambda e: e[0])
             for index, what, value in events:
                 shard.next_record = index + 1
                 if what == "skip":
                     shard.skipped.append((index, value))
                     continue
-                if value is None:  # an empty document
+                ids, mask = value
+                if ids is None:  # an empty document
                     continue
-                held_out = options.val_every and index % options.val_every == options.val_every - 1
-                shard.docs["val" if held_out else "train"].append(value)
-                shard.tokens += len(value)
-                tokens_done += len(value)
+                split = "val" if options.val_every and index % options.val_every == options.val_every - 1 else "train"
+                shard.docs[split].append(ids)
+                if chat:
+                    shard.masks[split].append(mask)
+                shard.tokens += len(ids)
+                tokens_done += len(ids)
                 if shard.tokens >= options.shard_tokens:
                     shards.append(shard.write(out, dtype))
-                    shard = _Shard(shard.number + 1, index + 1, index + 1)
+                    shard = _Shard(shard.number + 1, index + 1, index + 1, chat)
             bar.update(text_bytes)
             bar.set_postfix(tokens_per_s=f"{tokens_done / max(time.perf_counter() - start, 1e-9):,.0f}")
     finally:
@@ -472,8 +552,22 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, options: Options = Op
     return Manifest.from_json(manifest, out / MANIFEST)
 
 
+def _check_chat(files: Sequence[pathlib.Path], tokenizer) -> None:
+    """Refuse, before anything is read, inputs that hold no conversations and a tokenizer whose chat
+    format cannot render one (no template, a broken one): errors of every record, not of one."""
+    for path in files:
+        if _kind(path) not in CHAT_SUFFIXES:
+            raise DataError(f"{path}: --format chat reads conversations from JSON Lines ({', '.join(CHAT_SUFFIXES)}), "
+                            "one per line; leave this file out, or prepare it with --format text")
+    render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], tokenizer)
+
+
 def _manifest(wanted: dict, shards: list[dict]) -> dict:
     totals = {split: {k: sum(s[split][k] for s in shards) for k in ("tokens", "documents")} for split in SPLITS}
+    if wanted.get("record_format") == "chat":
+        for split in SPLITS:
+            totals[split]["answer_tokens"] = sum(s[split]["answer_tokens"] for s in shards)
+            totals[split]["longest"] = max(s[split]["longest"] for s in shards)
     totals["records"] = shards[-1]["records"][1]
     totals["skipped"] = sum(s["skipped"] for s in shards)
     examples = [m for s in shards for m in s["skipped_examples"]][:SKIPPED_EXAMPLES]

@@ -2,10 +2,12 @@
 reads it here. A directory holds ``settings.json`` (written first: what an unfinished run is
 preparing), ``shards/<name>/{train,val}.npy`` and ``manifest.json``, written last, so it marks a
 complete dataset; each split's shards are memory-mapped and read as one flat token sequence
-(``TokenShards``)."""
+(``TokenShards``), or as examples (``Examples``: the documents, or a chat dataset's conversations
+with the loss mask of ``{train,val}_mask.npy``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -63,7 +65,9 @@ class TokenShards:
 
 class Split(NamedTuple):
     tokens: int
-    documents: int
+    documents: int  # of a chat dataset: its examples (conversations)
+    answer_tokens: int | None = None  # chat only: tokens with loss mask 1
+    longest: int | None = None  # chat only: the longest example's tokens
 
 
 class Shard(NamedTuple):
@@ -84,17 +88,20 @@ class Manifest(NamedTuple):
     skipped: int
     skipped_examples: list[str]  # the first few skipped records, named with the reason
     sources: list[dict]  # each input file: path, bytes, sha256
+    record_format: str = "text"  # "text" (documents) or "chat" (conversations, with loss masks)
 
     @classmethod
     def from_json(cls, m: dict, where: str | os.PathLike) -> Manifest:
         """The record of a parsed manifest; a missing or malformed field is a damaged dataset."""
-        split = lambda d: Split(int(d["tokens"]), int(d["documents"]))
+        optional = lambda value: None if value is None else int(value)
+        split = lambda d: Split(int(d["tokens"]), int(d["documents"]), optional(d.get("answer_tokens")),
+                                optional(d.get("longest")))
         try:
             totals = m["totals"]
             return cls(np.dtype(m["dtype"]), dict(m["tokenizer"]),
                        [Shard(s["name"], split(s["train"]), split(s["val"])) for s in m["shards"]],
                        split(totals["train"]), split(totals["val"]), int(totals["records"]), int(totals["skipped"]),
-                       list(m["skipped_examples"]), list(m["sources"]))
+                       list(m["skipped_examples"]), list(m["sources"]), str(m.get("record_format", "text")))
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{where} lacks or garbles {e}: the dataset is damaged; prepare it again") from None
 
@@ -141,17 +148,65 @@ def load_prepared(path: str | os.PathLike, tokenizer: Tokenizer, spec: str) -> t
     dtype = manifest.dtype
     out = []
     for split in SPLITS:
-        arrays = []
-        for shard in manifest.shards:
-            file = path / SHARDS_DIR / shard.name / f"{split}.npy"
-            try:
-                array = np.load(file, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise DataError(f"{file} cannot be read ({e}): the dataset is damaged; prepare it again") from None
-            expected = getattr(shard, split).tokens
-            if array.dtype != dtype or len(array) != expected:
-                raise DataError(f"{file} holds {len(array)} {array.dtype} tokens, but {path / MANIFEST} says "
-                                f"{expected} {dtype}: the dataset is damaged; prepare it again")
-            arrays.append(array)
+        arrays = [_load(path, path / SHARDS_DIR / shard.name / f"{split}.npy", dtype, getattr(shard, split).tokens,
+                        "tokens") for shard in manifest.shards]
         out.append(TokenShards(arrays, dtype))
+    return out[0], out[1]
+
+
+def _load(path: pathlib.Path, file: pathlib.Path, dtype: np.dtype, expected: int, what: str) -> np.ndarray:
+    """One array of a shard, memory-mapped, after checking it against the manifest of ``path``."""
+    try:
+        array = np.load(file, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{file} cannot be read ({e}): the dataset is damaged; prepare it again") from None
+    if array.dtype != dtype or len(array) != expected:
+        raise DataError(f"{file} holds {len(array)} {array.dtype} {what}, but {path / MANIFEST} says "
+                        f"{expected} {dtype}: the dataset is damaged; prepare it again")
+    return array
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """One split of a prepared dataset as examples: a chat dataset's conversations with their loss
+    mask, or a text dataset's documents (no mask: every token is a target)."""
+
+    tokens: TokenShards  # [tokens]: the examples one after the other, across shards
+    mask: TokenShards | None  # [tokens] uint8: 1 where the token is a training target; None for text
+    starts: np.ndarray  # [examples + 1] int64: where each example starts in tokens, then the end
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def lengths(self) -> np.ndarray:
+        """[examples] int64: each example's tokens."""
+        return np.diff(self.starts)
+
+
+def load_examples(path: str | os.PathLike, tokenizer: Tokenizer, spec: str) -> tuple[Examples, Examples]:
+    """(train, validation) examples of a prepared dataset, memory-mapped, after the checks of
+    ``load_prepared``; a chat dataset's carry their loss mask."""
+    path = pathlib.Path(path)
+    manifest = read_manifest(path)
+    check_prepared_tokenizer(manifest, path, tokenizer, spec)
+    chat = manifest.record_format == "chat"
+    out = []
+    for split in SPLITS:
+        tokens, masks, starts, offset = [], [], [np.zeros(1, np.int64)], 0
+        for shard in manifest.shards:
+            folder, counts = path / SHARDS_DIR / shard.name, getattr(shard, split)
+            tokens.append(_load(path, folder / f"{split}.npy", manifest.dtype, counts.tokens, "tokens"))
+            docs = np.asarray(_load(path, folder / f"{split}_docs.npy", np.dtype(np.int64), counts.documents + 1,
+                                    "document offsets"))
+            if docs[0] != 0 or docs[-1] != counts.tokens or np.any(np.diff(docs) < 0):
+                raise DataError(f"{folder / f'{split}_docs.npy'} does not cut {counts.tokens} tokens into documents "
+                                "(offsets must rise from 0 to the token count): the dataset is damaged; prepare it "
+                                "again")
+            starts.append(docs[1:] + offset)
+            offset += counts.tokens
+            if chat:
+                masks.append(_load(path, folder / f"{split}_mask.npy", np.dtype(np.uint8), counts.tokens,
+                                   "mask entries"))
+        out.append(Examples(TokenShards(tokens, manifest.dtype), TokenShards(masks, np.uint8) if chat else None,
+                            np.concatenate(starts)))
     return out[0], out[1]

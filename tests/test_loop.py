@@ -117,9 +117,9 @@ def _on_call(monkeypatch, call: int, scale_then: float = 1.0, signum: int | None
             os.kill(os.getpid(), signum)
         return np.float32(scale_then if calls["n"] == call else 1.0)
 
-    def instrumented(params, windows, cfg):
+    def instrumented(params, batch, cfg, counts=None):
         scale = jax.pure_callback(count, jax.ShapeDtypeStruct((), np.float32))
-        loss, aux = real(params, windows, cfg)
+        loss, aux = real(params, batch, cfg, counts)
         return loss * scale, aux
 
     monkeypatch.setattr(step_lib, "loss_fn", instrumented)

@@ -1,5 +1,6 @@
 """prepare-data: formats, the held-out split, determinism, resuming, and errors that name the record."""
 
+import dataclasses
 import gzip
 import json
 import pathlib
@@ -8,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from dsmoe_jax import data, load_config, prepare, shards
+from dsmoe_jax import chat, data, load_config, prepare, shards
 from dsmoe_jax.cli import main
-from dsmoe_jax.tokenizer import ByteTokenizer
+from dsmoe_jax.tokenizer import ByteTokenizer, load_tokenizer
 
 SMALL = prepare.Options(shard_tokens=300)  # several shards from a few kB of text
 
@@ -227,3 +228,186 @@ def test_the_command_line(tmp_path, capsys):
         shards.read_manifest(tmp_path / "out")
     assert main(["prepare-data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--quiet"]) == 1
     assert "missing: no such file or directory" in capsys.readouterr().err
+
+
+# ---- --format chat -----------------------------------------------------------------------
+
+CHAT = prepare.Options(format="chat", shard_tokens=400, val_every=3)
+
+
+def _conversations(n=30) -> list[dict]:
+    """Chat records: multi-turn conversations with a system prompt, and prompt/completion pairs."""
+    out = []
+    for i in range(n):
+        if i % 2:
+            out.append({"prompt": f"What is {i} + {i}?", "completion": f"{2 * i}."})
+        else:
+            out.append({"messages": [{"role": "system", "content": "Be terse."},
+                                     {"role": "user", "content": f"Count to {i % 5 + 1}."},
+                                     {"role": "assistant", "content": " ".join(map(str, range(1, i % 5 + 2)))},
+                                     {"role": "user", "content": "Thanks"},
+                                     {"role": "assistant", "content": "You're welcome, " + "é" * (i % 3)}],
+                        "id": i})
+    return out
+
+
+def _chat_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _rendered(record, tokenizer):
+    if "messages" in record:
+        return chat.render_chat(record["messages"], tokenizer)
+    return chat.render_prompt_completion(record["prompt"], record["completion"], tokenizer)
+
+
+def _masks(out: pathlib.Path, split: str) -> list[np.ndarray]:
+    """Every example's loss mask of ``split``, cut at its shards' document offsets."""
+    masks = []
+    for shard in shards.read_manifest(out).shards:
+        mask = np.load(out / "shards" / shard.name / f"{split}_mask.npy")
+        offsets = np.load(out / "shards" / shard.name / f"{split}_docs.npy")
+        masks += [mask[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    return masks
+
+
+def test_chat_records_become_examples_with_the_loss_masks_of_render_chat(tmp_path):
+    records = _conversations()
+    m = prepare.prepare([str(_chat_jsonl(tmp_path / "a.jsonl", records))], tmp_path / "out", CHAT, workers=1,
+                        progress=False)
+    assert m.record_format == "chat" and len(m.shards) > 2 and m.records == 30
+    expected = [_rendered(r, ByteTokenizer()) for r in records]
+    held_out = [i for i in range(30) if i % 3 == 2]
+    for split, indices in (("val", held_out), ("train", [i for i in range(30) if i not in held_out])):
+        docs, masks = _documents(tmp_path / "out", split), _masks(tmp_path / "out", split)
+        assert [d.tolist() for d in docs] == [expected[i].ids.tolist() for i in indices], f"{split}: one example each"
+        assert [k.tolist() for k in masks] == [expected[i].loss_mask.tolist() for i in indices], f"{split} masks"
+        totals = getattr(m, split)
+        assert totals.documents == len(indices) and totals.answer_tokens == sum(int(k.sum()) for k in masks)
+        assert totals.longest == max(len(d) for d in docs)
+        assert all(np.load(p).dtype == np.uint8 for p in (tmp_path / "out" / "shards").glob(f"*/{split}_mask.npy"))
+    # the reading side: examples across shards, their boundaries and masks
+    train, val = shards.load_examples(tmp_path / "out", ByteTokenizer(), "byte")
+    assert len(val) == len(held_out) and val.starts[0] == 0 and val.starts[-1] == len(val.tokens) == m.val.tokens
+    for examples, indices in ((val, held_out), (train, [i for i in range(30) if i not in held_out])):
+        assert examples.lengths().tolist() == [len(expected[i].ids) for i in indices]
+        for k, i in enumerate(indices):
+            a, b = examples.starts[k], examples.starts[k + 1]
+            assert examples.tokens[a:b].tolist() == expected[i].ids.tolist(), f"example {k} (record {i})"
+            assert examples.mask[a:b].tolist() == expected[i].loss_mask.tolist(), f"example {k}'s mask"
+    # a text dataset reads as examples too: its documents, every token a target
+    text_train, _ = shards.load_examples(_prepared_text(tmp_path), ByteTokenizer(), "byte")
+    assert text_train.mask is None and len(text_train) == 57
+    assert not (tmp_path / "text" / "shards" / "00000" / "train_mask.npy").exists(), "text datasets write no mask"
+
+
+def _prepared_text(tmp_path) -> pathlib.Path:
+    prepare.prepare([str(_jsonl(tmp_path / "t.jsonl", _texts()))], tmp_path / "text", SMALL, workers=1, progress=False)
+    return tmp_path / "text"
+
+
+def test_chat_output_is_byte_identical_and_resumes(tmp_path):
+    src = _chat_jsonl(tmp_path / "a.jsonl", _conversations(60))
+    prepare.prepare([str(src)], tmp_path / "one", CHAT, workers=1, progress=False)
+    prepare.prepare([str(src)], tmp_path / "two", CHAT, workers=2, progress=False)
+    assert _files(tmp_path / "one") == _files(tmp_path / "two"), "the same bytes whatever the worker count"
+    whole = _files(tmp_path / "one")
+    # an interrupted run: the manifest and the last shard never written; run again, it finishes the same
+    (tmp_path / "one" / "manifest.json").unlink()
+    last = max((tmp_path / "one" / "shards").iterdir())
+    for f in last.iterdir():
+        f.unlink()
+    last.rmdir()
+    prepare.prepare([str(src)], tmp_path / "one", CHAT, workers=1, progress=False)
+    assert _files(tmp_path / "one") == whole
+    with pytest.raises(data.DataError, match="prepared from other inputs or options"):
+        prepare.prepare([str(src)], tmp_path / "one", dataclasses.replace(CHAT, format="text"), workers=1,
+                        progress=False)
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"messages": [{"role": "user", "content": "Hi"}]}',
+     r"a.jsonl line 3: the conversation has no assistant message, so nothing to train on"),
+    (b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hey"}]}',
+     r"a.jsonl line 3: message 1 has the role 'bot'; the roles are system, user, assistant"),
+    (b'{"prompt": "Hi", "completion": 3}', r"a.jsonl line 3: 'prompt' and 'completion' must be strings"),
+    (b'{"text": "Hi"}', r"a.jsonl line 3: not a chat record \(the line has text\); --format chat reads lines with"),
+    (b'{"messages": "Hi"}', r"a.jsonl line 3: a conversation is a non-empty list"),
+])
+def test_a_bad_chat_record_is_named_or_skipped_and_counted(tmp_path, line, message):
+    good = json.dumps({"prompt": "Hi", "completion": "Hello"}).encode()
+    (tmp_path / "a.jsonl").write_bytes(good + b"\n\n" + line + b"\n" + good + b"\n")
+    options = dataclasses.replace(CHAT, val_every=0)
+    with pytest.raises(data.DataError, match=message):
+        prepare.prepare([str(tmp_path / "a.jsonl")], tmp_path / "out", options, workers=1, progress=False)
+    m = prepare.prepare([str(tmp_path / "a.jsonl")], tmp_path / "skip", dataclasses.replace(options, on_error="skip"),
+                        workers=1, progress=False)
+    assert m.skipped == 1 and m.train.documents == 2
+    assert m.skipped_examples[0].startswith(f"{tmp_path / 'a.jsonl'} line 3: ")
+
+
+def _chat_tokenizer(root: pathlib.Path, template: str | None) -> pathlib.Path:
+    """A byte-level BPE tokenizer.json with DeepSeek's BOS and EOS and ``template`` as its chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["User: What is 2 + 2?\n\nAssistant: 4."] * 3, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[bos, eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    root.mkdir()
+    tok.save(str(root / "tokenizer.json"))
+    config = {"bos_token": bos, "eos_token": eos, **({"chat_template": template} if template else {})}
+    (root / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+    return root / "tokenizer.json"
+
+
+def test_a_chat_template_renders_the_records_and_its_failures_are_named(tmp_path):
+    template = (pathlib.Path(__file__).parent / "data" / "chat_templates" / "DeepSeek-V3.jinja").read_text()
+    # DeepSeek-V3's template with a check of its own: a system message after the first message fails
+    template = ("{% for m in messages %}{% if m.role == 'system' and not loop.first %}"
+                "{{ raise_exception('System messages must come first') }}{% endif %}{% endfor %}" + template)
+    path = _chat_tokenizer(tmp_path / "tok", template)
+    records = _conversations(6)
+    records[3] = {"messages": [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Late."},
+                               {"role": "assistant", "content": "Hello"}]}
+    src = _chat_jsonl(tmp_path / "a.jsonl", records)
+    options = dataclasses.replace(CHAT, tokenizer=str(path), val_every=0)
+    with pytest.raises(data.DataError, match=r"a.jsonl line 4: the chat template in .*tokenizer_config.json fails on "
+                                             r"this conversation: TemplateError: System messages must come first"):
+        prepare.prepare([str(src)], tmp_path / "out", options, workers=1, progress=False)
+    m = prepare.prepare([str(src)], tmp_path / "skip", dataclasses.replace(options, on_error="skip"), workers=1,
+                        progress=False)
+    assert m.skipped == 1 and m.train.documents == 5
+    tok = load_tokenizer(str(path))
+    train, _ = shards.load_examples(tmp_path / "skip", tok, str(path))
+    kept = [r for i, r in enumerate(records) if i != 3]
+    for k, record in enumerate(kept):
+        a, b = train.starts[k], train.starts[k + 1]
+        assert train.tokens[a:b].tolist() == _rendered(record, tok).ids.tolist(), "ids as render_chat, no extra BOS"
+        assert train.mask[a:b].tolist() == _rendered(record, tok).loss_mask.tolist()
+    # inputs that hold no conversations, and a tokenizer without a template, are refused before any record is read
+    (tmp_path / "doc.txt").write_text("plain text")
+    with pytest.raises(data.DataError, match=r"doc.txt: --format chat reads conversations from JSON Lines"):
+        prepare.prepare([str(src), str(tmp_path / "doc.txt")], tmp_path / "txt", CHAT, workers=1, progress=False)
+    bare = _chat_tokenizer(tmp_path / "bare", None)
+    with pytest.raises(data.DataError, match=r"has no chat template: no 'chat_template' in .*bare/tokenizer_config"):
+        skip_all = dataclasses.replace(CHAT, tokenizer=str(bare), on_error="skip")
+        prepare.prepare([str(src)], tmp_path / "bare_out", skip_all, workers=1, progress=False)
+    assert not (tmp_path / "bare_out").exists()
+
+
+def test_the_command_line_prepares_chat_and_reports_its_examples(tmp_path, capsys):
+    src = _chat_jsonl(tmp_path / "a.jsonl", _conversations(20))
+    assert main(["prepare-data", str(src), "--out", str(tmp_path / "out"), "--format", "chat", "--workers", "1",
+                 "--quiet"]) == 0
+    m = shards.read_manifest(tmp_path / "out")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"wrote {tmp_path / 'out'}: {len(m.shards)} shards") and len(lines) == 2
+    assert lines[1] == (f"chat examples: train {m.train.documents} with {m.train.answer_tokens:,} answer tokens "
+                        f"(the loss mask), validation {m.val.documents} with {m.val.answer_tokens:,}; the longest "
+                        f"{max(m.train.longest, m.val.longest):,} tokens")
+    assert m.train.documents == 19 and m.val.documents == 1 and 0 < m.train.answer_tokens < m.train.tokens

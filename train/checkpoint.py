@@ -11,6 +11,7 @@ outside training (``load_checkpoint``) is library code: ``dsmoe_jax/checkpoint.p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -24,12 +25,20 @@ from tqdm import tqdm
 from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, CheckpointError, read_config
 from dsmoe_jax.config import Config
 
+MODEL_SECTIONS = ("model", "moe", "mla", "yarn")
 
-def _model_differences(a: Config, b: Config) -> list[str]:
-    da, db = a.to_dict(), b.to_dict()
-    return [f"{s}.{k}: {da.get(s, {}).get(k)!r} (saved) vs {db.get(s, {}).get(k)!r} (now)"
-            for s in ("model", "moe") for k in sorted(set(da.get(s, {})) | set(db.get(s, {})))
-            if da.get(s, {}).get(k) != db.get(s, {}).get(k)]
+
+def model_differences(a: Config, b: Config, ignore: frozenset[str] = frozenset(),
+                      labels: tuple[str, str] = ("saved", "now")) -> list[str]:
+    """Each ``section.key`` of the model sections whose value differs between ``a`` and ``b``
+    (a section on one side only differs in each of its keys), with both values, labelled;
+    keys named in ``ignore`` (``"model.dtype"``, ...) do not count. An unset ``model.n_kv_heads``
+    equals ``model.n_heads`` (converted checkpoints always set it)."""
+    explicit = lambda c: dataclasses.replace(c, model=dataclasses.replace(c.model, n_kv_heads=c.model.kv_heads))
+    da, db = explicit(a).to_dict(), explicit(b).to_dict()
+    return [f"{s}.{k}: {da.get(s, {}).get(k)!r} ({labels[0]}) vs {db.get(s, {}).get(k)!r} ({labels[1]})"
+            for s in MODEL_SECTIONS for k in sorted(set(da.get(s, {})) | set(db.get(s, {})))
+            if f"{s}.{k}" not in ignore and da.get(s, {}).get(k) != db.get(s, {}).get(k)]
 
 
 DAMAGED_DIR = "damaged_checkpoints"
@@ -68,7 +77,7 @@ class Checkpointer:
             raise CheckpointError(f"{self.workdir} already holds checkpoints (latest step {latest}); pass --resume "
                                   "to continue that run, or choose a new --workdir")
         saved = read_config(self.workdir)
-        diffs = _model_differences(saved, self.cfg)
+        diffs = model_differences(saved, self.cfg)
         if diffs:
             raise CheckpointError(f"{self.workdir} holds checkpoints of a different model ({'; '.join(diffs)}); "
                                   "resume with the saved config, or start a new --workdir")

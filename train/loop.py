@@ -25,11 +25,13 @@ from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, write_config
 from dsmoe_jax.config import Config
-from dsmoe_jax.errors import TrainingError, TrainingInterrupted  # noqa: F401 - raised here, and importable from here
+from dsmoe_jax.errors import DataError, TrainingError, TrainingInterrupted  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.evaluation import evaluate, jitted_eval_step, perplexity
 from dsmoe_jax.model import flops_per_token
+from dsmoe_jax.packing import PackedRows
 from dsmoe_jax.plan import device_peak_flops
 from dsmoe_jax.train.checkpoint import Checkpointer, nothing_to_resume
+from dsmoe_jax.train.init_from import check_init_from, init_from_state
 from dsmoe_jax.train.optimizer import learning_rate, make_optimizer
 from dsmoe_jax.train.step import StepMetrics, init_sharded_state, make_train_step, state_shardings
 
@@ -196,6 +198,40 @@ def _validate(params, cfg: Config, training: data.TrainingData, eval_step) -> di
     return out
 
 
+def _steps_for_epochs(cfg: Config, training: data.TrainingData) -> Config:
+    """``cfg`` with ``train.steps`` set to ``train.epochs`` passes over the one training dataset
+    (whole batches; the last partial batch of the last epoch is left out)."""
+    t = cfg.train
+    if len(training.sources) > 1:
+        raise DataError(f"train.epochs counts passes over one finite dataset, but data.mix draws from "
+                             f"{len(training.sources)} datasets without end; set train.steps (and train.epochs = 0), "
+                             "or train on one dataset")
+    rows = data.rows_per_epoch(training.sources[0].tokens, t.seq_len, cfg.data.long_examples)
+    steps = rows * t.epochs // t.batch_size
+    if steps < 1:
+        raise DataError(f"{t.epochs} epochs of {rows} rows of train.seq_len + 1 tokens make no batch of "
+                             f"train.batch_size = {t.batch_size}; lower train.batch_size or add data")
+    if jax.process_index() == 0:
+        tqdm.write(f"train.epochs = {t.epochs}: {rows} rows of {t.seq_len + 1} tokens per epoch, batches of "
+                   f"{t.batch_size}: {steps} steps (train.steps = {t.steps} is replaced)")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, steps=steps))
+
+
+def _packing_metrics(cfg: Config, training: data.TrainingData) -> dict:
+    """For packed training data, the packing efficiency (real tokens / row tokens) of each
+    source, logged at the start and with every step; empty for windows."""
+    out = {}
+    for s in training.sources:
+        rows = data.row_source(s.tokens, cfg.train.seq_len, seed=cfg.train.seed, long_examples=cfg.data.long_examples)
+        if isinstance(rows, PackedRows):
+            key = "packing_efficiency" + (f"/{s.name}" if s.name else "")
+            out[key] = rows.efficiency
+            if jax.process_index() == 0:
+                tqdm.write(f"{key}: {rows.efficiency:.1%} ({len(rows.lengths)} examples in {rows.rows_per_epoch} rows "
+                           f"of {rows.capacity} tokens; {rows.truncated} longer than a row were cut)")
+    return out
+
+
 class TrainResult(NamedTuple):
     """What ``train`` returns: the last logged step (the last line of ``metrics.jsonl``)."""
 
@@ -212,7 +248,8 @@ def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False,
 
     Keeps float32 master weights whatever ``model.param_dtype`` says; ``model.dtype`` sets the
     compute dtype. With ``resume`` it continues from the latest complete checkpoint (saved on any
-    mesh: it is read straight into this run's shardings). The mesh comes from ``cfg.mesh`` over
+    mesh: it is read straight into this run's shardings); without, ``train.init_from`` starts it
+    from existing parameters (``train/init_from.py``). The mesh comes from ``cfg.mesh`` over
     every device of every process (``jax.distributed`` must be initialised first for several);
     each process loads its own slice of every batch.
     """
@@ -228,22 +265,36 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     mesh_lib.check_run(cfg, mesh)  # before anything is written
     if resume and not (workdir / CHECKPOINTS_DIR).is_dir():  # before anything is created there
         raise nothing_to_resume(workdir)
+    source = check_init_from(cfg) if t.init_from and not resume else None  # before anything is written
+    n_proc = jax.process_count()
+    training = data.load_training_data(cfg)  # refuses data the model's tokenizer did not write
+    if t.epochs:
+        cfg = _steps_for_epochs(cfg, training)
+        t = cfg.train
+    dataset = data.mixture_batches([(s.tokens, s.weight) for s in training.sources], t.batch_size // n_proc,
+                                   t.seq_len, seed=t.seed, process_index=jax.process_index(), process_count=n_proc,
+                                   num_epochs=t.epochs or None, long_examples=cfg.data.long_examples)
+    packing = _packing_metrics(cfg, training)
     if jax.process_index() == 0:
         check_workdir_writable(workdir)
     ckpt = Checkpointer(workdir, cfg)
     start = ckpt.check_compatible(resume) or 0
+    if start and t.init_from and jax.process_index() == 0:
+        tqdm.write(f"--resume: continuing from this run's own checkpoints; train.init_from ({t.init_from}) is "
+                   "ignored")
     if jax.process_index() == 0:
         write_config(workdir, cfg)
-
-    n_proc = jax.process_count()
-    training = data.load_training_data(cfg)  # refuses data the model's tokenizer did not write
-    dataset = data.mixture_batches([(s.tokens, s.weight) for s in training.sources], t.batch_size // n_proc,
-                                   t.seq_len, seed=t.seed, process_index=jax.process_index(), process_count=n_proc)
     iterator = iter(dataset)
 
     optimizer = make_optimizer(t)
     shardings = state_shardings(cfg, optimizer, mesh)
-    state = init_sharded_state(cfg, optimizer, jax.random.key(t.seed), shardings)
+    if source is None:
+        state = init_sharded_state(cfg, optimizer, jax.random.key(t.seed), shardings)
+    else:
+        state = init_from_state(source, cfg, optimizer, shardings, jax.random.key(t.seed))
+        if jax.process_index() == 0:
+            tqdm.write(f"train.init_from: starting from the parameters of {source.description} (step 0, a fresh "
+                       "optimizer state)")
     if start:
         start, state = ckpt.restore_latest(state, iterator)
     schedule = learning_rate(t)
@@ -266,7 +317,8 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
             for step in range(start + 1, t.steps + 1):
                 if step > start + 1:  # the first step of a run compiles: it may take any time
                     watchdog.arm(step)  # a peer that stops answering shows as a step that never ends
-                batch = jax.make_array_from_process_local_data(batch_sharding, next(iterator))
+                batch = jax.tree.map(lambda rows: jax.make_array_from_process_local_data(batch_sharding, rows),
+                                     next(iterator))
                 try:
                     state, m = train_step(state, batch)
                     finite = bool(m.finite)
@@ -280,7 +332,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
                             f"another process of this {n_proc}-process run has probably died. Restart all of them "
                             f"with --resume; the last complete checkpoint is step {ckpt.manager.latest_step()}") from e
                     raise
-                tokens_since += batch.shape[0] * t.seq_len
+                tokens_since += jax.tree.leaves(batch)[0].shape[0] * t.seq_len
                 if not finite and t.on_nan == "skip":
                     tqdm.write(f"step {step}: non-finite loss or gradient, step skipped (train.on_nan = 'skip')")
                 elif not finite:
@@ -292,7 +344,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
                         "train.on_nan = 'skip'.")
                 if step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps:
                     now = time.perf_counter()
-                    last = _step_metrics(m, float(schedule(step - 1)), tokens_since / (now - tick), cfg)
+                    last = _step_metrics(m, float(schedule(step - 1)), tokens_since / (now - tick), cfg) | packing
                     load = None
                     if step % t.eval_every == 0 or step == t.steps:
                         last.update(_validate(state.params, cfg, training, eval_step))

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import optax
 
 from dsmoe_jax.config import Config
-from dsmoe_jax.evaluation import cross_entropy
+from dsmoe_jax.evaluation import token_losses
 from dsmoe_jax.model import Aux, forward, forward_mtp, init_params, param_shapes, update_score_bias
+from dsmoe_jax.packing import Packed, row_tokens, row_weights
 from dsmoe_jax.sharding import param_shardings
 
 
@@ -24,7 +25,8 @@ class TrainState(NamedTuple):
 
 
 class StepMetrics(NamedTuple):
-    """What a train step reports (means over its micro-batches)."""
+    """What a train step reports: losses of the whole batch (every counted token weighing the
+    same), ``aux`` the mean over micro-batches."""
 
     loss: jax.Array  # cross-entropy + balance losses: what the gradient is of
     ce: jax.Array  # next-token cross-entropy
@@ -55,46 +57,80 @@ def init_sharded_state(cfg: Config, optimizer: optax.GradientTransformation, key
     return jax.jit(lambda k: init_state(init_params(cfg.model, k), optimizer), out_shardings=shardings)(key)
 
 
-def loss_fn(params: dict, windows_BS1: jax.Array, cfg: Config) -> tuple[jax.Array, tuple]:
-    """Cross-entropy of each window's next tokens plus the configured balance losses, plus, with
+class TargetCounts(NamedTuple):
+    """How many predictions a whole step's batch trains on: the divisors of its cross-entropies,
+    so that every counted token weighs the same whichever micro-batch or device holds it."""
+
+    main: jax.Array  # float32: next-token predictions
+    ahead: jax.Array  # [model.mtp_depth] float32: each multi-token-prediction depth's predictions
+    micro_batches: int = 1  # the balance losses are averaged over them
+
+
+def count_targets(batch: jax.Array | Packed, cfg: Config, micro_batches: int = 1) -> TargetCounts:
+    """The predictions ``batch`` trains on (``TargetCounts``)."""
+    ahead = [jnp.sum(row_weights(batch, k + 1)) for k in range(1, cfg.model.mtp_depth + 1)]
+    return TargetCounts(jnp.sum(row_weights(batch, 1)), jnp.stack(ahead) if ahead else jnp.zeros((0,), jnp.float32),
+                        micro_batches)
+
+
+def loss_fn(params: dict, batch: jax.Array | Packed, cfg: Config, counts: TargetCounts | None = None
+            ) -> tuple[jax.Array, tuple]:
+    """Cross-entropy of the next tokens plus the configured balance losses, plus, with
     multi-token prediction, ``train.mtp_weight`` times the mean over depths of each depth's
     cross-entropy (depth k predicts the token k + 1 places ahead). The auxiliary output is
-    ``(cross-entropy, aux, the depths' cross-entropies [model.mtp_depth])``."""
-    inputs, targets = windows_BS1[:, :-1], windows_BS1[:, 1:]
+    ``(cross-entropy, aux, the depths' cross-entropies [model.mtp_depth])``.
+
+    ``batch``: windows ``[B, S + 1]`` of consecutive tokens, or ``Packed`` rows of examples,
+    whose loss counts only the targets ``packing.target_weights`` keeps (an example's answer
+    tokens, never a prediction across examples). Each cross-entropy is a sum over the counted
+    predictions divided by ``counts`` (those of the whole step's batch; default this batch's),
+    and the balance losses are divided by ``counts.micro_batches``: summed over the micro-batches
+    of a step, the losses are the mean over every counted token of the whole batch."""
+    counts = count_targets(batch, cfg) if counts is None else counts
+    tokens_BS1, segments_BS = row_tokens(batch)
+    inputs = tokens_BS1[:, :-1]
     if cfg.model.mtp_depth:
-        logits, aux, ahead = forward_mtp(params, inputs, cfg.model)
+        logits, aux, ahead = forward_mtp(params, inputs, cfg.model, segment_ids=segments_BS)
     else:
-        (logits, aux), ahead = forward(params, inputs, cfg.model), ()
+        (logits, aux), ahead = forward(params, inputs, cfg.model, segment_ids=segments_BS), ()
     with jax.named_scope("loss"):
-        ce = cross_entropy(logits, targets)
-        mtp_ce = jnp.stack([cross_entropy(a, windows_BS1[:, k + 1:]) for k, a in enumerate(ahead, 1)]) if ahead \
-            else jnp.zeros((0,), jnp.float32)
+        # where, not a product: a padding position's loss may be anything, NaN included
+        summed = lambda logits_BSV, ahead: jnp.sum(jnp.where(
+            row_weights(batch, ahead) > 0, token_losses(logits_BSV, tokens_BS1[:, ahead:]), 0.0))
+        ce = summed(logits, 1) / jnp.maximum(counts.main, 1.0)
+        mtp_ce = jnp.stack([summed(a, k + 1) for k, a in enumerate(ahead, 1)]) / jnp.maximum(counts.ahead, 1.0) \
+            if ahead else jnp.zeros((0,), jnp.float32)
     mtp_loss = cfg.train.mtp_weight * jnp.mean(mtp_ce) if ahead else 0.0
-    return ce + aux.balance_loss + mtp_loss, (ce, aux, mtp_ce)
+    return ce + aux.balance_loss / counts.micro_batches + mtp_loss, (ce, aux, mtp_ce)
 
 
 def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
-    """The train step for ``cfg``: gradient accumulation over ``train.grad_accum`` micro-batches,
+    """The train step for ``cfg``, ``(state, batch) -> (state, metrics)`` with ``batch`` windows
+    ``[B, S + 1]`` or ``Packed`` rows: gradient accumulation over ``train.grad_accum`` micro-batches,
     clipping and AdamW; a non-finite loss or gradient leaves the state unchanged and reports it."""
     A, moe = cfg.train.grad_accum, cfg.model.moe
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def gradients(params, windows_BS1):
-        """Loss, cross-entropy, aux and the MTP depths' cross-entropies (means over micro-batches),
-        the mean gradient, and the expert load of the whole batch (for the score-bias update)."""
+    def gradients(params, batch):
+        """Loss, cross-entropy and the MTP depths' cross-entropies of the whole batch (each
+        counted token weighs the same in every micro-batch: ``loss_fn``), aux (the mean over
+        micro-batches), the gradient, and the expert load of the whole batch (for the
+        score-bias update)."""
+        counts = count_targets(batch, cfg, A)
         if A == 1:  # no accumulator: it would cost a zero-filled copy of the params and a pass adding into it
-            (loss, (ce, aux, mtp_ce)), grads = grad_fn(params, windows_BS1, cfg)
+            (loss, (ce, aux, mtp_ce)), grads = grad_fn(params, batch, cfg, counts)
             return loss, ce, aux, mtp_ce, grads, aux.expert_load
 
         def accumulate(grads, micro):
-            (loss, (ce, aux, mtp_ce)), g = grad_fn(params, micro, cfg)
+            (loss, (ce, aux, mtp_ce)), g = grad_fn(params, micro, cfg, counts)
             return jax.tree.map(jnp.add, grads, g), (loss, ce, aux, mtp_ce)
 
-        micro_ABS1 = windows_BS1.reshape(A, -1, *windows_BS1.shape[1:])
+        micro_batches = jax.tree.map(lambda a: a.reshape(A, -1, *a.shape[1:]), batch)
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, per_micro = jax.lax.scan(accumulate, zeros, micro_ABS1)
-        loss, ce, aux, mtp_ce = jax.tree.map(lambda a: jnp.mean(a, axis=0), per_micro)
-        return loss, ce, aux, mtp_ce, jax.tree.map(lambda g: g / A, grads), jnp.sum(per_micro[2].expert_load, axis=0)
+        grads, (loss, ce, aux, mtp_ce) = jax.lax.scan(accumulate, zeros, micro_batches)
+        total = lambda a: jnp.sum(a, axis=0)
+        return (total(loss), total(ce), jax.tree.map(lambda a: jnp.mean(a, axis=0), aux), total(mtp_ce), grads,
+                total(aux.expert_load))
 
     def update(grads, opt_state, params, expert_load_LE):
         with jax.named_scope("optimizer"):
@@ -104,8 +140,8 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
                 params = update_score_bias(params, expert_load_LE, cfg.model)
         return params, opt_state
 
-    def step(state: TrainState, windows_BS1: jax.Array):
-        loss, ce, aux, mtp_ce, grads, expert_load_LE = gradients(state.params, windows_BS1)
+    def step(state: TrainState, batch: jax.Array | Packed):
+        loss, ce, aux, mtp_ce, grads, expert_load_LE = gradients(state.params, batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A bad step leaves params and optimizer state as they were: nothing non-finite is kept.
