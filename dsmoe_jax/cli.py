@@ -29,7 +29,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dsmoe_jax import chat_session, convert, data, inference, prepare, runtime
 from dsmoe_jax import plan as plan_lib
@@ -128,6 +127,15 @@ def _prepare_data(args) -> None:
         print(f"chat examples: train {m.train.documents:,} with {m.train.answer_tokens:,} answer tokens (the loss "
               f"mask), validation {m.val.documents:,} with {m.val.answer_tokens:,}; the longest "
               f"{max(m.train.longest, m.val.longest):,} tokens")
+        from dsmoe_jax.packing import efficiency
+        from dsmoe_jax.shards import load_examples
+        from dsmoe_jax.tokenizer import load_tokenizer
+
+        lengths = load_examples(args.out, load_tokenizer(args.tokenizer), args.tokenizer)[0].lengths()
+        if len(lengths):
+            row = args.seq_len + 1
+            print(f"packed into rows of train.seq_len + 1 = {row} tokens: {efficiency(lengths, row):.1%} of the row "
+                  f"tokens are real; {int((lengths > row).sum()):,} examples longer than a row would be cut")
 
 
 def _eval(args) -> None:
@@ -145,9 +153,14 @@ def _eval(args) -> None:
     params, cfg, _ = load_model(args.checkpoint)  # its tokenizer: the one the loss is taken in
     if args.data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
+    if args.seq_len is not None:
+        if not 1 <= args.seq_len <= cfg.model.max_seq_len:
+            raise ConfigError(f"--seq-len {args.seq_len}: must be between 1 and model.max_seq_len "
+                              f"{cfg.model.max_seq_len}")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=args.seq_len))
     train_tokens, val_tokens, _ = data.load_tokens(cfg, checkpoint=args.checkpoint)
     # Your own --data is evaluated whole; otherwise the run's validation sample (train.eval_tokens).
-    tokens = np.concatenate([train_tokens, val_tokens]) if args.data else val_tokens
+    tokens = data.join_splits(train_tokens, val_tokens) if args.data else val_tokens
     max_tokens = args.tokens if args.tokens is not None else (0 if args.data else None)
     result = evaluate(params, cfg, tokens, max_tokens=max_tokens)
     _print(args, f"loss {result.loss:.4f} +- {result.stderr:.4f} (standard error)  perplexity {result.perplexity:.2f}  "
@@ -320,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="text: documents (default); chat: JSON Lines of conversations ('messages', or 'prompt' "
                            "and 'completion'), one example each in the tokenizer's chat format, with a loss mask "
                            "on the answers")
+    prep.add_argument("--seq-len", type=int, default=4095, metavar="N",
+                      help="chat data: report the packing efficiency into rows of N + 1 tokens, as train.seq_len = N "
+                           "packs them (default 4095: the paper's 4K rows)")
     prep.add_argument("--val-every", type=int, default=data.VAL_EVERY, metavar="N",
                       help=f"hold out every N-th record for validation (default {data.VAL_EVERY}; 0: none; 1: all, "
                            "for a validation-only set)")
@@ -349,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", parents=[structured],
                         help="loss and perplexity of a checkpoint, or lm-eval benchmarks (--tasks)")
     ev.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint directory")
-    ev.add_argument("--data", help="text file(s) or .npy tokens to evaluate (default: the run's validation split)")
+    ev.add_argument("--data", help="text file(s), .npy tokens or a prepare-data output (chat data: the masked "
+                                   "answer loss) to evaluate (default: the run's validation split)")
+    ev.add_argument("--seq-len", type=int, metavar="N",
+                    help="windows (packed rows) of N + 1 tokens (default: the run's train.seq_len)")
     ev.add_argument("--tokens", type=int, metavar="N",
                     help="read N tokens spread evenly over the data; 0 = all (default: the run's train.eval_tokens "
                          "for its validation split, all of --data)")

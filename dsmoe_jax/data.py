@@ -35,10 +35,12 @@ import numpy as np
 
 from dsmoe_jax import runtime
 from dsmoe_jax.atomic import atomic_file
+from dsmoe_jax.chat import render_chat
 from dsmoe_jax.config import Config, DataSource
 from dsmoe_jax.errors import DataError  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.packing import DocumentWindows, PackedRows
-from dsmoe_jax.shards import Examples, TokenShards, is_prepared, load_examples, load_prepared, read_manifest
+from dsmoe_jax.shards import Examples, TokenShards, is_prepared, load_examples, load_prepared
+from dsmoe_jax.shards import read_manifest as _read_manifest  # as itself, data.read_manifest is a moved name
 from dsmoe_jax.tokenizer import Tokenizer, check_tokenizer, load_tokenizer, token_dtype, tokenizer_identity
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".toml", ".html", ".c", ".h")
@@ -130,6 +132,15 @@ def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer: Tokenizer) ->
     return document_tokens(train, tokenizer), document_tokens(held_out, tokenizer)
 
 
+def join_splits(first: SplitData, second: SplitData) -> SplitData:
+    """Two splits read as one (``dsmoe-jax eval --data`` evaluates a dataset whole)."""
+    if not isinstance(first, Examples):
+        return np.concatenate([np.asarray(first), np.asarray(second)])
+    join = lambda a, b: None if a is None else TokenShards(a.arrays + b.arrays, a.dtype)
+    return Examples(join(first.tokens, second.tokens), join(first.mask, second.mask),
+                    np.concatenate([first.starts, second.starts[1:] + first.starts[-1]]))
+
+
 def _check_token_array(tokens: np.ndarray, path: pathlib.Path, cfg: Config, checkpoint: str | None) -> None:
     """A ``.npy`` token file must be a flat integer array of ids in [0, model.vocab_size): the
     embedding lookup would read any other id as a clamped or wrapped one, silently."""
@@ -164,6 +175,9 @@ def load_tokens(cfg: Config, checkpoint: str | None = None,
     if cfg.data.path is None and cfg.data.mix:
         raise DataError(f"data.mix trains on several datasets ({', '.join(s.name for s in cfg.data.mix)}): set "
                         "data.path to the one to read here")
+    if cfg.data.path is None and cfg.data.document_mask:
+        raise DataError("data.document_mask needs the document boundaries of a prepared dataset; the embedded corpus "
+                        "has none: set data.path to a `dsmoe-jax prepare-data` output, or data.document_mask = false")
     if cfg.data.path is not None:
         path = pathlib.Path(cfg.data.path)
         if not path.exists():
@@ -171,16 +185,13 @@ def load_tokens(cfg: Config, checkpoint: str | None = None,
                             "of text files, a .npy token array or a prepare-data output"
                             + (", or unset it for the embedded corpus" if setting == "data.path" else ""))
         if is_prepared(path):
-            if cfg.data.document_mask or read_manifest(path).record_format == "chat":
+            if cfg.data.document_mask or _read_manifest(path).record_format == "chat":
                 return (*load_examples(path, tokenizer, cfg.data.tokenizer), tokenizer)
             return (*load_prepared(path, tokenizer, cfg.data.tokenizer), tokenizer)
         if cfg.data.document_mask:
             raise DataError(f"data.document_mask needs the document boundaries of a prepared dataset, which {setting} "
                             f"{cfg.data.path!r} is not; prepare it with `dsmoe-jax prepare-data`, or set "
                             "data.document_mask = false")
-    elif cfg.data.document_mask:
-        raise DataError("data.document_mask needs the document boundaries of a prepared dataset; the embedded corpus "
-                        "has none: set data.path to a `dsmoe-jax prepare-data` output, or data.document_mask = false")
         if path.suffix == ".npy":
             tokens = np.load(path, mmap_mode="r")
             _check_token_array(tokens, path, cfg, checkpoint)
@@ -332,7 +343,19 @@ def load_training_data(cfg: Config) -> TrainingData:
             raise DataError(f"{where} has {len(tokens)} held-out tokens, fewer than one window of train.seq_len + 1 = "
                             f"{window}; prepare that data with a held-out split (prepare-data --val-every N, e.g. "
                             "20; 1 holds out everything, for a validation-only set) or lower train.seq_len")
+    if any(isinstance(s.tokens, Examples) and s.tokens.mask is not None for s in sources):
+        _check_room_for_answers(cfg, tokenizer)
     return TrainingData(sources, val_sets, tokenizer)
+
+
+def _check_room_for_answers(cfg: Config, tokenizer: Tokenizer) -> None:
+    """Refuse rows too short for the chat template's fixed text (an empty question and answer):
+    every example would be cut before its answer, and nothing would be trained."""
+    fixed = len(render_chat([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}], tokenizer).ids)
+    if cfg.train.seq_len + 1 <= fixed:
+        raise DataError(f"train.seq_len + 1 = {cfg.train.seq_len + 1} tokens per packed row cannot hold the chat "
+                        f"template's fixed text ({fixed} tokens for an empty question and answer), let alone an "
+                        "answer; raise train.seq_len")
 
 
 def mixture_batches(sources: Sequence[tuple[SplitData, float]], batch_size: int, seq_len: int, *, seed: int,

@@ -233,11 +233,13 @@ class Decoder(nnx.Module):
         logits, stats = [], []
         for k, depth in enumerate(self.mtp, 1):
             ahead_BS = tokens_BS[:, k:]
+            valid_BS_ = valid_BS[:, k:]
             segments_BS = None if segment_ids_BS is None else segment_ids_BS[:, :S - k]
-            valid_keys_BT = _own_keys(valid_BS[:, k:], segments_BS)
+            if segments_BS is not None:  # a position reading the next example's token is no example's
+                valid_BS_ = valid_BS_ * (segment_ids_BS[:, k:] == segments_BS).astype(valid_BS_.dtype)
+            valid_keys_BT = _own_keys(valid_BS_, segments_BS)
             h_BSD, normed_BSD, st, _ = depth(h_BSD[:, :S - k], self.embed(ahead_BS), positions_BS[:, :S - k],
-                                             valid_BS[:, k:], ahead_BS, route, valid_keys_BT,
-                                             segment_ids_BS=segments_BS)
+                                             valid_BS_, ahead_BS, route, valid_keys_BT, segment_ids_BS=segments_BS)
             logits.append(self.logits(normed_BSD))
             if st is not None:
                 stats.append(jax.tree.map(lambda a: a[None], st))

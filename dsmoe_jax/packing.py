@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import functools
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -101,18 +100,23 @@ class PackedRows:
                             "data.long_examples = 'truncate' to cut such examples")
         self.truncated = int(long.sum())
         self.lengths = np.minimum(lengths, self.capacity)
+        self._packed: dict[int, tuple] = {}  # the last epochs packed: a batch may straddle two
         self.rows_per_epoch = len(self._epoch(0)[0])  # the same every epoch: one length multiset
         self.epochs = epochs
 
-    @functools.lru_cache(maxsize=2)  # noqa: B019 - the two epochs a batch can straddle; the source lives as long
     def _epoch(self, epoch: int) -> tuple[list[list[int]], np.ndarray]:
         """(the rows of ``epoch``, the order they are read in)."""
-        if self.seed is None:
-            rows = pack_bins(self.lengths, self.capacity)
-            return rows, np.arange(len(rows))
-        rng = np.random.default_rng([self.seed, epoch])
-        rows = pack_bins(self.lengths, self.capacity, order=rng.permutation(len(self.lengths)))
-        return rows, rng.permutation(len(rows))
+        if epoch not in self._packed:
+            if self.seed is None:
+                rows = pack_bins(self.lengths, self.capacity)
+                read = np.arange(len(rows))
+            else:
+                rng = np.random.default_rng([self.seed, epoch])
+                rows = pack_bins(self.lengths, self.capacity, order=rng.permutation(len(self.lengths)))
+                read = rng.permutation(len(rows))
+            self._packed = {e: v for e, v in self._packed.items() if e == epoch - 1}
+            self._packed[epoch] = rows, read
+        return self._packed[epoch]
 
     def __len__(self) -> int:
         return self.rows_per_epoch * self.epochs

@@ -172,3 +172,12 @@ def test_document_mask_keeps_attention_and_the_loss_inside_documents(tmp_path):
     with pytest.raises(DataError, match="data.document_mask needs the document boundaries"):
         data.load_tokens(load_config("tiny", ["data.document_mask=true"]))
 
+
+def test_rows_too_short_for_the_templates_fixed_text_are_refused(chat_dataset, tmp_path):
+    """The byte tokenizer's format spends 21 tokens on an empty question and answer (BOS,
+    "User: ", "\\n\\n", "Assistant: ", EOS): rows of 21 could never hold an answer."""
+    cfg = _cfg(chat_dataset, "train.seq_len=20")
+    with pytest.raises(DataError, match=r"train.seq_len \+ 1 = 21 tokens .* the chat template's fixed text \(21 "
+                                        r"tokens for an empty question and answer\).*raise train.seq_len"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists(), "nothing written"

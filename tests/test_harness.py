@@ -94,6 +94,8 @@ def lm(checkpoints):
 
 def test_our_model_class_matches_lm_evals_hf_backend_on_the_same_weights(checkpoints, lm):
     _, theirs_dir = checkpoints
+    # programs generate compiled before, for other tests' models in this process (test_cli's eval --tasks)
+    generate_programs = harness._generate._cache_size()
     ours = _evaluate(lm, {}, ["dsmoe_mc", "dsmoe_gen", "dsmoe_rolling"])
     hf_args = {"pretrained": str(theirs_dir), "device": "cpu", "dtype": "float32"}
     theirs = _evaluate("hf", {**hf_args, "add_bos_token": True}, ["dsmoe_mc", "dsmoe_gen"])
@@ -117,7 +119,7 @@ def test_our_model_class_matches_lm_evals_hf_backend_on_the_same_weights(checkpo
 
     # bucketed shapes: a handful of compiled programs, not one per request
     assert harness._score_fn(convert.config_from_hf(HF_CFG))._cache_size() <= 2
-    assert harness._generate._cache_size() == 1
+    assert harness._generate._cache_size() - generate_programs == 1, "one generate program for every request"
 
 
 class _Request:

@@ -406,7 +406,8 @@ def test_the_command_line_prepares_chat_and_reports_its_examples(tmp_path, capsy
                  "--quiet"]) == 0
     m = shards.read_manifest(tmp_path / "out")
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"wrote {tmp_path / 'out'}: {len(m.shards)} shards") and len(lines) == 2
+    assert lines[0].startswith(f"wrote {tmp_path / 'out'}: {len(m.shards)} shards") and len(lines) == 3
+    assert lines[2].startswith("packed into rows of train.seq_len + 1 = 4096 tokens: "), lines[2]
     assert lines[1] == (f"chat examples: train {m.train.documents} with {m.train.answer_tokens:,} answer tokens "
                         f"(the loss mask), validation {m.val.documents} with {m.val.answer_tokens:,}; the longest "
                         f"{max(m.train.longest, m.val.longest):,} tokens")
