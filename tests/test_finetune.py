@@ -1,11 +1,11 @@
 """Fine-tuning end to end: chat data prepared, packed, trained for epochs with the masked loss,
-validated on the held-out examples, resumed exactly; document masking of pretraining data."""
+validated on the held-out examples, resumed exactly; document masking of pretraining data. The
+packing itself, against transformers and float64 references, is tests/test_packing.py's."""
 
 import json
 import signal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -73,14 +73,16 @@ def test_validation_is_the_masked_loss_of_each_held_out_example_alone(chat_datas
     _, held_out, _ = data.load_tokens(cfg)
     assert data.row_source(held_out, 128).truncated == 0, "every example fits a row: none is cut"
     params = dsmoe_jax.init_params(cfg.model, jax.random.key(1))
-    total, count = 0.0, 0
-    for i in range(len(held_out)):
+    # each example alone in a row of its own, right-padded: causal attention leaves its logits as alone
+    n = len(held_out)
+    ids, keep = np.zeros((n, 129), np.int32), np.zeros((n, 128), bool)
+    for i in range(n):
         a, b = int(held_out.starts[i]), int(held_out.starts[i + 1])
-        ids = np.asarray(held_out.tokens[a:b], np.int32)
-        keep = np.asarray(held_out.mask[a:b])[1:] > 0
-        logits, _ = dsmoe_jax.forward(params, jnp.asarray(ids[None, :-1]), cfg.model)
-        nll = np.asarray(token_losses(logits, jnp.asarray(ids[None, 1:])))[0]
-        total, count = total + float(nll[keep].sum()), count + int(keep.sum())
+        ids[i, :b - a] = held_out.tokens[a:b]
+        keep[i, :b - a - 1] = np.asarray(held_out.mask[a:b])[1:] > 0
+    nll = jax.jit(lambda params, ids: token_losses(dsmoe_jax.forward(params, ids[:, :-1], cfg.model)[0],
+                                                    ids[:, 1:]))(params, ids)
+    total, count = float(np.asarray(nll)[keep].sum()), int(keep.sum())
     result = evaluate(params, cfg, held_out, max_tokens=0)
     assert result.tokens == count, "only answer tokens are counted"
     np.testing.assert_allclose(result.loss, total / count, rtol=1e-5, err_msg="masked validation loss")
@@ -93,7 +95,7 @@ def test_epochs_set_the_steps_reshuffle_and_a_stopped_run_resumes_exactly(chat_d
     the last one) and resumed logs the same losses as the uninterrupted run, bitwise."""
     from test_loop import _on_call
 
-    cfg = _cfg(chat_dataset, "train.epochs=2", "train.lr=3e-3")
+    cfg = _cfg(chat_dataset, "train.epochs=2", "train.lr=3e-3", "train.batch_size=8")
     rows = data.row_source(data.load_tokens(cfg)[0], cfg.train.seq_len, seed=cfg.train.seed, epochs=2)
     steps = 2 * rows.rows_per_epoch // cfg.train.batch_size
     first, second = ([tuple(rows[e * rows.rows_per_epoch + k].tokens[:8]) for k in range(rows.rows_per_epoch)]
@@ -116,30 +118,6 @@ def test_epochs_set_the_steps_reshuffle_and_a_stopped_run_resumes_exactly(chat_d
     train(cfg, tmp_path / "stopped", resume=True, progress=False)
     stopped = _metrics(tmp_path / "stopped")
     assert [stopped[s]["loss"] for s in range(1, steps + 1)] == [whole[s]["loss"] for s in range(1, steps + 1)]
-
-
-def test_grad_accum_weights_micro_batches_by_their_answer_tokens(chat_dataset):
-    """One step with 4 micro-batches equals one step over the whole batch, on packed rows whose
-    micro-batches hold different numbers of answer tokens. Plain SGD, so that the parameters
-    moved are the gradient itself (Adam would magnify rounding in near-zero gradients), and no
-    balance loss, whose statistics are per micro-batch by design."""
-    import optax
-
-    from dsmoe_jax.train.step import init_state, make_train_step
-
-    settings = SMALL + [f"data.path='{chat_dataset}'", "moe.aux_loss_alpha=0.0"]
-    cfg, accumulated = load_config("tiny", settings), load_config("tiny", settings + ["train.grad_accum=4"])
-    batch = next(iter(data.batches(data.load_tokens(cfg)[0], 4, cfg.train.seq_len, seed=0)))
-    counts = [int((batch.loss_mask[i] > 0).sum()) for i in range(4)]
-    assert len(set(counts)) > 1, f"micro-batches must differ in answer tokens: {counts}"
-    sgd = optax.sgd(1.0)
-    state = init_state(dsmoe_jax.init_params(cfg.model, jax.random.key(0)), sgd)
-    batch = jax.tree.map(jnp.asarray, batch)
-    one, m1 = jax.jit(make_train_step(cfg, sgd))(state, batch)
-    four, m4 = jax.jit(make_train_step(accumulated, sgd))(state, batch)
-    np.testing.assert_allclose(m4.ce, m1.ce, rtol=1e-6, err_msg="cross-entropy of the whole batch")
-    for a, b in zip(jax.tree.leaves(four.params), jax.tree.leaves(one.params)):
-        np.testing.assert_allclose(a, b, atol=1e-6, err_msg="the gradient of the whole batch")
 
 
 def test_epochs_of_a_mixture_are_refused_before_anything_is_written(chat_dataset, tmp_path):

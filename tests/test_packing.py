@@ -226,6 +226,24 @@ def test_document_masking_equals_a_float64_reference(implementation, case):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5, err_msg=f"{implementation}/{case}: d{name}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["blocked", "cudnn"])
+def test_document_masking_in_bfloat16_stays_close(implementation):
+    """The bf16 path a GPU takes (cuDNN's kernel there; XLA's reference of the same call on a CPU),
+    with every key valid as the model calls it, within bf16 rounding of the float64 reference."""
+    q, k, v, segments, _ = _attention_inputs("grouped_query")
+    H, W = k.shape[-1], v.shape[-1]
+    v = jnp.pad(v, [(0, 0)] * 3 + [(0, H - W)])  # cuDNN takes values as wide as the keys
+    want = _float64_reference(q, k, v, segments)
+    bf16 = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    got = jax.jit(functools.partial(attention, implementation=implementation))(
+        *bf16, jnp.ones_like(segments), segment_ids_BT=segments)
+    real = np.asarray(segments > 0)[:, :, None, None]
+    assert got.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(got, np.float32))), got.dtype
+    np.testing.assert_allclose(np.where(real, np.asarray(got, np.float32), 0), want, atol=3e-2,
+                               err_msg=f"{implementation}: bf16 values on real queries")
+
+
 def test_the_reference_mask_separates_examples():
     """The float64 reference itself: a query of example 2 is unchanged by example 1's keys and
     values, and differs from unmasked causal attention (so the comparisons above can fail)."""
@@ -319,8 +337,9 @@ def test_multi_token_prediction_statistics_are_per_example():
     params = dsmoe_jax.init_params(cfg, jax.random.key(0))
     a, b = (np.random.default_rng(7).integers(0, cfg.model.vocab_size, n).astype(np.int32) for n in (5, 7))
     segments = np.array([[1] * 5 + [2] * 7], np.int32)
-    _, packed, _ = forward_mtp(params, np.concatenate([a, b])[None], cfg, segment_ids=segments)
-    alone = [forward_mtp(params, x[None], cfg)[1] for x in (a, b)]
+    aux = jax.jit(lambda params, tokens, segments=None: forward_mtp(params, tokens, cfg, segment_ids=segments)[1])
+    packed = aux(params, np.concatenate([a, b])[None], segments)
+    alone = [aux(params, x[None]) for x in (a, b)]
     np.testing.assert_array_equal(packed.expert_load, sum(x.expert_load for x in alone),
                                   "tokens routed per expert, the model's layer then the MTP block")
     np.testing.assert_allclose(float(packed.balance_loss), np.mean([float(x.balance_loss) for x in alone]),
