@@ -284,7 +284,9 @@ def _model_cfg(name, *overrides):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-v3"])
 @pytest.mark.parametrize("implementation, scan_layers", [  # the scanned layout through "blocked"
-    ("xla", False), ("blocked", True), pytest.param("cudnn", False, marks=CUDNN_ARGUMENTS.marks)])
+    ("xla", False), ("blocked", True),
+    # cuDNN's CPU path is the float64-checked attention above; the whole model through it is slow-marked
+    pytest.param("cudnn", False, marks=[*CUDNN_ARGUMENTS.marks, pytest.mark.slow])])
 def test_a_packed_row_equals_each_example_alone(name, implementation, scan_layers):
     cfg = _model_cfg(name, f"model.attention='{implementation}'", f"model.scan_layers={str(scan_layers).lower()}")
     assert cfg.model.mla is not None if name == "tiny-v3" else cfg.model.mla is None
