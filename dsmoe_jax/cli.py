@@ -236,6 +236,11 @@ def _generate_speculative(args, params, cfg, tok, ids) -> None:
     if args.temperature != 0:
         raise InputError(f"--speculative {args.speculative} decodes greedily; add --temperature 0 (got "
                          f"{args.temperature})")
+    sampling = [f"{flag} {value}" for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p))
+                if value is not None]
+    if sampling:
+        raise InputError(f"--speculative {args.speculative} decodes greedily, so {' and '.join(sampling)} would be "
+                         "ignored; leave them out")
     fn = jax.jit(inference.generate_speculative, static_argnames=("cfg", "max_new_tokens", "eos"))
     out, stats = fn(params, jnp.asarray([ids], jnp.int32), cfg.model, args.max_new_tokens, eos=tok.eos_id)
     new = [int(t) for t in out[0, :int(stats.tokens_B[0])] if int(t) != tok.eos_id]
@@ -269,9 +274,25 @@ def _plan(args) -> None:
     _print(args, f"{describe(cfg, args.seq)}\n{plan_lib.format_plan(p, args.gpu_memory, args.peak_tflops)}", record)
 
 
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"--seeds {text!r} repeats seed {repeated[0]}: each seed is one run, and a repeat "
+                          "would count the same run twice in the spread")
+    return seeds
+
+
 def _experiment(args) -> None:
     from dsmoe_jax import experiments
 
+    seeds = _parse_seeds(args.seeds)  # checked in a dry run too: it must refuse what a run refuses
+    if args.mesh and not args.dry_run:
+        raise ConfigError("--mesh plans the arms on a device mesh and needs --dry-run; a run trains on this "
+                          "machine's devices")
     if args.dry_run:
         mesh = _parse_mesh(args.mesh) if args.mesh else None  # a malformed --mesh is one error, not one per arm
         for row in experiments.describe_arms(args.name, args.scale):
@@ -285,14 +306,6 @@ def _experiment(args) -> None:
                     plan = f"cannot run on this mesh: {e}"
                 print("    " + plan.replace("\n", "\n    "))
         return
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise ConfigError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if repeated:
-        raise ConfigError(f"--seeds {args.seeds!r} repeats seed {repeated[0]}: each seed is one run, and a repeat "
-                          "would count the same run twice in the spread")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else experiments.SENSITIVITY_ARMS
     if args.name == "sensitivity":

@@ -503,6 +503,8 @@ def _coerce(value, hint, where: str):
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _require(ok, f"{where} must be a number, got {value!r}")
+        # inf and nan pass every range check (inf >= 0) and fail later, far from the setting
+        _require(math.isfinite(value), f"{where} must be a finite number, got {value!r}")
         return float(value)
     if hint is int:
         _require(isinstance(value, int) and not isinstance(value, bool), f"{where} must be an integer, got {value!r}")
@@ -578,6 +580,10 @@ def load_config(path_or_name: str | pathlib.Path, overrides: Sequence[str] = ())
         _require(cfg.train.seq_len <= cfg.model.max_seq_len,
                  f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}, the longest "
                  "sequence the model takes; lower train.seq_len or raise model.max_seq_len")
+        _require(cfg.model.mtp_depth < cfg.train.seq_len,
+                 f"model.mtp_depth={cfg.model.mtp_depth} predicts tokens that far ahead, which needs windows longer "
+                 f"than that: train.seq_len={cfg.train.seq_len} is too short; raise train.seq_len or lower "
+                 "model.mtp_depth")
         return cfg
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

@@ -475,6 +475,9 @@ def forward_mtp(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
     if not cfg.mtp_depth:
         raise ConfigError("forward_mtp needs model.mtp_depth >= 1 (the number of multi-token-prediction depths)")
     check_tokens(tokens, cfg, "forward_mtp")
+    if tokens.shape[1] <= cfg.mtp_depth:
+        raise InputError(f"forward_mtp: {tokens.shape[1]} tokens per sequence leave nothing for multi-token "
+                         f"prediction {cfg.mtp_depth} tokens ahead; pass sequences longer than model.mtp_depth")
     valid, positions = _positions_and_mask(tokens, None, None, segment_ids)
     decoder = _decoder(params, cfg)
     h_BSD, stats, _ = decoder.hidden(tokens, positions, valid, segment_ids_BS=segment_ids)

@@ -109,6 +109,9 @@ def test_generate_speculative_prints_the_text_and_the_drafts_acceptance(checkpoi
                         r"\(\d+%\), [\d.]+ tokens per pass\n", err), err
     assert cli.main(command) == 2, "the default temperature samples"
     assert "--speculative mtp decodes greedily; add --temperature 0" in capsys.readouterr().err
+    for option, said in ((["--top-k", "-3"], "--top-k -3"), (["--top-p", "7"], "--top-p 7.0")):  # greedy ignores them
+        assert cli.main(command + ["--temperature", "0", *option]) == 2
+        assert f"so {said} would be ignored; leave them out" in capsys.readouterr().err
     ckpt = checkpoint(load_config("tiny", ["model.n_layers=1"]))
     assert cli.main(command + ["--temperature", "0"]) == 2
     assert "needs model.mtp_depth >= 1" in capsys.readouterr().err
@@ -158,6 +161,9 @@ def test_eval_asks_for_the_checkpoint_tokenizer_not_a_larger_vocabulary(checkpoi
     (["experiment", "architectures", "--scale", "toy", "--seeds", "0,1,0"], "--seeds '0,1,0' repeats seed 0"),
     (["experiment", "architectures", "--scale", "toy", "--dry-run", "--mesh", "data=3,expert=x"],
      "--mesh 'data=3,expert=x': expected AXIS=SIZE pairs"),
+    (["experiment", "architectures", "--scale", "toy", "--seeds", "0,0", "--dry-run"], "--seeds '0,0' repeats seed 0"),
+    (["experiment", "architectures", "--scale", "toy", "--mesh", "data=8"], "--mesh plans the arms on a device mesh "
+                                                                             "and needs --dry-run"),
 ])
 def test_flags_that_would_be_taken_silently_are_refused_once(checkpoint, tmp_path, capsys, argv, message):
     ckpt = checkpoint(load_config("tiny", ["model.n_layers=1"]))

@@ -96,3 +96,19 @@ def test_training_sequences_longer_than_the_model_takes_are_refused_at_load():
                                           "sequence the model takes; lower train.seq_len or raise model.max_seq_len"):
         load_config("tiny", ["train.seq_len=1024"])
     assert load_config("tiny", ["train.seq_len=512"]).train.seq_len == 512, "equal is fine"
+
+
+@pytest.mark.parametrize("override", ["train.mtp_weight=inf", "train.step_timeout=inf", "train.lr=nan",
+                                      "moe.aux_loss_alpha=-inf", "train.decay_at=[0.5, inf]"])
+def test_every_float_is_finite(override):
+    """inf and nan pass range checks (inf >= 0) and would fail far from the setting."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}(\[1\])? must be a finite number"):
+        load_config("tiny", [override])
+
+
+def test_multi_token_prediction_needs_windows_longer_than_its_depth():
+    with pytest.raises(ConfigError, match=r"model.mtp_depth=4 predicts tokens that far ahead.*train.seq_len=4 is too "
+                                          "short"):
+        load_config("tiny", ["model.mtp_depth=4", "train.seq_len=4"])
+    assert load_config("tiny", ["model.mtp_depth=3", "train.seq_len=4"]).model.mtp_depth == 3

@@ -108,3 +108,11 @@ def test_forward_mtp_needs_depths():
         model.forward_mtp(dsmoe_jax.init_params(cfg, jax.random.key(0)), jnp.zeros((1, 4), jnp.int32), cfg)
     with pytest.raises(ConfigError, match="model.mtp_depth must be >= 0"):
         dsmoe_jax.load_config("tiny", ["model.mtp_depth=-1"])
+
+
+def test_forward_mtp_refuses_sequences_no_longer_than_the_depth():
+    cfg = dsmoe_jax.load_config("tiny", ["model.n_layers=1", "model.mtp_depth=2"]).model
+    params = dsmoe_jax.init_params(cfg, jax.random.key(0))
+    with pytest.raises(model.InputError, match="forward_mtp: 2 tokens per sequence leave nothing for multi-token "
+                                               "prediction 2 tokens ahead"):
+        model.forward_mtp(params, jnp.zeros((1, 2), jnp.int32), cfg)
