@@ -37,6 +37,10 @@ class OutputExistsError(DsmoeError, FileExistsError):
     """An output directory that already holds something: it is never overwritten (atomic.py)."""
 
 
+class OutputLockedError(DsmoeError, RuntimeError):
+    """An output directory another live process is writing (lock.py): one writer per directory."""
+
+
 class CheckpointError(DsmoeError, RuntimeError):
     """A workdir or checkpoint that cannot be used as asked (checkpoint.py, train/checkpoint.py)."""
 

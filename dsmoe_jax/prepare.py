@@ -58,6 +58,7 @@ from tqdm import tqdm
 from dsmoe_jax.atomic import atomic_directory, atomic_file
 from dsmoe_jax.chat import render_chat, render_prompt_completion
 from dsmoe_jax.errors import DataError
+from dsmoe_jax.lock import LOCK_FILE, output_lock
 from dsmoe_jax.shards import FORMAT, MANIFEST, SETTINGS, SHARDS_DIR, SPLITS, Manifest, read_manifest
 from dsmoe_jax.tokenizer import load_tokenizer, token_dtype, tokenizer_identity
 
@@ -494,6 +495,14 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, options: Options = Op
     wanted = settings(files, options, tokenizer, progress)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a directory")
+    with output_lock(out, "prepare-data"):  # two runs into one --out would interleave their shards
+        return _prepare(files, out, options, wanted, workers, progress)
+
+
+def _prepare(files: Sequence[pathlib.Path], out: pathlib.Path, options: Options, wanted: dict, workers: int | None,
+             progress: bool) -> Manifest:
+    """``prepare`` in a locked ``out``: resume or start, tokenize, write the shards and the manifest."""
+    chat = options.format == "chat"
     if (out / SETTINGS).is_file():
         # other settings with no finished shard (e.g. after an input error, since fixed): start afresh
         if json.loads((out / SETTINGS).read_text()) != wanted and _finished_shards(out):
@@ -501,7 +510,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, options: Options = Op
                             "choose a new --out, or remove it to prepare again")
         if (out / MANIFEST).is_file():
             return read_manifest(out)
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise DataError(f"--out {out} is not empty and is not a prepare-data output; choose a new directory")
     with atomic_file(out / SETTINGS) as f:
         f.write(json.dumps(wanted, indent=1) + "\n")
@@ -546,7 +555,7 @@ def prepare(inputs: Sequence[str], out: str | os.PathLike, options: Options = Op
         shards.append(shard.write(out, dtype))
     manifest = _manifest(wanted, shards)
     if not manifest["totals"]["train"]["tokens"] + manifest["totals"]["val"]["tokens"]:
-        raise DataError(f"{', '.join(inputs)}: no text in {manifest['totals']['records']} records")
+        raise DataError(f"{', '.join(map(str, files))}: no text in {manifest['totals']['records']} records")
     with atomic_file(out / MANIFEST) as f:
         f.write(json.dumps(manifest, indent=1) + "\n")
     return Manifest.from_json(manifest, out / MANIFEST)

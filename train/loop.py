@@ -27,6 +27,7 @@ from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, write_
 from dsmoe_jax.config import Config
 from dsmoe_jax.errors import DataError, TrainingError, TrainingInterrupted  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.evaluation import evaluate, jitted_eval_step, perplexity
+from dsmoe_jax.lock import output_lock
 from dsmoe_jax.model import flops_per_token
 from dsmoe_jax.packing import PackedRows
 from dsmoe_jax.plan import device_peak_flops
@@ -277,6 +278,16 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     packing = _packing_metrics(cfg, training)
     if jax.process_index() == 0:
         check_workdir_writable(workdir)
+    # one run per workdir: a second one (a requeued job beside the running one) would replace its
+    # checkpoints and cut its metrics; the first process holds the lock for all of them
+    with output_lock(workdir, "a training run", enabled=jax.process_index() == 0):
+        return _run(cfg, workdir, resume, progress, mesh, source, training, dataset, packing)
+
+
+def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh: jax.sharding.Mesh, source,
+         training: data.TrainingData, dataset, packing: dict) -> TrainResult | None:
+    """The run itself, in a checked and locked workdir: state, steps, logs, checkpoints."""
+    t, n_proc = cfg.train, jax.process_count()
     ckpt = Checkpointer(workdir, cfg)
     start = ckpt.check_compatible(resume) or 0
     if start and t.init_from and jax.process_index() == 0:
