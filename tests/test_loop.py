@@ -176,10 +176,14 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_logs_each_step_once(tmp
     for f in (run / "checkpoints" / "6" / "params").rglob("*"):  # damage the latest checkpoint
         if f.is_file():
             f.write_bytes(b"")
+    cut_short = run / "checkpoints" / "7.orbax-checkpoint-tmp-1765000000"  # a save two Ctrl-Cs interrupted
+    cut_short.mkdir()
+    (cut_short / "partial").write_text("")
     longer = load_config("tiny", FAST + ["train.steps=8", "train.checkpoint_every=3", "train.eval_every=1000"])
     train(longer, run, resume=True, progress=False)
-    out = capsys.readouterr().out
-    assert "checkpoint step 6" in out and "is damaged" in out and "damaged_checkpoints/6" in out, out
+    err = capsys.readouterr().err
+    assert "checkpoint step 6" in err and "is damaged" in err and "damaged_checkpoints/6" in err, err
+    assert not cut_short.exists(), "a temporary folder of an interrupted save is removed at the next start"
     assert (run / "damaged_checkpoints" / "6" / "params").is_dir(), "the damaged checkpoint is kept, not deleted"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["3", "6", "8"]
     assert sorted(_metrics(run)) == list(range(1, 9)), "steps 4-6 ran twice but are logged once"

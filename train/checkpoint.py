@@ -15,6 +15,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import sys
 
 import grain
 import jax
@@ -60,7 +61,9 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.workdir / CHECKPOINTS_DIR,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=cfg.train.keep_checkpoints, enable_async_checkpointing=True, create=True),
+                max_to_keep=cfg.train.keep_checkpoints, enable_async_checkpointing=True, create=True,
+                # a save cut short (two Ctrl-Cs, kill -9) leaves a temporary folder: gone at the next start
+                cleanup_tmp_directories=True),
             item_handlers={"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
                            "data": grain.checkpoint.CheckpointHandler()},
         )
@@ -115,7 +118,8 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - Orbax and tensorstore report damage as many error types
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                 tqdm.write(f"warning: checkpoint step {step} in {self.workdir / CHECKPOINTS_DIR} is damaged "
-                           f"({reason}); moved to {self._set_aside(step)}, trying the next older checkpoint")
+                           f"({reason}); moved to {self._set_aside(step)}, trying the next older checkpoint",
+                           file=sys.stderr)
         raise CheckpointError(f"{self.workdir} holds no intact checkpoint (the damaged ones are in "
                               f"{self.workdir / DAMAGED_DIR}); start a new run, or restore them from a backup")
 
