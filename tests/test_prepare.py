@@ -29,13 +29,14 @@ def _files(out: pathlib.Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def _documents(out: pathlib.Path, split: str) -> list[np.ndarray]:
-    """Every document of ``split``, in order, cut at its shards' document offsets."""
+def _documents(out: pathlib.Path, split: str, array: str = "") -> list[np.ndarray]:
+    """Every document of ``split``, in order, cut at its shards' document offsets: its tokens, or
+    with ``array="_mask"`` its loss mask."""
     docs = []
     for shard in shards.read_manifest(out).shards:
-        tokens = np.load(out / "shards" / shard.name / f"{split}.npy")
+        values = np.load(out / "shards" / shard.name / f"{split}{array}.npy")
         offsets = np.load(out / "shards" / shard.name / f"{split}_docs.npy")
-        docs += [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        docs += [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
     return docs
 
 
@@ -262,16 +263,6 @@ def _rendered(record, tokenizer):
     return chat.render_prompt_completion(record["prompt"], record["completion"], tokenizer)
 
 
-def _masks(out: pathlib.Path, split: str) -> list[np.ndarray]:
-    """Every example's loss mask of ``split``, cut at its shards' document offsets."""
-    masks = []
-    for shard in shards.read_manifest(out).shards:
-        mask = np.load(out / "shards" / shard.name / f"{split}_mask.npy")
-        offsets = np.load(out / "shards" / shard.name / f"{split}_docs.npy")
-        masks += [mask[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-    return masks
-
-
 def test_chat_records_become_examples_with_the_loss_masks_of_render_chat(tmp_path):
     records = _conversations()
     m = prepare.prepare([str(_chat_jsonl(tmp_path / "a.jsonl", records))], tmp_path / "out", CHAT, workers=1,
@@ -280,7 +271,7 @@ def test_chat_records_become_examples_with_the_loss_masks_of_render_chat(tmp_pat
     expected = [_rendered(r, ByteTokenizer()) for r in records]
     held_out = [i for i in range(30) if i % 3 == 2]
     for split, indices in (("val", held_out), ("train", [i for i in range(30) if i not in held_out])):
-        docs, masks = _documents(tmp_path / "out", split), _masks(tmp_path / "out", split)
+        docs, masks = _documents(tmp_path / "out", split), _documents(tmp_path / "out", split, "_mask")
         assert [d.tolist() for d in docs] == [expected[i].ids.tolist() for i in indices], f"{split}: one example each"
         assert [k.tolist() for k in masks] == [expected[i].loss_mask.tolist() for i in indices], f"{split} masks"
         totals = getattr(m, split)
