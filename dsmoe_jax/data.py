@@ -248,6 +248,11 @@ class WindowSource:
         return np.asarray(self.tokens[start:start + self.seq_len + 1], np.int32)
 
 
+def is_packed(split: SplitData) -> bool:
+    """Whether ``split`` is read as examples packed into rows (a chat dataset's, with a loss mask)."""
+    return isinstance(split, Examples) and split.mask is not None
+
+
 def row_source(split: SplitData, seq_len: int, *, seed: int | None = None, epochs: int = 1,
                long_examples: str = "truncate", where: str = "the data"):
     """Random access to the rows of ``seq_len + 1`` tokens a split is read as: windows of a token
@@ -272,7 +277,7 @@ def batches(tokens: SplitData, batch_size: int, seq_len: int, *, seed: int, shuf
     repacks every epoch); each process takes every ``process_count``-th row, so processes read
     disjoint parts; ``batch_size`` is the per-process batch. ``num_epochs`` None repeats without end.
     """
-    packed = isinstance(tokens, Examples) and tokens.mask is not None
+    packed = is_packed(tokens)
     epochs = (num_epochs or ENDLESS_EPOCHS) if packed else 1
     source = row_source(tokens, seq_len, seed=seed if shuffle else None, epochs=epochs, long_examples=long_examples)
     if len(source) < process_count * batch_size:
@@ -284,12 +289,6 @@ def batches(tokens: SplitData, batch_size: int, seq_len: int, *, seed: int, shuf
     ds = ds[process_index::process_count]
     ds = ds if packed else ds.repeat(num_epochs)
     return ds.batch(batch_size, drop_remainder=True)
-
-
-def rows_per_epoch(split: SplitData, seq_len: int, long_examples: str = "truncate") -> int:
-    """How many rows of ``seq_len + 1`` tokens one pass over ``split`` reads (``train.epochs``)."""
-    source = row_source(split, seq_len, seed=0, long_examples=long_examples)
-    return source.rows_per_epoch if isinstance(source, PackedRows) else len(source)
 
 
 class Source(NamedTuple):
@@ -337,13 +336,13 @@ def load_training_data(cfg: Config) -> TrainingData:
     window = cfg.train.seq_len + 1
     held = [(f"validation set {s.name!r}" if s.name else "the validation split", s.held_out) for s in sources]
     for where, split in held + [(f"validation set {name!r}", t) for name, t in val_sets.items()]:
-        packed = isinstance(split, Examples) and split.mask is not None  # then one example is enough
+        packed = is_packed(split)  # then one example is enough
         tokens = split.tokens if isinstance(split, Examples) else split
         if len(tokens) < (1 if packed else window):
             raise DataError(f"{where} has {len(tokens)} held-out tokens, fewer than one window of train.seq_len + 1 = "
                             f"{window}; prepare that data with a held-out split (prepare-data --val-every N, e.g. "
                             "20; 1 holds out everything, for a validation-only set) or lower train.seq_len")
-    if any(isinstance(s.tokens, Examples) and s.tokens.mask is not None for s in sources):
+    if any(is_packed(s.tokens) for s in sources):
         _check_room_for_answers(cfg, tokenizer)
     return TrainingData(sources, val_sets, tokenizer)
 

@@ -199,37 +199,38 @@ def _validate(params, cfg: Config, training: data.TrainingData, eval_step) -> di
     return out
 
 
-def _steps_for_epochs(cfg: Config, training: data.TrainingData) -> Config:
-    """``cfg`` with ``train.steps`` set to ``train.epochs`` passes over the one training dataset
-    (whole batches; the last partial batch of the last epoch is left out)."""
+def _steps_for_epochs(cfg: Config, rows) -> Config:
+    """``cfg`` with ``train.steps`` set to ``train.epochs`` passes over the one training dataset,
+    read as ``rows`` (``data.row_source``; whole batches: the last partial batch of the last epoch
+    is left out)."""
     t = cfg.train
-    if len(training.sources) > 1:
-        raise DataError(f"train.epochs counts passes over one finite dataset, but data.mix draws from "
-                             f"{len(training.sources)} datasets without end; set train.steps (and train.epochs = 0), "
-                             "or train on one dataset")
-    rows = data.rows_per_epoch(training.sources[0].tokens, t.seq_len, cfg.data.long_examples)
-    steps = rows * t.epochs // t.batch_size
+    if len(rows) > 1:
+        raise DataError(f"train.epochs counts passes over one finite dataset, but data.mix draws from {len(rows)} "
+                        "datasets without end; set train.steps (and train.epochs = 0), or train on one dataset")
+    per_epoch = rows[0].rows_per_epoch if isinstance(rows[0], PackedRows) else len(rows[0])
+    steps = per_epoch * t.epochs // t.batch_size
     if steps < 1:
-        raise DataError(f"{t.epochs} epochs of {rows} rows of train.seq_len + 1 tokens make no batch of "
-                             f"train.batch_size = {t.batch_size}; lower train.batch_size or add data")
+        raise DataError(f"{t.epochs} epochs of {per_epoch} rows of train.seq_len + 1 tokens make no batch of "
+                        f"train.batch_size = {t.batch_size}; lower train.batch_size or add data")
     if jax.process_index() == 0:
-        tqdm.write(f"train.epochs = {t.epochs}: {rows} rows of {t.seq_len + 1} tokens per epoch, batches of "
+        tqdm.write(f"train.epochs = {t.epochs}: {per_epoch} rows of {t.seq_len + 1} tokens per epoch, batches of "
                    f"{t.batch_size}: {steps} steps (train.steps = {t.steps} is replaced)")
     return dataclasses.replace(cfg, train=dataclasses.replace(t, steps=steps))
 
 
-def _packing_metrics(cfg: Config, training: data.TrainingData) -> dict:
-    """For packed training data, the packing efficiency (real tokens / row tokens) of each
-    source, logged at the start and with every step; empty for windows."""
+def _packing_metrics(training: data.TrainingData, rows) -> dict:
+    """For packed training data (``rows``: each source's ``data.row_source``), the packing
+    efficiency (real tokens / row tokens) of each source, logged at the start and with every
+    step; empty for windows."""
     out = {}
-    for s in training.sources:
-        rows = data.row_source(s.tokens, cfg.train.seq_len, seed=cfg.train.seed, long_examples=cfg.data.long_examples)
-        if isinstance(rows, PackedRows):
+    for s, source in zip(training.sources, rows):
+        if isinstance(source, PackedRows):
             key = "packing_efficiency" + (f"/{s.name}" if s.name else "")
-            out[key] = rows.efficiency
+            out[key] = source.efficiency
             if jax.process_index() == 0:
-                tqdm.write(f"{key}: {rows.efficiency:.1%} ({len(rows.lengths)} examples in {rows.rows_per_epoch} rows "
-                           f"of {rows.capacity} tokens; {rows.truncated} longer than a row were cut)")
+                tqdm.write(f"{key}: {source.efficiency:.1%} ({len(source.lengths)} examples in "
+                           f"{source.rows_per_epoch} rows of {source.capacity} tokens; {source.truncated} longer "
+                           "than a row were cut)")
     return out
 
 
@@ -269,13 +270,16 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     source = check_init_from(cfg) if t.init_from and not resume else None  # before anything is written
     n_proc = jax.process_count()
     training = data.load_training_data(cfg)  # refuses data the model's tokenizer did not write
+    # each source as training reads it, packed once here for the epoch count and the log
+    rows = [data.row_source(s.tokens, t.seq_len, seed=t.seed, long_examples=cfg.data.long_examples)
+            for s in training.sources]
     if t.epochs:
-        cfg = _steps_for_epochs(cfg, training)
+        cfg = _steps_for_epochs(cfg, rows)
         t = cfg.train
     dataset = data.mixture_batches([(s.tokens, s.weight) for s in training.sources], t.batch_size // n_proc,
                                    t.seq_len, seed=t.seed, process_index=jax.process_index(), process_count=n_proc,
                                    num_epochs=t.epochs or None, long_examples=cfg.data.long_examples)
-    packing = _packing_metrics(cfg, training)
+    packing = _packing_metrics(training, rows)
     if jax.process_index() == 0:
         check_workdir_writable(workdir)
     # one run per workdir: a second one (a requeued job beside the running one) would replace its
