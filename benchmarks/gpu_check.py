@@ -158,7 +158,7 @@ def step_train(dry: bool, out: pathlib.Path) -> dict:
 
     import dsmoe_jax
     from dsmoe_jax.attention import resolve_implementation
-    from dsmoe_jax.model import flops_per_token
+    from dsmoe_jax.costs import flops_per_token
     from dsmoe_jax.train.optimizer import make_optimizer
     from dsmoe_jax.train.step import init_state, make_train_step
 
@@ -195,7 +195,7 @@ def step_decode(dry: bool, out: pathlib.Path) -> dict:
 
     import dsmoe_jax
     from dsmoe_jax import inference
-    from dsmoe_jax.model import count_params
+    from dsmoe_jax.costs import count_params
 
     cfg, _, _ = _model(dry)
     m = cfg.model
@@ -226,7 +226,7 @@ def step_decode(dry: bool, out: pathlib.Path) -> dict:
 
 def _speculative_pass(m, filled: int, dry: bool) -> dict:
     """What a self-speculative step costs against a greedy one, batch 1: the model over two
-    tokens plus the MTP depth (``forward_cached_mtp``) against ``decode_step``, on a cache of
+    tokens plus the MTP depth (``forward_cached`` with ``mtp_cache``) against ``decode_step``, on a cache of
     ``filled`` tokens (random weights: the cost does not depend on them). With acceptance a, a
     step yields 1 + a tokens, so the speed-up is (1 + a) x step / pass."""
     import dataclasses
@@ -246,8 +246,8 @@ def _speculative_pass(m, filled: int, dry: bool) -> dict:
     step = jax.jit(lambda p, c: inference.decode_step(p, jnp.zeros((1,), jnp.int32), jnp.full((1,), filled), c, m))
     two = jnp.zeros((1, 2), jnp.int32)
     positions = jnp.asarray([[filled, filled + 1]])
-    verify = jax.jit(lambda p, c, d: model.forward_cached_mtp(p, two, c, d, m, jnp.ones((1, 2), jnp.int32),
-                                                               positions))
+    verify = jax.jit(lambda p, c, d: model.forward_cached(p, two, c, m, jnp.ones((1, 2), jnp.int32), positions,
+                                                           mtp_cache=d))
     reps = 3 if dry else 20
     step_s = _seconds(lambda: step(params, cache), reps)
     pass_s = _seconds(lambda: verify(params, cache, mtp_cache), reps)

@@ -26,7 +26,7 @@ import dsmoe_jax
 from dsmoe_jax import grouped
 from dsmoe_jax.evaluation import cross_entropy
 from dsmoe_jax.layers import MLP, RMSNorm
-from dsmoe_jax.model import Attention
+from dsmoe_jax.mha import Attention
 from dsmoe_jax.moe import MoE
 from dsmoe_jax.train.optimizer import make_optimizer
 from dsmoe_jax.train.step import init_state, make_train_step

@@ -15,21 +15,26 @@ all_to_all exchange of the routed experts). The README's "Where things are" tabl
 concept to its module.
 """
 
+# First: in a checkout without an editable install it makes kernels/, train/ and configs/ the
+# subpackages they are once installed (dsmoe_jax/toplevel.py).
+from dsmoe_jax import toplevel  # noqa: F401
+
+# isort: split
 from dsmoe_jax import kernels  # noqa: F401 - importing it registers the "triton" grouped-MLP backend
 from dsmoe_jax.chat import RenderedChat, render_chat
 from dsmoe_jax.checkpoint import load_checkpoint
 from dsmoe_jax.config import (
     Config,
-    ConfigError,
     DataConfig,
     DataSource,
-    DsmoeError,
     MeshConfig,
     ModelConfig,
     MoEConfig,
     TrainConfig,
     load_config,
 )
+from dsmoe_jax.costs import count_params, flops_per_token
+from dsmoe_jax.errors import ConfigError, DsmoeError, InputError
 from dsmoe_jax.evaluation import Evaluation, evaluate
 from dsmoe_jax.grouped import grouped_mlp, register_backend, unregister_backend
 from dsmoe_jax.inference import (
@@ -44,9 +49,6 @@ from dsmoe_jax.inference import (
 from dsmoe_jax.mesh import make_mesh
 from dsmoe_jax.model import (
     Aux,
-    InputError,
-    count_params,
-    flops_per_token,
     forward,
     init_params,
     match_layout,

@@ -24,7 +24,10 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
-from dsmoe_jax.errors import OutputExistsError  # noqa: F401 - raised here, and importable from here
+from dsmoe_jax import errors
+
+# OutputExistsError was importable from here; errors.py holds it (until 0.4 it resolves here too)
+__getattr__ = errors.moved_errors(__name__, "OutputExistsError")
 
 
 def _owner() -> str:
@@ -108,7 +111,7 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[pathlib.Path]:
     _remove_stale(out.parent, rf"\.{re.escape(out.name)}\.partial-(?:(?P<host>.+)-(?P<pid>\d+)-)?[a-z0-9_]+",
                   report_others=True)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"{out} already exists; choose a new output directory or remove it first")
+        raise errors.OutputExistsError(f"{out} already exists; choose a new output directory or remove it first")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{_owner()}", dir=out.parent))
     try:

@@ -17,6 +17,7 @@
     dsmoe-jax convert jax-to-hf ckpt/16b hf-out       # sharded safetensors + index + config.json
     dsmoe-jax experiment architectures --scale toy --seeds 0   # the paper's Table 1 in seconds
     dsmoe-jax experiment architectures --scale paper --dry-run --mesh fsdp=8,expert=8   # arms, params, plan
+    dsmoe-jax esft-score --checkpoint runs/tiny --data data/chat --out runs/esft   # experts a task uses
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import signal
 import sys
 
 import jax
@@ -33,16 +35,17 @@ import jax.numpy as jnp
 from dsmoe_jax import chat_session, convert, data, inference, prepare, runtime
 from dsmoe_jax import plan as plan_lib
 from dsmoe_jax.attention import resolve_implementation
-from dsmoe_jax.config import Config, ConfigError, DsmoeError, load_config
-from dsmoe_jax.errors import InputError
+from dsmoe_jax.config import Config, load_config
+from dsmoe_jax.costs import cache_bytes_per_token, count_params, flops_per_token
+from dsmoe_jax.errors import ConfigError, DsmoeError, InputError, drop_second_hand_reports, storage_error
 from dsmoe_jax.evaluation import evaluate
 from dsmoe_jax.grouped import resolve_backend
 from dsmoe_jax.loading import load_model
-from dsmoe_jax.model import cache_bytes_per_token, count_params, flops_per_token
+from dsmoe_jax.peft import esft
 from dsmoe_jax.train.distributed import initialize_distributed
 from dsmoe_jax.train.loop import train
 
-COMPILING = ("train", "eval", "generate", "chat", "experiment")  # the commands that jit a model
+COMPILING = ("train", "eval", "generate", "chat", "experiment", "esft-score")  # the commands that jit a model
 
 
 def run_paths(cfg: Config) -> str:
@@ -103,12 +106,17 @@ def _info(args) -> None:
     _print(args, f"{describe(cfg)}\n{run_paths(cfg)}", {**summary(cfg), "platform": jax.default_backend()})
 
 
+def _workdir(args) -> str:
+    """``train``'s workdir: ``--workdir``, or ``runs/<config>``."""
+    return args.workdir or f"runs/{pathlib.Path(args.config).stem}"
+
+
 def _train(args) -> None:
     cfg = load_config(args.config, args.set)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
     if jax.process_index() != 0:
         args.quiet = True
-    workdir = args.workdir or f"runs/{pathlib.Path(args.config).stem}"
+    workdir = _workdir(args)
     if not args.quiet:
         print(describe(cfg), f"\nworkdir       {workdir}", flush=True)
     last = train(cfg, workdir, resume=args.resume, progress=not args.quiet)
@@ -289,53 +297,52 @@ def _parse_seeds(text: str) -> list[int]:
 def _experiment(args) -> None:
     from dsmoe_jax import experiments
 
-    seeds = _parse_seeds(args.seeds)  # checked in a dry run too: it must refuse what a run refuses
+    # the whole plan is checked, in a dry run too: it must refuse what a run refuses
+    listed = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None
+    seeds, variants, arms = _parse_seeds(args.seeds), listed(args.variants), listed(args.arms)
+    plan = experiments.plan(args.name, args.scale, seeds, variants, arms)
     if args.mesh and not args.dry_run:
         raise ConfigError("--mesh plans the arms on a device mesh and needs --dry-run; a run trains on this "
                           "machine's devices")
-    if args.dry_run:
-        mesh = _parse_mesh(args.mesh) if args.mesh else None  # a malformed --mesh is one error, not one per arm
-        for row in experiments.describe_arms(args.name, args.scale):
-            overrides = " ".join(f"{k}={v}" for k, v in row["overrides"].items())
-            print(f"{row['arm']:<17} {row['structure']:<36} {row['params_total']:>15,} total "
-                  f"{row['params_activated']:>15,} activated   {overrides}")
-            if mesh:
-                try:
-                    plan = plan_lib.format_plan(plan_lib.make_plan(row["config"], mesh), 80)
-                except ConfigError as e:  # e.g. 63 routed experts on an expert axis of 8
-                    plan = f"cannot run on this mesh: {e}"
-                print("    " + plan.replace("\n", "\n    "))
+    if not args.dry_run:
+        experiments.run_study(args.name, args.scale, seeds, variants, arms, args.workdir, resume=args.resume,
+                              progress=not args.quiet)
         return
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else experiments.SENSITIVITY_ARMS
-    if args.name == "sensitivity":
-        experiments.run_sensitivity(args.scale, seeds, variants, args.workdir, resume=args.resume,
-                                    progress=not args.quiet, arms=arms)
-        return
-    if args.name == "probes":
-        experiments.run_probes(args.scale, seeds, variants, args.workdir, progress=not args.quiet, arms=arms)
-        return
-    if args.variants or args.arms:
-        raise ConfigError("--variants and --arms are for the sensitivity experiment and its probes")
-    experiments.run_experiment(args.name, args.scale, seeds, args.workdir, resume=args.resume,
-                               progress=not args.quiet)
+    mesh = _parse_mesh(args.mesh) if args.mesh else None  # a malformed --mesh is one error, not one per arm
+    for row in experiments.describe(plan):
+        settings = " ".join(f"{k}={v}" for k, v in row["settings"].items())
+        print(f"{row['arm']:<17} {row['structure']:<36} {row['params_total']:>15,} total "
+              f"{row['params_activated']:>15,} activated   {settings}")
+        if mesh:
+            try:
+                planned = plan_lib.format_plan(plan_lib.make_plan(row["config"], mesh), 80)
+            except ConfigError as e:  # e.g. 63 routed experts on an expert axis of 8
+                planned = f"cannot run on this mesh: {e}"
+            print("    " + planned.replace("\n", "\n    "))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsmoe-jax", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--no-compile-cache", action="store_true",
-                        help="do not keep compiled XLA programs on disk for later runs (runtime.py)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    # --config and --set, shared by the commands that build a model from a config
-    configured = argparse.ArgumentParser(add_help=False)
-    configured.add_argument("--config", required=True, help="TOML file or shipped config name (tiny, 2b, 16b, ...)")
-    configured.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
-    structured = argparse.ArgumentParser(add_help=False)  # the commands whose result a script may read
-    structured.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    info = sub.add_parser("info", parents=[configured, structured],
+def _configured() -> argparse.ArgumentParser:
+    """--config and --set, shared by the commands that build a model from a config."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--config", required=True, help="TOML file or shipped config name (tiny, 2b, 16b, ...)")
+    parent.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key")
+    return parent
+
+
+def _structured() -> argparse.ArgumentParser:
+    """--json, shared by the commands whose result a script may read."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return parent
+
+
+def _add_info(sub) -> None:
+    info = sub.add_parser("info", parents=[_configured(), _structured()],
                           help="print a config's architecture, parameter counts and FLOPs")
     info.set_defaults(run=_info)
 
+
+def _add_prepare_data(sub) -> None:
     prep = sub.add_parser("prepare-data", help="tokenize text (.txt, .jsonl[.gz|.zst], .parquet) into token shards "
                                                "for data.path / data.mix")
     prep.add_argument("inputs", nargs="+", help="files, directories (searched recursively) or globs")
@@ -362,20 +369,24 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(run=_prepare_data)
 
-    train = sub.add_parser("train", parents=[configured],
-                           help="train a model; the embedded corpus unless data.path is set")
-    train.add_argument("--workdir", help="metrics, TensorBoard events and checkpoints (default runs/<config>)")
-    train.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
-    train.add_argument("--quiet", action="store_true", help="no progress bar or summary (processes > 0 are quiet)")
-    multi = train.add_argument_group("multi-process (SLURM / Open MPI jobs are detected without these)")
+
+def _add_train(sub) -> None:
+    tr = sub.add_parser("train", parents=[_configured()],
+                        help="train a model; the embedded corpus unless data.path is set")
+    tr.add_argument("--workdir", help="metrics, TensorBoard events and checkpoints (default runs/<config>)")
+    tr.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar or summary (processes > 0 are quiet)")
+    multi = tr.add_argument_group("multi-process (SLURM / Open MPI jobs are detected without these)")
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     multi.add_argument("--num-processes", type=int)
     multi.add_argument("--process-id", type=int)
     multi.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
                        help="fail the run when a process is silent this many seconds")
-    train.set_defaults(run=_train)
+    tr.set_defaults(run=_train)
 
-    ev = sub.add_parser("eval", parents=[structured],
+
+def _add_eval(sub) -> None:
+    ev = sub.add_parser("eval", parents=[_structured()],
                         help="loss and perplexity of a checkpoint, or lm-eval benchmarks (--tasks)")
     ev.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint directory")
     ev.add_argument("--data", help="text file(s), .npy tokens or a prepare-data output (chat data: the masked "
@@ -398,14 +409,21 @@ def main(argv: list[str] | None = None) -> int:
     lm.add_argument("--output", metavar="FILE", help="also write the results as JSON")
     ev.set_defaults(run=_eval)
 
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    """The sampling options ``generate`` and ``chat`` share (after their own --max-new-tokens)."""
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="continue a prompt, printing tokens as they come")
     gen.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint directory")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=0)
+    _add_sampling(gen)
     gen.add_argument("--speculative", choices=["mtp"],
                      help="greedy decoding (with --temperature 0) where the model's multi-token-prediction module "
                           "drafts a token per step (model.mtp_depth >= 1); prints the drafts' acceptance")
@@ -415,20 +433,21 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--system", help="with --chat: a system prompt before the user turn")
     gen.set_defaults(run=_generate)
 
+
+def _add_chat(sub) -> None:
     ch = sub.add_parser("chat", help="a conversation with a (fine-tuned) model in its chat format; one user turn "
                                      "per line when standard input is not a terminal")
     ch.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint directory")
     ch.add_argument("--system", help="a system prompt, kept when old turns are dropped")
     ch.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer (default 256)")
-    ch.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    ch.add_argument("--top-k", type=int, default=None)
-    ch.add_argument("--top-p", type=float, default=None)
-    ch.add_argument("--seed", type=int, default=0)
+    _add_sampling(ch)
     ch.add_argument("--tokenizer", help="a tokenizer.json (or its folder) with the chat template, if not the "
                                         "checkpoint's")
     ch.set_defaults(run=_chat)
 
-    pl = sub.add_parser("plan", parents=[configured, structured],
+
+def _add_plan(sub) -> None:
+    pl = sub.add_parser("plan", parents=[_configured(), _structured()],
                         help="per-device memory, FLOPs and all_to_all traffic of a training step")
     pl.add_argument("--mesh", required=True, metavar="AXIS=SIZE,...", help="e.g. data=8,expert=8 (fsdp too)")
     pl.add_argument("--batch", type=int, help="global batch in sequences (default train.batch_size)")
@@ -440,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"dense bf16 TFLOP/s per device (default: H100, {plan_lib.DEFAULT_PEAK_TFLOPS:g})")
     pl.set_defaults(run=_plan)
 
+
+def _add_convert(sub) -> None:
     conv = sub.add_parser("convert", help="HF DeepSeek checkpoint (v1, V2, V3) <-> dsmoe-jax checkpoint, streaming")
     conv.add_argument("direction", choices=["hf-to-jax", "jax-to-hf"])
     conv.add_argument("source", help="HF checkpoint directory (hf-to-jax), or a dsmoe-jax checkpoint directory "
@@ -453,16 +474,18 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--max-shard-gb", type=float, default=2.0, help="jax-to-hf: safetensors shard size")
     conv.set_defaults(run=_convert)
 
+
+def _add_experiment(sub) -> None:
     ex = sub.add_parser("experiment", help="the paper's experiments: train every arm and seed, evaluate, report")
     ex.add_argument("name", help="architectures | ablation | shared-ratio | specialisation | balance | sensitivity | "
-                                 "probes (evaluation only, on sensitivity's trained arms)")
+                                 "probes (the studies of dsmoe_jax/experiments/studies.py)")
     ex.add_argument("--variants", metavar="V1,V2",
-                    help="sensitivity and probes: which changes of the setting (sensitivity's default: all of "
-                         "specs.VARIANTS, e.g. norm_topk, depth_4, lr_1e-3, bpe_8k); join changes with '+' to "
-                         "combine them (norm_topk+lr_1e-3)")
+                    help="sensitivity and probes: which changes of the setting (sensitivity's default: every one of "
+                         "specs.VARIANTS that applies at the scale, e.g. norm_topk, depth_4, lr_1e-3, bpe_8k); join "
+                         "changes with '+' to combine them (norm_topk+lr_1e-3)")
     ex.add_argument("--arms", metavar="A1,A2",
-                    help="sensitivity and probes: the arms (default gshard,deepseekmoe, the pair compared; add any "
-                         "other of the experiments' arms, e.g. switch, to train or probe it beside them)")
+                    help="sensitivity and probes: further arms (e.g. switch) trained and compared with GShard beside "
+                         "the pair compared, gshard and deepseekmoe")
     ex.add_argument("--scale", default="cpu", choices=["toy", "cpu", "cpu-long", "paper"],
                     help="toy: seconds (tests); cpu: under an hour on 2 cores; cpu-long: 10x the tokens, hours; "
                          "paper: the 2B setup (GPU mesh)")
@@ -470,25 +493,84 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--workdir", help="trained arms and results (default runs/experiments/<scale>)")
     ex.add_argument("--resume", action="store_true", help="continue unfinished arms from their last checkpoint")
     ex.add_argument("--quiet", action="store_true", help="no progress output")
-    ex.add_argument("--dry-run", action="store_true", help="print each arm's overrides and parameter counts only")
+    ex.add_argument("--dry-run", action="store_true",
+                    help="check every choice, print each run's settings and parameter counts; train nothing")
     ex.add_argument("--mesh", metavar="AXIS=SIZE,...", help="with --dry-run: plan every arm on this mesh")
     ex.set_defaults(run=_experiment)
-    args = parser.parse_args(argv)
+
+
+def _esft_score(args) -> None:
+    chosen = esft.score_task(args.checkpoint, args.data, args.out, tokens=args.tokens, score=args.score,
+                             top_p=args.top_p)
+    trained = sum(len(ids) for ids in chosen.experts.values())
+    print(f"wrote {args.out}/scores.json, relevance.png and {esft.EXPERT_CFG}: {trained} routed experts over "
+          f"{len(chosen.experts)} MoE layers ({args.score} scores); train them with --set "
+          f"train.trainable='esft:{args.out}/{esft.EXPERT_CFG}'")
+
+
+def _add_esft_score(sub) -> None:
+    es = sub.add_parser("esft-score", help="ESFT: each routed expert's relevance to a task, and the experts to train")
+    es.add_argument("--checkpoint", required=True, help="the model to fine-tune (converted checkpoint or workdir)")
+    es.add_argument("--data", required=True, help="the task's data: anything data.path takes (chat data: its answer "
+                                                   "tokens are scored)")
+    es.add_argument("--out", required=True, help="directory for scores.json, relevance.png and expert_cfg.json")
+    es.add_argument("--tokens", type=int, default=131_072, help="tokens to score (default 131072, as DeepSeek's)")
+    es.add_argument("--score", choices=esft.SCORES, default="token",
+                    help="ESFT-Gate (mean gate) or ESFT-Token (share of selections); default token")
+    es.add_argument("--top-p", type=float, help="each layer's share of relevance the chosen experts reach (default: "
+                                                "the paper's, 0.1 for gate, 0.2 for token)")
+    es.set_defaults(run=_esft_score)
+
+
+COMMANDS = (_add_info, _add_prepare_data, _add_train, _add_eval, _add_generate, _add_chat, _add_plan, _add_convert,
+            _add_esft_score, _add_experiment)  # in the order ``dsmoe-jax --help`` lists them
+# the option that chooses each command's output: named by the one line of an OSError
+OUTPUTS = {"prepare-data": "--out", "train": "--workdir", "experiment": "--workdir", "convert": "OUT",
+           "eval": "--output", "esft-score": "--out"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``dsmoe-jax``'s parser: the global options, then each command's (``COMMANDS``)."""
+    parser = argparse.ArgumentParser(prog="dsmoe-jax", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not keep compiled XLA programs on disk for later runs (runtime.py)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def _output_path(args) -> str | None:
+    """The path the command writes its result to, if it has one (``OUTPUTS``)."""
+    if args.command == "train":
+        return _workdir(args)
+    return next((getattr(args, k) for k in ("out", "workdir", "output") if getattr(args, k, None)), None)
+
+
+def _report(e: DsmoeError) -> int:
+    """Print ``e`` as the command's one line of error and return its exit code (errors.py's table)."""
+    kind = "config error: " if isinstance(e, ConfigError) else ""
+    print(f"dsmoe-jax: {kind}{e}", file=sys.stderr)
+    return e.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (errors.py's table: 0 when it finished)."""
+    args = build_parser().parse_args(argv)
     if args.command in COMPILING and not args.no_compile_cache:
         runtime.enable_compilation_cache()
+    drop_second_hand_reports()  # an error is one line: not also Orbax's logged tracebacks of it
     try:
         args.run(args)
-    except ConfigError as e:
-        print(f"dsmoe-jax: config error: {e}", file=sys.stderr)
-        return 2
-    except DsmoeError as e:  # bad data, an unusable workdir, a diverged or interrupted run
-        print(f"dsmoe-jax: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 1)
+    except DsmoeError as e:  # bad config or data, an unusable workdir, a diverged or interrupted run
+        return _report(e)
+    except OSError as e:  # a full or read-only disk, a missing permission or path: no traceback either
+        return _report(storage_error(e, args.command, _output_path(args), OUTPUTS.get(args.command, "the output")))
     except KeyboardInterrupt:  # a Ctrl-C that was not asked to finish anything (training: the second one)
         resume = " (training: rerun with --resume to continue from the last checkpoint)" if args.command in (
             "train", "experiment") else ""
         print(f"dsmoe-jax: interrupted by Ctrl-C, stopped at once{resume}", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
     return 0
 
 

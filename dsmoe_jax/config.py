@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dsmoe_jax.errors import ConfigError, DsmoeError  # noqa: F401 - raised here, and importable from here
+from dsmoe_jax import errors
 
 DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -30,6 +30,8 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # ``kernels/``). ``grouped.register_backend`` adds a new name here, so a config naming a backend
 # registered before it is built validates like a built-in one.
 GROUPED_BACKENDS = {"auto", "dense", "ragged", "tiled", "triton"}
+# ConfigError and DsmoeError were importable from here; errors.py holds them (until 0.4 they resolve here too)
+__getattr__ = errors.moved_errors(__name__, "ConfigError", "DsmoeError")
 
 
 
@@ -38,7 +40,7 @@ GROUPED_BACKENDS = {"auto", "dense", "ragged", "tiled", "triton"}
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ConfigError(message)
+        raise errors.ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -274,6 +276,17 @@ def parse_init_from(value: str) -> tuple[str, int | None]:
     return directory, None if step is None else int(step)
 
 
+def parse_trainable(value: str) -> tuple[str, str | None]:
+    """``train.trainable``: ``("all", None)`` or ``("esft", PATH)`` (an ``expert_cfg.json`` or a
+    directory holding one)."""
+    if value == "all":
+        return "all", None
+    kind, _, path = value.partition(":")
+    _require(kind == "esft" and bool(path), f"train.trainable = {value!r}: expected 'all' or 'esft:PATH' (PATH an "
+             "expert_cfg.json, e.g. from `dsmoe-jax esft-score`)")
+    return kind, path
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The paper's recipe: AdamW, warmup, then lr x ``decay_factor`` at each of ``decay_at``."""
@@ -311,8 +324,12 @@ class TrainConfig:
     # a finite dataset's passes: > 0 trains this many epochs (each reshuffled; train.steps is then
     # derived from the dataset's size); 0: train.steps decides
     epochs: int = 0
+    # what fine-tuning trains: "all" parameters, or "esft:PATH", the routed experts an
+    # expert_cfg.json names (dsmoe-jax esft-score writes one); the rest stays frozen (peft/tuning.py)
+    trainable: str = "all"
 
     def __post_init__(self):
+        parse_trainable(self.trainable)
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.init_from is not None:
@@ -485,13 +502,13 @@ def _coerce(value, hint, where: str):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        errors = []
+        reasons = []
         for option in (o for o in options if o is not type(None)):
             try:
                 return _coerce(value, option, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
+            except errors.ConfigError as e:
+                reasons.append(str(e))
+        raise errors.ConfigError(reasons[0])
     if origin is Literal:
         choices = typing.get_args(hint)
         _require(value in choices, f"{where} must be one of {list(choices)}, got {value!r}")
@@ -526,7 +543,7 @@ def _build(cls, table: Mapping, section: str, **fixed):
     try:
         return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in table.items()}, **fixed)
     except TypeError as e:  # a required key is missing
-        raise ConfigError(f"[{section}]: {e}; valid keys: {', '.join(valid)}") from None
+        raise errors.ConfigError(f"[{section}]: {e}; valid keys: {', '.join(valid)}") from None
 
 
 def config_from_dict(tables: Mapping[str, Mapping]) -> Config:
@@ -561,7 +578,7 @@ def resolve_config_path(path_or_name: str | pathlib.Path) -> pathlib.Path:
     if candidate.is_file():
         return pathlib.Path(str(candidate))
     names = sorted(p.name.removesuffix(".toml") for p in shipped.iterdir() if p.name.endswith(".toml"))
-    raise ConfigError(f"no config file {str(path_or_name)!r}; shipped configs: {', '.join(names)}")
+    raise errors.ConfigError(f"no config file {str(path_or_name)!r}; shipped configs: {', '.join(names)}")
 
 
 def load_config(path_or_name: str | pathlib.Path, overrides: Sequence[str] = ()) -> Config:
@@ -570,20 +587,35 @@ def load_config(path_or_name: str | pathlib.Path, overrides: Sequence[str] = ())
     try:
         tables = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raise errors.ConfigError(f"{path}: not valid TOML: {e}") from None
     for item in overrides:
         section, name, value = _parse_override(item)
         tables.setdefault(section, {})[name] = value
     try:
-        cfg = config_from_dict(tables)
-        # here, not in Config: a converted checkpoint keeps the default train section whatever its context
-        _require(cfg.train.seq_len <= cfg.model.max_seq_len,
-                 f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}, the longest "
-                 "sequence the model takes; lower train.seq_len or raise model.max_seq_len")
-        _require(cfg.model.mtp_depth < cfg.train.seq_len,
-                 f"model.mtp_depth={cfg.model.mtp_depth} predicts tokens that far ahead, which needs windows longer "
-                 f"than that: train.seq_len={cfg.train.seq_len} is too short; raise train.seq_len or lower "
-                 "model.mtp_depth")
-        return cfg
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        return check_run_config(config_from_dict(tables))
+    except errors.ConfigError as e:
+        raise errors.ConfigError(f"{path}: {e}") from None
+
+
+def updated(cfg: Config, **sections: Mapping[str, object]) -> Config:
+    """``cfg`` with some keys of some sections replaced, e.g. ``updated(cfg, moe={"top_k": 2})``,
+    checked as a whole as a loaded config is (so the order of the changes never matters)."""
+    tables = cfg.to_dict()
+    for section, values in sections.items():
+        if section not in _SECTIONS:
+            raise errors.ConfigError(f"unknown config section [{section}]; choose from {', '.join(_SECTIONS)}")
+        tables.setdefault(section, {}).update(values)
+    return check_run_config(config_from_dict(tables))
+
+
+def check_run_config(cfg: Config) -> Config:
+    """``cfg``, after the checks of a config that trains (a converted checkpoint's config keeps the
+    default train section whatever its model, so these live here rather than in ``Config``)."""
+    _require(cfg.train.seq_len <= cfg.model.max_seq_len,
+             f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}, the longest "
+             "sequence the model takes; lower train.seq_len or raise model.max_seq_len")
+    _require(cfg.model.mtp_depth < cfg.train.seq_len,
+             f"model.mtp_depth={cfg.model.mtp_depth} predicts tokens that far ahead, which needs windows longer "
+             f"than that: train.seq_len={cfg.train.seq_len} is too short; raise train.seq_len or lower "
+             "model.mtp_depth")
+    return cfg

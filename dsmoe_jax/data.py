@@ -33,11 +33,10 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
-from dsmoe_jax import runtime
+from dsmoe_jax import errors, runtime
 from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.chat import render_chat
 from dsmoe_jax.config import Config, DataSource
-from dsmoe_jax.errors import DataError  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.packing import DocumentWindows, PackedRows
 from dsmoe_jax.shards import Examples, TokenShards, is_prepared, load_examples, load_prepared
 from dsmoe_jax.shards import read_manifest as _read_manifest  # as itself, data.read_manifest is a moved name
@@ -58,6 +57,8 @@ _MOVED = {**{name: "tokenizer" for name in ("ByteTokenizer", "HFTokenizer", "TOK
 
 
 def __getattr__(name: str):
+    if name == "DataError":  # importable from here before 0.3; errors.py holds it
+        return errors.deprecated_error(__name__, name)
     if name not in _MOVED:
         raise AttributeError(f"module 'dsmoe_jax.data' has no attribute {name!r}")
     module = importlib.import_module(f"dsmoe_jax.{_MOVED[name]}")
@@ -88,10 +89,11 @@ def embedded_documents() -> list[tuple[str, str]]:
 def _user_documents(path: pathlib.Path, setting: str = "data.path") -> list[tuple[str, str]]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
     if not files:
-        raise DataError(f"{setting} {str(path)!r} holds no text files (looked for {', '.join(TEXT_SUFFIXES)})")
+        raise errors.DataError(f"{setting} {str(path)!r} holds no text files (looked for {', '.join(TEXT_SUFFIXES)})")
     docs = [(str(p), _read_text(p)) for p in files]
     if not any(text.strip() for _, text in docs):
-        raise DataError(f"{setting} {str(path)!r} holds only empty text files; point it at files with text in them")
+        raise errors.DataError(f"{setting} {str(path)!r} holds only empty text files; point it at files with text in "
+                               "them")
     return docs
 
 
@@ -103,10 +105,10 @@ def _read_text(path: pathlib.Path) -> str:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}; a binary "
-                        f"file?): {fix}") from None
+        raise errors.DataError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}; a binary "
+                               f"file?): {fix}") from None
     if "\0" in text:
-        raise DataError(f"{path} holds NUL bytes, so it is a binary file or UTF-16 text, not UTF-8 text: {fix}")
+        raise errors.DataError(f"{path} holds NUL bytes, so it is a binary file or UTF-16 text, not UTF-8 text: {fix}")
     return text
 
 
@@ -145,21 +147,22 @@ def _check_token_array(tokens: np.ndarray, path: pathlib.Path, cfg: Config, chec
     """A ``.npy`` token file must be a flat integer array of ids in [0, model.vocab_size): the
     embedding lookup would read any other id as a clamped or wrapped one, silently."""
     if not np.issubdtype(tokens.dtype, np.integer):
-        raise DataError(f"{path} holds {tokens.dtype} values, but token ids are integers; save them with an integer "
-                        "dtype, e.g. np.save(path, ids.astype(np.int32)) (floats are refused, not rounded)")
+        raise errors.DataError(f"{path} holds {tokens.dtype} values, but token ids are integers; save them with an "
+                               "integer dtype, e.g. np.save(path, ids.astype(np.int32)) (floats are refused, not "
+                               "rounded)")
     if tokens.ndim != 1:
-        raise DataError(f"{path} holds an array of shape {tokens.shape}, but a token file is one flat sequence of "
-                        "ids (documents one after another); save ids.reshape(-1)")
+        raise errors.DataError(f"{path} holds an array of shape {tokens.shape}, but a token file is one flat sequence "
+                               "of ids (documents one after another); save ids.reshape(-1)")
     if not tokens.size:
         return
     lo, hi, V = int(tokens.min()), int(tokens.max()), cfg.model.vocab_size
     retokenize = (f"tokenize the data with the tokenizer the model in {checkpoint} was trained with" if checkpoint
                   else "tokenize the data with data.tokenizer")
     if lo < 0:
-        raise DataError(f"{path} holds token id {lo} < 0, but ids lie in [0, {V}); {retokenize}")
+        raise errors.DataError(f"{path} holds token id {lo} < 0, but ids lie in [0, {V}); {retokenize}")
     if hi >= V:
-        raise DataError(f"{path} holds token id {hi} >= model.vocab_size {V}; {retokenize}"
-                        + ("" if checkpoint else ", or raise model.vocab_size"))
+        raise errors.DataError(f"{path} holds token id {hi} >= model.vocab_size {V}; {retokenize}"
+                               + ("" if checkpoint else ", or raise model.vocab_size"))
 
 
 def load_tokens(cfg: Config, checkpoint: str | None = None,
@@ -173,25 +176,26 @@ def load_tokens(cfg: Config, checkpoint: str | None = None,
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_tokenizer(tokenizer, cfg, checkpoint)
     if cfg.data.path is None and cfg.data.mix:
-        raise DataError(f"data.mix trains on several datasets ({', '.join(s.name for s in cfg.data.mix)}): set "
-                        "data.path to the one to read here")
+        raise errors.DataError(f"data.mix trains on several datasets ({', '.join(s.name for s in cfg.data.mix)}): set "
+                               "data.path to the one to read here")
     if cfg.data.path is None and cfg.data.document_mask:
-        raise DataError("data.document_mask needs the document boundaries of a prepared dataset; the embedded corpus "
-                        "has none: set data.path to a `dsmoe-jax prepare-data` output, or data.document_mask = false")
+        raise errors.DataError("data.document_mask needs the document boundaries of a prepared dataset; the embedded "
+                               "corpus has none: set data.path to a `dsmoe-jax prepare-data` output, or "
+                               "data.document_mask = false")
     if cfg.data.path is not None:
         path = pathlib.Path(cfg.data.path)
         if not path.exists():
-            raise DataError(f"{setting} {cfg.data.path!r} does not exist; point it at a text file, a directory "
-                            "of text files, a .npy token array or a prepare-data output"
-                            + (", or unset it for the embedded corpus" if setting == "data.path" else ""))
+            raise errors.DataError(f"{setting} {cfg.data.path!r} does not exist; point it at a text file, a directory "
+                                   "of text files, a .npy token array or a prepare-data output"
+                                   + (", or unset it for the embedded corpus" if setting == "data.path" else ""))
         if is_prepared(path):
             if cfg.data.document_mask or _read_manifest(path).record_format == "chat":
                 return (*load_examples(path, tokenizer, cfg.data.tokenizer), tokenizer)
             return (*load_prepared(path, tokenizer, cfg.data.tokenizer), tokenizer)
         if cfg.data.document_mask:
-            raise DataError(f"data.document_mask needs the document boundaries of a prepared dataset, which {setting} "
-                            f"{cfg.data.path!r} is not; prepare it with `dsmoe-jax prepare-data`, or set "
-                            "data.document_mask = false")
+            raise errors.DataError("data.document_mask needs the document boundaries of a prepared dataset, which "
+                                   f"{setting} {cfg.data.path!r} is not; prepare it with `dsmoe-jax prepare-data`, or "
+                                   "set data.document_mask = false")
         if path.suffix == ".npy":
             tokens = np.load(path, mmap_mode="r")
             _check_token_array(tokens, path, cfg, checkpoint)
@@ -224,9 +228,9 @@ def _split_by_windows(train: np.ndarray, val: np.ndarray, cfg: Config,
     window = cfg.train.seq_len + 1
     n_val = max(len(tokens) // VAL_EVERY, window)
     if len(tokens) - n_val < window:
-        raise DataError(f"{setting} {cfg.data.path!r} gives {len(tokens)} tokens, too few for one training and one "
-                        f"validation window of train.seq_len + 1 = {window} tokens each; add text or lower "
-                        "train.seq_len")
+        raise errors.DataError(f"{setting} {cfg.data.path!r} gives {len(tokens)} tokens, too few for one training and "
+                               f"one validation window of train.seq_len + 1 = {window} tokens each; add text or lower "
+                               "train.seq_len")
     return tokens[:-n_val], tokens[-n_val:]
 
 
@@ -237,8 +241,8 @@ class WindowSource:
         self.tokens, self.seq_len = tokens, seq_len
         self.n = (len(tokens) - 1) // seq_len
         if self.n < 1:
-            raise DataError(f"{len(tokens)} tokens cannot fill one window of {seq_len + 1}; lower train.seq_len "
-                            "or add data")
+            raise errors.DataError(f"{len(tokens)} tokens cannot fill one window of {seq_len + 1}; lower train.seq_len "
+                                   "or add data")
 
     def __len__(self) -> int:
         return self.n
@@ -281,9 +285,9 @@ def batches(tokens: SplitData, batch_size: int, seq_len: int, *, seed: int, shuf
     epochs = (num_epochs or ENDLESS_EPOCHS) if packed else 1
     source = row_source(tokens, seq_len, seed=seed if shuffle else None, epochs=epochs, long_examples=long_examples)
     if len(source) < process_count * batch_size:
-        raise DataError(f"{len(source)} {'rows' if packed else 'windows'} of {seq_len + 1} tokens cannot fill one "
-                        f"batch of {batch_size} per process x {process_count} processes; lower train.batch_size or "
-                        "train.seq_len, or add data")
+        raise errors.DataError(f"{len(source)} {'rows' if packed else 'windows'} of {seq_len + 1} tokens cannot fill "
+                               f"one batch of {batch_size} per process x {process_count} processes; lower "
+                               "train.batch_size or train.seq_len, or add data")
     ds = grain.MapDataset.source(source)
     ds = ds.shuffle(seed=seed) if shuffle and not packed else ds
     ds = ds[process_index::process_count]
@@ -317,8 +321,8 @@ def load_training_data(cfg: Config) -> TrainingData:
     ``data.tokenizer`` and ``model.vocab_size`` before training starts."""
     d = cfg.data
     if d.path is not None and d.mix:
-        raise DataError("data.path and data.mix both name the training data; set one (a single dataset: data.path; "
-                        "several with weights: [[data.mix]] tables)")
+        raise errors.DataError("data.path and data.mix both name the training data; set one (a single dataset: "
+                               "data.path; several with weights: [[data.mix]] tables)")
 
     def one(source: DataSource, table: str):
         single = dataclasses.replace(cfg, data=dataclasses.replace(d, path=source.path, mix=(), val=()))
@@ -339,9 +343,10 @@ def load_training_data(cfg: Config) -> TrainingData:
         packed = is_packed(split)  # then one example is enough
         tokens = split.tokens if isinstance(split, Examples) else split
         if len(tokens) < (1 if packed else window):
-            raise DataError(f"{where} has {len(tokens)} held-out tokens, fewer than one window of train.seq_len + 1 = "
-                            f"{window}; prepare that data with a held-out split (prepare-data --val-every N, e.g. "
-                            "20; 1 holds out everything, for a validation-only set) or lower train.seq_len")
+            raise errors.DataError(f"{where} has {len(tokens)} held-out tokens, fewer than one window of train.seq_len "
+                                   f"+ 1 = {window}; prepare that data with a held-out split (prepare-data --val-every "
+                                   "N, e.g. 20; 1 holds out everything, for a validation-only set) or lower "
+                                   "train.seq_len")
     if any(is_packed(s.tokens) for s in sources):
         _check_room_for_answers(cfg, tokenizer)
     return TrainingData(sources, val_sets, tokenizer)
@@ -352,9 +357,9 @@ def _check_room_for_answers(cfg: Config, tokenizer: Tokenizer) -> None:
     every example would be cut before its answer, and nothing would be trained."""
     fixed = len(render_chat([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}], tokenizer).ids)
     if cfg.train.seq_len + 1 <= fixed:
-        raise DataError(f"train.seq_len + 1 = {cfg.train.seq_len + 1} tokens per packed row cannot hold the chat "
-                        f"template's fixed text ({fixed} tokens for an empty question and answer), let alone an "
-                        "answer; raise train.seq_len")
+        raise errors.DataError(f"train.seq_len + 1 = {cfg.train.seq_len + 1} tokens per packed row cannot hold the "
+                               f"chat template's fixed text ({fixed} tokens for an empty question and answer), let "
+                               "alone an answer; raise train.seq_len")
 
 
 def mixture_batches(sources: Sequence[tuple[SplitData, float]], batch_size: int, seq_len: int, *, seed: int,
@@ -374,8 +379,9 @@ def mixture_batches(sources: Sequence[tuple[SplitData, float]], batch_size: int,
         return batches(sources[0][0], batch_size, seq_len, seed=seed, process_index=process_index,
                        process_count=process_count, num_epochs=num_epochs, long_examples=long_examples)
     if num_epochs is not None:
-        raise DataError(f"train.epochs counts passes over one finite dataset, but data.mix draws from {len(sources)} "
-                        "datasets without end; set train.steps (and train.epochs = 0), or train on one dataset")
+        raise errors.DataError("train.epochs counts passes over one finite dataset, but data.mix draws from "
+                               f"{len(sources)} datasets without end; set train.steps (and train.epochs = 0), or train "
+                               "on one dataset")
     parts, kinds = [], set()
     for i, (split, _) in enumerate(sources):
         source = row_source(split, seq_len, seed=seed + i, epochs=ENDLESS_EPOCHS, long_examples=long_examples)
@@ -383,8 +389,8 @@ def mixture_batches(sources: Sequence[tuple[SplitData, float]], batch_size: int,
         part = grain.MapDataset.source(source)
         parts.append(part if isinstance(source, PackedRows) else part.shuffle(seed=seed + i).repeat(None))
     if len(kinds) > 1:
-        raise DataError("data.mix joins datasets read as plain windows with datasets of examples or documents (chat "
-                        "data, data.document_mask): their batches differ; prepare them alike (e.g. set "
-                        "data.document_mask = true with every dataset prepared by prepare-data)")
+        raise errors.DataError("data.mix joins datasets read as plain windows with datasets of examples or documents "
+                               "(chat data, data.document_mask): their batches differ; prepare them alike (e.g. set "
+                               "data.document_mask = true with every dataset prepared by prepare-data)")
     ds = grain.MapDataset.mix(parts, [float(w) for _, w in sources])
     return ds[process_index::process_count].batch(batch_size, drop_remainder=True)

@@ -35,9 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from dsmoe_jax import inference
+from dsmoe_jax import errors, inference
 from dsmoe_jax.config import Config
-from dsmoe_jax.errors import HarnessError  # noqa: F401 - raised here, and importable from here
 from dsmoe_jax.loading import load_model
 from dsmoe_jax.model import forward
 
@@ -46,6 +45,8 @@ MIN_BUCKET = 16  # the shortest padded length: shorter buckets would only add co
 INSTALL_HINT = 'pip install -e ".[eval]"  (or: pip install "dsmoe-jax[eval]")'
 
 log = logging.getLogger(__name__)
+# HarnessError was importable from here; errors.py holds it (until 0.4 it resolves here too)
+__getattr__ = errors.moved_errors(__name__, "HarnessError")
 
 
 
@@ -56,8 +57,8 @@ def require_lm_eval():
         import lm_eval
         import lm_eval.api.model  # noqa: F401  (the classes the model class derives from)
     except ImportError as e:
-        raise HarnessError(f"lm-evaluation-harness is not installed ({e}); install the eval extra: "
-                           f"{INSTALL_HINT}") from None
+        raise errors.HarnessError(f"lm-evaluation-harness is not installed ({e}); install the eval extra: "
+                                  f"{INSTALL_HINT}") from None
     return lm_eval
 
 
@@ -99,15 +100,15 @@ class HarnessModel:
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
         limit = cfg.model.max_seq_len
         if max_length is not None and not 1 < max_length <= limit:
-            raise HarnessError(f"max_length={max_length}: must be from 2 to the model's max_seq_len {limit}")
+            raise errors.HarnessError(f"max_length={max_length}: must be from 2 to the model's max_seq_len {limit}")
         if batch_size < 1:
-            raise HarnessError(f"batch_size={batch_size}: must be at least 1")
+            raise errors.HarnessError(f"batch_size={batch_size}: must be at least 1")
         self.max_length = max_length or limit
         self.batch_size = batch_size
         self.add_bos_token = tokenizer.bos_id is not None if add_bos_token is None else bool(add_bos_token)
         if self.add_bos_token and tokenizer.bos_id is None:
-            raise HarnessError("add_bos_token=True, but the tokenizer has no BOS token (give the checkpoint a "
-                               "tokenizer_config.json naming bos_token, or pass add_bos_token=False)")
+            raise errors.HarnessError("add_bos_token=True, but the tokenizer has no BOS token (give the checkpoint a "
+                                      "tokenizer_config.json naming bos_token, or pass add_bos_token=False)")
         self.max_gen_toks = max_gen_toks
         self.rng = jax.random.key(seed)
 
@@ -116,8 +117,8 @@ class HarnessModel:
     @property
     def eot_token_id(self) -> int:
         if self.tokenizer.eos_id is None:
-            raise HarnessError("the tokenizer has no EOS token, which lm-eval needs as the end of text; give the "
-                               "checkpoint a tokenizer_config.json naming eos_token")
+            raise errors.HarnessError("the tokenizer has no EOS token, which lm-eval needs as the end of text; give "
+                                      "the checkpoint a tokenizer_config.json naming eos_token")
         return int(self.tokenizer.eos_id)
 
     @property
@@ -148,11 +149,11 @@ class HarnessModel:
         rows = []
         for context, continuation in pairs:
             if not continuation or not context:
-                raise HarnessError("a loglikelihood request needs a non-empty context and continuation (lm-eval "
-                                   "puts the prefix token in front of an empty context)")
+                raise errors.HarnessError("a loglikelihood request needs a non-empty context and continuation (lm-eval "
+                                          "puts the prefix token in front of an empty context)")
             if len(continuation) > self.max_length:
-                raise HarnessError(f"a continuation of {len(continuation)} tokens is longer than the model's context "
-                                   f"of {self.max_length}")
+                raise errors.HarnessError(f"a continuation of {len(continuation)} tokens is longer than the model's "
+                                          f"context of {self.max_length}")
             whole = (list(context) + list(continuation))[-(self.max_length + 1):]
             rows.append((whole[:-1], whole[1:], len(continuation)))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first, like hf
@@ -182,8 +183,8 @@ class HarnessModel:
         ``max_length - max_gen_toks`` tokens."""
         room = self.max_length - max_gen_toks
         if room < 1:
-            raise HarnessError(f"max_gen_toks={max_gen_toks} leaves no room for a context in the model's "
-                               f"{self.max_length} tokens; ask for fewer new tokens")
+            raise errors.HarnessError(f"max_gen_toks={max_gen_toks} leaves no room for a context in the model's "
+                                      f"{self.max_length} tokens; ask for fewer new tokens")
         encoded = [self.tok_encode(c)[-room:] for c in contexts]
         if any(not ids for ids in encoded):
             encoded = [ids or [self.prefix_token_id] for ids in encoded]
@@ -220,7 +221,7 @@ def _batch_size(value) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise HarnessError(f"batch_size={value!r}: expected a positive integer") from None
+        raise errors.HarnessError(f"batch_size={value!r}: expected a positive integer") from None
 
 
 def _flag(value) -> bool | None:
@@ -256,11 +257,13 @@ def lm_class():
                      **unknown):
             TemplateLM.__init__(self)
             if unknown:
-                raise HarnessError(f"unknown model arguments for {MODEL_NAME}: {sorted(unknown)}; it takes checkpoint, "
-                                   "step, tokenizer, batch_size, max_length, add_bos_token, max_gen_toks, seed")
+                raise errors.HarnessError(f"unknown model arguments for {MODEL_NAME}: {sorted(unknown)}; it takes "
+                                          "checkpoint, step, tokenizer, batch_size, max_length, add_bos_token, "
+                                          "max_gen_toks, seed")
             directory = checkpoint or pretrained
             if not directory:
-                raise HarnessError(f"{MODEL_NAME} needs checkpoint=DIR: a training workdir or a converted checkpoint")
+                raise errors.HarnessError(f"{MODEL_NAME} needs checkpoint=DIR: a training workdir or a converted "
+                                          "checkpoint")
             del max_batch_size, device  # lm-eval passes them to every model; JAX places the params itself
             self.checkpoint = str(directory)
             params, cfg, tok = load_model(directory, None if step is None else int(step), tokenizer)
@@ -343,14 +346,14 @@ def evaluate_tasks(checkpoint: str | os.PathLike, tasks: Sequence[str], *, limit
     paths = list(include_path) if isinstance(include_path, (list, tuple)) else include_path
     missing = [p for p in ([paths] if isinstance(paths, str) else paths or []) if not pathlib.Path(p).exists()]
     if missing:  # lm-eval would index nothing there and report the tasks as unknown
-        raise HarnessError(f"--include-path {missing[0]!r} does not exist; point it at the directory of your own "
-                           "task YAMLs")
+        raise errors.HarnessError(f"--include-path {missing[0]!r} does not exist; point it at the directory of your "
+                                  "own task YAMLs")
     manager = TaskManager(include_path=paths, include_defaults=include_builtin)
     tasks = list(tasks)
     unknown = [t for t in tasks if not manager.match_tasks([t]) and not pathlib.Path(t).is_file()]
     if unknown:
-        raise HarnessError(f"unknown lm-eval tasks {unknown}; list them with `lm-eval ls tasks`, or point "
-                           "--include-path at the directory of your own task YAMLs")
+        raise errors.HarnessError(f"unknown lm-eval tasks {unknown}; list them with `lm-eval ls tasks`, or point "
+                                  "--include-path at the directory of your own task YAMLs")
     lm = lm_class()(checkpoint=str(checkpoint), batch_size=batch_size, **model_args)
     if allow_code_execution:
         os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")  # the code_eval metric refuses to run without it

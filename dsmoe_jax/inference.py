@@ -1,6 +1,8 @@
-"""Functional inference with a preallocated KV cache: prefill, decode_step, generate.
+"""Functional inference with a preallocated KV cache: prefill, decode_step, sampling, and one
+decoding engine behind ``generate``, ``generate_speculative`` and ``stream``.
 
-Shape legend: B batch, S prompt length, T cache slots, N new tokens, V vocabulary.
+Shape legend: B batch, S prompt length, T cache slots, N new tokens, V vocabulary, K tokens fed to
+one pass of the model while decoding (the last one, and a draft's guess of the next).
 
 Everything is a pure function of (params, inputs) with ``cfg`` static, so it runs inside a
 user's own ``jit``/``vmap``. Arguments come in one order throughout the public API: params,
@@ -10,6 +12,13 @@ Batched prompts of different lengths are left-padded (see
 masked out of attention. Positions count real tokens only, so a padded prompt continues exactly
 as it would alone. MoE blocks route the decoded tokens through the grouped backend, so a decode
 step runs only the experts its tokens chose.
+
+The engine: a set-up (the checks, the caches, the prompt's pass and the first new token), then
+passes of the model, one step each, until every row has its tokens or has stopped at ``eos``.
+Its option is the draft: none samples one token a pass; ``"mtp"`` has the model's first
+multi-token-prediction depth guess the next token, which the pass verifies (greedy only).
+``generate`` and ``generate_speculative`` run it inside one ``while_loop``; ``stream`` runs
+the same set-up and steps from a host loop.
 """
 
 from __future__ import annotations
@@ -26,8 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsmoe_jax.block import KVCache
 from dsmoe_jax.config import Config, ModelConfig, model_config
-from dsmoe_jax.model import InputError, KVCache, cache_dims, check_tokens, forward_cached, forward_cached_mtp
+from dsmoe_jax.costs import cache_dims
+from dsmoe_jax.errors import InputError
+from dsmoe_jax.model import check_tokens, forward_cached
 
 
 def _old_argument_order_deprecated(fn):
@@ -115,7 +127,7 @@ def _check_generation(cfg: ModelConfig, prompt_len: int, max_new_tokens, tempera
 def init_cache(cfg: Config | ModelConfig, batch: int, max_len: int, dtype=None, *, mtp: bool = False) -> KVCache:
     """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (prompt included);
     ``max_len`` may not exceed ``model.max_seq_len``. ``mtp``: the one-layer cache of the first
-    multi-token-prediction depth (``model.forward_cached_mtp``) instead of the model's."""
+    multi-token-prediction depth (``model.forward_cached``'s ``mtp_cache``) instead of the model's."""
     cfg = model_config(cfg)
     if max_len > cfg.max_seq_len:
         raise InputError(f"init_cache: max_len {max_len} exceeds model.max_seq_len {cfg.max_seq_len}, the longest "
@@ -192,66 +204,9 @@ def sample(logits_BV: jax.Array, rng: jax.Array, temperature: float = 1.0, top_k
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@_old_argument_order_deprecated
-def generate(params: dict, prompt_ids: jax.Array, cfg: Config | ModelConfig, max_new_tokens: int,
-             rng: jax.Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos: int | None = None, prompt_mask: jax.Array | None = None, check_ids: bool = False,
-             speculative: str | None = None) -> jax.Array:
-    """Continue left-padded prompts ``[B, S]`` by ``max_new_tokens`` tokens: ``[B, N]``.
+# ---- decoding: one engine, the draft its option ------------------------------------------------
 
-    A row that emits ``eos`` repeats it from then on; the loop ends early once every row has.
-    Jit with ``cfg``, ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``eos`` and
-    ``speculative`` static. ``speculative="mtp"`` decodes greedily (``temperature`` 0) with the
-    model's multi-token-prediction module drafting a token that each step verifies (see
-    ``generate_speculative``, which also reports how many drafts were accepted).
-
-    Refuses (``InputError``) before running anything: sampling settings out of range (see
-    ``sample``), ``max_new_tokens < 1``, an ``eos`` outside the vocabulary, a prompt longer than
-    ``model.max_seq_len - max_new_tokens``, and non-integer or non-2-D ``prompt_ids``; these are
-    static, so they are checked under ``jit`` too. The prompt's ids are checked to lie in
-    ``[0, vocab_size)`` outside ``jit``, and under it with ``check_ids=True`` inside
-    ``checkify.checkify`` (see ``model.check_tokens``); unchecked, an out-of-range id silently
-    reads a clamped or wrapped embedding.
-    """
-    if speculative is not None:
-        if speculative != "mtp":
-            raise InputError(f"generate: speculative={speculative!r} is not a drafting method; pass 'mtp' (the "
-                             "model's multi-token-prediction module drafts) or None")
-        if _number(temperature) != 0:
-            raise InputError(f"generate: speculative='mtp' decodes greedily, but temperature={temperature!r}; pass "
-                             "temperature=0 (sampled speculative decoding is not implemented)")
-        return generate_speculative(params, prompt_ids, cfg, max_new_tokens, eos, prompt_mask, check_ids)[0]
-    cfg_m = model_config(cfg)
-    check_tokens(prompt_ids, cfg_m, "generate", check_ids)
-    B, S = prompt_ids.shape
-    _check_generation(cfg_m, S, max_new_tokens, temperature, top_k, top_p, eos, "generate")
-    mask = jnp.ones((B, S), jnp.int32) if prompt_mask is None else prompt_mask.astype(jnp.int32)
-    cache = init_cache(cfg, B, S + max_new_tokens)
-    logits, cache = prefill(params, prompt_ids, cache, cfg, mask)
-    rng, first_rng = jax.random.split(rng)
-    token_B = sample(logits[:, -1], first_rng, temperature, top_k, top_p)
-    out_BN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(token_B)
-    done_B = token_B == eos if eos is not None else jnp.zeros((B,), bool)
-    position_B = jnp.sum(mask, axis=1)  # the first generated token's position
-
-    def cond(carry):
-        i, _, _, done_B, _, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done_B)
-
-    def body(carry):
-        i, out_BN, cache, done_B, position_B, rng = carry
-        logits_BV, cache = decode_step(params, out_BN[:, i - 1], position_B, cache, cfg)
-        rng, step_rng = jax.random.split(rng)
-        token_B = sample(logits_BV, step_rng, temperature, top_k, top_p)
-        if eos is not None:
-            token_B = jnp.where(done_B, eos, token_B)
-            done_B = done_B | (token_B == eos)
-        return i + 1, out_BN.at[:, i].set(token_B), cache, done_B, position_B + 1, rng
-
-    i, out_BN, *_ = jax.lax.while_loop(cond, body, (jnp.int32(1), out_BN, cache, done_B, position_B, rng))
-    if eos is not None:  # rows stopped early: fill the slots the loop did not reach
-        out_BN = jnp.where(jnp.arange(max_new_tokens)[None, :] < i, out_BN, eos)
-    return out_BN
+DRAFTS = ("mtp",)  # the drafting methods: "mtp", the model's first multi-token-prediction depth
 
 
 class SpeculativeStats(NamedTuple):
@@ -273,6 +228,186 @@ class SpeculativeStats(NamedTuple):
         return float(jnp.max(self.tokens_B) / (self.steps + 1))
 
 
+class _Settings(NamedTuple):
+    """A decoding run's static settings; hashable, so ``jit`` takes them as one static argument."""
+
+    cfg: ModelConfig
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    eos: int | None
+    draft: str | None  # None: one token per pass of the model; one of DRAFTS: a drafted one more
+
+
+class _Decoding(NamedTuple):
+    """What one pass of the model reads and leaves: the decoding loop's carry."""
+
+    out_BN: jax.Array  # int32: a row's first stats.tokens_B slots hold its tokens so far
+    stats: SpeculativeStats  # with no draft, none drafted nor accepted
+    done_B: jax.Array  # bool: the row has emitted eos
+    token_B: jax.Array  # int32: the row's last token, fed to the next pass (eos once done)
+    guess_B: jax.Array | None  # int32: the draft's guess of the token after token_B (None: no draft)
+    position_B: jax.Array  # int32: token_B's position
+    cache: KVCache
+    mtp_cache: KVCache | None  # the first MTP depth's one-layer cache (the "mtp" draft)
+    rng: jax.Array | None  # None when greedy: nothing is drawn
+
+
+def _settings(prompt_ids, cfg: Config | ModelConfig, max_new_tokens, temperature, top_k, top_p, eos,
+              draft: str | None, check_ids: bool, where: str) -> _Settings:
+    """Every check of a run that can be made before anything runs, then its settings."""
+    if draft is not None and draft not in DRAFTS:
+        raise InputError(f"{where}: speculative={draft!r} is not a drafting method; pass 'mtp' (the model's "
+                         "multi-token-prediction module drafts) or None")
+    if draft is not None and _number(temperature) != 0:
+        raise InputError(f"{where}: speculative={draft!r} decodes greedily, but temperature={temperature!r}; pass "
+                         "temperature=0 (sampled speculative decoding is not implemented)")
+    cfg = model_config(cfg)
+    check_tokens(prompt_ids, cfg, where, check_ids)
+    _check_generation(cfg, prompt_ids.shape[1], max_new_tokens, temperature, top_k, top_p, eos, where)
+    return _Settings(cfg, max_new_tokens, temperature, top_k, top_p, eos, draft)
+
+
+def _greedy(logits: jax.Array) -> jax.Array:
+    """The most likely token along the last axis (the vocabulary), as int32."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _split(rng: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]:
+    """(the key to carry on, a key for this draw); a greedy run has none to split."""
+    return (None, None) if rng is None else tuple(jax.random.split(rng))
+
+
+def _forward(params, tokens_BK, cache, mtp_cache, cfg, mask_BK, positions_BK, fresh=False):
+    """``forward_cached``, drafting when there is a draft cache: (logits, the draft's logits or
+    None, cache, draft cache or None), one shape for both."""
+    if mtp_cache is None:
+        logits_BKV, cache = forward_cached(params, tokens_BK, cache, cfg, mask_BK, positions_BK, fresh=fresh)
+        return logits_BKV, None, cache, None
+    return forward_cached(params, tokens_BK, cache, cfg, mask_BK, positions_BK, fresh=fresh, mtp_cache=mtp_cache)
+
+
+def _start(params: dict, prompt_BS: jax.Array, mask_BS: jax.Array, rng: jax.Array | None, s: _Settings) -> _Decoding:
+    """Every run's set-up: the caches, the prompt's pass (prefill; with a draft, its first guess
+    too) and the first new token, which that pass gives."""
+    cfg, N = s.cfg, s.max_new_tokens
+    B, S = prompt_BS.shape
+    if s.draft is None:
+        cache, mtp_cache = _empty_cache(cfg, B, S + N, None, cfg.n_layers), None
+    else:
+        # a pass writes two slots and keeps at most two; a lone row reuses a rejected guess's slot
+        slots = S + (N + 1 if B == 1 else 2 * N)
+        cache, mtp_cache = (_empty_cache(cfg, B, slots, None, layers) for layers in (cfg.n_layers, 1))
+    logits_BSV, draft_BSV, cache, mtp_cache = _forward(params, prompt_BS, cache, mtp_cache, cfg, mask_BS,
+                                                       prompt_positions(mask_BS), fresh=True)
+    rng, first_rng = _split(rng)
+    token_B = sample(logits_BSV[:, -1], first_rng, s.temperature, s.top_k, s.top_p)
+    zeros_B = jnp.zeros((B,), jnp.int32)
+    return _Decoding(
+        out_BN=jnp.zeros((B, N), jnp.int32).at[:, 0].set(token_B),
+        stats=SpeculativeStats(jnp.int32(0), zeros_B, zeros_B, jnp.ones((B,), jnp.int32)),
+        done_B=token_B == s.eos if s.eos is not None else jnp.zeros((B,), bool),
+        token_B=token_B,
+        guess_B=None if draft_BSV is None else _greedy(draft_BSV[:, -1]),
+        position_B=jnp.sum(mask_BS, axis=1),  # the first new token's: positions count real tokens
+        cache=cache, mtp_cache=mtp_cache, rng=rng)
+
+
+def _live(d: _Decoding, max_new_tokens: int) -> jax.Array:
+    """The rows still decoding: not stopped by eos, and short of their tokens."""
+    return ~d.done_B & (d.stats.tokens_B < max_new_tokens)
+
+
+def _step(params: dict, d: _Decoding, s: _Settings) -> _Decoding:
+    """One pass of the model. Each row feeds its last token and, with a draft, the draft's guess
+    of the one after; the model's token after the last is always kept, and where the guess is
+    that token, the model's token after the guess too: two tokens from one pass. The same pass
+    has the draft read the new hidden states and guess again. A rejected guess's cache slot is
+    masked out; when every row's guess failed, the next pass overwrites it."""
+    cfg, N, eos = s.cfg, s.max_new_tokens, s.eos
+    B = d.token_B.shape[0]
+    live_B = _live(d, N)
+    fed_BK = d.token_B[:, None] if d.guess_B is None else jnp.stack([d.token_B, d.guess_B], axis=1)
+    K = fed_BK.shape[1]
+    index = d.cache.index
+    positions_BK = d.position_B[:, None] + jnp.arange(K)
+    logits_BKV, draft_BKV, cache, mtp_cache = _forward(params, fed_BK, d.cache, d.mtp_cache, cfg,
+                                                       jnp.ones((B, K), jnp.int32), positions_BK)
+    rng, step_rng = _split(d.rng)
+    first_B = sample(logits_BKV[:, 0], step_rng, s.temperature, s.top_k, s.top_p)
+    stops_B = first_B == eos if eos is not None else jnp.zeros((B,), bool)
+    rows_B, n_B = jnp.arange(B), d.stats.tokens_B
+    out_BN = d.out_BN.at[rows_B, jnp.where(live_B, n_B, N)].set(first_B, mode="drop")
+    done_B = d.done_B | (live_B & stops_B)
+    token_B, guess_B, accepted_B, drafted_B = first_B, None, jnp.zeros((B,), bool), d.stats.drafted_B
+    if d.guess_B is not None:
+        accepted_B = live_B & (first_B == d.guess_B) & ~stops_B
+        second_B, guesses_BK = _greedy(logits_BKV[:, 1]), _greedy(draft_BKV)
+        out_BN = out_BN.at[rows_B, jnp.where(accepted_B, n_B + 1, N)].set(second_B, mode="drop")
+        if eos is not None:
+            done_B = done_B | (accepted_B & (second_B == eos))
+        token_B = jnp.where(accepted_B, second_B, first_B)
+        guess_B = jnp.where(accepted_B, guesses_BK[:, 1], guesses_BK[:, 0])
+        drafted_B = drafted_B + live_B
+        advance = 1 + jnp.any(accepted_B).astype(jnp.int32)
+        keep = lambda c: c._replace(valid_BT=jax.lax.dynamic_update_slice_in_dim(
+            c.valid_BT, accepted_B[:, None], index + 1, 1), index=index + advance)
+        cache, mtp_cache = keep(cache), keep(mtp_cache)
+    if eos is not None:  # a stopped row goes on feeding eos, as its output reads from then on
+        token_B = jnp.where(done_B, eos, token_B)
+    gained_B = live_B.astype(jnp.int32) + accepted_B
+    stats = SpeculativeStats(d.stats.steps + 1, drafted_B, d.stats.accepted_B + accepted_B,
+                             jnp.minimum(n_B + gained_B, N))
+    # a row no longer live moves on one position a pass, as if it went on emitting eos
+    position_B = d.position_B + jnp.maximum(gained_B, 1)
+    return _Decoding(out_BN, stats, done_B, token_B, guess_B, position_B, cache, mtp_cache, rng)
+
+
+def _finish(d: _Decoding, s: _Settings) -> tuple[jax.Array, SpeculativeStats]:
+    """The tokens ``[B, N]`` (a row that stopped: eos from then on) and the stats."""
+    if s.eos is None:
+        return d.out_BN, d.stats
+    written_BN = jnp.arange(s.max_new_tokens)[None, :] < d.stats.tokens_B[:, None]
+    return jnp.where(written_BN, d.out_BN, s.eos), d.stats
+
+
+def _decode(params: dict, prompt_BS: jax.Array, mask_BS: jax.Array | None, rng: jax.Array | None,
+            s: _Settings) -> tuple[jax.Array, SpeculativeStats]:
+    """The decoding engine, all on device: the set-up, then passes of the model until every row
+    has its tokens or has stopped."""
+    mask_BS = jnp.ones(prompt_BS.shape, jnp.int32) if mask_BS is None else mask_BS.astype(jnp.int32)
+    d = _start(params, prompt_BS, mask_BS, rng, s)
+    d = jax.lax.while_loop(lambda d: jnp.any(_live(d, s.max_new_tokens)), lambda d: _step(params, d, s), d)
+    return _finish(d, s)
+
+
+@_old_argument_order_deprecated
+def generate(params: dict, prompt_ids: jax.Array, cfg: Config | ModelConfig, max_new_tokens: int,
+             rng: jax.Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos: int | None = None, prompt_mask: jax.Array | None = None, check_ids: bool = False,
+             speculative: str | None = None) -> jax.Array:
+    """Continue left-padded prompts ``[B, S]`` by ``max_new_tokens`` tokens: ``[B, N]``.
+
+    A row that emits ``eos`` repeats it from then on; the loop ends early once every row has.
+    Jit with ``cfg``, ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``eos`` and
+    ``speculative`` static. ``speculative="mtp"`` decodes greedily (``temperature`` 0) with the
+    model's multi-token-prediction module drafting a token that each step verifies (see
+    ``generate_speculative``, which also reports how many drafts were accepted).
+
+    Refuses (``InputError``) before running anything: sampling settings out of range (see
+    ``sample``), ``max_new_tokens < 1``, an ``eos`` outside the vocabulary, a prompt longer than
+    ``model.max_seq_len - max_new_tokens``, and non-integer or non-2-D ``prompt_ids``; these are
+    static, so they are checked under ``jit`` too. The prompt's ids are checked to lie in
+    ``[0, vocab_size)`` outside ``jit``, and under it with ``check_ids=True`` inside
+    ``checkify.checkify`` (see ``model.check_tokens``); unchecked, an out-of-range id silently
+    reads a clamped or wrapped embedding.
+    """
+    s = _settings(prompt_ids, cfg, max_new_tokens, temperature, top_k, top_p, eos, speculative, check_ids,
+                  "generate")
+    return _decode(params, prompt_ids, prompt_mask, rng, s)[0]
+
+
 def generate_speculative(params: dict, prompt_ids: jax.Array, cfg: Config | ModelConfig, max_new_tokens: int,
                          eos: int | None = None, prompt_mask: jax.Array | None = None,
                          check_ids: bool = False) -> tuple[jax.Array, SpeculativeStats]:
@@ -283,71 +418,12 @@ def generate_speculative(params: dict, prompt_ids: jax.Array, cfg: Config | Mode
     Each step feeds the model two tokens: the last one it chose and the MTP module's guess of
     the one after. The model's choice after the first is always kept; when it equals the guess,
     its choice after the guess is kept too (two tokens from one pass). In the same pass the MTP
-    depth reads the new hidden states and proposes the next guess. A rejected guess's cache slot
-    is masked out; when every row's guess failed the next step overwrites it. Needs
-    ``model.mtp_depth`` >= 1 and the MTP weights. Jit with ``cfg``, ``max_new_tokens`` and ``eos``
-    static; the checks are those of ``generate``.
+    depth reads the new hidden states and proposes the next guess. Needs ``model.mtp_depth`` >= 1
+    and the MTP weights. Jit with ``cfg``, ``max_new_tokens`` and ``eos`` static; the checks are
+    those of ``generate``.
     """
-    cfg_m = model_config(cfg)
-    check_tokens(prompt_ids, cfg_m, "generate_speculative", check_ids)
-    B, S = prompt_ids.shape
-    N = max_new_tokens
-    _check_generation(cfg_m, S, N, 0, None, None, eos, "generate_speculative")
-    mask = jnp.ones((B, S), jnp.int32) if prompt_mask is None else prompt_mask.astype(jnp.int32)
-    # slots: a step writes two and keeps at most two; with one row a rejected draft's slot is reused
-    slots = S + (N + 1 if B == 1 else 2 * N)
-    cache, mtp_cache = (_empty_cache(cfg_m, B, slots, None, layers) for layers in (cfg_m.n_layers, 1))
-    logits, draft, cache, mtp_cache = forward_cached_mtp(params, prompt_ids, cache, mtp_cache, cfg,
-                                                         mask, prompt_positions(mask), fresh=True)
-    greedy = lambda logits_BV: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    token_B, guess_B = greedy(logits[:, -1]), greedy(draft[:, -1])
-    zeros_B = jnp.zeros((B,), jnp.int32)
-    stats = SpeculativeStats(jnp.int32(0), zeros_B, zeros_B, jnp.ones((B,), jnp.int32))
-    out_BN = jnp.zeros((B, N), jnp.int32).at[:, 0].set(token_B)
-    done_B = token_B == eos if eos is not None else jnp.zeros((B,), bool)
-    position_B = jnp.sum(mask, axis=1)  # of token_B
-
-    def live(stats, done_B):
-        return ~done_B & (stats.tokens_B < N)
-
-    def cond(carry):
-        return jnp.any(live(carry[0], carry[1]))
-
-    def body(carry):
-        stats, done_B, out_BN, token_B, guess_B, position_B, cache, mtp_cache = carry
-        active_B = live(stats, done_B)
-        index = cache.index
-        logits, draft, cache, mtp_cache = forward_cached_mtp(
-            params, jnp.stack([token_B, guess_B], 1), cache, mtp_cache, cfg, jnp.ones((B, 2), jnp.int32),
-            jnp.stack([position_B, position_B + 1], 1))
-        chosen_B2, guesses_B2 = greedy(logits), greedy(draft)
-        first_B = chosen_B2[:, 0]  # the model's token after token_B: always kept
-        stops_B = first_B == eos if eos is not None else jnp.zeros((B,), bool)
-        accepted_B = active_B & (first_B == guess_B) & ~stops_B
-        rows = jnp.arange(B)
-        n_B = stats.tokens_B
-        out_BN = out_BN.at[rows, jnp.where(active_B, n_B, N)].set(first_B, mode="drop")
-        out_BN = out_BN.at[rows, jnp.where(accepted_B, n_B + 1, N)].set(chosen_B2[:, 1], mode="drop")
-        if eos is not None:
-            second_stops_B = accepted_B & (chosen_B2[:, 1] == eos)
-            done_B = done_B | (active_B & stops_B) | second_stops_B
-        gained_B = active_B.astype(jnp.int32) + accepted_B
-        stats = SpeculativeStats(stats.steps + 1, stats.drafted_B + active_B, stats.accepted_B + accepted_B,
-                                 jnp.minimum(n_B + gained_B, N))
-        # the guess's slot holds a real token only where it was accepted; when no row accepted,
-        # the next step writes over it
-        advance = 1 + jnp.any(accepted_B).astype(jnp.int32)
-        keep = lambda c: c._replace(valid_BT=jax.lax.dynamic_update_slice_in_dim(
-            c.valid_BT, accepted_B[:, None], index + 1, 1), index=index + advance)
-        token_B = jnp.where(accepted_B, chosen_B2[:, 1], first_B)
-        guess_B = jnp.where(accepted_B, guesses_B2[:, 1], guesses_B2[:, 0])
-        return stats, done_B, out_BN, token_B, guess_B, position_B + gained_B, keep(cache), keep(mtp_cache)
-
-    carry = (stats, done_B, out_BN, token_B, guess_B, position_B, cache, mtp_cache)
-    stats, done_B, out_BN, *_ = jax.lax.while_loop(cond, body, carry)
-    if eos is not None:  # rows that stopped: eos from then on, as generate writes them
-        out_BN = jnp.where(jnp.arange(N)[None, :] < stats.tokens_B[:, None], out_BN, eos)
-    return out_BN, stats
+    s = _settings(prompt_ids, cfg, max_new_tokens, 0, None, None, eos, "mtp", check_ids, "generate_speculative")
+    return _decode(params, prompt_ids, prompt_mask, None, s)
 
 
 @_old_argument_order_deprecated
@@ -355,29 +431,36 @@ def stream(params: dict, prompt_ids: Sequence[int], cfg: Config | ModelConfig, m
            rng: jax.Array, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            eos: int | None = None) -> Iterator[int]:
     """Yield one prompt's new tokens as they are decoded (a host loop: for printing as they come;
-    ``generate`` is the all-on-device version). Stops after ``eos``, which is not yielded.
+    ``generate`` is the all-on-device version, and gives the same tokens for the same ``rng``).
+    Stops after ``eos``, which is not yielded.
 
     Checks everything ``generate`` does, the prompt's ids included, when called (not at the
     first ``next``)."""
     cfg = model_config(cfg)
     _check_generation(cfg, len(prompt_ids), max_new_tokens, temperature, top_k, top_p, eos, "stream")
-    check_tokens(np.asarray(prompt_ids)[None], cfg, "stream")
-    return _stream(params, prompt_ids, cfg, max_new_tokens, rng, temperature, top_k, top_p, eos)
+    prompt_BS = np.asarray(prompt_ids)[None]  # B = 1
+    check_tokens(prompt_BS, cfg, "stream")
+    s = _Settings(cfg, max_new_tokens, temperature, top_k, top_p, eos, None)
+    return _stream(params, jnp.asarray(prompt_BS, jnp.int32), rng, s)
 
 
-def _stream(params, prompt_ids, cfg, max_new_tokens, rng, temperature, top_k, top_p, eos) -> Iterator[int]:
-    """``stream``'s loop, a generator apart from it: a generator's checks would wait for ``next``."""
-    prefill_fn = jax.jit(functools.partial(prefill, cfg=cfg))
-    decode_fn = jax.jit(functools.partial(decode_step, cfg=cfg))
-    sample_fn = jax.jit(sample, static_argnames=("temperature", "top_k", "top_p"))
-    cache = init_cache(cfg, 1, len(prompt_ids) + max_new_tokens)
-    logits, cache = prefill_fn(params, tokens=jnp.asarray([prompt_ids], jnp.int32), cache=cache)
-    logits_BV = logits[:, -1]
-    for i in range(max_new_tokens):
-        rng, step_rng = jax.random.split(rng)
-        token_B = sample_fn(logits_BV, step_rng, temperature, top_k, top_p)
-        if int(token_B[0]) == eos:
+# The engine's set-up and pass, each compiled once per model and settings, for host loops.
+_start_jitted = jax.jit(_start, static_argnames="s")
+_step_jitted = jax.jit(_step, static_argnames="s")
+
+
+def _stream(params: dict, prompt_BS: jax.Array, rng: jax.Array, s: _Settings) -> Iterator[int]:
+    """``stream``'s loop, a generator apart from it (a generator's checks would wait for ``next``):
+    the engine's set-up, then one pass at a time, each pass's tokens yielded as they come."""
+    d = _start_jitted(params, prompt_BS, jnp.ones_like(prompt_BS), rng, s)
+    shown = 0
+    while True:
+        written = int(d.stats.tokens_B[0])
+        for token in np.asarray(d.out_BN)[0, shown:written].tolist():
+            if token == s.eos:
+                return
+            yield token
+        if written >= s.max_new_tokens:
             return
-        yield int(token_B[0])
-        position_B = jnp.asarray([len(prompt_ids) + i])
-        logits_BV, cache = decode_fn(params, token_B=token_B, positions_B=position_B, cache=cache)
+        shown = written
+        d = _step_jitted(params, d, s)

@@ -1,4 +1,4 @@
-"""One writer per output directory: a training workdir, a ``prepare-data --out``.
+"""One writer per output directory: a training workdir, a ``prepare-data --out``, a ``convert`` output.
 
 Two writers in one directory lose work silently (a requeued job resuming beside the one still
 running replaces its checkpoints and cuts its metrics), so the second is refused. The lock is a
@@ -6,7 +6,9 @@ file, ``.dsmoe-jax.lock``, created exclusively (``O_EXCL``) and holding its owne
 id and start time, removed when the owner finishes (whatever way it ends but ``kill -9``). A
 lock whose owner is gone, on this host, is stale: it is said and taken over. One on another
 host cannot be checked from here; the refusal names it, and removing the file (once that
-process is known to be gone) is the fix.
+process is known to be gone) is the fix. An output that must not exist until it is complete
+(``convert``'s, written beside it and renamed into place) is locked by ``.<name>.dsmoe-jax.lock``
+beside it instead (``beside=True``).
 
     with output_lock(workdir, "the training run"):
         ...
@@ -44,12 +46,22 @@ def _holder(path: pathlib.Path) -> dict:
         return {}
 
 
-def acquire(directory: str | os.PathLike, what: str) -> pathlib.Path:
-    """Take the lock of ``directory`` (created if needed) for ``what`` (for messages); returns
-    the lock file. Raises ``OutputLockedError`` naming the holder when another live process has it."""
+def lock_path(directory: str | os.PathLike, beside: bool = False) -> pathlib.Path:
+    """The lock file of ``directory``: inside it, or with ``beside`` next to it."""
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_FILE
+    if beside:
+        directory = directory.absolute()  # so that "out" has a parent to hold the lock
+        return directory.parent / f".{directory.name}{LOCK_FILE}"
+    return directory / LOCK_FILE
+
+
+def acquire(directory: str | os.PathLike, what: str, beside: bool = False) -> pathlib.Path:
+    """Take the lock of ``directory`` (created if needed; with ``beside`` only its parent, the lock
+    being next to it) for ``what`` (for messages); returns the lock file. Raises
+    ``OutputLockedError`` naming the holder when another live process has it."""
+    directory = pathlib.Path(directory)
+    path = lock_path(directory, beside)
+    path.parent.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
           "what": what}
     for _ in range(2):  # a second try after removing a stale lock
@@ -74,13 +86,14 @@ def acquire(directory: str | os.PathLike, what: str) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def output_lock(directory: str | os.PathLike, what: str, enabled: bool = True):
+def output_lock(directory: str | os.PathLike, what: str, enabled: bool = True, beside: bool = False):
     """Hold the lock of ``directory`` for the block (``enabled`` False: nothing, e.g. on the
-    processes of a multi-process run other than the first, which share its workdir)."""
+    processes of a multi-process run other than the first, which share its workdir; ``beside``:
+    see ``acquire``)."""
     if not enabled:
         yield
         return
-    path = acquire(directory, what)
+    path = acquire(directory, what, beside)
     try:
         yield
     finally:

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from dsmoe_jax.config import MESH_AXES, Config, ConfigError, MeshConfig, MoEConfig
+from dsmoe_jax.config import MESH_AXES, Config, MeshConfig, MoEConfig
+from dsmoe_jax.errors import ConfigError
 
 EXPERT_AXIS = "expert"
 

@@ -1,14 +1,15 @@
-"""The DeepSeekMoE decoder as Flax NNX modules, and the functional API around it.
+"""The DeepSeekMoE decoder as a Flax NNX module, and the functional API around it.
 
-Shape legend: B batch, S sequence, D model width, N query heads, K key/value heads, H head
-width, F dense MLP hidden width, V vocabulary, L layers, E routed experts.
+Shape legend: B batch, S sequence, D model width, V vocabulary, E routed experts; T key slots (a
+cache's, or the sequence's own tokens), or in the LM head the B * S tokens flattened.
 
-Every block: RMSNorm -> causal attention with RoPE -> residual -> RMSNorm -> FFN -> residual.
-The attention is multi-head (``mha.py``; grouped-query when n_kv_heads < n_heads), or multi-head latent
-attention (``mla.py``) when the config has an ``[mla]`` section.
-The FFN of the first ``first_k_dense`` blocks is a dense SwiGLU, the rest are DeepSeekMoE.
+The decoder: token embedding, the blocks (``block.py``), a final RMSNorm, an untied LM head, and
+the multi-token-prediction depths when ``model.mtp_depth`` asks for them (``mtp.py``).
 Params cross the API as plain nested dicts; ``nnx.merge`` rebuilds the modules inside
-``forward``, so everything jits, vmaps and shards.
+``forward``, so everything jits, vmaps and shards. Three ways through the model, by what they
+read and return: ``forward`` (whole sequences: logits and ``Aux``), ``forward_mtp`` (the same and
+the MTP depths' predictions: training) and ``forward_cached`` (tokens continuing a KV cache; with
+``mtp_cache``, the first MTP depth's draft too: decoding).
 
 Two params layouts, chosen by ``model.scan_layers``:
   unrolled  ``layers/{i}/...``: one subtree per block, run one after another (the HF layout);
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -29,94 +32,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import checkify
 
-from dsmoe_jax import mla
-from dsmoe_jax.config import Config, ConfigError, ModelConfig, model_config
-from dsmoe_jax.errors import InputError  # noqa: F401 - raised here, and importable from here
-from dsmoe_jax.layers import MLP, RMSNorm, param
-from dsmoe_jax.mha import Attention
+from dsmoe_jax import mtp
+from dsmoe_jax.block import Block, KVCache, cache_keys, own_keys
+from dsmoe_jax.config import Config, ModelConfig, model_config
+from dsmoe_jax.errors import ConfigError, InputError  # noqa: F401 - raised here, and importable from here
+from dsmoe_jax.layers import RMSNorm, param
 from dsmoe_jax.moe import MoE, MoEStats, RouteOptions
-
-
-class KVCache(NamedTuple):
-    """Keys and values of every layer for ``T`` slots, filled left to right (inference.py).
-    With MLA, ``k`` holds each token's latent and rope key ``[B, T, 1, A]`` and ``v`` is empty
-    ``[B, T, 1, 0]``: the values are expanded from the latent (``mla.py``)."""
-
-    k: tuple[jax.Array, ...]  # per layer [B, T, K, H]
-    v: tuple[jax.Array, ...]
-    valid_BT: jax.Array  # the slot holds a real token: written, and not padding
-    index: jax.Array  # int32: the next slot to write
-
-
-class Block(nnx.Module):
-    """Pre-norm decoder block; the FFN is a dense MLP or a DeepSeekMoE layer."""
-
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
-        dt = jnp.dtype(cfg.param_dtype)
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt)
-        self.attn = Attention(cfg, rngs=rngs) if cfg.mla is None else mla.MLAttention(cfg, rngs=rngs)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt)
-        if layer < cfg.first_k_dense:
-            self.ffn = MLP(cfg.d_model, cfg.d_ff, std=cfg.init_std, param_dtype=dt, rngs=rngs)
-        else:
-            self.ffn = MoE(cfg, rngs=rngs)
-
-    def __call__(self, x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv=None, index=0,
-                 segment_ids_BS=None, route=None):
-        # Named scopes label each phase's kernels in profiles (benchmarks/profile_step.py).
-        h_BSD = self.attn_norm(x_BSD)
-        with jax.named_scope("attention"):
-            a_BSD, kv = self.attn(h_BSD, positions_BS, valid_keys_BT, kv, index, segment_ids_BS)
-        x_BSD = x_BSD + a_BSD
-        h_BSD = self.ffn_norm(x_BSD)
-        if isinstance(self.ffn, MoE):
-            y_BSD, stats = self.ffn(h_BSD, tokens_BS, valid_BS, route, segment_ids_BS)
-        else:
-            with jax.named_scope("dense_mlp"):
-                y_BSD, stats = self.ffn(h_BSD), None
-        return x_BSD + y_BSD, stats, kv
-
-
-class MTPBlock(nnx.Module):
-    """One depth of multi-token prediction (DeepSeek-V3): the previous depth's hidden state and
-    the embedding of the token that many places ahead, each RMS-normalised, concatenated
-    (embedding first, the order the released weights expect) and projected back to the model
-    width; then one transformer block (MoE when the model's later blocks are); its output,
-    RMS-normalised, goes through the model's own LM head. C = 2 D: [embedding; hidden state]."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        D, dt = cfg.d_model, jnp.dtype(cfg.param_dtype)
-        self.embed_norm = RMSNorm(D, cfg.norm_eps, dt)
-        self.hidden_norm = RMSNorm(D, cfg.norm_eps, dt)
-        self.w_proj_CD = param(rngs, (2 * D, D), (None, "embed"), cfg.init_std, dt)
-        self.block = Block(cfg, cfg.n_layers if cfg.n_moe_layers else 0, rngs=rngs)
-        self.head_norm = RMSNorm(D, cfg.norm_eps, dt)
-
-    def __call__(self, h_BSD, e_BSD, positions_BS, valid_BS, tokens_BS, route=None, valid_keys_BT=None, kv=None,
-                 index=0, segment_ids_BS=None):
-        """(this depth's hidden state, its normalised form for the LM head, the block's MoE stats,
-        its keys and values); with ``kv``, the block attends through that cache as a main block."""
-        c_BSC = jnp.concatenate([self.embed_norm(e_BSD), self.hidden_norm(h_BSD)], axis=-1)
-        x_BSD = jnp.einsum("bsc,cd->bsd", c_BSC, self.w_proj_CD[...].astype(c_BSC.dtype))
-        valid_keys_BT = valid_BS if valid_keys_BT is None else valid_keys_BT
-        x_BSD, stats, kv = self.block(x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv, index,
-                                      segment_ids_BS, route=route)
-        return x_BSD, self.head_norm(x_BSD), stats, kv
-
-
-def _cache_keys(cache: KVCache, valid_BS, fresh: bool):
-    """Where new tokens go in ``cache`` (slot index; 0 when ``fresh``, forgetting what it held)
-    and which slots are then valid keys: the cache's, plus the new tokens' ``valid_BS``."""
-    index = 0 if fresh else cache.index
-    before_BT = jnp.zeros_like(cache.valid_BT) if fresh else cache.valid_BT
-    return index, jax.lax.dynamic_update_slice_in_dim(before_BT, valid_BS.astype(bool), index, 1)
-
-
-def _own_keys(valid_BS, segment_ids_BS):
-    """The keys a sequence attending to itself may see: its real tokens, or with packed examples
-    every slot, the segment ids then keeping each example (and the padding, segment 0) to
-    itself. So no query is left without a key, which cuDNN's kernel answers with NaN."""
-    return valid_BS if segment_ids_BS is None else jnp.ones_like(valid_BS)
 
 
 def _concat_stats(parts: list) -> MoEStats | None:
@@ -135,6 +56,7 @@ class Aux(NamedTuple):
     gate_sum: jax.Array  # [MoE layers] a token's routed gates summed, mean over real tokens
     # [MoE layers, B * S, K] each token's chosen experts, best first: only with RouteOptions(record=True)
     expert_choices: jax.Array | None = None
+    expert_gates: jax.Array | None = None  # [MoE layers, B * S, K] float32: their gates (record=True)
 
     @classmethod
     def from_layers(cls, stacked: MoEStats | None) -> Aux:
@@ -146,7 +68,7 @@ class Aux(NamedTuple):
             return cls(zero, zero, zero, jnp.zeros((0, 0), jnp.float32), none, none)
         expert, device = stacked.expert_balance_loss.sum(), stacked.device_balance_loss.sum()
         return cls(expert + device, expert, device, stacked.expert_load, stacked.drop_fraction, stacked.gate_sum,
-                   stacked.expert_TK)
+                   stacked.expert_TK, stacked.gate_TK)
 
 
 STACKED_GROUPS = ("dense_layers", "moe_layers")  # the params keys of the scanned layout
@@ -185,7 +107,7 @@ class Decoder(nnx.Module):
         self.final_norm = RMSNorm(D, cfg.norm_eps, dt)
         self.lm_head_DV = param(rngs, (D, V), ("embed", "vocab"), cfg.init_std, dt)
         if cfg.mtp_depth:  # no params key at all without it: checkpoints of other models stay as they are
-            self.mtp = nnx.List([MTPBlock(cfg, rngs=rngs) for _ in range(cfg.mtp_depth)])
+            self.mtp = nnx.List([mtp.MTPBlock(cfg, rngs=rngs) for _ in range(cfg.mtp_depth)])
         self.dtype = jnp.dtype(cfg.dtype)
         self.remat = cfg.remat
         self.groups = tuple(layer_groups(cfg)) if cfg.scan_layers else None
@@ -199,6 +121,14 @@ class Decoder(nnx.Module):
             graphdef, state = nnx.split(getattr(self, name))
             for i in range(jax.tree.leaves(state)[0].shape[0]):
                 yield nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+    def moe_ffns(self) -> list[MoE]:
+        """The MoE layers in the order of ``Aux.expert_load``'s rows: the blocks', then the MTP
+        depths'. In the scanned layout a group is one module, its parameters stacked on a
+        leading axis that holds one row per block."""
+        blocks = list(self.layers) if self.groups is None else [getattr(self, name) for name in self.groups]
+        blocks += [depth.block for depth in getattr(self, "mtp", ())]  # no attribute without MTP depths
+        return [block.ffn for block in blocks if isinstance(block.ffn, MoE)]
 
     def __call__(self, tokens_BS, positions_BS, valid_BS, cache: KVCache | None = None,
                  route: RouteOptions | None = None, fresh: bool = False, segment_ids_BS=None):
@@ -220,47 +150,13 @@ class Decoder(nnx.Module):
                                    preferred_element_type=jnp.float32)
         return logits_TV.reshape(B, S, -1)
 
-    def predict_ahead(self, h_BSD, tokens_BS, positions_BS, valid_BS, route: RouteOptions | None = None,
-                      segment_ids_BS=None):
-        """Multi-token prediction from the main model's final hidden states ``h_BSD`` of
-        ``tokens_BS``: depth k at position i reads token i + k and predicts token i + k + 1, so its
-        logits cover the first S - k positions. Returns each depth's logits and the stats of the
-        MoE blocks among them (stacked on a leading axis, or None). With packed examples
-        (``segment_ids_BS``) position i attends within its own example; a position whose token
-        i + k lies in the next example reads it, and its prediction is left out of the loss
-        (``train.step``)."""
-        S = tokens_BS.shape[1]
-        logits, stats = [], []
-        for k, depth in enumerate(self.mtp, 1):
-            ahead_BS = tokens_BS[:, k:]
-            valid_BS_ = valid_BS[:, k:]
-            segments_BS = None if segment_ids_BS is None else segment_ids_BS[:, :S - k]
-            if segments_BS is not None:  # a position reading the next example's token is no example's
-                valid_BS_ = valid_BS_ * (segment_ids_BS[:, k:] == segments_BS).astype(valid_BS_.dtype)
-            valid_keys_BT = _own_keys(valid_BS_, segments_BS)
-            h_BSD, normed_BSD, st, _ = depth(h_BSD[:, :S - k], self.embed(ahead_BS), positions_BS[:, :S - k],
-                                             valid_BS_, ahead_BS, route, valid_keys_BT, segment_ids_BS=segments_BS)
-            logits.append(self.logits(normed_BSD))
-            if st is not None:
-                stats.append(jax.tree.map(lambda a: a[None], st))
-        return tuple(logits), _concat_stats(stats)
-
-    def draft(self, h_BSD, next_BS, positions_BS, valid_BS, cache: KVCache, fresh: bool = False):
-        """The first MTP depth over the main model's hidden states ``h_BSD`` and the tokens that
-        follow them, ``next_BS``, through its own one-layer ``cache``: logits of the token after
-        each of ``next_BS`` (speculative decoding's draft), and the updated cache."""
-        index, valid_keys_BT = _cache_keys(cache, valid_BS, fresh)
-        _, normed_BSD, _, (k, v) = self.mtp[0](h_BSD, self.embed(next_BS), positions_BS, valid_BS, next_BS,
-                                               valid_keys_BT=valid_keys_BT, kv=(cache.k[0], cache.v[0]), index=index)
-        return self.logits(normed_BSD), KVCache((k,), (v,), valid_keys_BT, jnp.asarray(index + h_BSD.shape[1]))
-
     def hidden(self, tokens_BS, positions_BS, valid_BS, cache: KVCache | None = None,
                route: RouteOptions | None = None, fresh: bool = False, segment_ids_BS=None):
         """The final normalised hidden states, the MoE layers' stats (stacked, or None) and the
         updated cache."""
         S = tokens_BS.shape[1]
-        index, valid_keys_BT = (0, _own_keys(valid_BS, segment_ids_BS)) if cache is None else \
-            _cache_keys(cache, valid_BS, fresh)
+        index, valid_keys_BT = (0, own_keys(valid_BS, segment_ids_BS)) if cache is None else \
+            cache_keys(cache, valid_BS, fresh)
         x_BSD = self.embed(tokens_BS)
         run = lambda blk, *args: blk(*args, route=route)  # route is static: a closure, not an argument
         if self.remat and cache is None:  # rematerialise: the backward pass recomputes each block
@@ -289,7 +185,7 @@ class Decoder(nnx.Module):
 
             def body(x_BSD, layer_state, graphdef=graphdef):
                 x_BSD, stats, _ = run(nnx.merge(graphdef, layer_state), x_BSD, positions_BS, valid_BS, tokens_BS,
-                                      _own_keys(valid_BS, segment_ids_BS), None, 0, segment_ids_BS)
+                                      own_keys(valid_BS, segment_ids_BS), None, 0, segment_ids_BS)
                 return x_BSD, stats
 
             x_BSD, stats = jax.lax.scan(body, x_BSD, state)
@@ -362,14 +258,20 @@ def param_axes(cfg: Config | ModelConfig) -> dict:
 def init_params(cfg: Config | ModelConfig, key: jax.Array) -> dict:
     """Random parameters (normal, std ``init_std``; norms at one) as a nested dict of arrays."""
     cfg = model_config(cfg)
-    return nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(params=key)), nnx.Param))
+    return params_of(Decoder(cfg, rngs=nnx.Rngs(params=key)))
 
 
-def _decoder(params: dict, cfg: ModelConfig) -> Decoder:
+def as_module(params: dict, cfg: Config | ModelConfig) -> Decoder:
     """The Decoder module holding ``params`` (jax or numpy arrays), after checking every name
-    and shape against ``cfg``."""
+    and shape against ``cfg``: for code that works on the model's modules, not its params keys."""
+    cfg = model_config(cfg)
     _check_params(params, cfg)
     return nnx.merge(_abstract(cfg)[0], jax.tree.map(jnp.asarray, params))
+
+
+def params_of(decoder: Decoder) -> dict:
+    """The params of ``decoder`` as a plain nested dict: the inverse of ``as_module``."""
+    return nnx.to_pure_dict(nnx.state(decoder, nnx.Param))
 
 
 def _layout(params: dict) -> str:
@@ -460,7 +362,7 @@ def forward(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
     cfg = model_config(cfg)
     check_tokens(tokens, cfg, "forward", check_ids)
     attention_mask, positions = _positions_and_mask(tokens, attention_mask, positions, segment_ids)
-    logits, aux, _ = _decoder(params, cfg)(tokens, positions, attention_mask, route=route, segment_ids_BS=segment_ids)
+    logits, aux, _ = as_module(params, cfg)(tokens, positions, attention_mask, route=route, segment_ids_BS=segment_ids)
     return logits, aux
 
 
@@ -479,113 +381,63 @@ def forward_mtp(params: dict, tokens: jax.Array, cfg: Config | ModelConfig, *,
         raise InputError(f"forward_mtp: {tokens.shape[1]} tokens per sequence leave nothing for multi-token "
                          f"prediction {cfg.mtp_depth} tokens ahead; pass sequences longer than model.mtp_depth")
     valid, positions = _positions_and_mask(tokens, None, None, segment_ids)
-    decoder = _decoder(params, cfg)
+    decoder = as_module(params, cfg)
     h_BSD, stats, _ = decoder.hidden(tokens, positions, valid, segment_ids_BS=segment_ids)
-    ahead, mtp_stats = decoder.predict_ahead(h_BSD, tokens, positions, valid, segment_ids_BS=segment_ids)
+    ahead, mtp_stats = mtp.predict_ahead(decoder.mtp, decoder.embed, decoder.logits, h_BSD, tokens, positions, valid,
+                                         segment_ids_BS=segment_ids)
     stats = _concat_stats([s for s in (stats, mtp_stats) if s is not None])
     return decoder.logits(h_BSD), Aux.from_layers(stats), ahead
 
 
 def forward_cached(params: dict, tokens: jax.Array, cache: KVCache, cfg: Config | ModelConfig,
-                   attention_mask: jax.Array, positions: jax.Array, *,
-                   fresh: bool = False) -> tuple[jax.Array, KVCache]:
+                   attention_mask: jax.Array, positions: jax.Array, *, fresh: bool = False,
+                   mtp_cache: KVCache | None = None
+                   ) -> tuple[jax.Array, KVCache] | tuple[jax.Array, jax.Array, KVCache, KVCache]:
     """Like ``forward`` for ``tokens`` that continue the sequences in ``cache``: their keys and
     values are written at ``cache.index`` and they attend to everything cached before them.
     ``fresh=True`` (static) starts the sequences over instead: they are written from the first
     slot and the cache's previous content is forgotten. ``tokens`` are checked as in ``forward``
-    (ids only outside ``jit``)."""
+    (ids only outside ``jit``). Returns the logits ``[B, S, V]`` and the cache.
+
+    With ``mtp_cache`` (the first MTP depth's one-layer cache, slots aligned with ``cache``'s)
+    the same pass also drafts, for self-speculative decoding (``mtp.draft``): it returns (logits,
+    the draft's logits ``[B, S, V]`` of the token after each position's greedy next one, cache,
+    mtp cache). That needs ``model.mtp_depth`` >= 1 and the depth's weights."""
     cfg = model_config(cfg)
+    if mtp_cache is not None and not cfg.mtp_depth:
+        raise ConfigError("speculative decoding with the MTP module needs model.mtp_depth >= 1 and its weights "
+                          "(a DeepSeek-V3 checkpoint converted without --drop-mtp, or a model trained with it)")
     check_tokens(tokens, cfg, "forward_cached")
-    logits, _, cache = _decoder(params, cfg)(tokens, positions, attention_mask, cache, fresh=fresh)
-    return logits, cache
+    decoder = as_module(params, cfg)
+    h_BSD, _, cache = decoder.hidden(tokens, positions, attention_mask, cache, fresh=fresh)
+    logits_BSV = decoder.logits(h_BSD)
+    if mtp_cache is None:
+        return logits_BSV, cache
+    draft_BSV, mtp_cache = mtp.draft(decoder.mtp[0], decoder.embed, decoder.logits, h_BSD, logits_BSV, positions,
+                                     attention_mask, mtp_cache, fresh)
+    return logits_BSV, draft_BSV, cache, mtp_cache
 
 
 def forward_cached_mtp(params: dict, tokens: jax.Array, cache: KVCache, mtp_cache: KVCache,
                        cfg: Config | ModelConfig, attention_mask: jax.Array, positions: jax.Array, *,
                        fresh: bool = False) -> tuple[jax.Array, jax.Array, KVCache, KVCache]:
-    """``forward_cached`` and the first MTP depth's greedy draft, in one call (self-speculative
-    decoding, ``inference.generate(..., speculative="mtp")``): the logits ``[B, S, V]``; then the
-    MTP depth reads each position's hidden state with the embedding of the main model's greedy
-    next token there (its argmax), through ``mtp_cache`` (one layer, slots aligned with
-    ``cache``'s), and its logits ``[B, S, V]`` predict the token after that one. Returns (logits,
-    draft logits, cache, mtp cache)."""
-    cfg = model_config(cfg)
-    if not cfg.mtp_depth:
-        raise ConfigError("speculative decoding with the MTP module needs model.mtp_depth >= 1 and its weights "
-                          "(a DeepSeek-V3 checkpoint converted without --drop-mtp, or a model trained with it)")
-    check_tokens(tokens, cfg, "forward_cached_mtp")
-    decoder = _decoder(params, cfg)
-    h_BSD, _, cache = decoder.hidden(tokens, positions, attention_mask, cache, fresh=fresh)
-    logits_BSV = decoder.logits(h_BSD)
-    next_BS = jnp.argmax(logits_BSV, axis=-1).astype(jnp.int32)
-    draft_BSV, mtp_cache = decoder.draft(h_BSD, next_BS, positions, attention_mask, mtp_cache, fresh)
-    return logits_BSV, draft_BSV, cache, mtp_cache
+    """Deprecated, until 0.4: ``forward_cached(..., mtp_cache=mtp_cache)``, which it calls."""
+    warnings.warn("model.forward_cached_mtp(params, tokens, cache, mtp_cache, cfg, attention_mask, positions) is "
+                  "deprecated and will stop working in 0.4; call model.forward_cached(params, tokens, cache, cfg, "
+                  "attention_mask, positions, mtp_cache=mtp_cache)", DeprecationWarning, stacklevel=2)
+    return forward_cached(params, tokens, cache, cfg, attention_mask, positions, fresh=fresh, mtp_cache=mtp_cache)
 
 
-def update_score_bias(params: dict, expert_load_LE: jax.Array, cfg: Config | ModelConfig) -> dict:
-    """Auxiliary-loss-free balancing (DeepSeek-V3): each MoE layer's ``score_bias_E`` moves by
-    ``moe.bias_update_speed`` toward balance, b_i += speed * sign(mean load - load_i), from
-    ``expert_load_LE`` (tokens per expert of each MoE layer over the whole batch, as
-    ``Aux.expert_load`` reports; with multi-token prediction, ``forward_mtp``'s rows for the MTP
-    depths' MoE blocks follow the model's). Returns new params; ``params`` is unchanged."""
-    cfg = model_config(cfg)
-    step_LE = cfg.moe.bias_update_speed * jnp.sign(jnp.mean(expert_load_LE, axis=-1, keepdims=True) - expert_load_LE)
-    out = dict(params)
-    if cfg.scan_layers:
-        ffn = out["moe_layers"]["ffn"]
-        main = step_LE[:cfg.n_moe_layers]
-        out["moe_layers"] = {**out["moe_layers"], "ffn": {**ffn, "score_bias_E": ffn["score_bias_E"] + main}}
-    else:
-        out["layers"] = dict(out["layers"])
-        for j, i in enumerate(layer_groups(cfg)["moe_layers"]):
-            ffn = out["layers"][i]["ffn"]
-            out["layers"][i] = {**out["layers"][i], "ffn": {**ffn, "score_bias_E": ffn["score_bias_E"] + step_LE[j]}}
-    if "mtp" in out and len(step_LE) > cfg.n_moe_layers:  # the MTP depths' MoE blocks follow the model's rows
-        out["mtp"] = dict(out["mtp"])
-        for k, depth in out["mtp"].items():
-            ffn = depth["block"]["ffn"]
-            bias = ffn["score_bias_E"] + step_LE[cfg.n_moe_layers + k]
-            out["mtp"][k] = {**depth, "block": {**depth["block"], "ffn": {**ffn, "score_bias_E": bias}}}
-    return out
+# Names that moved out of this module (CHANGELOG, Unreleased): still importable from here, with a
+# DeprecationWarning, until 0.4. Looked up by name when asked for: ``costs`` imports this module,
+# so an import statement here would be a cycle; ``import dsmoe_jax`` has loaded it by then anyway.
+_MOVED = {name: "dsmoe_jax.costs" for name in ("count_params", "flops_per_token", "cache_dims",
+                                                "cache_bytes_per_token")}
 
 
-def count_params(cfg: Config | ModelConfig) -> tuple[int, int]:
-    """(total, activated per token): the activated count leaves out the unchosen routed experts,
-    i.e. (E - K) / E of every parameter with a logical ``expert`` axis."""
-    cfg = model_config(cfg)
-    shapes, axes = jax.tree.leaves(param_shapes(cfg)), jax.tree.leaves(param_axes(cfg), is_leaf=_is_axes)
-    total = sum(s.size for s in shapes)
-    routed = sum(s.size for s, a in zip(shapes, axes) if "expert" in a)
-    if routed == 0:
-        return total, total
-    idle = routed * (cfg.moe.n_routed_experts - cfg.moe.top_k) // cfg.moe.n_routed_experts
-    return total, total - idle
-
-
-def _is_axes(x) -> bool:
-    return isinstance(x, tuple)
-
-
-def flops_per_token(cfg: Config | ModelConfig, seq_len: int) -> int:
-    """Forward FLOPs per token: 2 x activated matmul params + causal attention scores at ``seq_len``."""
-    cfg = model_config(cfg)
-    _, activated = count_params(cfg)
-    embedding = param_shapes(cfg)["embed_VD"].size  # a lookup, not a matmul
-    v_head_dim = cfg.head_dim if cfg.mla is None else cfg.mla.v_head_dim
-    # QK^T and AV, over the causal half of the keys
-    attention = 2 * cfg.n_layers * cfg.n_heads * (cfg.head_dim + v_head_dim) * seq_len // 2
-    return 2 * (activated - embedding) + attention
-
-
-def cache_dims(cfg: Config | ModelConfig) -> tuple[int, int, int]:
-    """(heads, key width, value width) of one layer's KV-cache entry per token: the key/value
-    heads for multi-head attention, one latent head (and no separate values) for MLA."""
-    cfg = model_config(cfg)
-    return (cfg.kv_heads, cfg.head_dim, cfg.head_dim) if cfg.mla is None else mla.cache_dims(cfg)
-
-
-def cache_bytes_per_token(cfg: Config | ModelConfig) -> int:
-    """Bytes one token takes in the KV cache, all layers, in ``model.dtype``."""
-    cfg = model_config(cfg)
-    heads, k_width, v_width = cache_dims(cfg)
-    return cfg.n_layers * heads * (k_width + v_width) * jnp.dtype(cfg.dtype).itemsize
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"dsmoe_jax.model.{name} moved to {_MOVED[name]}.{name}; the old name will stop working in 0.4",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(_MOVED[name]), name)

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsmoe_jax import mesh as mesh_lib
-from dsmoe_jax.config import ConfigError, ModelConfig, MoEConfig
+from dsmoe_jax.config import ModelConfig, MoEConfig
 from dsmoe_jax.dispatch import routed_experts
+from dsmoe_jax.errors import ConfigError
 from dsmoe_jax.expert_parallel import expert_parallel
 from dsmoe_jax.layers import MLP, param
 
@@ -40,7 +41,8 @@ class RouteOptions:
     routing (their logits become -inf, so the softmax and the top-k run over the rest).
     ``top_k``: activate this many routed experts instead of ``moe.top_k``.
     ``shared``: False switches the shared experts off.
-    ``record``: report each token's chosen experts (``Aux.expert_choices``); routing is unchanged.
+    ``record``: report each token's chosen experts and their gates (``Aux.expert_choices``,
+    ``Aux.expert_gates``); routing is unchanged.
     """
 
     exclude_top: int = 0
@@ -168,6 +170,7 @@ class MoEStats(NamedTuple):
     drop_fraction: jax.Array  # float32 scalar: assignments dropped by the capacity limit
     gate_sum: jax.Array  # float32 scalar: a token's routed gates summed, mean over real tokens
     expert_TK: jax.Array | None = None  # int32: each token's chosen experts, best first (RouteOptions.record)
+    gate_TK: jax.Array | None = None  # float32: their gates, as the combine weighs them (RouteOptions.record)
 
 
 class MoE(nnx.Module):
@@ -247,6 +250,7 @@ class MoE(nnx.Module):
             # the routed experts' weight beside the shared experts' 1: small softmax gates leave them silent
             gate_sum=jnp.sum(routing.gate_TK.sum(-1) * valid_T) / jnp.maximum(jnp.sum(valid_T), 1.0),
             expert_TK=routing.expert_TK if route.record else None,
+            gate_TK=routing.gate_TK.astype(jnp.float32) if route.record else None,
         )
         return y_TD.astype(x_BSD.dtype).reshape(B, S, D), stats
 

@@ -32,9 +32,11 @@ from jax.sharding import AxisType
 from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.attention import QUERY_BLOCK, resolve_implementation
 from dsmoe_jax.config import MESH_AXES, Config, MeshConfig, ModelConfig
+from dsmoe_jax.costs import cache_bytes_per_token, flops_per_token
 from dsmoe_jax.expert_parallel import send_buffer_rows
-from dsmoe_jax.model import cache_bytes_per_token, flops_per_token, param_shapes, unrolled
-from dsmoe_jax.sharding import param_shardings
+from dsmoe_jax.model import param_axes, param_shapes, unrolled
+from dsmoe_jax.peft.tuning import make_tuning
+from dsmoe_jax.sharding import axes_shardings, param_shardings
 
 GIB = 2**30
 # Dense bf16 matmul peak per device, TFLOP/s (vendor figures, without sparsity): the denominator
@@ -83,7 +85,18 @@ class Plan:
 
 def _device_elements(cfg: ModelConfig, mesh: jax.sharding.AbstractMesh) -> int:
     """Parameter elements one device holds under ``mesh.RULES``."""
-    shardings, shapes = param_shardings(cfg, mesh), param_shapes(cfg)
+    return _held(param_shardings(cfg, mesh), param_shapes(cfg))
+
+
+def _trained_device_elements(cfg: Config, mesh: jax.sharding.AbstractMesh) -> int:
+    """Elements of the trained part (``train.trainable``) one device holds: what gradients and
+    Adam's moments are kept for."""
+    tuning = make_tuning(cfg)
+    shapes = jax.eval_shape(tuning.select, param_shapes(cfg))
+    return _held(axes_shardings(tuning.axes(param_axes(cfg)), shapes, mesh), shapes)
+
+
+def _held(shardings, shapes) -> int:
     return sum(math.prod(sharding.shard_shape(shape.shape))
                for sharding, shape in zip(jax.tree.leaves(shardings), jax.tree.leaves(shapes)))
 
@@ -156,7 +169,7 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     mesh_lib.check_run(cfg, mesh, batch)
     t = batch // t_cfg.grad_accum * seq // devices
 
-    elements = _device_elements(m, mesh)
+    elements, trained = _device_elements(m, mesh), _trained_device_elements(cfg, mesh)
     attention = resolve_implementation(m.attention, platform=platform, dtype=m.dtype)
     blocks = param_shapes(unrolled(m))["layers"].values()  # one per block
     layers = [_layer_activation_bytes(m, block["ffn"], t, seq, ep, attention) for block in blocks]
@@ -181,9 +194,9 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     all_reduces = 2 * passes * m.n_layers * t_cfg.grad_accum if tp > 1 else 0
     tensor_bytes = int(all_reduces * t * m.d_model * c * 2 * (tp - 1) / tp)
     return Plan(
-        mesh=sizes, attention=attention, tokens_per_device=t, params=4 * elements, grads=4 * elements,
-        optimizer=8 * elements,
-        update=8 * elements,
+        mesh=sizes, attention=attention, tokens_per_device=t, params=4 * elements, grads=4 * trained,
+        optimizer=8 * trained,
+        update=8 * trained,
         activations=activations, activations_remat=activations_remat,
         flops_per_step=(passes + 1) * flops_per_token(m, seq) * batch * seq,  # backward = 2 forwards
         all_to_all_bytes=int(exchanges * buffer * leaves), routed_bytes=int(exchanges * routed * leaves),
@@ -204,7 +217,7 @@ def format_plan(plan: Plan, gpu_memory_gib: float | None = None, peak_tflops: fl
         "micro-batch",
         f"parameters        {g(plan.params)}   float32 master weights",
         f"gradients         {g(plan.grads)}",
-        f"optimizer state   {g(plan.optimizer)}   Adam moments",
+        f"optimizer state   {g(plan.optimizer)}   Adam moments of the trained parameters",
         f"step transients   {g(plan.update)}   gradient accumulator, optimizer updates",
         f"activations       {g(plan.activations)}   ({g(plan.activations_remat).strip()} with model.remat = true), "
         f"{plan.attention} attention",

@@ -18,8 +18,13 @@ from dsmoe_jax.model import param_axes, param_shapes
 def param_shardings(cfg: Config | ModelConfig, mesh) -> dict:
     """NamedShardings of every parameter on ``mesh`` (a Mesh, or an AbstractMesh for planning)."""
     check_tensor_parallel(model_config(cfg), dict(mesh.shape).get("tensor", 1))
-    return jax.tree.map(lambda a, s: NamedSharding(mesh, logical_to_spec(a, mesh, s.shape)), param_axes(cfg),
-                        param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    return axes_shardings(param_axes(cfg), param_shapes(cfg), mesh)
+
+
+def axes_shardings(axes: dict, shapes: dict, mesh) -> dict:
+    """NamedShardings of a pytree of arrays (``shapes``) from their logical ``axes``."""
+    return jax.tree.map(lambda a, s: NamedSharding(mesh, logical_to_spec(a, mesh, s.shape)), axes, shapes,
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def shard_params(params: dict, cfg: Config | ModelConfig, mesh: jax.sharding.Mesh | None = None) -> dict:

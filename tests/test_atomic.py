@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from dsmoe_jax.atomic import OutputExistsError, atomic_directory, atomic_file
+from dsmoe_jax.atomic import atomic_directory, atomic_file
+from dsmoe_jax.errors import OutputExistsError
 
 
 def _leftovers(directory):

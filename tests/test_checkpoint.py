@@ -1,10 +1,12 @@
 """Orbax checkpoints: exact round trip, the data position, and refusing the wrong workdir."""
 
+import asyncio
 import dataclasses
 import errno
 import json
 import os
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 import dsmoe_jax
 from dsmoe_jax import Config, TrainConfig, convert, data
 from dsmoe_jax.checkpoint import CheckpointError, check_workdir_writable, params_location, write_config
-from dsmoe_jax.train.checkpoint import Checkpointer
+from dsmoe_jax.train.checkpoint import Checkpointer, DrainingLoop, draining_event_loops
 from dsmoe_jax.train.optimizer import make_optimizer
 from dsmoe_jax.train.step import init_state, make_train_step
 from helpers import TINY_HF
@@ -104,3 +106,25 @@ def test_an_unusable_workdir_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"is not writable \(Read-only file system\); pass a --workdir on a "
                                               "writable disk"):
         check_workdir_writable(tmp_path / "new" / "run")
+
+
+def test_a_restores_event_loop_closes_only_after_the_reads_it_started():
+    """Orbax closes the loop of a restore that raised at once; a read of another array still in
+    flight would then call into the closed loop ("Event loop is closed" tracebacks)."""
+    previous = asyncio.get_event_loop_policy()
+    with draining_event_loops():
+        loop = asyncio.new_event_loop()
+    assert isinstance(loop, DrainingLoop), type(loop)
+    assert asyncio.get_event_loop_policy() is previous, "the policy is back after the block"
+
+    async def restore():
+        asyncio.ensure_future(asyncio.to_thread(time.sleep, 0.2))  # another array, read in a thread
+        await asyncio.sleep(0)
+        raise OSError("damaged")
+
+    with pytest.raises(OSError, match="damaged"):
+        loop.run_until_complete(restore())
+    pending = asyncio.all_tasks(loop)
+    assert pending, "the read outlives the failed restore"
+    loop.close()
+    assert loop.is_closed() and all(t.done() for t in pending), "closed only once the read was in"

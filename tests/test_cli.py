@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import dsmoe_jax
-from dsmoe_jax import Config, cli, load_config, loading
+from dsmoe_jax import Config, cli, errors, load_config, loading
 from helpers import TINY_HF
 
 
@@ -61,7 +61,8 @@ def test_train_eval_generate_round_trip(tmp_path, capsys):
                      "--temperature", "0"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("import os") and len(out.rstrip("\n")) > len("import os"), out
-    assert cli.main(["train", "--config", "tiny", "--workdir", workdir, "--set", "model.n_layers=2"]) == 1
+    assert cli.main(["train", "--config", "tiny", "--workdir", workdir, "--set", "model.n_layers=2"]) == \
+        errors.CheckpointError.exit_code
     assert "pass --resume" in capsys.readouterr().err
 
 
@@ -71,7 +72,7 @@ def test_eval_and_generate_on_a_hugging_face_folder_name_the_convert_command(tmp
     (hf / "config.json").write_text(json.dumps(TINY_HF))
     (hf / "model-00001-of-00002.safetensors").write_bytes(b"")
     for command in (["generate", "--checkpoint", str(hf), "--prompt", "hi"], ["eval", "--checkpoint", str(hf)]):
-        assert cli.main(command) == 1
+        assert cli.main(command) == errors.CheckpointError.exit_code
         err = capsys.readouterr().err
         assert "is a Hugging Face checkpoint (model_type 'deepseek')" in err, err
         assert f"`dsmoe-jax convert hf-to-jax {hf} OUT`, then use OUT" in err and "Traceback" not in err, err
@@ -92,7 +93,7 @@ def checkpoint(tmp_path, monkeypatch):
 
 def test_generate_refuses_the_byte_tokenizer_for_a_smaller_vocabulary(checkpoint, small_cfg, capsys):
     ckpt = checkpoint(Config(model=small_cfg))  # vocab 97, no tokenizer.json: bytes would be out of range
-    assert cli.main(["generate", "--checkpoint", ckpt, "--prompt", "hi"]) == 1
+    assert cli.main(["generate", "--checkpoint", ckpt, "--prompt", "hi"]) == errors.DataError.exit_code
     out, err = capsys.readouterr()
     assert not out
     assert err.startswith(f"dsmoe-jax: {ckpt} has no tokenizer.json and its config names the byte tokenizer"), err
@@ -141,14 +142,15 @@ def test_generate_refuses_bad_options_in_one_line(checkpoint, capsys, option, me
 def test_eval_refuses_bad_token_files(checkpoint, tmp_path, capsys, array, message):
     ckpt = checkpoint(load_config("tiny", ["model.n_layers=1"]))
     np.save(tmp_path / "tokens.npy", array)
-    assert cli.main(["eval", "--checkpoint", ckpt, "--data", str(tmp_path / "tokens.npy")]) == 1
+    code = cli.main(["eval", "--checkpoint", ckpt, "--data", str(tmp_path / "tokens.npy")])
+    assert code == errors.DataError.exit_code, code
     err = capsys.readouterr().err
     assert f"tokens.npy {message}" in err and err.count("\n") == 1, err
 
 
 def test_eval_asks_for_the_checkpoint_tokenizer_not_a_larger_vocabulary(checkpoint, small_cfg, capsys):
     ckpt = checkpoint(Config(model=small_cfg))
-    assert cli.main(["eval", "--checkpoint", ckpt]) == 1
+    assert cli.main(["eval", "--checkpoint", ckpt]) == errors.DataError.exit_code
     err = capsys.readouterr().err
     assert "has no tokenizer.json" in err and "copy the tokenizer.json the model was trained with" in err, err
     assert "raise model.vocab_size" not in err

@@ -5,7 +5,8 @@ import pathlib
 import pytest
 
 import dsmoe_jax
-from dsmoe_jax.config import ConfigError, config_from_dict, load_config
+from dsmoe_jax.config import config_from_dict, load_config
+from dsmoe_jax.errors import ConfigError
 
 SHIPPED = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.toml"))
 TINY = {"model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64},

@@ -14,7 +14,7 @@ import torch
 from conftest import run_python
 
 import dsmoe_jax
-from dsmoe_jax import ConfigError, cli, convert
+from dsmoe_jax import ConfigError, cli, convert, errors
 from dsmoe_jax.convert.hf_files import plan_shards, write_safetensors
 from helpers import TINY_HF, qwen2moe_oracle, random_hf_checkpoint, tiny_tokenizer
 
@@ -120,7 +120,7 @@ def test_existing_output_and_unsupported_models_are_refused(tmp_path, capsys):
     hf = _write_hf(tmp_path / "hf", random_hf_checkpoint(cfg))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    assert cli.main(["convert", "hf-to-jax", str(hf), str(tmp_path / "out")]) == 1
+    assert cli.main(["convert", "hf-to-jax", str(hf), str(tmp_path / "out")]) == errors.OutputExistsError.exit_code
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine" and not _leftovers(tmp_path)
 
@@ -176,7 +176,7 @@ def test_damaged_hf_files_are_named_with_the_fix_and_leave_no_output(tmp_path, c
     hf = _write_hf(tmp_path / "hf", random_hf_checkpoint(convert.config_from_hf(TINY_HF)))
     assert len(list(hf.glob("model-*-of-00014.safetensors"))) == 14
     damage(hf)
-    assert cli.main(["convert", "hf-to-jax", str(hf), str(tmp_path / "out")]) == 1
+    assert cli.main(["convert", "hf-to-jax", str(hf), str(tmp_path / "out")]) == errors.ConversionError.exit_code
     err = capsys.readouterr().err
     assert re.search(message, err.splitlines()[-1]) and "Traceback" not in err, err
     assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from dsmoe_jax import data, load_config
+from dsmoe_jax import data, errors, load_config
 from dsmoe_jax.evaluation import validation_windows
 from dsmoe_jax.shards import TokenShards
 
@@ -39,14 +39,14 @@ def test_user_text_files_and_token_arrays(tmp_path):
 
 
 def test_bad_data_is_a_clear_error(tmp_path):
-    with pytest.raises(data.DataError, match="does not exist"):
+    with pytest.raises(errors.DataError, match="does not exist"):
         data.load_tokens(load_config("tiny", ["data.path='/nonexistent/corpus'"]))
     np.save(tmp_path / "big.npy", np.array([1, 2, 9999]))
-    with pytest.raises(data.DataError, match="token id 9999 >= model.vocab_size 512"):
+    with pytest.raises(errors.DataError, match="token id 9999 >= model.vocab_size 512"):
         data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / 'big.npy'}'"]))
-    with pytest.raises(data.DataError, match="raise model.vocab_size"):
+    with pytest.raises(errors.DataError, match="raise model.vocab_size"):
         data.load_tokens(load_config("tiny", ["model.vocab_size=100"]))
-    with pytest.raises(data.DataError, match="cannot fill one batch"):
+    with pytest.raises(errors.DataError, match="cannot fill one batch"):
         data.batches(np.arange(100), batch_size=8, seq_len=16, seed=0)
 
 
@@ -86,24 +86,24 @@ def test_iterator_state_resumes_at_the_next_batch():
 def test_npy_token_files_must_be_flat_integer_ids_in_the_vocabulary(tmp_path, array, message):
     """The embedding lookup clamps or wraps a bad id: such a file would train and evaluate silently."""
     np.save(tmp_path / "tokens.npy", array)
-    with pytest.raises(data.DataError, match=re.escape(str(tmp_path / "tokens.npy")) + " " + message):
+    with pytest.raises(errors.DataError, match=re.escape(str(tmp_path / "tokens.npy")) + " " + message):
         data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / 'tokens.npy'}'"]))
 
 
 def test_a_too_large_tokenizer_asks_a_trained_model_for_its_own_tokenizer(tmp_path):
     """Training a new model may raise model.vocab_size; a trained checkpoint needs its tokenizer."""
     cfg = load_config("tiny", ["model.vocab_size=100"])
-    with pytest.raises(data.DataError, match=r"the tokenizer 'byte' has 258 tokens but model.vocab_size is 100; "
+    with pytest.raises(errors.DataError, match=r"the tokenizer 'byte' has 258 tokens but model.vocab_size is 100; "
                                              "raise model.vocab_size to at least 258"):
         data.load_tokens(cfg)
-    with pytest.raises(data.DataError, match=r"ckpt has no tokenizer.json and its config names the byte tokenizer "
+    with pytest.raises(errors.DataError, match=r"ckpt has no tokenizer.json and its config names the byte tokenizer "
                                              r"\(258 tokens\), but its model.vocab_size is 100.*copy the "
                                              "tokenizer.json the model was trained with into ckpt") as error:
         data.load_tokens(cfg, checkpoint="ckpt")
     assert "raise model.vocab_size" not in str(error.value)
     np.save(tmp_path / "tokens.npy", np.array([1, 300]))
     cfg = load_config("tiny", ["model.vocab_size=300", f"data.path='{tmp_path / 'tokens.npy'}'"])
-    with pytest.raises(data.DataError, match=r"holds token id 300 >= model.vocab_size 300; tokenize the data with "
+    with pytest.raises(errors.DataError, match=r"holds token id 300 >= model.vocab_size 300; tokenize the data with "
                                              "the tokenizer the model in ckpt was trained with$"):
         data.load_tokens(cfg, checkpoint="ckpt")
 
@@ -116,14 +116,14 @@ def test_a_too_large_tokenizer_asks_a_trained_model_for_its_own_tokenizer(tmp_pa
 ])
 def test_binary_or_empty_text_is_named(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
-    with pytest.raises(data.DataError, match=message):
+    with pytest.raises(errors.DataError, match=message):
         data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / name}'"]))
     (tmp_path / "corpus").mkdir()  # one bad file in a directory of good ones is named too
     (tmp_path / "corpus" / "good.txt").write_text("some text " * 10)
     (tmp_path / "corpus" / (name if name.endswith(".txt") else "latin1.txt")).write_bytes(
         content if name.endswith(".txt") else "café".encode("latin-1"))
     if name != "empty.txt":
-        with pytest.raises(data.DataError, match="is not UTF-8 text|holds NUL bytes"):
+        with pytest.raises(errors.DataError, match="is not UTF-8 text|holds NUL bytes"):
             data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / 'corpus'}'"]))
 
 
@@ -139,7 +139,7 @@ def test_a_single_text_file_is_split_by_windows(tmp_path):
     assert len(validation_windows(val, cfg.train.seq_len, 0)) >= 1
     assert len(data.batches(train, cfg.train.batch_size, cfg.train.seq_len, seed=0)) > 0
     (tmp_path / "note.txt").write_text("too short")
-    with pytest.raises(data.DataError, match=r"gives 11 tokens, too few for one training and one validation window "
+    with pytest.raises(errors.DataError, match=r"gives 11 tokens, too few for one training and one validation window "
                                              r"of train.seq_len \+ 1 = 129 tokens each; add text or lower"):
         data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / 'note.txt'}'"]))
 
@@ -191,21 +191,22 @@ def test_training_data_from_prepared_sources_and_named_validation_sets(tmp_path)
     assert all(isinstance(a, TokenShards) for s in d.sources for a in (s.tokens, s.held_out)), "memory-mapped"
     single = data.load_training_data(load_config("tiny", [f"data.path='{web}'"]))
     assert [(s.name, s.weight) for s in single.sources] == [(None, 1.0)] and not single.val_sets
-    with pytest.raises(data.DataError, match="data.path and data.mix both name the training data"):
+    with pytest.raises(errors.DataError, match="data.path and data.mix both name the training data"):
         data.load_training_data(load_config("tiny", [mix, f"data.path='{web}'"]))
-    with pytest.raises(data.DataError, match="data.mix trains on several datasets \\(web, code\\)"):
+    with pytest.raises(errors.DataError, match="data.mix trains on several datasets \\(web, code\\)"):
         data.load_tokens(cfg)
     no_val = _prepared(tmp_path, "no_val", ["text " * 100] * 10, val_every=0)
-    with pytest.raises(data.DataError, match=r"validation set 'nv' has 0 held-out tokens.*--val-every"):
+    with pytest.raises(errors.DataError, match=r"validation set 'nv' has 0 held-out tokens.*--val-every"):
         data.load_training_data(load_config("tiny", [f"data.val=[{{name='nv', path='{no_val}'}}]"]))
     gone = tmp_path / "gone"
     for table in ("data.mix", "data.val"):  # named by its table and name, not as data.path
-        with pytest.raises(data.DataError, match=rf"^the path of \[\[{table}\]\] 'lost' '{gone}' does not exist"):
+        with pytest.raises(errors.DataError, match=rf"^the path of \[\[{table}\]\] 'lost' '{gone}' does not exist"):
             data.load_training_data(load_config("tiny", [f"{table}=[{{name='lost', path='{gone}'}}]"]))
 
 
 def test_data_mix_and_val_tables_are_checked_and_round_trip(tmp_path):
-    from dsmoe_jax.config import ConfigError, config_from_dict
+    from dsmoe_jax.config import config_from_dict
+    from dsmoe_jax.errors import ConfigError
 
     (tmp_path / "run.toml").write_text('[model]\nvocab_size = 258\nd_model = 32\nn_layers = 1\nn_heads = 2\n'
                                        'd_ff = 64\nfirst_k_dense = 1\n\n[[data.mix]]\nname = "web"\npath = "d/web"\n'

@@ -2,7 +2,12 @@
 scale (every number and plot, resuming without retraining)."""
 
 import dataclasses
+import errno
 import json
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,25 +16,28 @@ import pytest
 import dsmoe_jax
 from dsmoe_jax import cli, data, loading
 from dsmoe_jax.checkpoint import write_config
-from dsmoe_jax.config import ConfigError
+from dsmoe_jax.costs import count_params
+from dsmoe_jax.errors import CheckpointError
 from dsmoe_jax.experiments import (
     ARMS,
-    EXPERIMENTS,
     SCALES,
+    STUDIES,
     VARIANTS,
     ExperimentError,
     arm_config,
     measures,
+    plan,
+    read_results,
     report,
-    run_experiment,
-    run_probes,
-    run_sensitivity,
+    run_study,
     runner,
     specs,
     variant,
 )
-from dsmoe_jax.model import count_params
+from dsmoe_jax.experiments.records import RunResult
 from dsmoe_jax.train.checkpoint import Checkpointer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # In units of one dense FFN (F wide) per layer: (all expert parameters, activated expert parameters)
 PAPER_SIZES = {"dense": (1, 1), "hash": (16, 1), "switch": (16, 1), "gshard": (16, 2), "deepseekmoe": (16, 2),
@@ -57,12 +65,24 @@ def test_the_command_offers_every_scale():
     assert set(SCALES) == {"toy", "cpu", "cpu-long", "paper"}
 
 
-def test_every_experiment_names_known_arms_and_every_arm_builds():
-    for experiment in EXPERIMENTS.values():
-        assert set(experiment.arms) <= set(ARMS), experiment.name
+def test_every_study_names_known_arms_and_every_arm_builds():
+    for study in STUDIES.values():
+        assert set(study.arms) <= set(ARMS), study.name
     for arm in ARMS.values():
         for scale in SCALES.values():
             arm_config(arm, scale, 0)
+
+
+@pytest.mark.parametrize("scale", list(SCALES))
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_every_study_plans_at_every_scale_as_a_dry_run(name, scale, capsys):
+    """The one registry: every study the command offers runs as a dry run at every scale, its
+    default variants being those that apply there (4x the batch needs steps divisible by 4)."""
+    assert cli.main(["experiment", name, "--scale", scale, "--dry-run"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "deepseekmoe" in out or "balance_off" in out, out
+    if name == "sensitivity":
+        assert ("deepseekmoe@batch_64" in out) == (SCALES[scale].steps % 4 == 0), out
 
 
 def test_paper_scale_dry_run_plans_every_arm(capsys):
@@ -71,60 +91,91 @@ def test_paper_scale_dry_run_plans_every_arm(capsys):
     assert "1 shared + 63 routed (F/4), top-7" in out and "FLOPs per step" in out
     assert "cannot run on this mesh: moe.n_routed_experts=63 does not split" in out, "63 experts on 8 devices"
     assert out.count("FLOPs per step") == 6, "every arm but DeepSeekMoE's 63 experts plans on expert=8"
-    assert cli.main(["experiment", "nope", "--dry-run"]) == 1
-    assert "unknown experiment 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["nope"], "unknown experiment 'nope'"),
+    (["sensitivity", "--variants", "depth_9"], "unknown variant 'depth_9'"),
+    (["sensitivity", "--variants", "base+norm_topk"], "base is the setting unchanged .* name 'norm_topk'"),
+    (["sensitivity", "--variants", "norm_topk+norm_topk"], "names norm_topk twice"),
+    (["sensitivity", "--variants", "norm_topk+lr_1e-3,lr_1e-3+norm_topk"], "norm_topk\\+lr_1e-3 is named twice"),
+    (["sensitivity", "--variants", "lr_1e-3+lr_4e-3"], "lr_1e-3 and lr_4e-3 set the same value differently"),
+    (["sensitivity", "--variants", "routed_scale+norm_topk"], "both set the gates' scale; choose one"),
+    (["sensitivity", "--scale", "toy", "--variants", "batch_64"], "steps divisible by 4; scale toy trains 6"),
+    (["architectures", "--variants", "norm_topk"], "--variants is for the sensitivity and probes studies"),
+    (["ablation", "--arms", "switch"], "--arms is for the sensitivity and probes studies"),
+    (["sensitivity", "--arms", "switch,switch"], "names switch twice"),
+])
+def test_a_dry_run_refuses_what_a_run_refuses_with_one_exit_code(argv, message, capsys):
+    """Every choice is checked before anything trains, in a dry run too, and every refusal of the
+    experiment command line is one kind of error: one exit code."""
+    code = cli.main(["experiment", *argv, "--dry-run"])
+    assert re.search(message, capsys.readouterr().err), message
+    assert code == cli.main(["experiment", "nope", "--dry-run"]) != 0, "the same code as an unknown experiment"
+
+
+def test_a_combination_is_named_in_the_registrys_order():
+    assert variant("lr_1e-3+norm_topk").name == "norm_topk+lr_1e-3", "one name, one set of runs"
+    both = arm_config(*variant("norm_topk+lr_1e-3").apply(ARMS["deepseekmoe"], SCALES["cpu-long"]), 0)
+    assert both.model.moe.norm_topk_prob and both.train.lr == 1e-3, "both changes apply"
+    assert both.train.steps == SCALES["cpu-long"].steps, "the scale's own budget is kept"
+    scaled = arm_config(*variant("routed_scale+lr_1e-3").apply(ARMS["gshard"], SCALES["cpu"]), 0)
+    assert (scaled.model.moe.routed_scaling_factor, scaled.train.lr) == (8.0, 1e-3), "16 experts, top-2: x8"
 
 
 @pytest.fixture(scope="module")
 def toy_workdir(tmp_path_factory):
-    """One workdir for the toy runs below, so later experiments reuse the arms trained earlier."""
+    """One workdir for the toy runs below, so later studies reuse the arms trained earlier."""
     return tmp_path_factory.mktemp("experiments")
 
 
 @pytest.mark.slow  # about 65 s: run with -m slow
-def test_toy_experiment_end_to_end_and_resume_without_retraining(toy_workdir, monkeypatch):
-    results = run_experiment("specialisation", "toy", seeds=[0, 1], workdir=toy_workdir, progress=False)
+def test_toy_study_end_to_end_and_resume_without_retraining(toy_workdir, monkeypatch):
+    results = run_study("specialisation", "toy", seeds=[0, 1], workdir=toy_workdir, progress=False)
     out = toy_workdir / "specialisation"
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["arms"].keys() == {"deepseekmoe", "gshard", "gshard_x1.5"}
-    for arm in saved["arms"].values():
-        assert len(arm["val_loss"]) == 2 and all(v > 0 for v in arm["val_loss"])
-        assert arm["eval_tokens"] > 0 and all(se > 0 for se in arm["val_loss_stderr"])
-        assert arm["val_loss_seed_std"] > 0, "two seeds train two different models"
-    s = saved["specialisation"]
+    saved = read_results(out / "results.json")
+    assert saved == results, "results.json reads back as the results returned"
+    assert saved.schema_version == 2 and [a.arm for a in saved.arms] == ["deepseekmoe", "gshard", "gshard_x1.5"]
+    for arm in saved.arms:
+        assert len(arm.val_loss) == 2 and all(v > 0 for v in arm.val_loss)
+        assert arm.eval_tokens > 0 and all(se > 0 for se in arm.val_loss_stderr)
+        assert arm.seed_std > 0, "two seeds train two different models"
+        for seed_runs in arm.trained:
+            (p,) = seed_runs
+            assert p.versions["jax"] == jax.__version__ and p.wall_s > 0 and not p.resumed and p.date, p
+            assert p.commit is None or len(p.commit) == 40, p
+    s = saved.measures["specialisation"]
     assert list(s["disable_top"]["deepseekmoe"]) == ["0/63", "1/63", "2/63", "3/63", "4/63"]
     assert list(s["disable_top"]["gshard_x1.5"]) == ["0/16", "1/16"]
     assert list(s["top_k"]) == ["3", "4", "5", "6", "7"] and len(s["gshard_top2"]) == 2
     assert s["top_k"]["7"] == s["no_shared"]["standard"], "top-7 is the model as trained"
     assert {"val_loss.png", "train_loss.png", "val_curve.png", "specialisation.png"} <= {p.name for p in out.iterdir()}
-    curve = saved["arms"]["gshard"]["val_curve"]
-    assert curve["tokens"] == [128 * step for step in range(1, 7)], curve
+    curve = saved.arm("gshard").val_curve
+    assert curve.tokens == tuple(128 * step for step in range(1, 7)), curve
     logged = [[json.loads(line) for line in (toy_workdir / "runs" / "gshard" / f"seed{s}" / "metrics.jsonl")
                .read_text().splitlines()] for s in (0, 1)]
     by_step = [np.mean([rows[step - 1]["val_loss"] for rows in logged]) for step in range(1, 7)]
-    assert curve["mean"] == pytest.approx(by_step), "the seeds' logged validations, averaged step by step"
-    assert "DeepSeekMoE" in (out / "results.md").read_text() and results["scale"] == "toy"
-    pairs = {(c["a"], c["b"]): c for c in saved["comparisons"]}
+    assert curve.mean == pytest.approx(by_step), "the seeds' logged validations, averaged step by step"
+    pairs = {(c.a, c.b): c for c in saved.comparisons}
     assert set(pairs) == {("deepseekmoe", "gshard"), ("deepseekmoe", "gshard_x1.5"), ("gshard", "gshard_x1.5")}
     c = pairs[("deepseekmoe", "gshard")]
-    arms = saved["arms"]
-    assert c["per_seed"] == pytest.approx([x - y for x, y in zip(arms["deepseekmoe"]["val_loss"],
-                                                                arms["gshard"]["val_loss"])])
-    assert c["ci95"][0] < c["mean"] < c["ci95"][1] and all(se > 0 for se in c["window_se"]), c
-    assert "| DeepSeekMoE - GShard |" in (out / "results.md").read_text()
-    env = saved["environment"]
-    assert env["jax"] and env["peak_rss_bytes"] > 2**20 and (env["commit"] is None or len(env["commit"]) == 40), env
+    assert c.per_seed == pytest.approx([x - y for x, y in zip(saved.arm("deepseekmoe").val_loss,
+                                                              saved.arm("gshard").val_loss)])
+    assert c.ci95[0] < c.mean < c.ci95[1] and all(se > 0 for se in c.window_se), c
+    assert all(se > 0 for se in c.window_se_by_document), "windows clustered by their held-out document"
+    assert c.p_holm >= c.p_value, "Holm never lowers a p-value"
+    assert "| DeepSeekMoE - GShard | val_loss |" in (out / "results.md").read_text()
 
-    # a second run reuses the trained arms: nothing is trained again
+    # a second run reuses the trained arms: nothing is trained again, and their provenance stays
     monkeypatch.setattr(runner, "train", lambda *a, **k: pytest.fail("a finished arm was retrained"))
-    again = run_experiment("specialisation", "toy", seeds=[0, 1], workdir=toy_workdir, progress=False)
-    assert again["arms"]["gshard"]["val_loss"] == results["arms"]["gshard"]["val_loss"]
+    again = run_study("specialisation", "toy", seeds=[0, 1], workdir=toy_workdir, progress=False)
+    assert again.arms == results.arms
 
 
 @pytest.mark.slow  # about 25 s: run with -m slow
-def test_balance_experiment_reports_load_statistics(toy_workdir):
-    results = run_experiment("balance", "toy", seeds=[0], workdir=toy_workdir, progress=False)
-    b = results["balance"]
+def test_balance_study_reports_load_statistics(toy_workdir):
+    results = run_study("balance", "toy", seeds=[0], workdir=toy_workdir, progress=False)
+    b = results.measures["balance"]
     assert b.keys() == {"balance_off", "deepseekmoe", "balance_10x", "balance_device"}
     for stats in b.values():
         assert stats["max_over_mean"] >= 1.0 and 0 < stats["entropy"] <= 1.0
@@ -156,107 +207,126 @@ def test_an_interrupted_arm_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         runner.train_arm(arm, scale, 0, directory)
     record = runner.train_arm(arm, scale, 0, directory, resume=True, progress=False)
     assert record.resumed and record.steps == scale.steps
-    walls = json.loads((directory / runner.WALLS).read_text())
-    assert record.invocations == len(walls) == 2 and record.wall_s == pytest.approx(sum(walls)), \
+    assert [p.resumed for p in record.trained] == [False, True], "each invocation's provenance, as it trained"
+    assert record.invocations == 2 and record.wall_s == pytest.approx(sum(p.wall_s for p in record.trained)), \
         "a resumed arm's wall time adds up its invocations"
-    assert runner.RunRecord.read(directory / runner.FINAL) == record, "final.json round-trips the record"
+    assert RunResult.read(directory / runner.FINAL) == record, "final.json round-trips the record"
     steps = [json.loads(line)["step"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, scale.steps + 1)), f"continued after step 3, not from the start: {steps}"
+    assert [t for t, _ in record.val_curve] == [128 * s for s in range(1, 7)], "the curve of both invocations"
 
 
 @pytest.mark.parametrize("scale", list(SCALES))
 def test_every_run_validates_curve_points_times_the_last_at_its_last_step(scale):
     for v in VARIANTS.values():
-        t = arm_config(ARMS["gshard"], dataclasses.replace(SCALES[scale], **v.scale), 0).train
+        if not v.applies_to(SCALES[scale]):
+            continue
+        t = arm_config(*v.apply(ARMS["gshard"], SCALES[scale], tokenizer="byte"), 0).train
         validated = [s for s in range(1, t.steps + 1) if s % t.eval_every == 0 or s == t.steps]  # as train/loop.py
         assert len(validated) == min(specs.CURVE_POINTS, t.steps) and validated[-1] == t.steps, (v.name, validated)
 
 
 def test_a_saved_run_counts_as_its_arm_whatever_its_evaluation_settings(tmp_path):
-    """Runs trained before validation curves (one evaluation, other log spacing) stay valid; a run of
-    another learning rate does not."""
+    """Runs trained with other validation settings (one evaluation, other log spacing) stay valid;
+    a run of another learning rate does not."""
     arm, scale = ARMS["gshard"], SCALES["toy"]
     cfg = arm_config(arm, scale, 0)
     earlier = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=scale.steps, log_every=5,
                                                                  eval_tokens=4096))
     write_config(tmp_path, earlier)
-    runner.RunRecord(2.0, 0.01, 2048, scale.tokens, scale.steps, 1.0).write(tmp_path / runner.FINAL)
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": scale.steps, "loss": 2.1, "val_loss": 2.05}) + "\n")
-    record = runner.train_arm(arm, scale, 0, tmp_path)
-    assert record.val_loss == 2.0, "the finished run is reused"
-    assert record.val_curve == (), "its one validation read other windows than the curves' and pairs with none"
-    write_config(tmp_path, dataclasses.replace(earlier, train=dataclasses.replace(earlier.train,
-                                                                                  eval_tokens=scale.curve_tokens)))
-    assert runner.train_arm(arm, scale, 0, tmp_path).val_curve == ((scale.tokens, 2.05),), "read from its log"
+    RunResult(2.0, 0.01, 2048, scale.tokens, scale.steps, 1.0).write(tmp_path / runner.FINAL)
+    assert runner.train_arm(arm, scale, 0, tmp_path).val_loss == 2.0, "the finished run is reused"
     write_config(tmp_path, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-2)))
     with pytest.raises(ExperimentError, match="another config"):
         runner.train_arm(arm, scale, 0, tmp_path)
 
 
-def _record(val_loss: float, windows: tuple[float, ...] = ()) -> runner.RunRecord:
-    return runner.RunRecord(val_loss, 0.01, 1024, 4096, 8, 1.0, val_window_losses=windows)
+def test_a_final_json_of_the_first_runs_still_reads(tmp_path):
+    """final.json of runs recorded before windows, curves and provenance were: the fields it has."""
+    (tmp_path / "final.json").write_text(json.dumps({"val_loss": 2.0, "val_loss_stderr": 0.01, "eval_tokens": 10,
+                                                     "train_tokens": 20, "steps": 3, "wall_s": 1.5,
+                                                     "a_field_since_removed": 1}))
+    record = RunResult.read(tmp_path / "final.json")
+    assert (record.val_loss, record.val_curve, record.trained, record.invocations) == (2.0, (), (), 1), record
 
 
-def test_paired_comparison_by_hand():
-    """Three seeds, A - B = 0.1, 0.2, 0.3: mean 0.2, std 0.1, t(0.975, 2) = 4.3027 -> +- 0.2484; the
-    windows' paired SE is the std of the per-window differences over sqrt(windows)."""
-    a = [_record(v, (v + 0.1, v - 0.1, v)) for v in (2.1, 2.2, 2.3)]
-    b = [_record(2.0, (2.1, 1.9, 2.0))] * 3
-    c = runner.compare("a", a, "b", b, seeds=[0, 1, 2])
-    assert c["per_seed"] == pytest.approx([0.1, 0.2, 0.3]) and c["mean"] == pytest.approx(0.2)
-    assert c["seed_std"] == pytest.approx(0.1)
-    assert c["ci95"] == pytest.approx([0.2 - 0.24841, 0.2 + 0.24841], abs=1e-5)
-    assert c["window_se"] == pytest.approx([0.0, 0.0, 0.0]), "A = B + a constant on every window: no spread"
-    old = runner.compare("a", [_record(2.0)], "b", [_record(2.5)], seeds=[0])
-    assert old["ci95"] is None and old["seed_std"] is None and old["window_se"] == [None], \
-        "one seed has no interval; runs without window losses have no paired SE"
+def _record(val_loss: float, windows: tuple[float, ...] = (), documents: tuple[int, ...] = ()) -> RunResult:
+    return RunResult(val_loss, 0.01, 1024, 4096, 8, 1.0, val_window_losses=windows, val_window_documents=documents)
+
+
+def test_window_errors_by_hand():
+    """A - B per window: 0.1, -0.1, 0.3, 0.1: mean 0.1, std 0.1633 -> SE 0.0816 over 4 windows; by
+    document (windows 0, 1 in document 0; 2, 3 in document 1): residual sums -0.2, +0.2 ->
+    sqrt(2/1 * 0.08) / 4 = 0.1."""
+    a = _record(2.1, (2.1, 1.9, 2.3, 2.1), (0, 0, 1, 1))
+    b = _record(2.0, (2.0, 2.0, 2.0, 2.0), (0, 0, 1, 1))
+    plain, clustered = runner.window_errors(a, b)
+    assert plain == pytest.approx(0.16330 / 2, abs=1e-5) and clustered == pytest.approx(0.1), (plain, clustered)
+    assert runner.window_errors(_record(2.0), _record(2.5)) == (None, None), "runs without window losses"
 
 
 def test_an_arms_validation_curve_is_the_mean_over_seeds_where_every_seed_logged():
-    curve = lambda *points: runner.RunRecord(2.0, 0.01, 1024, 300, 3, 1.0, val_curve=points)
-    mean = runner._mean_curve([curve((100, 3.0), (200, 2.5), (300, 2.1)), curve((100, 3.2), (300, 2.3))])
-    assert mean["tokens"] == [100, 300] and mean["mean"] == pytest.approx([3.1, 2.2]), mean
-    assert runner._mean_curve([curve(), curve((100, 3.0))]) == {"tokens": [], "mean": []}, "an old run: no curve"
+    curve = lambda *points: RunResult(2.0, 0.01, 1024, 300, 3, 1.0, val_curve=points)
+    mean = runner.mean_curve([curve((100, 3.0), (200, 2.5), (300, 2.1)), curve((100, 3.2), (300, 2.3))])
+    assert mean.tokens == (100, 300) and mean.mean == pytest.approx([3.1, 2.2]), mean
+    assert runner.mean_curve([curve(), curve((100, 3.0))]).tokens == (), "a run without a curve: none"
 
 
 def test_gap_curve_pairs_seeds_at_the_validations_every_run_logged():
     """Seed 0 logged at 100, 200, 300 tokens, seed 1 missed 200: each point is paired over the seeds
     that have it; at 300, A - B = 0.1 and 0.3: mean 0.2, std 0.1414, t(0.975, 1) = 12.706 -> +- 1.2706."""
-    curve = lambda *points: runner.RunRecord(2.0, 0.01, 1024, 300, 3, 1.0, val_curve=points)
+    curve = lambda *points: RunResult(2.0, 0.01, 1024, 300, 3, 1.0, val_curve=points)
     a = [curve((100, 3.0), (200, 2.5), (300, 2.1)), curve((100, 3.2), (300, 2.3))]
     b = [curve((100, 3.1), (200, 2.6), (300, 2.0)), curve((100, 3.1), (300, 2.0))]
     c = runner.gap_curve(a, b)
-    assert c["tokens"] == [100, 200, 300] and c["seeds"] == [2, 1, 2], c
-    assert c["mean"] == pytest.approx([0.0, -0.1, 0.2]), c
-    assert c["ci95"][2] == pytest.approx([0.2 - 1.2706, 0.2 + 1.2706], abs=1e-3) and c["ci95"][1] is None, c
-    assert runner.gap_curve([curve()], [curve()]) == {"tokens": [], "mean": [], "ci95": [], "seeds": []}
+    assert c.tokens == (100, 200, 300) and c.seeds == (2, 1, 2), c
+    assert c.mean == pytest.approx([0.0, -0.1, 0.2]), c
+    assert c.ci95[2] == pytest.approx([0.2 - 1.2706, 0.2 + 1.2706], abs=1e-3) and c.ci95[1] is None, c
+    assert runner.gap_curve([curve()], [curve()]).tokens == ()
     assert report._early_gaps(c, 3000, 2) == "+0.2000, -", "1/10 of 3000 is 300 (logged by both seeds); 1500 is not"
     assert report._early_gaps(c, 1000, 2) == "+0.0000, -", "100 tokens is 1/10 of 1000; 500 lies nowhere near a point"
     assert report._early_gaps(c, 400, 2) == "-, -", "200 (half of 400) was logged by one seed only"
 
 
-def test_sensitivity_trains_both_arms_per_variant_and_pairs_them(tmp_path, capsys):
+@pytest.mark.parametrize("path", sorted((REPO / "docs" / "experiments").rglob("results.json")), ids=str)
+def test_every_committed_result_reads_and_renders(path):
+    results = read_results(path)
+    assert results.arms or results.measures, path
+    for c in results.comparisons:
+        assert c.per_seed and (len(c.per_seed) < 2 or c.ci95[0] <= c.mean <= c.ci95[1]), c
+        assert c.p_holm is None or c.p_holm >= c.p_value, c
+    table = report.markdown(results)
+    assert table.startswith(f"### {results.study}") and "Holm" in table, table[:200]
+
+
+def test_holm_over_the_committed_cpu_sensitivity_table_leaves_no_setting():
+    """EXPERIMENTS.md's family-wise view: over the 12 cpu settings, DeepSeekMoE - GShard is negative in
+    every one, and none survives Holm's correction at 5% on its own."""
+    results = read_results(REPO / "docs" / "experiments" / "cpu" / "sensitivity" / "results.json")
+    assert len(results.comparisons) == 12 and all(c.mean < 0 for c in results.comparisons)
+    assert min(c.p_holm for c in results.comparisons) > 0.05
+
+
+def test_sensitivity_trains_both_arms_per_variant_and_pairs_them(tmp_path):
     assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--seeds", "0,1", "--variants", "norm_topk",
                      "--workdir", str(tmp_path), "--quiet"]) == 0
-    results = json.loads((tmp_path / "sensitivity" / "results.json").read_text())
-    v = results["variants"]["norm_topk"]
-    c, losses = v["deepseekmoe_minus_gshard"], v["val_loss"]
-    assert c["per_seed"] == pytest.approx([d - g for d, g in zip(losses["deepseekmoe"], losses["gshard"])])
-    assert all(se > 0 for se in c["window_se"]) and c["ci95"][0] <= c["mean"] <= c["ci95"][1], c
+    results = read_results(tmp_path / "sensitivity" / "results.json")
+    (c,) = results.comparisons
+    deep, gshard = results.arm("deepseekmoe", "norm_topk"), results.arm("gshard", "norm_topk")
+    assert c.per_seed == pytest.approx([d - g for d, g in zip(deep.val_loss, gshard.val_loss)])
+    assert all(se > 0 for se in c.window_se) and c.ci95[0] <= c.mean <= c.ci95[1], c
     assert (tmp_path / "runs" / "deepseekmoe@norm_topk" / "seed1" / "final.json").is_file(), "stored apart"
-    assert "| norm_topk |" in (tmp_path / "sensitivity" / "results.md").read_text()
+    assert "| norm_topk | DeepSeekMoE - GShard |" in (tmp_path / "sensitivity" / "results.md").read_text()
     # the gap against tokens: every step of the toy run is a validation (6 steps of 4 x 32 tokens)
     logged = {a: [{r["step"]: r["val_loss"] for r in map(json.loads, (tmp_path / "runs" / f"{a}@norm_topk" / f"seed{s}"
                                                                       / "metrics.jsonl").read_text().splitlines())}
                   for s in (0, 1)] for a in ("gshard", "deepseekmoe")}
-    assert c["curve"]["tokens"] == [128 * step for step in range(1, 7)], c["curve"]
+    assert c.curve.tokens == tuple(128 * step for step in range(1, 7)), c.curve
     expected = [np.mean([d[step] - g[step] for d, g in zip(logged["deepseekmoe"], logged["gshard"])])
                 for step in range(1, 7)]
-    assert c["curve"]["mean"] == pytest.approx(expected), "paired by seed from each run's logged validations"
+    assert c.curve.mean == pytest.approx(expected), "paired by seed from each run's logged validations"
     assert (tmp_path / "sensitivity" / "gap_vs_tokens.png").stat().st_size > 1000
-    assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--variants", "depth_9", "--workdir",
-                     str(tmp_path)]) == 2
-    assert "unknown variant 'depth_9'" in capsys.readouterr().err
+    assert results.variants[0].settings == {"moe.norm_topk_prob": True}, results.variants
 
 
 def _bpe_300(monkeypatch) -> list[str]:
@@ -285,48 +355,49 @@ def test_a_bpe_variant_trains_its_tokenizer_on_the_training_split_only(tmp_path,
 @pytest.mark.slow  # about 25 s: run with -m slow
 def test_a_bpe_variant_trains_and_pairs_its_arms(tmp_path, monkeypatch):
     _bpe_300(monkeypatch)
-    results = run_sensitivity("toy", [0], ["bpe_300"], tmp_path, progress=False)
+    results = run_study("sensitivity", "toy", [0], ["bpe_300"], workdir=tmp_path, progress=False)
     cfg = loading.load_model(tmp_path / "runs" / "deepseekmoe@bpe_300" / "seed0").cfg
     assert cfg.data.tokenizer == str(tmp_path / "tokenizers" / "bpe-300" / "tokenizer.json")
-    assert cfg.model.vocab_size == 300 and results["variants"]["bpe_300"]["deepseekmoe_minus_gshard"]["per_seed"]
+    assert cfg.model.vocab_size == 300 and results.comparisons[0].per_seed
 
 
-def test_probes_split_validation_by_kind_and_pair_the_arms(tmp_path, capsys):
-    with pytest.raises(ExperimentError, match="holds no trained arm; train it first: dsmoe-jax experiment sensitivity "
-                                              "--scale toy --variants base --seeds 0,1"):
-        run_probes("toy", [0, 1], workdir=tmp_path, progress=False)
+def test_probes_train_what_is_missing_split_validation_by_kind_and_pair_the_arms(tmp_path, monkeypatch):
     assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--seeds", "0,1", "--variants", "base",
-                     "--arms", "switch,gshard", "--workdir", str(tmp_path)]) == 2
-    assert "name gshard and deepseekmoe (the pair compared)" in capsys.readouterr().err
-    assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--seeds", "0,1", "--variants", "base",
-                     "--arms", "switch,gshard,deepseekmoe", "--workdir", str(tmp_path), "--quiet"]) == 0
-    trained = json.loads((tmp_path / "sensitivity" / "results.json").read_text())["variants"]["base"]["val_loss"]
-    assert list(trained) == ["switch", "gshard", "deepseekmoe"] and len(trained["switch"]) == 2, trained
-    assert "- base: switch " in (tmp_path / "sensitivity" / "results.md").read_text()
-    versus = json.loads((tmp_path / "sensitivity" / "results.json").read_text())["variants"]["base"]
-    assert versus["others_minus_gshard"]["switch"]["per_seed"] == pytest.approx(
-        [s - g for s, g in zip(trained["switch"], trained["gshard"])]), "Switch paired with GShard by seed"
+                     "--arms", "switch", "--workdir", str(tmp_path), "--quiet"]) == 0
+    trained = read_results(tmp_path / "sensitivity" / "results.json")
+    assert [a.arm for a in trained.arms] == ["gshard", "deepseekmoe", "switch"], trained.arms
+    switch, gshard = trained.arm("switch"), trained.arm("gshard")
+    versus = {(c.a, c.b): c for c in trained.comparisons}
+    assert versus[("switch", "gshard")].per_seed == pytest.approx(
+        [s - g for s, g in zip(switch.val_loss, gshard.val_loss)]), "Switch paired with GShard by seed"
+    # the probes read the same runs (no training); with a seed not trained yet, they train it
+    monkeypatch.setattr(runner, "train", lambda *a, **k: pytest.fail("a trained arm was retrained"))
     assert cli.main(["experiment", "probes", "--scale", "toy", "--seeds", "0,1", "--workdir", str(tmp_path),
-                     "--arms", "gshard,deepseekmoe,switch", "--quiet"]) == 0
-    results = json.loads((tmp_path / "probes" / "results.json").read_text())
-    base = results["variants"]["base"]
-    switch = base["arms"]["switch"]
-    assert len(switch) == 2 and all(r["load"]["max_over_mean"][0] >= 1.0 for r in switch), switch
+                     "--arms", "switch", "--quiet"]) == 0
+    results = read_results(tmp_path / "probes" / "results.json")
+    probes = results.measures["probes"]["base"]
+    assert len(probes["switch"]) == 2 and all(r["load"]["max_over_mean"][0] >= 1.0 for r in probes["switch"])
     assert "| switch |" in (tmp_path / "probes" / "results.md").read_text(), "every probed arm's load is reported"
     cfg = arm_config(ARMS["gshard"], SCALES["toy"], 0)
     kinds = measures.validation_by_kind(cfg)
     assert sum(map(len, kinds.values())) == len(loading.validation_tokens(cfg)), "the kinds make up the split"
-    for kind, gap in base["deepseekmoe_minus_gshard"].items():
-        arms = base["arms"]
-        by_hand = [d["loss"][kind] - g["loss"][kind] for d, g in zip(arms["deepseekmoe"], arms["gshard"])]
-        assert gap["per_seed"] == pytest.approx(by_hand) and gap["ci95"][0] <= gap["mean"] <= gap["ci95"][1], gap
-    gshard = base["arms"]["gshard"][0]
-    assert set(gshard["loss"]) == {"code", "documentation"} and all(v > 0 for v in gshard["stderr"].values())
-    assert len(gshard["load"]["max_over_mean"]) == cfg.model.n_moe_layers, gshard["load"]
-    for arm, runs in base["arms"].items():  # the top K of E softmax probabilities sum to between K/E and 1
+    for c in results.comparisons:
+        if c.metric == "val_loss":
+            continue
+        kind = c.metric.split("/")[1]
+        by_hand = [x["loss"][kind] - y["loss"][kind] for x, y in zip(probes[c.a], probes[c.b])]
+        assert c.per_seed == pytest.approx(by_hand) and c.ci95[0] <= c.mean <= c.ci95[1], c
+    assert {c.metric for c in results.comparisons} == {"val_loss", "loss/code", "loss/documentation"}
+    first = probes["gshard"][0]
+    assert set(first["loss"]) == {"code", "documentation"} and all(v > 0 for v in first["stderr"].values())
+    assert len(first["load"]["max_over_mean"]) == cfg.model.n_moe_layers, first["load"]
+    for arm, runs in probes.items():  # the top K of E softmax probabilities sum to between K/E and 1
         K_over_E = ARMS[arm].top_k / ARMS[arm].routed
         assert all(K_over_E - 1e-6 <= g <= 1 + 1e-6 for r in runs for g in r["gate_sum"]), (arm, runs[0]["gate_sum"])
-    assert "| documentation |" in (tmp_path / "probes" / "results.md").read_text()
+    monkeypatch.undo()
+    with pytest.raises(ExperimentError, match="pass --resume"):  # an unfinished run: the probes honour --resume
+        (runner.run_dir(tmp_path, ARMS["gshard"], 2) / "checkpoints" / "3").mkdir(parents=True)
+        run_study("probes", "toy", [2], workdir=tmp_path, progress=False)
 
 
 def test_routing_by_token_is_one_for_hash_routing_and_less_for_a_learned_router():
@@ -338,7 +409,8 @@ def test_routing_by_token_is_one_for_hash_routing_and_less_for_a_learned_router(
         assert layer["constant_accuracy"] < 0.5, "hash routing spreads the ids over the experts"
     # a learned router with weights large enough for attention to mix the context into its input,
     # over four token ids seen 32 times each (the plug-in estimates need many tokens per id)
-    learned = arm_config(dataclasses.replace(ARMS["gshard"], settings=("model.init_std=0.3",)), SCALES["toy"], 0)
+    wide = dataclasses.replace(ARMS["gshard"], change=specs.setting(model={"init_std": 0.3}))
+    learned = arm_config(wide, SCALES["toy"], 0)
     params = dsmoe_jax.init_params(learned.model, jax.random.key(0))
     for layer in measures.routing_by_token(params, learned, tokens % 4, 0):
         assert layer["normalised_mutual_information"] < 0.9, f"the context, not the id alone, routes: {layer}"
@@ -357,7 +429,9 @@ def test_sensitivity_variants_change_what_they_say_and_keep_the_token_budget():
     wide = arm_config(*VARIANTS["ffn_512"].apply(ARMS["deepseekmoe"], cpu), 0)
     assert norm.model.moe.norm_topk_prob and deep.model.n_layers == 4 and wide.model.moe.expert_d_ff == 128
     big = arm_config(*VARIANTS["batch_64"].apply(ARMS["gshard"], cpu), 0)
-    assert (big.train.batch_size, big.train.steps) == (64, 75), "4x the batch, a quarter of the steps"
+    assert (big.train.batch_size, big.train.steps, big.train.warmup_steps) == (64, 75, 8), "4x the batch"
+    longer = arm_config(*VARIANTS["batch_64"].apply(ARMS["gshard"], SCALES["cpu-long"]), 0)
+    assert (longer.train.batch_size, longer.train.steps) == (64, 750), "the same change at cpu-long's budget"
 
 
 @pytest.mark.parametrize("arm", ["gshard", "deepseekmoe"])
@@ -379,18 +453,36 @@ def test_routed_scale_makes_the_gates_sum_to_about_one_at_initialisation(arm):
                                err_msg="later layers see inputs the scaled gates changed a little")
 
 
-def test_sensitivity_combines_variants_with_plus_and_refuses_conflicts_and_other_budgets(tmp_path):
-    both = arm_config(*variant("norm_topk+lr_1e-3").apply(ARMS["deepseekmoe"], SCALES["cpu-long"]), 0)
-    assert both.model.moe.norm_topk_prob and both.train.lr == 1e-3, "both changes apply"
-    assert both.train.steps == SCALES["cpu-long"].steps, "the scale's own budget is kept"
-    with pytest.raises(ConfigError, match="lr_4e-3 sets lr=0.004 but an earlier part set lr=0.001"):
-        variant("lr_1e-3+lr_4e-3")
-    with pytest.raises(ConfigError, match="unknown variant 'base'"):
-        variant("base+norm_topk")
-    with pytest.raises(ConfigError, match="Choose one of norm_topk and routed_scale"):
-        variant("routed_scale+norm_topk")
-    scaled = arm_config(*variant("routed_scale+lr_1e-3").apply(ARMS["gshard"], SCALES["cpu"]), 0)
-    assert (scaled.model.moe.routed_scaling_factor, scaled.train.lr) == (8.0, 1e-3), "16 experts, top-2: x8"
-    with pytest.raises(ExperimentError, match="batch_64 trains on 614,400 tokens at scale cpu-long, not .* 6,144,000"):
-        run_sensitivity("cpu-long", [0], ["norm_topk", "batch_64"], tmp_path, progress=False)
+def test_a_study_is_refused_before_training_anything(tmp_path):
+    with pytest.raises(ExperimentError, match="variant batch_64: .*steps divisible by 4; scale toy trains 6"):
+        run_study("sensitivity", "toy", [0], ["norm_topk", "batch_64"], workdir=tmp_path, progress=False)
     assert not any(tmp_path.iterdir()), "refused before training anything"
+    assert plan("sensitivity", "toy").variants and "batch_64" not in [v.name for v in plan("sensitivity", "toy")
+                                                                          .variants]
+
+
+def test_without_the_experiments_extra_the_command_names_it():
+    """scipy missing (as in an install without the [experiments] extra): one line naming the extra."""
+    code = ("import sys; sys.modules['scipy'] = None\n"
+            "from dsmoe_jax import cli\nraise SystemExit(cli.main(['experiment', 'ablation', '--dry-run']))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "pip install 'dsmoe-jax[experiments]'" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+
+
+def test_a_run_that_fails_on_a_read_only_workdir_reports_its_own_error(tmp_path, monkeypatch):
+    """Training fails for the disk; recording the invocation fails the same way: the training's
+    error is the one raised, not a chain ending in the record's OSError."""
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def fail(*args, **kwargs):
+        raise CheckpointError("checkpoints: Read-only file system")
+
+    monkeypatch.setattr(runner, "train", fail)
+    monkeypatch.setattr(runner, "atomic_file", read_only)
+    directory = runner.run_dir(tmp_path, ARMS["switch"], 0)
+    directory.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="Read-only") as e:
+        runner.train_arm(ARMS["switch"], SCALES["toy"], 0, directory, progress=False)
+    assert e.value.__context__ is None, "nothing raised while handling it"

@@ -12,11 +12,11 @@ import pytest
 import dsmoe_jax
 from dsmoe_jax import data, load_config, prepare
 from dsmoe_jax.chat import render_chat
-from dsmoe_jax.errors import DataError
+from dsmoe_jax.errors import DataError, TrainingInterrupted
 from dsmoe_jax.evaluation import evaluate, token_losses
 from dsmoe_jax.packing import PackedRows
 from dsmoe_jax.tokenizer import ByteTokenizer
-from dsmoe_jax.train.loop import TrainingInterrupted, train
+from dsmoe_jax.train.loop import train
 
 SMALL = ["model.n_layers=2", "train.seq_len=96", "train.batch_size=4", "train.warmup_steps=0",
          "train.schedule='constant'", "train.log_every=1", "train.eval_every=1000", "train.checkpoint_every=1000"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dsmoe_jax import MoEConfig, grouped
-from dsmoe_jax.config import ConfigError
+from dsmoe_jax.errors import ConfigError
 from helpers import GROUPS, D, grouped_inputs, grouped_loss, numpy_grouped_reference
 
 # The tiled backend at several tile sizes, including tiles larger than every group.

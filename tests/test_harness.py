@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from dsmoe_jax import cli, convert, harness
+from dsmoe_jax import cli, convert, errors, harness
 from dsmoe_jax.convert.hf_files import plan_shards, write_safetensors
 from helpers import TINY_HF, qwen2moe_oracle, random_hf_checkpoint
 
@@ -158,17 +158,17 @@ def test_the_cli_runs_tasks_from_an_include_path(checkpoints, capsys, tmp_path):
     assert set(json.loads(out.read_text())["results"]) == {"dsmoe_mc", "dsmoe_rolling"}
 
     assert cli.main(["eval", "--checkpoint", str(ours_dir), "--tasks", "no_such_task", "--include-path",
-                     str(TASKS), "--no-builtin-tasks"]) == 1
+                     str(TASKS), "--no-builtin-tasks"]) == errors.HarnessError.exit_code
     assert "unknown lm-eval tasks ['no_such_task']" in capsys.readouterr().err
     assert cli.main(["eval", "--checkpoint", str(ours_dir), "--tasks", "dsmoe_mc", "--include-path",
-                     str(tmp_path / "no_tasks_here"), "--no-builtin-tasks"]) == 1
+                     str(tmp_path / "no_tasks_here"), "--no-builtin-tasks"]) == errors.HarnessError.exit_code
     err = capsys.readouterr().err
     assert f"--include-path '{tmp_path / 'no_tasks_here'}' does not exist" in err and "unknown" not in err, err
 
 
 def test_without_lm_eval_the_error_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # an import of it then raises ImportError
-    with pytest.raises(harness.HarnessError, match=r'pip install -e "\.\[eval\]"'):
+    with pytest.raises(errors.HarnessError, match=r'pip install -e "\.\[eval\]"'):
         harness.require_lm_eval()
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import dsmoe_jax
 from dsmoe_jax import convert
-from dsmoe_jax.convert.mapping import ConversionError
+from dsmoe_jax.errors import ConversionError
 from helpers import TINY_HF, random_hf_checkpoint
 
 QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}

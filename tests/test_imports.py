@@ -3,8 +3,13 @@ reaches into the training package."""
 
 import ast
 import pathlib
+import shutil
+import site
 import subprocess
 import sys
+import sysconfig
+import tomllib
+import venv
 
 import pytest
 
@@ -152,7 +157,7 @@ def test_readme_map_covers_the_tree_and_its_order_is_the_import_order():
 def test_the_lower_layers_stay_low():
     assert GRAPH["dsmoe_jax.errors"] == set(), "errors is the root: it imports nothing of the project"
     assert GRAPH["dsmoe_jax.config"] == {"dsmoe_jax.errors"}, "config imports only the errors"
-    assert GRAPH["dsmoe_jax.mesh"] == {"dsmoe_jax.config"}, "mesh imports only config"
+    assert GRAPH["dsmoe_jax.mesh"] == {"dsmoe_jax.config", "dsmoe_jax.errors"}, "mesh imports only config and errors"
     model_and_above = {"dsmoe_jax.model", "dsmoe_jax.sharding", "dsmoe_jax.checkpoint", "dsmoe_jax.inference"}
     for low in ("dsmoe_jax.layers", "dsmoe_jax.grouped", "dsmoe_jax.dispatch", "dsmoe_jax.expert_parallel",
                 "dsmoe_jax.moe"):
@@ -174,3 +179,38 @@ def test_python_started_in_the_repository_root_imports_installed_packages_not_it
     assert not pathlib.Path(hf_kernels).is_relative_to(REPO / "kernels"), f"kernels came from kernels/: {hf_kernels}"
     assert ours == "dsmoe_jax.kernels.backend", ours
     assert "is the package dsmoe_jax.train" in train_error, train_error
+
+
+def _install_without_editable_finder(env: pathlib.Path) -> pathlib.Path:
+    """A virtual environment with the package copied in as ``pip install .`` lays it out (pyproject's
+    package-dir) and this environment's packages reachable through a .pth line, which adds their
+    folder but runs none of its .pth files: no editable install's finder. Returns its python."""
+    venv.EnvBuilder(symlinks=True).create(env)
+    site_dir = pathlib.Path(sysconfig.get_path("purelib", vars={"base": str(env), "platbase": str(env)}))
+    shutil.copytree(REPO / "dsmoe_jax", site_dir / "dsmoe_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    package_dir = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for package, folder in package_dir.items():
+        target = site_dir.joinpath(*package.split("."))
+        shutil.copytree(REPO / folder, target, ignore=shutil.ignore_patterns("__pycache__"))
+    (site_dir / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return env / "bin" / "python"
+
+
+def test_a_non_editable_install_imports_in_the_repository_root(tmp_path):
+    """Python started in the root finds the root's dsmoe_jax/ ahead of the installed copy, and that
+    folder lacks kernels/, train/ and configs/; without an editable finder they must still load."""
+    python = _install_without_editable_finder(tmp_path / "env")
+    script = (
+        "import importlib.util, kernels, transformers.integrations.hub_kernels, dsmoe_jax\n"
+        "from kernels import CUDAProperties\n"
+        "print(kernels.__file__)\n"
+        "print(dsmoe_jax.kernels.__file__)\n"
+        "print(importlib.util.find_spec('dsmoe_jax.train.loop').origin)\n"
+        "print(dsmoe_jax.load_config('tiny').model.d_model)\n")
+    proc = subprocess.run([python, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"importing in the root with a non-editable install:\n{proc.stderr[-3000:]}"
+    hf_kernels, ours, loop, d_model = proc.stdout.splitlines()
+    assert not pathlib.Path(hf_kernels).is_relative_to(REPO / "kernels"), f"kernels came from kernels/: {hf_kernels}"
+    assert pathlib.Path(ours) == REPO / "kernels" / "__init__.py", f"dsmoe_jax.kernels from {ours}, not kernels/"
+    assert pathlib.Path(loop) == REPO / "train" / "loop.py", f"dsmoe_jax.train.loop from {loop}, not train/"
+    assert int(d_model) > 0, "the shipped configs load"

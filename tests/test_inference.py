@@ -308,3 +308,21 @@ def test_speculative_settings_are_refused_with_the_fix(small_cfg, params):
         inference.generate(params, prompt, small_cfg, 4, jax.random.key(0), temperature=0.8, speculative="mtp")
     with pytest.raises(dsmoe_jax.InputError, match="speculative='medusa' is not a drafting method"):
         inference.generate(params, prompt, small_cfg, 4, jax.random.key(0), temperature=0.0, speculative="medusa")
+
+
+def test_forward_cached_mtp_is_forward_cached_with_an_mtp_cache_and_warns(small_cfg):
+    """The two cached forwards are one, ``forward_cached(..., mtp_cache=...)``; the old name
+    keeps working, with a DeprecationWarning, until 0.4."""
+    cfg = dataclasses.replace(small_cfg, mtp_depth=1)
+    params = dsmoe_jax.init_params(cfg, jax.random.key(3))
+    tokens = jax.random.randint(jax.random.key(4), (2, 6), 0, cfg.vocab_size)
+    caches = inference.init_cache(cfg, 2, 8), inference.init_cache(cfg, 2, 8, mtp=True)
+    mask, positions = jnp.ones((2, 6), jnp.int32), jnp.broadcast_to(jnp.arange(6), (2, 6))
+    new = dsmoe_jax.model.forward_cached(params, tokens, caches[0], cfg, mask, positions, fresh=True,
+                                         mtp_cache=caches[1])
+    with pytest.warns(DeprecationWarning, match="forward_cached_mtp.*is deprecated.*mtp_cache=mtp_cache"):
+        old = dsmoe_jax.model.forward_cached_mtp(params, tokens, *caches, cfg, mask, positions, fresh=True)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True):
+        np.testing.assert_array_equal(a, b)
+    logits, _ = dsmoe_jax.model.forward_cached(params, tokens, caches[0], cfg, mask, positions, fresh=True)
+    np.testing.assert_array_equal(logits, new[0], err_msg="drafting leaves the model's logits alone")

@@ -1,5 +1,5 @@
 """One writer per output directory: a live holder refuses a second writer, a stale lock is taken
-over, a finished writer leaves no lock; training and prepare-data take it."""
+over, a finished writer leaves no lock; training, prepare-data and convert take it."""
 
 import json
 import os
@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from dsmoe_jax import load_config, prepare
+from dsmoe_jax import cli, convert, load_config, prepare
 from dsmoe_jax.errors import OutputLockedError
-from dsmoe_jax.lock import LOCK_FILE, acquire, output_lock
+from dsmoe_jax.lock import LOCK_FILE, acquire, lock_path, output_lock
 from dsmoe_jax.train.loop import train
 
 
@@ -59,3 +59,18 @@ def test_training_and_prepare_data_take_the_lock(tmp_path):
             prepare.prepare([str(tmp_path / "doc.txt")], tmp_path / "data", workers=1, progress=False)
     prepare.prepare([str(tmp_path / "doc.txt")], tmp_path / "data", workers=1, progress=False)
     assert not (tmp_path / "data" / LOCK_FILE).exists()
+
+
+def test_a_second_convert_into_a_locked_output_is_refused_with_one_line(tmp_path, capsys):
+    """A convert output appears only when complete, so its lock lies beside it: ``.OUT.dsmoe-jax.lock``."""
+    train(load_config("tiny", ["model.n_layers=1", "train.steps=1", "train.batch_size=2", "train.seq_len=16",
+                               "train.eval_tokens=64"]), tmp_path / "run", progress=False)
+    out = tmp_path / "hf"
+    with output_lock(out, "convert jax-to-hf", beside=True):
+        assert lock_path(out, beside=True) == tmp_path / f".hf{LOCK_FILE}" and not out.exists()
+        assert cli.main(["convert", "jax-to-hf", str(tmp_path / "run"), str(out)]) == OutputLockedError.exit_code
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"dsmoe-jax: {out} is in use by process {os.getpid()}" in err, err
+        assert "(convert jax-to-hf, started" in err and not out.exists(), "the second conversion wrote nothing"
+    convert.jax_to_hf(tmp_path / "run", out, progress=False)
+    assert (out / "config.json").is_file() and not lock_path(out, beside=True).exists(), "no lock is left"

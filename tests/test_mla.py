@@ -13,7 +13,7 @@ import pytest
 import dsmoe_jax
 from dsmoe_jax import inference
 from dsmoe_jax.config import MLAConfig, YarnConfig
-from dsmoe_jax.model import cache_dims
+from dsmoe_jax.costs import cache_dims
 
 
 def _mla_cfg(q_lora_rank: int, **changes):

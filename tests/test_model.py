@@ -50,6 +50,18 @@ def test_count_params_matches_initialised_params(small_cfg, key):
     assert sum(x.size for x in jax.tree.leaves(params)) == dsmoe_jax.count_params(small_cfg)[0]
 
 
+@pytest.mark.parametrize("name", ["count_params", "flops_per_token", "cache_dims", "cache_bytes_per_token"])
+def test_the_costs_still_resolve_from_model_with_a_deprecation_warning(name):
+    """They moved to costs.py; ``dsmoe_jax.model.NAME`` keeps working, warning, until 0.4."""
+    from dsmoe_jax import costs
+
+    with pytest.warns(DeprecationWarning, match=f"dsmoe_jax.model.{name} moved to dsmoe_jax.costs.{name}"):
+        moved = getattr(model_lib, name)
+    assert moved is getattr(costs, name)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        model_lib.no_such_name  # noqa: B018 - the attribute access is the test
+
+
 @pytest.mark.gpu
 def test_future_tokens_do_not_change_earlier_logits(small_cfg, key):
     params = dsmoe_jax.init_params(small_cfg, key)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import dsmoe_jax
+from dsmoe_jax import errors
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # 16 experts over an expert axis of 4: with 4 devices per process the all_to_all stays inside a
@@ -112,13 +113,13 @@ def test_a_killed_process_stops_the_others_and_the_run_resumes(tmp_path):
 @pytest.mark.slow  # about 60 s: run with -m slow
 def test_a_hung_process_is_named_by_the_others_with_the_checkpoint_to_resume_from(tmp_path):
     """kill -STOP one process: the other waits in a collective; after train.step_timeout it says
-    that a peer has probably stopped and which checkpoint to resume from, and exits with 1 (JAX's
-    own heartbeat would abort it later, without saying either)."""
+    that a peer has probably stopped and which checkpoint to resume from, and exits with
+    TrainingError's code (JAX's own heartbeat would abort it later, without saying either)."""
     workdir = tmp_path / "run"
     returncode, stderr, waited = _signal_a_peer_mid_run(
         workdir, signal.SIGSTOP, "--set", "train.steps=200", "--set", "train.step_timeout=10", "--heartbeat-timeout",
         "300", port=20000 + (os.getpid() + 7) % 20000)
-    assert returncode == 1, (returncode, stderr[-3000:])
+    assert returncode == errors.TrainingError.exit_code, (returncode, stderr[-3000:])
     assert waited < 60, f"the waiting process took {waited:.0f} s to stop"
     checkpoint = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert re.search(rf"process 0 of 2: step \d+ has not finished after 10 s \(train.step_timeout\): another "

@@ -205,7 +205,7 @@ def test_document_masking_equals_a_float64_reference(implementation, case):
     real = np.asarray(segments > 0)[:, :, None, None]
     want = _float64_reference(q, k, v, segments)
     # the padding marked invalid (the natural call), or every key valid, as the model calls it
-    # (model._own_keys): the segment ids alone then keep the padding to itself
+    # (block.own_keys): the segment ids alone then keep the padding to itself
     run = jax.jit(functools.partial(attention, implementation=implementation))
     for valid in (segments > 0, jnp.ones_like(segments)):
         got = run(q, k, v, valid, segment_ids_BT=segments)

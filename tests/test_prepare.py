@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from dsmoe_jax import chat, data, load_config, prepare, shards
+from dsmoe_jax import chat, data, errors, load_config, prepare, shards
 from dsmoe_jax.cli import main
 from dsmoe_jax.tokenizer import ByteTokenizer, load_tokenizer
 
@@ -107,7 +107,7 @@ def test_an_hf_tokenizer_is_recorded_and_a_mismatch_refused(tmp_path):
     assert _documents(tmp_path / "out", "train")[0].tolist() == [0, 3, 4, 6, 1]
     # training with another tokenizer is refused before anything runs
     cfg = load_config("tiny", [f"data.path='{tmp_path / 'out'}'"])
-    with pytest.raises(data.DataError, match=r"out was tokenized with the tokenizer '.*tok', not with data.tokenizer "
+    with pytest.raises(errors.DataError, match=r"out was tokenized with the tokenizer '.*tok', not with data.tokenizer "
                                              r"'byte' \(sha256 .*vocab_size 7 vs 258.*set data.tokenizer"):
         data.load_training_data(cfg)
     train, _, _ = data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / 'out'}'",
@@ -143,14 +143,14 @@ def test_an_interrupted_run_resumes_without_rewriting_finished_shards(tmp_path, 
     shards = tmp_path / "broken" / "shards"
     assert sorted(p.name for p in shards.iterdir()) == ["00000", "00001", "00002"]
     assert not (tmp_path / "broken" / "manifest.json").exists()
-    with pytest.raises(data.DataError, match="unfinished prepare-data output.*run the same"):
+    with pytest.raises(errors.DataError, match="unfinished prepare-data output.*run the same"):
         data.load_tokens(load_config("tiny", [f"data.path='{tmp_path / 'broken'}'"]))
     stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards.rglob("*")}
     prepare.prepare([str(src)], tmp_path / "broken", SMALL, workers=1, progress=False)
     assert all((p.stat().st_ino, p.stat().st_mtime_ns) == s for p, s in stamps.items()), "finished shards kept"
     assert _files(tmp_path / "broken") == _files(tmp_path / "whole")
     # resuming with other inputs or options would mix two datasets
-    with pytest.raises(data.DataError, match="prepared from other inputs or options"):
+    with pytest.raises(errors.DataError, match="prepared from other inputs or options"):
         prepare.prepare([str(src)], tmp_path / "whole", prepare.Options(shard_tokens=301), workers=1, progress=False)
 
 
@@ -162,7 +162,7 @@ def test_an_interrupted_run_resumes_without_rewriting_finished_shards(tmp_path, 
 ])
 def test_a_bad_record_is_named_or_skipped_and_counted(tmp_path, line, message):
     (tmp_path / "a.jsonl").write_bytes(b'{"text": "one"}\n\n' + line + b'\n{"text": "two"}\n')
-    with pytest.raises(data.DataError, match=message):
+    with pytest.raises(errors.DataError, match=message):
         prepare.prepare([str(tmp_path / "a.jsonl")], tmp_path / "out", workers=1, progress=False)
     m = prepare.prepare([str(tmp_path / "a.jsonl")], tmp_path / "skip", prepare.Options(on_error="skip", val_every=0),
                         workers=1, progress=False)
@@ -183,7 +183,7 @@ def test_a_truncated_zst_is_refused_and_a_whole_one_read_frame_after_frame(tmp_p
     for cut in (len(frames[1]) // 2, len(frames[1]) - 3):  # inside the last frame; just before its end
         name = f"cut{cut}.jsonl.zst"
         (tmp_path / name).write_bytes(frames[0] + frames[1][:cut])
-        with pytest.raises(data.DataError, match=rf"cannot read .*{name} after line \d+: EOFError: the file ends "
+        with pytest.raises(errors.DataError, match=rf"cannot read .*{name} after line \d+: EOFError: the file ends "
                                                  r"inside a zstd frame: it is truncated"):
             prepare.prepare([str(tmp_path / name)], tmp_path / name.replace(".", "_"), skip, workers=1,
                             progress=False)
@@ -194,23 +194,23 @@ def test_unreadable_inputs_are_named(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with pytest.raises(data.DataError, match="nothing.jsonl: no such file or directory, and no .* files match"):
+    with pytest.raises(errors.DataError, match="nothing.jsonl: no such file or directory, and no .* files match"):
         prepare.prepare([str(tmp_path / "nothing.jsonl")], tmp_path / "out", progress=False)
     whole = gzip.compress(b"".join(b'{"text": "line %d"}\n' % i for i in range(5000)), mtime=0)
     (tmp_path / "cut.jsonl.gz").write_bytes(whole[:len(whole) // 2])
-    with pytest.raises(data.DataError, match=r"cannot read .*cut.jsonl.gz after line \d+: EOFError.*truncated"):
+    with pytest.raises(errors.DataError, match=r"cannot read .*cut.jsonl.gz after line \d+: EOFError.*truncated"):
         prepare.prepare([str(tmp_path / "cut.jsonl.gz")], tmp_path / "out", workers=1, progress=False)
     (tmp_path / "fake.parquet").write_text("not parquet")
-    with pytest.raises(data.DataError, match=r"cannot read .*fake.parquet: ArrowInvalid"):
+    with pytest.raises(errors.DataError, match=r"cannot read .*fake.parquet: ArrowInvalid"):
         prepare.prepare([str(tmp_path / "fake.parquet")], tmp_path / "out", workers=1, progress=False)
     pq.write_table(pa.table({"content": ["a", None]}), tmp_path / "t.parquet")
-    with pytest.raises(data.DataError, match=r"t.parquet has no column 'text' \(columns: content\)"):
+    with pytest.raises(errors.DataError, match=r"t.parquet has no column 'text' \(columns: content\)"):
         prepare.prepare([str(tmp_path / "t.parquet")], tmp_path / "out", workers=1, progress=False)
-    with pytest.raises(data.DataError, match=r"t.parquet row 1: 'content' is null"):
+    with pytest.raises(errors.DataError, match=r"t.parquet row 1: 'content' is null"):
         prepare.prepare([str(tmp_path / "t.parquet")], tmp_path / "out", prepare.Options(text_field="content"),
                         workers=1, progress=False)
     (tmp_path / "latin1.txt").write_bytes("first line\ncafé".encode("latin-1"))
-    with pytest.raises(data.DataError, match=r"latin1.txt is not UTF-8 \(byte 0xe9 at line 2, column 4\)"):
+    with pytest.raises(errors.DataError, match=r"latin1.txt is not UTF-8 \(byte 0xe9 at line 2, column 4\)"):
         prepare.prepare([str(tmp_path / "latin1.txt")], tmp_path / "out", workers=1, progress=False)
 
 
@@ -225,9 +225,10 @@ def test_the_command_line(tmp_path, capsys):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     del manifest["totals"]
     (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(data.DataError, match="manifest.json lacks or garbles 'totals': the dataset is damaged"):
+    with pytest.raises(errors.DataError, match="manifest.json lacks or garbles 'totals': the dataset is damaged"):
         shards.read_manifest(tmp_path / "out")
-    assert main(["prepare-data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--quiet"]) == 1
+    assert main(["prepare-data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--quiet"]) == \
+        errors.DataError.exit_code
     assert "missing: no such file or directory" in capsys.readouterr().err
 
 
@@ -312,7 +313,7 @@ def test_chat_output_is_byte_identical_and_resumes(tmp_path):
     last.rmdir()
     prepare.prepare([str(src)], tmp_path / "one", CHAT, workers=1, progress=False)
     assert _files(tmp_path / "one") == whole
-    with pytest.raises(data.DataError, match="prepared from other inputs or options"):
+    with pytest.raises(errors.DataError, match="prepared from other inputs or options"):
         prepare.prepare([str(src)], tmp_path / "one", dataclasses.replace(CHAT, format="text"), workers=1,
                         progress=False)
 
@@ -330,7 +331,7 @@ def test_a_bad_chat_record_is_named_or_skipped_and_counted(tmp_path, line, messa
     good = json.dumps({"prompt": "Hi", "completion": "Hello"}).encode()
     (tmp_path / "a.jsonl").write_bytes(good + b"\n\n" + line + b"\n" + good + b"\n")
     options = dataclasses.replace(CHAT, val_every=0)
-    with pytest.raises(data.DataError, match=message):
+    with pytest.raises(errors.DataError, match=message):
         prepare.prepare([str(tmp_path / "a.jsonl")], tmp_path / "out", options, workers=1, progress=False)
     m = prepare.prepare([str(tmp_path / "a.jsonl")], tmp_path / "skip", dataclasses.replace(options, on_error="skip"),
                         workers=1, progress=False)
@@ -367,7 +368,7 @@ def test_a_chat_template_renders_the_records_and_its_failures_are_named(tmp_path
                                {"role": "assistant", "content": "Hello"}]}
     src = _chat_jsonl(tmp_path / "a.jsonl", records)
     options = dataclasses.replace(CHAT, tokenizer=str(path), val_every=0)
-    with pytest.raises(data.DataError, match=r"a.jsonl line 4: the chat template in .*tokenizer_config.json fails on "
+    with pytest.raises(errors.DataError, match=r"a.jsonl line 4: the chat template in .*tokenizer_config.json fails on "
                                              r"this conversation: TemplateError: System messages must come first"):
         prepare.prepare([str(src)], tmp_path / "out", options, workers=1, progress=False)
     m = prepare.prepare([str(src)], tmp_path / "skip", dataclasses.replace(options, on_error="skip"), workers=1,
@@ -382,10 +383,10 @@ def test_a_chat_template_renders_the_records_and_its_failures_are_named(tmp_path
         assert train.mask[a:b].tolist() == _rendered(record, tok).loss_mask.tolist()
     # inputs that hold no conversations, and a tokenizer without a template, are refused before any record is read
     (tmp_path / "doc.txt").write_text("plain text")
-    with pytest.raises(data.DataError, match=r"doc.txt: --format chat reads conversations from JSON Lines"):
+    with pytest.raises(errors.DataError, match=r"doc.txt: --format chat reads conversations from JSON Lines"):
         prepare.prepare([str(src), str(tmp_path / "doc.txt")], tmp_path / "txt", CHAT, workers=1, progress=False)
     bare = _chat_tokenizer(tmp_path / "bare", None)
-    with pytest.raises(data.DataError, match=r"has no chat template: no 'chat_template' in .*bare/tokenizer_config"):
+    with pytest.raises(errors.DataError, match=r"has no chat template: no 'chat_template' in .*bare/tokenizer_config"):
         skip_all = dataclasses.replace(CHAT, tokenizer=str(bare), on_error="skip")
         prepare.prepare([str(src)], tmp_path / "bare_out", skip_all, workers=1, progress=False)
     assert not (tmp_path / "bare_out").exists()

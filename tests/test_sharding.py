@@ -10,7 +10,8 @@ from conftest import run_python
 
 import dsmoe_jax
 from dsmoe_jax import sharding
-from dsmoe_jax.config import MESH_AXES, ConfigError
+from dsmoe_jax.config import MESH_AXES
+from dsmoe_jax.errors import ConfigError
 
 
 def test_logical_axes_come_from_the_parameters(small_cfg):

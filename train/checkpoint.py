@@ -5,17 +5,22 @@ A run's workdir holds ``config.json`` (the run's config, written before the firs
 ``data`` (the grain iterator). Orbax writes each checkpoint into a temporary directory and renames
 it when complete, so a crash mid-save never exposes a half-written checkpoint. A checkpoint
 damaged afterwards (a disk error, a file removed by hand) is moved to ``damaged_checkpoints/``
-on resume, with a warning, and the run resumes from the newest intact one. Reading checkpoints
-outside training (``load_checkpoint``) is library code: ``dsmoe_jax/checkpoint.py``.
+on resume, with a warning, and the run resumes from the newest intact one. A save that fails for
+the disk (full, read-only) is one ``StorageError`` naming the newest intact checkpoint, which
+``--resume`` continues from. Reading checkpoints outside training (``load_checkpoint``) is library
+code: ``dsmoe_jax/checkpoint.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import os
 import pathlib
 import shutil
 import sys
+import time
 
 import grain
 import jax
@@ -23,8 +28,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, CheckpointError, read_config
+from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, read_config
 from dsmoe_jax.config import Config
+from dsmoe_jax.errors import CheckpointError, StorageError, os_error_in, storage_error
 
 MODEL_SECTIONS = ("model", "moe", "mla", "yarn")
 
@@ -43,6 +49,44 @@ def model_differences(a: Config, b: Config, ignore: frozenset[str] = frozenset()
 
 
 DAMAGED_DIR = "damaged_checkpoints"
+# How long closing a restore's event loop waits for the reads still in flight (a damaged
+# checkpoint's other arrays): about one whole restore at most; bounded so that it never hangs.
+DRAIN_TIMEOUT = 300.0
+
+
+class DrainingLoop(asyncio.SelectorEventLoop):
+    """An event loop whose ``close()`` first lets the tasks still pending on it finish.
+
+    Orbax runs each restore on a fresh loop and closes it as soon as the restore raises, while
+    tensorstore still reads other arrays for tasks of that loop; each read that completes then
+    calls into the closed loop and prints a "RuntimeError: Event loop is closed" traceback."""
+
+    def close(self) -> None:
+        if not self.is_running() and not self.is_closed():
+            deadline = time.monotonic() + DRAIN_TIMEOUT
+            while (tasks := asyncio.all_tasks(self)) and (left := deadline - time.monotonic()) > 0:
+                done, _ = self.run_until_complete(asyncio.wait(tasks, timeout=left))
+                for task in done:  # retrieved: the failure that counts is the one the restore raised
+                    if not task.cancelled():
+                        task.exception()
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return DrainingLoop()
+
+
+@contextlib.contextmanager
+def draining_event_loops():
+    """Within it, ``asyncio.new_event_loop()`` (how Orbax gets a loop for each restore) makes a
+    :class:`DrainingLoop`."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 def nothing_to_resume(workdir: pathlib.Path) -> CheckpointError:
@@ -58,6 +102,8 @@ class Checkpointer:
     def __init__(self, workdir: str | os.PathLike, cfg: Config):
         self.workdir = pathlib.Path(workdir).absolute()
         self.cfg = cfg
+        self._saving: int | None = None  # the step of the last save started
+        self._failed = False  # a save failed: Orbax would raise it again at every wait
         self.manager = ocp.CheckpointManager(
             self.workdir / CHECKPOINTS_DIR,
             options=ocp.CheckpointManagerOptions(
@@ -87,18 +133,22 @@ class Checkpointer:
         return latest
 
     def save(self, step: int, state, data_iterator) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
-        ))
+        self.wait()  # Orbax waits for the previous save here anyway: its failure is named as its own
+        with self._writing(step):
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+            ))
+        self._saving = step
 
     def restore(self, step: int, abstract_state, data_iterator):
         """The train state at ``step``; ``data_iterator`` is set to the position saved with it."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
-            opt=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
-        ))
+        with draining_event_loops():  # a damaged checkpoint fails with its one error, not a traceback per read
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state.params),
+                opt=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
+            ))
         try:
             self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
         except ValueError:
@@ -138,7 +188,39 @@ class Checkpointer:
         return target
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        if not self._failed:
+            with self._writing(self._saving):
+                self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        if not self._failed:
+            self.manager.close()
+            return
+        with contextlib.suppress(Exception):  # the failure was raised once; closing repeats it
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None):
+        """A save (or the wait for one) of ``step``: a disk error is raised as ``storage_error``'s."""
+        try:
+            yield
+        except Exception as e:
+            error = self.storage_error(e, f"checkpoint step {step}" if step is not None else "a checkpoint")
+            if error is None:
+                raise
+            self._failed = True
+            raise error from e
+
+    def storage_error(self, e: BaseException, what: str, output: pathlib.Path | None = None) -> StorageError | None:
+        """``e`` as one line when a full or read-only disk lies behind it, naming ``what`` failed
+        (in ``output``, default the checkpoints) and the newest intact checkpoint, the one
+        ``--resume`` continues from; None otherwise."""
+        if os_error_in(e) is None and not isinstance(e, OSError):
+            return None
+        with contextlib.suppress(Exception):  # the failed save is not on disk: list what is
+            self.manager.reload()
+        latest = self.manager.latest_step()
+        then = (f"the last intact checkpoint is step {latest}: rerun with --resume (in this workdir, or a copy of "
+                "it) to continue from it" if latest is not None else
+                "no checkpoint is complete yet: rerun the same command to start again")
+        return storage_error(e, f"train ({what})", output or self.workdir / CHECKPOINTS_DIR, "--workdir", then)

@@ -13,7 +13,7 @@ import os
 
 import jax
 
-from dsmoe_jax.config import ConfigError
+from dsmoe_jax.errors import ConfigError
 
 
 def _cluster_env_says_multiprocess() -> bool:

@@ -20,9 +20,11 @@ import jax.numpy as jnp
 import optax
 from orbax.checkpoint import PLACEHOLDER
 
-from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, CheckpointError, params_location, read_config, restore_params
+from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, params_location, read_config, restore_params
 from dsmoe_jax.config import Config, parse_init_from
+from dsmoe_jax.errors import CheckpointError
 from dsmoe_jax.model import init_params, match_layout, param_shapes
+from dsmoe_jax.peft.tuning import ALL, Tuning
 from dsmoe_jax.sharding import param_shardings
 from dsmoe_jax.tokenizer import load_tokenizer, tokenizer_identity
 from dsmoe_jax.train.checkpoint import model_differences
@@ -101,7 +103,7 @@ def _check_tokenizer(directory: pathlib.Path, saved: Config | None, cfg: Config)
 
 
 def init_from_state(source: InitSource, cfg: Config, optimizer: optax.GradientTransformation,
-                    shardings: TrainState, key: jax.Array) -> TrainState:
+                    shardings: TrainState, key: jax.Array, tuning: Tuning = ALL) -> TrainState:
     """The run's first train state: step 0, the params of ``source`` read straight into
     ``shardings`` (each process reads its own shards; converted to the run's params layout and
     float32 master weights), a fresh optimizer state built on the devices. MTP depths the run
@@ -123,6 +125,6 @@ def init_from_state(source: InitSource, cfg: Config, optimizer: optax.GradientTr
         fresh = {k: shardings.params["mtp"][k] for k in range(keep, run.mtp_depth)}
         mtp |= jax.jit(lambda k: {d: init_params(run, k)["mtp"][d] for d in fresh}, out_shardings=fresh)(key)
     params = {**restored, "mtp": mtp} if mtp else restored
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    opt_state = jax.jit(lambda p: optimizer.init(tuning.select(p)), out_shardings=shardings.opt_state)(params)
     step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings.step)()
     return TrainState(step, params, opt_state)

@@ -20,28 +20,32 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from dsmoe_jax import data
+from dsmoe_jax import data, errors
 from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, write_config
 from dsmoe_jax.config import Config
-from dsmoe_jax.errors import DataError, TrainingError, TrainingInterrupted  # noqa: F401 - raised here, and importable from here
+from dsmoe_jax.costs import flops_per_token
 from dsmoe_jax.evaluation import evaluate, jitted_eval_step, perplexity
 from dsmoe_jax.lock import output_lock
-from dsmoe_jax.model import flops_per_token
 from dsmoe_jax.packing import PackedRows
+from dsmoe_jax.peft.tuning import make_tuning
 from dsmoe_jax.plan import device_peak_flops
 from dsmoe_jax.train.checkpoint import Checkpointer, nothing_to_resume
 from dsmoe_jax.train.init_from import check_init_from, init_from_state
 from dsmoe_jax.train.optimizer import learning_rate, make_optimizer
 from dsmoe_jax.train.step import StepMetrics, init_sharded_state, make_train_step, state_shardings
 
+# these were importable from here; errors.py holds them (until 0.4 they resolve here too)
+__getattr__ = errors.moved_errors(__name__, "DataError", "TrainingError", "TrainingInterrupted")
+
 
 class _StepWatchdog:
     """In a multi-process run a stopped peer (``kill -STOP``, a hung host) leaves every other
     process waiting inside a collective until JAX's own coordination timeout aborts it, without a
     word on where to resume. Armed for a step, this fires after ``seconds`` unless disarmed: the
-    process says so, with the checkpoint to resume from (``message(step)``), and exits with 1."""
+    process says so, with the checkpoint to resume from (``message(step)``), and exits with
+    ``TrainingError``'s exit code."""
 
     def __init__(self, seconds: float, message):
         self.seconds, self.message = seconds, message
@@ -62,7 +66,7 @@ class _StepWatchdog:
     def _expire(self, step: int) -> None:
         sys.stderr.write(f"\ndsmoe-jax: {self.message(step)}\n")
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(errors.TrainingError.exit_code)
 
 
 class _StopSignals:
@@ -125,6 +129,7 @@ class _Logger:
         from tensorboardX import SummaryWriter
 
         self.enabled = jax.process_index() == 0
+        self.history: list[dict] = []  # every step logged in this workdir up to now, earlier runs' included
         if self.enabled:
             path = workdir / "metrics.jsonl"
             if path.is_file():
@@ -135,12 +140,14 @@ class _Logger:
                                "earlier run" + ("" if start else " without a checkpoint"))
                     with atomic_file(path) as f:
                         f.writelines(kept)
+                self.history = [json.loads(line) for line in kept]
             self.jsonl = open(path, "a")
             self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
 
     def log(self, step: int, metrics: dict, load_LE: np.ndarray | None = None) -> None:
         if not self.enabled:
             return
+        self.history.append({"step": step, **metrics})
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         for k, v in metrics.items():
@@ -205,13 +212,14 @@ def _steps_for_epochs(cfg: Config, rows) -> Config:
     is left out)."""
     t = cfg.train
     if len(rows) > 1:
-        raise DataError(f"train.epochs counts passes over one finite dataset, but data.mix draws from {len(rows)} "
-                        "datasets without end; set train.steps (and train.epochs = 0), or train on one dataset")
+        raise errors.DataError("train.epochs counts passes over one finite dataset, but data.mix draws from "
+                               f"{len(rows)} datasets without end; set train.steps (and train.epochs = 0), or train on "
+                               "one dataset")
     per_epoch = rows[0].rows_per_epoch if isinstance(rows[0], PackedRows) else len(rows[0])
     steps = per_epoch * t.epochs // t.batch_size
     if steps < 1:
-        raise DataError(f"{t.epochs} epochs of {per_epoch} rows of train.seq_len + 1 tokens make no batch of "
-                        f"train.batch_size = {t.batch_size}; lower train.batch_size or add data")
+        raise errors.DataError(f"{t.epochs} epochs of {per_epoch} rows of train.seq_len + 1 tokens make no batch of "
+                               f"train.batch_size = {t.batch_size}; lower train.batch_size or add data")
     if jax.process_index() == 0:
         tqdm.write(f"train.epochs = {t.epochs}: {per_epoch} rows of {t.seq_len + 1} tokens per epoch, batches of "
                    f"{t.batch_size}: {steps} steps (train.steps = {t.steps} is replaced)")
@@ -235,18 +243,31 @@ def _packing_metrics(training: data.TrainingData, rows) -> dict:
 
 
 class TrainResult(NamedTuple):
-    """What ``train`` returns: the last logged step (the last line of ``metrics.jsonl``)."""
+    """What ``train`` returns: the last logged step (the last line of ``metrics.jsonl``) and the
+    run's curves, from its first step (an earlier invocation's steps included when resumed)."""
 
     step: int
     loss: float
     val_loss: float | None  # None when that step was not an evaluation step
     metrics: dict  # every value logged at that step (per-layer load, ``val_loss/<name>``, ...)
+    val_curve: tuple[tuple[int, float], ...] = ()  # (step, val_loss) at every validation
+    train_curve: tuple[tuple[int, float], ...] = ()  # (step, training cross-entropy) at every logged step
+
+
+def _result(history: list[dict]) -> TrainResult | None:
+    """``TrainResult`` of the steps logged so far (None before any)."""
+    if not history:
+        return None
+    last = history[-1]
+    return TrainResult(last["step"], last["loss"], last.get("val_loss"), {k: v for k, v in last.items() if k != "step"},
+                       tuple((r["step"], r["val_loss"]) for r in history if "val_loss" in r),
+                       tuple((r["step"], r["ce"]) for r in history if "ce" in r))
 
 
 def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False,
           progress: bool = True) -> TrainResult | None:
-    """Train ``cfg`` in ``workdir``; returns the last logged step (None when a resumed run had no
-    step left to take).
+    """Train ``cfg`` in ``workdir``; returns the last logged step and the run's curves (a resumed
+    run with no step left to take returns those logged before; None when there are none).
 
     Keeps float32 master weights whatever ``model.param_dtype`` says; ``model.dtype`` sets the
     compute dtype. With ``resume`` it continues from the latest complete checkpoint (saved on any
@@ -302,11 +323,12 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh:
     iterator = iter(dataset)
 
     optimizer = make_optimizer(t)
-    shardings = state_shardings(cfg, optimizer, mesh)
+    tuning = make_tuning(cfg)
+    shardings = state_shardings(cfg, optimizer, mesh, tuning)
     if source is None:
-        state = init_sharded_state(cfg, optimizer, jax.random.key(t.seed), shardings)
+        state = init_sharded_state(cfg, optimizer, jax.random.key(t.seed), shardings, tuning)
     else:
-        state = init_from_state(source, cfg, optimizer, shardings, jax.random.key(t.seed))
+        state = init_from_state(source, cfg, optimizer, shardings, jax.random.key(t.seed), tuning)
         if jax.process_index() == 0:
             tqdm.write(f"train.init_from: starting from the parameters of {source.description} (step 0, a fresh "
                        "optimizer state)")
@@ -315,7 +337,7 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh:
     schedule = learning_rate(t)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     replicated = jax.NamedSharding(mesh, jax.P())
-    train_step = jax.jit(make_train_step(cfg, optimizer), in_shardings=(shardings, batch_sharding),
+    train_step = jax.jit(make_train_step(cfg, optimizer, tuning), in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, replicated))
     eval_step = jitted_eval_step(cfg, mesh=mesh)
     logger = _Logger(workdir, start)
@@ -339,10 +361,10 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh:
                     finite = bool(m.finite)
                 except jax.errors.JaxRuntimeError as e:
                     if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-                        raise TrainingError(f"a batch of {t.batch_size} x {t.seq_len} tokens does not fit in memory; "
-                                            "lower train.batch_size or raise train.grad_accum") from e
+                        raise errors.TrainingError(f"a batch of {t.batch_size} x {t.seq_len} tokens does not fit in "
+                                                   "memory; lower train.batch_size or raise train.grad_accum") from e
                     if n_proc > 1:
-                        raise TrainingError(
+                        raise errors.TrainingError(
                             f"step {step} failed in a collective with the other processes ({str(e).splitlines()[0]}): "
                             f"another process of this {n_proc}-process run has probably died. Restart all of them "
                             f"with --resume; the last complete checkpoint is step {ckpt.manager.latest_step()}") from e
@@ -352,7 +374,7 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh:
                     tqdm.write(f"step {step}: non-finite loss or gradient, step skipped (train.on_nan = 'skip')")
                 elif not finite:
                     ckpt.wait()
-                    raise TrainingError(
+                    raise errors.TrainingError(
                         f"non-finite loss or gradient at step {step} (loss {float(m.loss)}, grad norm "
                         f"{float(m.grad_norm)}); the step was not applied and the last checkpoint "
                         f"(step {ckpt.manager.latest_step()}) is intact. Lower train.lr, check the data, or set "
@@ -375,14 +397,22 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh:
                 bar.update(1)
                 if signum and step < t.steps:
                     ckpt.wait()
-                    raise TrainingInterrupted(
+                    raise errors.TrainingInterrupted(
                         f"stopped by {signal.Signals(signum).name} after step {step}, with a checkpoint of it in "
                         f"{workdir / 'checkpoints'}; continue with the same command plus --resume", signum)
                 watchdog.disarm()
+    except Exception as e:  # a disk that fills up (or turns read-only) under the logs rather than a checkpoint
+        error = None if isinstance(e, errors.DsmoeError) else ckpt.storage_error(e, "its logs", workdir)
+        if error is None:
+            raise
+        raise error from e
     finally:
         watchdog.disarm()
         bar.close()
         ckpt.wait()
         ckpt.close()
         logger.close()
-    return None if last_step is None else TrainResult(last_step, last["loss"], last.get("val_loss"), last)
+    if last_step is None or not logger.history:  # nothing new, or a process that does not log
+        return _result(logger.history) if last_step is None else TrainResult(last_step, last["loss"],
+                                                                            last.get("val_loss"), last)
+    return _result(logger.history)._replace(metrics=last)

@@ -13,15 +13,17 @@ import optax
 
 from dsmoe_jax.config import Config
 from dsmoe_jax.evaluation import token_losses
-from dsmoe_jax.model import Aux, forward, forward_mtp, init_params, param_shapes, update_score_bias
+from dsmoe_jax.model import Aux, forward, forward_mtp, init_params, param_axes, param_shapes
 from dsmoe_jax.packing import Packed, row_tokens, row_weights
-from dsmoe_jax.sharding import param_shardings
+from dsmoe_jax.peft.tuning import ALL, Tuning
+from dsmoe_jax.sharding import axes_shardings, param_shardings
+from dsmoe_jax.train.balance import update_score_bias
 
 
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: train steps taken (batches consumed), skipped ones included
-    params: dict  # float32 master weights
-    opt_state: optax.OptState
+    params: dict  # float32 master weights, frozen ones included
+    opt_state: optax.OptState  # of the trained part only (``Tuning.select``)
 
 
 class StepMetrics(NamedTuple):
@@ -36,25 +38,29 @@ class StepMetrics(NamedTuple):
     mtp_ce: jax.Array  # [model.mtp_depth] each multi-token-prediction depth's cross-entropy
 
 
-def init_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+def init_state(params: dict, optimizer: optax.GradientTransformation, tuning: Tuning = ALL) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(tuning.select(params)))
 
 
-def state_shardings(cfg: Config, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> TrainState:
+def state_shardings(cfg: Config, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                    tuning: Tuning = ALL) -> TrainState:
     """Where each part of the train state lives on ``mesh``: params and the optimizer's
-    per-parameter moments by the logical-axis rules, everything else (step, counts) replicated."""
+    per-parameter moments (of the trained part) by the logical-axis rules, everything else
+    (step, counts) replicated."""
     params = param_shardings(cfg, mesh)
     replicated = jax.NamedSharding(mesh, jax.P())
+    trained = jax.eval_shape(tuning.select, param_shapes(cfg))
     opt_state = optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, param_shapes(cfg)), params,
+        optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, trained),
+        axes_shardings(tuning.axes(param_axes(cfg)), trained, mesh),
         transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     return TrainState(replicated, params, opt_state)
 
 
 def init_sharded_state(cfg: Config, optimizer: optax.GradientTransformation, key: jax.Array,
-                       shardings: TrainState) -> TrainState:
+                       shardings: TrainState, tuning: Tuning = ALL) -> TrainState:
     """A fresh train state created directly in its shardings (no device ever holds all of it)."""
-    return jax.jit(lambda k: init_state(init_params(cfg.model, k), optimizer), out_shardings=shardings)(key)
+    return jax.jit(lambda k: init_state(init_params(cfg.model, k), optimizer, tuning), out_shardings=shardings)(key)
 
 
 class TargetCounts(NamedTuple):
@@ -104,12 +110,15 @@ def loss_fn(params: dict, batch: jax.Array | Packed, cfg: Config, counts: Target
     return ce + aux.balance_loss / counts.micro_batches + mtp_loss, (ce, aux, mtp_ce)
 
 
-def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
+def make_train_step(cfg: Config, optimizer: optax.GradientTransformation, tuning: Tuning = ALL):
     """The train step for ``cfg``, ``(state, batch) -> (state, metrics)`` with ``batch`` windows
     ``[B, S + 1]`` or ``Packed`` rows: gradient accumulation over ``train.grad_accum`` micro-batches,
-    clipping and AdamW; a non-finite loss or gradient leaves the state unchanged and reports it."""
+    clipping and AdamW; a non-finite loss or gradient leaves the state unchanged and reports it.
+    ``tuning``: what is trained (``peft.tuning``); the gradient is of its trained part only, and
+    the rest of the params is never written."""
     A, moe = cfg.train.grad_accum, cfg.model.moe
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    tuned_loss = lambda trained, params, batch, cfg, counts: loss_fn(tuning.apply(params, trained), batch, cfg, counts)
+    grad_fn = jax.value_and_grad(tuned_loss, has_aux=True)
 
     def gradients(params, batch):
         """Loss, cross-entropy and the MTP depths' cross-entropies of the whole batch (each
@@ -117,16 +126,17 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
         micro-batches), the gradient, and the expert load of the whole batch (for the
         score-bias update)."""
         counts = count_targets(batch, cfg, A)
+        trained = tuning.select(params)
         if A == 1:  # no accumulator: it would cost a zero-filled copy of the params and a pass adding into it
-            (loss, (ce, aux, mtp_ce)), grads = grad_fn(params, batch, cfg, counts)
+            (loss, (ce, aux, mtp_ce)), grads = grad_fn(trained, params, batch, cfg, counts)
             return loss, ce, aux, mtp_ce, grads, aux.expert_load
 
         def accumulate(grads, micro):
-            (loss, (ce, aux, mtp_ce)), g = grad_fn(params, micro, cfg, counts)
+            (loss, (ce, aux, mtp_ce)), g = grad_fn(trained, params, micro, cfg, counts)
             return jax.tree.map(jnp.add, grads, g), (loss, ce, aux, mtp_ce)
 
         micro_batches = jax.tree.map(lambda a: a.reshape(A, -1, *a.shape[1:]), batch)
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = jax.tree.map(jnp.zeros_like, trained)
         grads, (loss, ce, aux, mtp_ce) = jax.lax.scan(accumulate, zeros, micro_batches)
         total = lambda a: jnp.sum(a, axis=0)
         return (total(loss), total(ce), jax.tree.map(lambda a: jnp.mean(a, axis=0), aux), total(mtp_ce), grads,
@@ -134,9 +144,11 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation):
 
     def update(grads, opt_state, params, expert_load_LE):
         with jax.named_scope("optimizer"):
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            if moe is not None and moe.bias_update_speed:
+            trained = tuning.select(params)
+            updates, opt_state = optimizer.update(grads, opt_state, trained)
+            params = tuning.apply(params, optax.apply_updates(trained, updates))
+            # the score bias balances a router that trains; a frozen router keeps its bias too
+            if moe is not None and moe.bias_update_speed and tuning is ALL:
                 params = update_score_bias(params, expert_load_LE, cfg.model)
         return params, opt_state
 

@@ -7,7 +7,6 @@ conversion with bounded memory (``dsmoe-jax convert hf-to-jax | jax-to-hf``).
 
 from dsmoe_jax.convert.hf_files import HFCheckpoint
 from dsmoe_jax.convert.mapping import (
-    ConversionError,
     config_from_hf,
     config_to_hf,
     hf_names,
@@ -16,6 +15,7 @@ from dsmoe_jax.convert.mapping import (
     params_to_hf,
 )
 from dsmoe_jax.convert.pipeline import hf_to_jax, jax_to_hf
+from dsmoe_jax.errors import ConversionError
 
 __all__ = ["ConversionError", "HFCheckpoint", "config_from_hf", "config_to_hf", "hf_names", "hf_shapes",
            "hf_to_jax", "jax_to_hf", "params_from_hf", "params_to_hf"]

@@ -22,9 +22,13 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from dsmoe_jax.config import ConfigError, ModelConfig, config_from_dict
-from dsmoe_jax.errors import ConversionError  # noqa: F401 - raised here, and importable from here
+from dsmoe_jax import errors
+from dsmoe_jax.config import ModelConfig, config_from_dict
+from dsmoe_jax.errors import ConfigError
 from dsmoe_jax.model import layer_groups, match_layout, param_shapes, unrolled
+
+# ConversionError was importable from here; errors.py holds it (until 0.4 it resolves here too)
+__getattr__ = errors.moved_errors(__name__, "ConversionError")
 
 # ---- config --------------------------------------------------------------------------------
 
@@ -386,10 +390,11 @@ def params_from_hf(read: Callable[[str], np.ndarray], has: Callable[[str], bool]
 
     def source(name: str) -> np.ndarray:
         if not has(name):
-            raise ConversionError(f"the checkpoint has no tensor {name}")
+            raise errors.ConversionError(f"the checkpoint has no tensor {name}")
         array = read(name)
         if tuple(array.shape) != expected[name]:
-            raise ConversionError(f"tensor {name} has shape {tuple(array.shape)}, the config needs {expected[name]}")
+            raise errors.ConversionError(f"tensor {name} has shape {tuple(array.shape)}, the config needs "
+                                         f"{expected[name]}")
         return array
 
     for t, i, path in _entries(cfg):

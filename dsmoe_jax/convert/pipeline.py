@@ -8,11 +8,13 @@ the routed experts of a layer stacked together) to Orbax's partial save, which w
 it go, so peak memory is a small multiple of the largest parameter (the 16B model's 0.4 GB
 embedding), not the 32.8 GB model. jax -> hf reads one parameter at a time and holds at most one
 safetensors shard. Both write into a temporary directory that is renamed into place only when
-complete. FP8 checkpoints (V3, R1) are dequantised tensor by tensor while reading (``hf_files``).
+complete, and hold the output's lock (``lock.py``, beside it) meanwhile: one conversion per output.
+FP8 checkpoints (V3, R1) are dequantised tensor by tensor while reading (``hf_files``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,7 +38,6 @@ from dsmoe_jax.convert.hf_files import (
     write_safetensors,
 )
 from dsmoe_jax.convert.mapping import (
-    ConversionError,
     config_from_hf,
     config_to_hf,
     get_path,
@@ -45,6 +46,8 @@ from dsmoe_jax.convert.mapping import (
     params_to_hf,
     set_path,
 )
+from dsmoe_jax.errors import ConversionError, DsmoeError, storage_error
+from dsmoe_jax.lock import output_lock
 from dsmoe_jax.model import param_shapes, unrolled
 
 HF_CONFIG_COPY = "hf_config.json"  # the source config.json, so jax -> hf keeps fields we do not model (bos/eos ids)
@@ -91,8 +94,8 @@ def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
     shapes = param_shapes(unrolled(model))
 
     cfg = Config(model=model)
-    with atomic_directory(out_dir) as tmp, tqdm(total=len(expected), desc="hf-to-jax", unit="tensor",
-                                               disable=not progress, dynamic_ncols=True) as bar:
+    with _writing(out_dir, "convert hf-to-jax"), atomic_directory(out_dir) as tmp, tqdm(
+            total=len(expected), desc="hf-to-jax", unit="tensor", disable=not progress, dynamic_ncols=True) as bar:
         write_config(tmp, cfg)
         (tmp / HF_CONFIG_COPY).write_text(json.dumps(source.config, indent=2) + "\n")
 
@@ -109,6 +112,20 @@ def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
         ocp_v1.partial.finalize(tmp / PARAMS_DIR)
         copy_tokenizer(source.directory, tmp)
     return cfg
+
+
+@contextlib.contextmanager
+def _writing(out_dir: str | os.PathLike, what: str):
+    """The block that writes ``out_dir``: under its lock, and with a full or read-only disk
+    reported as one ``StorageError`` naming it (Orbax's writer fails as ``ValueError``)."""
+    with output_lock(out_dir, what, beside=True):
+        try:
+            yield
+        except Exception as e:
+            error = None if isinstance(e, DsmoeError) else storage_error(e, "convert", out_dir, "OUT")
+            if error is None:
+                raise
+            raise error from e
 
 
 def _layer_index(name: str) -> int:
@@ -158,8 +175,9 @@ def jax_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int
 
     dtype = DTYPES[model.param_dtype]
     shards = plan_shards(((n, s, dtype) for n, s in hf_shapes(model).items()), max_shard_bytes)
-    with atomic_directory(out_dir) as tmp, tqdm(total=sum(map(len, shards)), desc="jax-to-hf", unit="tensor",
-                                               disable=not progress, dynamic_ncols=True) as bar:
+    with _writing(out_dir, "convert jax-to-hf"), atomic_directory(out_dir) as tmp, tqdm(
+            total=sum(map(len, shards)), desc="jax-to-hf", unit="tensor", disable=not progress,
+            dynamic_ncols=True) as bar:
         write_safetensors(params_to_hf(read, model), shards, tmp, progress=bar)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         copy_tokenizer(ckpt_dir, tmp)

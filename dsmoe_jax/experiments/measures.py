@@ -16,10 +16,10 @@ gates' sum per token, the weight the routed experts carry).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import pathlib
-from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ import numpy as np
 from dsmoe_jax import data
 from dsmoe_jax.errors import ExperimentError
 from dsmoe_jax.evaluation import evaluate, validation_windows, window_batches
-from dsmoe_jax.experiments.specs import ARMS, Arm, Scale
+from dsmoe_jax.experiments.specs import Arm, Scale
 from dsmoe_jax.loading import load_model, validation_tokens
 from dsmoe_jax.model import forward
 from dsmoe_jax.moe import RouteOptions
@@ -37,7 +37,20 @@ from dsmoe_jax.tokenizer import load_tokenizer
 MAX_DISABLED_FRACTION = 4 / 64  # the paper's largest ratio of disabled top routed experts
 DEVICE_GROUPS = 7  # the balance experiment's device-level groups (63 routed experts, 9 per group)
 
-RunDir = Callable[[pathlib.Path, Arm, int], pathlib.Path]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A study's trained runs, what its measures read: each (variant, arm)'s run directories in
+    the order of ``seeds``."""
+
+    scale: Scale
+    seeds: tuple[int, ...]
+    arms: dict[tuple[str, str], Arm]  # (variant, arm name) -> the arm as trained in that variant
+    directories: dict[tuple[str, str], tuple[pathlib.Path, ...]]
+
+    def runs(self, arm: str, variant: str = "base") -> tuple[pathlib.Path, ...]:
+        return self.directories[(variant, arm)]
 
 
 def _load(directory: pathlib.Path):
@@ -46,12 +59,13 @@ def _load(directory: pathlib.Path):
     return params, cfg, val_tokens
 
 
-def specialisation(root: pathlib.Path, scale: Scale, seeds: Sequence[int], run_dir: RunDir) -> dict:
+def specialisation(trained: Trained) -> dict:
     """The three probes for every seed: losses keyed by probe, model and setting, one per seed."""
+    scale = trained.scale
     out: dict = {"disable_top": {}, "no_shared": {}, "top_k": {}}
-    for seed in seeds:
+    for i in range(len(trained.seeds)):
         for name in ("deepseekmoe", "gshard_x1.5"):
-            params, cfg, val = _load(run_dir(root, ARMS[name], seed))
+            params, cfg, val = _load(trained.runs(name)[i])
             E = cfg.model.moe.n_routed_experts
             for n in range(round(E * MAX_DISABLED_FRACTION) + 1):
                 loss = evaluate(params, cfg, val, scale.probe_tokens, route=RouteOptions(exclude_top=n)).loss
@@ -68,7 +82,7 @@ def specialisation(root: pathlib.Path, scale: Scale, seeds: Sequence[int], run_d
                 for k in range(3, K + 1):
                     loss = evaluate(params, cfg, val, scale.probe_tokens, route=RouteOptions(top_k=k)).loss
                     out["top_k"].setdefault(str(k), []).append(loss)
-        params, cfg, val = _load(run_dir(root, ARMS["gshard"], seed))
+        params, cfg, val = _load(trained.runs("gshard")[i])
         out.setdefault("gshard_top2", []).append(evaluate(params, cfg, val, scale.probe_tokens).loss)
     return out
 
@@ -160,10 +174,11 @@ def routing_by_token(params, cfg, tokens: np.ndarray, max_tokens: int) -> list[d
     return out
 
 
-def probe_arm(params, cfg, scale: Scale) -> dict:
+def probe_arm(directory: pathlib.Path, scale: Scale) -> dict:
     """Evaluation-only probes of one trained arm: validation loss by kind of text (with its
     standard error over windows), the routed experts' load statistics and how much the token id
     alone decides the routing, per MoE layer."""
+    params, cfg, _ = load_model(directory)
     by_kind = {kind: evaluate(params, cfg, tokens, scale.eval_tokens)
                for kind, tokens in validation_by_kind(cfg).items()}
     val = validation_tokens(cfg)
@@ -173,19 +188,33 @@ def probe_arm(params, cfg, scale: Scale) -> dict:
             "gate_sum": gate_sum.tolist(), "routing_by_token": routing_by_token(params, cfg, val, scale.probe_tokens)}
 
 
-def balance(root: pathlib.Path, arms: Sequence[Arm], scale: Scale, seeds: Sequence[int], run_dir: RunDir) -> dict:
+def balance(trained: Trained) -> dict:
     """Load statistics of every arm and seed, and each arm's load matrix for the first seed."""
     out: dict = {}
-    for arm in arms:
+    for variant, name in trained.directories:
         stats = []
-        for seed in seeds:
-            params, cfg, val = _load(run_dir(root, arm, seed))
-            load = routing_totals(params, cfg, val, scale.probe_tokens)[0]
+        for i, directory in enumerate(trained.runs(name, variant)):
+            params, cfg, val = _load(directory)
+            load = routing_totals(params, cfg, val, trained.scale.probe_tokens)[0]
             stats.append(load_statistics(load))
-            if seed == seeds[0]:
-                out.setdefault(arm.name, {})["load"] = load.tolist()
-        out[arm.name]["per_seed"] = stats
-        out[arm.name]["max_over_mean"] = float(np.mean([np.mean(s["max_over_mean"]) for s in stats]))
-        out[arm.name]["entropy"] = float(np.mean([np.mean(s["entropy"]) for s in stats]))
-        out[arm.name]["device_max_over_mean"] = float(np.mean([np.mean(s["device_max_over_mean"]) for s in stats]))
+            if i == 0:
+                out.setdefault(name, {})["load"] = load.tolist()
+        out[name]["per_seed"] = stats
+        out[name]["max_over_mean"] = float(np.mean([np.mean(s["max_over_mean"]) for s in stats]))
+        out[name]["entropy"] = float(np.mean([np.mean(s["entropy"]) for s in stats]))
+        out[name]["device_max_over_mean"] = float(np.mean([np.mean(s["device_max_over_mean"]) for s in stats]))
     return out
+
+
+def window_documents(cfg, max_tokens: int) -> tuple[int, ...]:
+    """The held-out document each validation window (``evaluation.validation_windows``) starts
+    in, for clustering windows by document; empty for data other than the embedded corpus
+    (whose document boundaries the token array does not keep)."""
+    if cfg.data.path is not None:
+        return ()
+    tok = load_tokenizer(cfg.data.tokenizer)
+    held_out = data.split_documents(data.embedded_documents())[1]
+    lengths = [len(data.document_tokens([doc], tok)) for doc in held_out]
+    ends = np.cumsum(lengths)
+    starts = validation_windows(validation_tokens(cfg), cfg.train.seq_len, max_tokens) * cfg.train.seq_len
+    return tuple(int(d) for d in np.searchsorted(ends, starts, side="right"))

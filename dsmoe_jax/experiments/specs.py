@@ -1,11 +1,12 @@
-"""The paper's experiments as data: scales, arms and which arms each experiment compares.
+"""What the experiments are made of: scales, arms and variants, each a function from a config to
+a config.
 
-Every arm is the shipped ``2b`` config (the paper's 2B setup) plus overrides: first the scale's
-(sizes, steps, learning rate), then the arm's own (the FFN's structure), then the seed. An
-arm's FFN is written in units of the dense FFN's hidden width F, as the paper writes it: 16
-experts of width F, or 1 shared + 63 routed experts of width F/4, so that one arm means the
-same architecture at every scale. Arms are shared between experiments (DeepSeekMoE appears in
-four of them) and trained once.
+Every run is the shipped ``2b`` config (the paper's 2B setup) changed three times: by its scale
+(sizes, steps, learning rate), by its arm (the FFN's structure) and by its seed; a variant of the
+sensitivity experiment changes the scale and the config once more. An arm's FFN is written in
+units of the dense FFN's hidden width F, as the paper writes it: 16 experts of width F, or 1
+shared + 63 routed experts of width F/4, so that one arm means the same architecture at every
+scale. Arms are shared between experiments (DeepSeekMoE appears in four of them) and trained once.
 
     config = arm_config(ARMS["deepseekmoe"], SCALES["cpu"], seed=0)
 """
@@ -13,12 +14,25 @@ four of them) and trained once.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from fractions import Fraction
 
-from dsmoe_jax.config import Config, ConfigError, load_config
+from dsmoe_jax.config import Config, load_config, updated
+from dsmoe_jax.errors import ConfigError, ExperimentError
 
 BASE_CONFIG = "2b"
 CURVE_POINTS = 10  # validations during each run (at most), for the loss against tokens seen
+
+Change = Callable[[Config], Config]
+
+
+def unchanged(cfg: Config) -> Config:
+    return cfg
+
+
+def setting(**sections: dict) -> Change:
+    """A change that sets keys, e.g. ``setting(moe={"aux_loss_alpha": 0.0})``."""
+    return lambda cfg: updated(cfg, **sections)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,16 +57,16 @@ class Scale:
     checkpoint_every: int
     scan_layers: bool = False  # the CPU scales keep the unrolled blocks their published results used
 
-    def overrides(self) -> list[str]:
-        return [
-            f"model.d_model={self.d_model}", f"model.n_layers={self.n_layers}", f"model.n_heads={self.n_heads}",
-            f"model.head_dim={self.head_dim}", f"model.d_ff={self.ffn}", f"model.vocab_size={self.vocab_size}",
-            f"model.max_seq_len={max(self.seq_len, 16)}", f"train.seq_len={self.seq_len}",
-            f"train.batch_size={self.batch_size}", f"train.steps={self.steps}", f"train.lr={self.lr}",
-            f"train.warmup_steps={self.warmup_steps}", f"train.checkpoint_every={self.checkpoint_every}",
-            f"train.eval_every={self.eval_every}", f"train.eval_tokens={self.curve_tokens}",
-            f"train.log_every={max(self.steps // 50, 1)}", f"model.scan_layers={str(self.scan_layers).lower()}",
-        ]
+    def apply(self, cfg: Config) -> Config:
+        """``cfg`` at this scale: its sizes, budget and learning rate."""
+        model = {"d_model": self.d_model, "n_layers": self.n_layers, "n_heads": self.n_heads,
+                 "head_dim": self.head_dim, "d_ff": self.ffn, "vocab_size": self.vocab_size,
+                 "max_seq_len": max(self.seq_len, 16), "scan_layers": self.scan_layers}
+        train = {"seq_len": self.seq_len, "batch_size": self.batch_size, "steps": self.steps, "lr": self.lr,
+                 "warmup_steps": self.warmup_steps, "checkpoint_every": self.checkpoint_every,
+                 "eval_every": self.eval_every, "eval_tokens": self.curve_tokens,
+                 "log_every": max(self.steps // 50, 1)}
+        return updated(cfg, model=model, train=train)
 
     @property
     def eval_every(self) -> int:
@@ -90,7 +104,7 @@ SCALES = {
 class Arm:
     """One architecture. ``routed = 0`` is a dense FFN of width ``dense_width`` x F; otherwise a
     MoE layer of ``shared`` + ``routed`` experts of width ``width`` x F, ``top_k`` routed per
-    token. ``settings`` are further ``section.key=value`` overrides (balance coefficients)."""
+    token. ``change``: what else the arm sets (balance coefficients), after its structure."""
 
     name: str
     label: str
@@ -100,19 +114,21 @@ class Arm:
     width: Fraction = Fraction(1)
     dense_width: int = 1
     routing: str = "softmax"
-    settings: tuple[str, ...] = ()
+    change: Change = unchanged
 
-    def overrides(self, scale: Scale) -> list[str]:
+    def apply(self, cfg: Config) -> Config:
+        """``cfg`` (at its scale: ``model.d_ff`` is F) with this arm's FFN."""
+        ffn = cfg.model.d_ff
         if self.routed == 0:
-            return [f"model.d_ff={self.dense_width * scale.ffn}", f"model.first_k_dense={scale.n_layers}",
-                    *self.settings]
-        expert_width = self.width * scale.ffn
+            return self.change(updated(cfg, model={"d_ff": self.dense_width * ffn,
+                                                   "first_k_dense": cfg.model.n_layers}))
+        expert_width = self.width * ffn
         if expert_width.denominator != 1:
-            raise ConfigError(f"arm {self.name}: experts of {self.width} x F need F={scale.ffn} divisible by "
+            raise ConfigError(f"arm {self.name}: experts of {self.width} x F need F={ffn} divisible by "
                               f"{self.width.denominator}")
-        return [f"moe.n_routed_experts={self.routed}", f"moe.n_shared_experts={self.shared}",
-                f"moe.top_k={self.top_k}", f"moe.expert_d_ff={int(expert_width)}", f"moe.routing={self.routing}",
-                "model.first_k_dense=0", *self.settings]
+        moe = {"n_routed_experts": self.routed, "n_shared_experts": self.shared, "top_k": self.top_k,
+               "expert_d_ff": int(expert_width), "routing": self.routing}
+        return self.change(updated(cfg, model={"first_k_dense": 0}, moe=moe))
 
     def structure(self) -> str:
         """The FFN in the paper's words, e.g. "1 shared + 63 routed (F/4), top-7"."""
@@ -147,65 +163,97 @@ ARMS = {arm.name: arm for arm in (
     # balance: DeepSeekMoE at the paper's expert-level alpha (0.01, the 2B recipe), without, at 10x,
     # and with the device-level loss over 7 groups of 9 experts (63 routed experts split evenly)
     Arm("balance_off", "no balance loss", routed=63, shared=1, top_k=7, width=_QUARTER,
-        settings=("moe.aux_loss_alpha=0.0",)),
+        change=setting(moe={"aux_loss_alpha": 0.0})),
     Arm("balance_10x", "expert-level alpha x10", routed=63, shared=1, top_k=7, width=_QUARTER,
-        settings=("moe.aux_loss_alpha=0.1",)),
+        change=setting(moe={"aux_loss_alpha": 0.1})),
     Arm("balance_device", "+ device-level loss (7 groups)", routed=63, shared=1, top_k=7, width=_QUARTER,
-        settings=("moe.device_aux_alpha=0.05", "moe.device_groups=7")),
+        change=setting(moe={"device_aux_alpha": 0.05, "device_groups": 7})),
 )}
 
 
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-    name: str
-    title: str  # the paper's table or figure
-    arms: tuple[str, ...]
-    paper: dict[str, float] = dataclasses.field(default_factory=dict)  # the paper's Pile loss per arm
-    measure: str | None = None  # what else is measured on the trained arms: "specialisation" | "balance"
 
 
-EXPERIMENTS = {e.name: e for e in (
-    Experiment("architectures", "Table 1: DeepSeekMoE against Dense, Hash, Switch and GShard (plus Table 2's "
-               "GShard x1.5 and Dense x16)",
-               ("dense", "hash", "switch", "gshard", "deepseekmoe", "gshard_x1.5", "dense_x16"),
-               paper={"dense": 2.060, "hash": 1.932, "switch": 1.881, "gshard": 1.867, "deepseekmoe": 1.808}),
-    Experiment("ablation", "Figure 3: shared-expert isolation and fine-grained segmentation, one at a time",
-               ("gshard", "shared_isolation", "fine_x2", "deepseekmoe")),
-    Experiment("shared-ratio", "Figure 4: the ratio of shared to routed experts",
-               ("deepseekmoe", "shared_2", "shared_4")),
-    Experiment("specialisation", "Section 4.5: expert redundancy, the shared expert, fewer activated experts",
-               ("deepseekmoe", "gshard", "gshard_x1.5"), measure="specialisation"),
-    Experiment("balance", "Expert and device load with the balance losses off, at the paper's alpha and at 10x",
-               ("balance_off", "deepseekmoe", "balance_10x", "balance_device"), measure="balance"),
-)}
+def compose(*changes: Change) -> Change:
+    """The changes applied in order."""
+    def apply(cfg: Config) -> Config:
+        for change in changes:
+            cfg = change(cfg)
+        return cfg
+
+    return apply
+
+
+def _scale_fields(**fields) -> Callable[[Scale], Scale]:
+    return lambda scale: dataclasses.replace(scale, **fields)
+
+
+def _batch_times(factor: int) -> Callable[[Scale], Scale]:
+    """``factor`` times the batch at the same token budget: the steps, warmup and checkpoints
+    divided by it (at a scale whose steps it divides)."""
+    def apply(scale: Scale) -> Scale:
+        if scale.steps % factor:
+            raise ConfigError(f"{factor}x the batch at the same tokens needs steps divisible by {factor}; scale "
+                              f"{scale.name} trains {scale.steps}")
+        return dataclasses.replace(scale, batch_size=scale.batch_size * factor, steps=scale.steps // factor,
+                                   warmup_steps=max(round(scale.warmup_steps / factor), 1),
+                                   checkpoint_every=max(round(scale.checkpoint_every / factor), 1))
+
+    return apply
+
+
+def _gates_to_one(cfg: Config) -> Config:
+    """Routed gates scaled by E / K: at initialisation they sum to about 1 per token."""
+    if not cfg.model.n_moe_layers:
+        return cfg
+    moe = cfg.model.moe
+    return updated(cfg, moe={"routed_scaling_factor": moe.n_routed_experts / moe.top_k})
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One change to the setting of GShard and DeepSeekMoE (the ``sensitivity`` experiment):
-    fields of the scale (sizes, batch, budget) and/or overrides both arms take, and why."""
+    """One change to the setting both compared arms train in (the ``sensitivity`` study): of the
+    scale (sizes, batch, budget; the token budget must stay) and of the config, and why."""
 
     name: str
     reason: str
-    scale: dict = dataclasses.field(default_factory=dict)  # Scale fields to replace
-    overrides: tuple[str, ...] = ()
+    scale: Callable[[Scale], Scale] = lambda scale: scale
+    change: Change = unchanged
     vocab_size: int = 0  # > 0: a byte-level BPE tokenizer of this many tokens instead of the bytes
-    gates_to_one: bool = False  # routed gates scaled by E / K: about 1 per token at initialisation
+    excludes: tuple[str, ...] = ()  # variants it cannot be combined with
 
     def apply(self, arm: Arm, scale: Scale, tokenizer: str | None = None) -> tuple[Arm, Scale]:
         """The arm (named ``arm@variant``, trained and stored apart) and scale of this variant;
         ``tokenizer``: the path of the variant's BPE ``tokenizer.json`` (the runner trains it)."""
         if self.name == "base":
             return arm, scale
-        overrides = self.overrides
+        change = self.change
         if self.vocab_size:
             if tokenizer is None:
                 raise ConfigError(f"variant {self.name} reads a {self.vocab_size}-token BPE tokenizer: pass its path")
-            overrides += (f"data.tokenizer='{tokenizer}'", f"model.vocab_size={self.vocab_size}")
-        if self.gates_to_one and arm.routed:
-            overrides += (f"moe.routed_scaling_factor={arm.routed / arm.top_k:g}",)
-        return (dataclasses.replace(arm, name=f"{arm.name}@{self.name}", settings=arm.settings + overrides),
-                dataclasses.replace(scale, **self.scale))
+            change = compose(change, setting(data={"tokenizer": tokenizer}, model={"vocab_size": self.vocab_size}))
+        return (dataclasses.replace(arm, name=f"{arm.name}@{self.name}", change=compose(arm.change, change)),
+                self.scale_at(scale))
+
+    def scale_at(self, scale: Scale) -> Scale:
+        """``scale`` as this variant changes it; refused where the change does not apply there or
+        would change the token budget (the comparison with other variants is at equal tokens)."""
+        try:
+            changed = self.scale(scale)
+        except ConfigError as e:
+            raise ConfigError(f"variant {self.name}: {e}") from None
+        if changed.tokens != scale.tokens:
+            raise ConfigError(f"variant {self.name} trains on {changed.tokens:,} tokens at scale {scale.name}, not "
+                              f"the scale's {scale.tokens:,}: the comparison with other variants would not be at "
+                              "equal tokens")
+        return changed
+
+    def applies_to(self, scale: Scale) -> bool:
+        """Whether this variant can run at ``scale`` (e.g. a batch multiple needs divisible steps)."""
+        try:
+            self.scale_at(scale)
+        except ConfigError:
+            return False
+        return True
 
 
 SENSITIVITY_ARMS = ("gshard", "deepseekmoe")
@@ -213,21 +261,21 @@ VARIANTS = {v.name: v for v in (
     Variant("base", "the cpu setting as the architectures experiment ran it"),
     Variant("norm_topk", "gate scale: top-k weights renormalised to sum 1, where GShard's routed experts "
             "otherwise carry about 2/16 of a token's weight and DeepSeekMoE's about 7/63 beside a shared expert "
-            "at weight 1", overrides=("moe.norm_topk_prob=true",)),
+            "at weight 1", change=setting(moe={"norm_topk_prob": True}), excludes=("routed_scale",)),
     Variant("routed_scale", "gate scale without renormalising: routed gates multiplied by E/K (GShard 8, DeepSeekMoE "
             "9), so that at initialisation they sum to about 1 per token beside the shared expert's 1, while the "
-            "router's confidence still scales them", gates_to_one=True),
+            "router's confidence still scales them", change=_gates_to_one, excludes=("norm_topk",)),
     Variant("init_0.02", "initialisation: std 0.006 is the paper's for width 1280, used here at width 128",
-            overrides=("model.init_std=0.02",)),
-    Variant("depth_4", "depth: with 2 blocks the router sees nearly raw embeddings", scale={"n_layers": 4}),
-    Variant("depth_8", "depth: 8 blocks, the paper's 2B setup's 9 at this width", scale={"n_layers": 8}),
-    Variant("ffn_512", "dense width F 512: fine-grained experts are 64 wide at F 256", scale={"ffn": 512}),
-    Variant("batch_64", "tokens per step: batch 64 at the same token budget (4x the assignments per expert "
-            "per step)", scale={"batch_size": 64, "steps": 75, "warmup_steps": 8, "checkpoint_every": 25}),
-    Variant("lr_1e-3", "learning rate 1e-3 (the cpu setting uses 2e-3)", scale={"lr": 1e-3}),
-    Variant("lr_4e-3", "learning rate 4e-3", scale={"lr": 4e-3}),
-    Variant("warmup_100", "warmup over a third of the steps (100 of 300, not 30): the routers settle before the "
-            "full learning rate", scale={"warmup_steps": 100}),
+            change=setting(model={"init_std": 0.02})),
+    Variant("depth_4", "depth: with 2 blocks the router sees nearly raw embeddings", scale=_scale_fields(n_layers=4)),
+    Variant("depth_8", "depth: 8 blocks, the paper's 2B setup's 9 at this width", scale=_scale_fields(n_layers=8)),
+    Variant("ffn_512", "dense width F 512: fine-grained experts are 64 wide at F 256", scale=_scale_fields(ffn=512)),
+    Variant("batch_64", "tokens per step: 4x the batch (64 at the cpu scales) at the same token budget (4x the "
+            "assignments per expert per step)", scale=_batch_times(4)),
+    Variant("lr_1e-3", "learning rate 1e-3 (the cpu setting uses 2e-3)", scale=_scale_fields(lr=1e-3)),
+    Variant("lr_4e-3", "learning rate 4e-3", scale=_scale_fields(lr=4e-3)),
+    Variant("warmup_100", "warmup over 100 steps (a third of the cpu scale's 300, not 30): the routers settle "
+            "before the full learning rate", scale=_scale_fields(warmup_steps=100)),
     Variant("bpe_8k", "vocabulary: a byte-level BPE of 8,192 tokens trained on the training split (the paper's 2B "
             "setup uses 8K), where over 512 byte slots hash routing is a per-byte FFN; losses are then per BPE token, "
             "so only the paired gap compares with the other rows", vocab_size=8192),
@@ -235,42 +283,75 @@ VARIANTS = {v.name: v for v in (
 
 
 def variant(name: str) -> Variant:
-    """A variant by name; ``a+b`` is the two changes together (the winning combination), which
-    must not set the same field of the scale or the same override key differently."""
+    """A variant by name; ``a+b`` is the changes together (e.g. the winning combination), named
+    in ``VARIANTS``' order whatever order they were given in. Refused: an unknown part, a part
+    named twice, ``base`` in a combination (it is the setting unchanged), and parts that set
+    the same value differently or exclude each other."""
     parts = name.split("+")
-    unknown = [p for p in parts if p not in VARIANTS or (p == "base" and len(parts) > 1)]
+    unknown = [p for p in parts if p not in VARIANTS]
     if unknown:
-        raise ConfigError(f"unknown variant {unknown[0]!r} in {name!r}; choose from {', '.join(VARIANTS)}, "
-                          "or join changes with '+' (e.g. norm_topk+lr_1e-3)")
+        raise ExperimentError(f"unknown variant {unknown[0]!r} in {name!r}; choose from {', '.join(VARIANTS)}, or join "
+                          "changes other than base with '+' (e.g. norm_topk+lr_1e-3)")
     if len(parts) == 1:
         return VARIANTS[name]
-    scale: dict = {}
-    overrides: dict[str, str] = {}
-    vocab_sizes = {VARIANTS[p].vocab_size for p in parts} - {0}
+    if "base" in parts:
+        rest = "+".join(p for p in parts if p != "base")
+        raise ExperimentError(f"variant {name!r}: base is the setting unchanged and combines with nothing; "
+                              f"name {rest!r}")
+    repeated = sorted({p for p in parts if parts.count(p) > 1})
+    if repeated:
+        raise ExperimentError(f"variant {name!r} names {repeated[0]} twice: it would train the arms of {repeated[0]!r} "
+                          "again under another name")
+    parts = sorted(parts, key=list(VARIANTS).index)
+    chosen = [VARIANTS[p] for p in parts]
+    for v in chosen:
+        clash = set(v.excludes) & set(parts)
+        if clash:
+            raise ExperimentError(f"variant {name!r}: {v.name} and {clash.pop()} both set the gates' scale; choose one")
+    vocab_sizes = {v.vocab_size for v in chosen} - {0}
     if len(vocab_sizes) > 1:
-        raise ConfigError(f"variant {name!r} names tokenizers of {sorted(vocab_sizes)} tokens: choose one")
-    for part in parts:
-        v = VARIANTS[part]
-        items = [*v.scale.items(), *(o.split("=", 1) for o in v.overrides)]
-        for key, value in items:
-            seen = scale if key in v.scale else overrides
-            if key in seen and seen[key] != value:
-                raise ConfigError(f"variant {name!r}: {part} sets {key}={value} but an earlier part set "
-                                  f"{key}={seen[key]}")
-            seen[key] = value
-    gates_to_one = any(VARIANTS[p].gates_to_one for p in parts)
-    if gates_to_one and overrides.get("moe.norm_topk_prob") == "true":
-        raise ConfigError(f"variant {name!r}: renormalised gates already sum to 1; scaling them by E/K too would "
-                          "make them sum to E/K. Choose one of norm_topk and routed_scale")
-    return Variant(name, "together: " + "; ".join(VARIANTS[p].reason for p in parts), scale,
-                   tuple(f"{k}={v}" for k, v in overrides.items()), max(vocab_sizes, default=0), gates_to_one)
+        raise ExperimentError(f"variant {name!r} names tokenizers of {sorted(vocab_sizes)} tokens: choose one")
+    _check_commute(name, chosen)
+    return Variant("+".join(parts), "together: " + "; ".join(v.reason for v in chosen),
+                   compose_scales(*(v.scale for v in chosen)), compose(*(v.change for v in chosen)),
+                   max(vocab_sizes, default=0), tuple(x for v in chosen for x in v.excludes))
+
+
+def compose_scales(*changes: Callable[[Scale], Scale]) -> Callable[[Scale], Scale]:
+    def apply(scale: Scale) -> Scale:
+        for change in changes:
+            scale = change(scale)
+        return scale
+
+    return apply
+
+
+def _check_commute(name: str, chosen: list[Variant]) -> None:
+    """Parts that set the same value differently do not commute: applied in the two orders (on
+    DeepSeekMoE at the cpu scale), they give different settings."""
+    ref_arm, ref_scale = ARMS["deepseekmoe"], SCALES["cpu"]
+    for i, a in enumerate(chosen):
+        for b in chosen[i + 1:]:
+            ab, ba = b.scale(a.scale(ref_scale)), a.scale(b.scale(ref_scale))
+            cfg = arm_config(ref_arm, ref_scale, 0)
+            if ab != ba or b.change(a.change(cfg)) != a.change(b.change(cfg)):
+                raise ExperimentError(f"variant {name!r}: {a.name} and {b.name} set the same value differently; "
+                                  "choose one")
 
 
 def arm_config(arm: Arm, scale: Scale, seed: int) -> Config:
     """The full config of one arm at one scale and seed."""
-    return load_config(BASE_CONFIG, [*scale.overrides(), *arm.overrides(scale), f"train.seed={seed}"])
+    return updated(arm.apply(scale.apply(load_config(BASE_CONFIG))), train={"seed": seed})
 
 
-def overrides_dict(arm: Arm, scale: Scale) -> dict[str, object]:
-    """The arm's own overrides as ``{section.key: value}``: what differs between arms."""
-    return dict(item.split("=", 1) for item in arm.overrides(scale))
+def config_diff(base: Config, changed: Config) -> dict[str, object]:
+    """``{section.key: value}`` of ``changed`` where it differs from ``base`` (what an arm sets)."""
+    a, b = base.to_dict(), changed.to_dict()
+    return {f"{section}.{key}": value for section, table in b.items() for key, value in table.items()
+            if a.get(section, {}).get(key) != value}
+
+
+def arm_settings(arm: Arm, scale: Scale) -> dict[str, object]:
+    """What the arm sets on top of its scale: what differs between arms."""
+    base = scale.apply(load_config(BASE_CONFIG))
+    return config_diff(base, arm.apply(base))
