@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dsmoe_jax.config import Config, ModelConfig, model_config, parse_trainable
@@ -112,6 +113,7 @@ def esft_tuning(expert_cfg: ExpertConfig, cfg: Config | ModelConfig) -> Tuning:
                 layer, ids = rows[key]
                 index = np.asarray(ids)
                 rows_KDF = trainable["experts"][f"{key[-1] if m.scan_layers else key[1]}/{names[-1]}"]
+                leaf = jnp.asarray(leaf)  # host arrays too (a checkpoint read to numpy)
                 leaf = leaf.at[layer, index].set(rows_KDF) if layer is not None else leaf.at[index].set(rows_KDF)
             return leaf
 
