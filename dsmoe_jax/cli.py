@@ -15,6 +15,7 @@
     dsmoe-jax plan --config 16b --mesh data=8,expert=8 --batch 64 --seq 4096   # memory per device
     dsmoe-jax convert hf-to-jax deepseek-moe-16b-base ckpt/16b --dtype bfloat16
     dsmoe-jax convert jax-to-hf ckpt/16b hf-out       # sharded safetensors + index + config.json
+    dsmoe-jax convert merge-adapter ckpt/16b merged --adapter runs/esft-task/adapter   # base + adapter
     dsmoe-jax experiment architectures --scale toy --seeds 0   # the paper's Table 1 in seconds
     dsmoe-jax experiment architectures --scale paper --dry-run --mesh fsdp=8,expert=8   # arms, params, plan
     dsmoe-jax esft-score --checkpoint runs/tiny --data data/chat --out runs/esft   # experts a task uses
@@ -41,6 +42,7 @@ from dsmoe_jax.errors import ConfigError, DsmoeError, InputError, drop_second_ha
 from dsmoe_jax.evaluation import evaluate
 from dsmoe_jax.grouped import resolve_backend
 from dsmoe_jax.loading import load_model
+from dsmoe_jax.peft import adapter as peft_adapter
 from dsmoe_jax.peft import esft
 from dsmoe_jax.train.distributed import initialize_distributed
 from dsmoe_jax.train.loop import train
@@ -146,7 +148,23 @@ def _prepare_data(args) -> None:
                   f"tokens are real; {int((lengths > row).sum()):,} examples longer than a row would be cut")
 
 
+def _load(args, tokenizer: str | None = None):
+    """The model of ``--checkpoint``, with ``--adapter`` applied when given (ESFT, as DeepSeek ships them)."""
+    model = load_model(args.checkpoint, tokenizer=tokenizer)
+    if args.adapter:
+        model = model._replace(params=peft_adapter.apply_adapter(model.params, model.cfg, args.adapter))
+    return model
+
+
+def _add_adapter(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", metavar="DIR", help="apply a fine-tuned adapter to the checkpoint: an ESFT "
+                                                         "adapter (expert_cfg.json and the trained experts)")
+
+
 def _eval(args) -> None:
+    if args.tasks is not None and args.adapter:
+        raise ConfigError("--adapter with --tasks: write the merged model first (dsmoe-jax convert merge-adapter "
+                          "BASE OUT --adapter DIR) and evaluate that")
     if args.tasks is not None:
         _eval_tasks(args)
         return
@@ -158,7 +176,7 @@ def _eval(args) -> None:
                                           ("--allow-code-execution", args.allow_code_execution)) if value]
     if task_only:
         raise ConfigError(f"{', '.join(task_only)}: only with --tasks (lm-evaluation-harness tasks)")
-    params, cfg, _ = load_model(args.checkpoint)  # its tokenizer: the one the loss is taken in
+    params, cfg, _ = _load(args)  # its tokenizer: the one the loss is taken in
     if args.data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=args.data))
     if args.seq_len is not None:
@@ -203,7 +221,7 @@ def _generate(args) -> None:
         raise ConfigError("--system: only with --chat (the system prompt of a chat-formatted prompt)")
     if args.chat and args.speculative:
         raise ConfigError("--chat with --speculative is not supported: leave one of them out")
-    model = load_model(args.checkpoint)
+    model = _load(args)
     if args.chat:
         _generate_chat(args, model)
         return
@@ -233,7 +251,7 @@ def _generate_chat(args, model) -> None:
 
 
 def _chat(args) -> None:
-    model = load_model(args.checkpoint, tokenizer=args.tokenizer)
+    model = _load(args, tokenizer=args.tokenizer)
     chat_session.run(chat_session.ChatSession(model, args.system, args.max_new_tokens, args.temperature,
                                               args.top_k, args.top_p, args.seed))
 
@@ -259,6 +277,12 @@ def _generate_speculative(args, params, cfg, tok, ids) -> None:
 
 
 def _convert(args) -> None:
+    if (args.direction == "merge-adapter") != bool(args.adapter):
+        raise ConfigError("merge-adapter needs --adapter DIR, and --adapter is for merge-adapter only")
+    if args.direction == "merge-adapter":
+        peft_adapter.merge_adapter(args.source, args.adapter, args.out)
+        print(f"wrote {args.out}: {args.source} with the adapter {args.adapter} applied")
+        return
     if args.direction == "hf-to-jax":
         cfg = convert.hf_to_jax(args.source, args.out, dtype=args.dtype, drop_mtp=args.drop_mtp)
         print(f"wrote {args.out}: {count_params(cfg.model)[0]:,} parameters in {cfg.model.param_dtype}")
@@ -389,6 +413,7 @@ def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", parents=[_structured()],
                         help="loss and perplexity of a checkpoint, or lm-eval benchmarks (--tasks)")
     ev.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint directory")
+    _add_adapter(ev)
     ev.add_argument("--data", help="text file(s), .npy tokens or a prepare-data output (chat data: the masked "
                                    "answer loss) to evaluate (default: the run's validation split)")
     ev.add_argument("--seq-len", type=int, metavar="N",
@@ -421,6 +446,7 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
 def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="continue a prompt, printing tokens as they come")
     gen.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint directory")
+    _add_adapter(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     _add_sampling(gen)
@@ -438,6 +464,7 @@ def _add_chat(sub) -> None:
     ch = sub.add_parser("chat", help="a conversation with a (fine-tuned) model in its chat format; one user turn "
                                      "per line when standard input is not a terminal")
     ch.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint directory")
+    _add_adapter(ch)
     ch.add_argument("--system", help="a system prompt, kept when old turns are dropped")
     ch.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer (default 256)")
     _add_sampling(ch)
@@ -462,9 +489,10 @@ def _add_plan(sub) -> None:
 
 def _add_convert(sub) -> None:
     conv = sub.add_parser("convert", help="HF DeepSeek checkpoint (v1, V2, V3) <-> dsmoe-jax checkpoint, streaming")
-    conv.add_argument("direction", choices=["hf-to-jax", "jax-to-hf"])
+    conv.add_argument("direction", choices=["hf-to-jax", "jax-to-hf", "merge-adapter"])
     conv.add_argument("source", help="HF checkpoint directory (hf-to-jax), or a dsmoe-jax checkpoint directory "
-                                     "or training workdir (jax-to-hf)")
+                                     "or training workdir (jax-to-hf; merge-adapter: the base model)")
+    conv.add_argument("--adapter", metavar="DIR", help="merge-adapter: the adapter to merge into the base model")
     conv.add_argument("out", help="output directory; must not exist yet (it appears only when complete)")
     conv.add_argument("--dtype", choices=["float32", "bfloat16"],
                       help="hf-to-jax: parameter dtype (default: the checkpoint's torch_dtype)")

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import signal
 import sys
 import threading
@@ -23,12 +24,14 @@ from tqdm import tqdm
 from dsmoe_jax import data, errors
 from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.atomic import atomic_file
-from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, write_config
-from dsmoe_jax.config import Config
+from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, load_checkpoint, write_config
+from dsmoe_jax.config import Config, parse_trainable
 from dsmoe_jax.costs import flops_per_token
 from dsmoe_jax.evaluation import evaluate, jitted_eval_step, perplexity
 from dsmoe_jax.lock import output_lock
 from dsmoe_jax.packing import PackedRows
+from dsmoe_jax.peft.adapter import ADAPTER_DIR, save_esft
+from dsmoe_jax.peft.esft import ExpertConfig
 from dsmoe_jax.peft.tuning import make_tuning
 from dsmoe_jax.plan import device_peak_flops
 from dsmoe_jax.train.checkpoint import Checkpointer, nothing_to_resume
@@ -306,7 +309,23 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     # one run per workdir: a second one (a requeued job beside the running one) would replace its
     # checkpoints and cut its metrics; the first process holds the lock for all of them
     with output_lock(workdir, "a training run", enabled=jax.process_index() == 0):
-        return _run(cfg, workdir, resume, progress, mesh, source, training, dataset, packing)
+        result = _run(cfg, workdir, resume, progress, mesh, source, training, dataset, packing)
+        if jax.process_index() == 0:
+            _write_esft_adapter(cfg, workdir)
+        return result
+
+
+def _write_esft_adapter(cfg: Config, workdir: pathlib.Path) -> None:
+    """An ESFT run's trained experts as DeepSeek ships adapters, in ``<workdir>/adapter/``
+    (``peft/adapter.py``), rewritten from the last checkpoint whenever the run ends."""
+    kind, path = parse_trainable(cfg.train.trainable)
+    if kind != "esft":
+        return
+    out = workdir / ADAPTER_DIR
+    shutil.rmtree(out, ignore_errors=True)  # derived from the checkpoint: the newer one replaces it
+    params, _ = load_checkpoint(workdir)
+    save_esft(out, params, cfg, ExpertConfig.read(path, cfg))
+    tqdm.write(f"wrote the ESFT adapter {out} (expert_cfg.json and the trained experts under their HF names)")
 
 
 def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh: jax.sharding.Mesh, source,
