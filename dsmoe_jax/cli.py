@@ -149,7 +149,7 @@ def _prepare_data(args) -> None:
 
 
 def _load(args, tokenizer: str | None = None):
-    """The model of ``--checkpoint``, with ``--adapter`` applied when given (ESFT, as DeepSeek ships them)."""
+    """The model of ``--checkpoint``, with ``--adapter`` applied when given (ESFT or LoRA)."""
     model = load_model(args.checkpoint, tokenizer=tokenizer)
     if args.adapter:
         model = model._replace(params=peft_adapter.apply_adapter(model.params, model.cfg, args.adapter))
@@ -158,7 +158,8 @@ def _load(args, tokenizer: str | None = None):
 
 def _add_adapter(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", metavar="DIR", help="apply a fine-tuned adapter to the checkpoint: an ESFT "
-                                                         "adapter (expert_cfg.json and the trained experts)")
+                                                         "adapter (expert_cfg.json and the trained experts) or a "
+                                                         "LoRA adapter in PEFT's format (adapter_config.json)")
 
 
 def _eval(args) -> None:

@@ -287,6 +287,49 @@ def parse_trainable(value: str) -> tuple[str, str | None]:
     return kind, path
 
 
+# What LoRA adapts (``train.lora.targets``): the projections of attention (q/k/v/o, or MLA's
+# q/q_a/q_b/kv_a/kv_b/o), the dense blocks' FFN, the shared experts, the routed experts
+LORA_TARGETS = ("attention", "dense_ffn", "shared_experts", "routed_experts")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """``[train.lora]``: low-rank adapters (Hu et al. 2021) on the ``targets``' weights, ``W +
+    (alpha / rank) * B @ A`` with ``A`` [rank, in] and ``B`` [out, rank], the rest frozen
+    (``dsmoe_jax.peft.lora``). ``rank = 0`` (the default) trains no adapter."""
+
+    rank: int = 0
+    alpha: float | None = None  # None: the rank, so that the scale alpha / rank is 1 whatever the rank
+    dropout: float = 0.0  # on the adapters' input, as PEFT's lora_dropout; only 0 is supported yet
+    targets: tuple[Literal["attention", "dense_ffn", "shared_experts", "routed_experts"], ...] = ("attention",)
+
+    def __post_init__(self):
+        _require(self.rank >= 0, f"train.lora.rank must be >= 0 (0: no LoRA), got {self.rank}")
+        _require(self.alpha is None or self.alpha > 0, f"train.lora.alpha must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, f"train.lora.dropout must be in [0, 1), got {self.dropout}")
+        # the forward runs on the merged weights W + s B A, where dropout on the adapters' input has no place
+        _require(self.dropout == 0, f"train.lora.dropout = {self.dropout}: LoRA dropout is not supported yet (the "
+                 "adapters are trained through their merged weights); set train.lora.dropout = 0")
+        _require(len(self.targets) > 0 and len(set(self.targets)) == len(self.targets),
+                 f"train.lora.targets must name each target once, at least one of {list(LORA_TARGETS)}; got "
+                 f"{list(self.targets)}")
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``: what ``B @ A`` is multiplied by (PEFT's ``scaling``)."""
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+
+def lora_targets_absent(lora: LoRAConfig, cfg: ModelConfig) -> list[str]:
+    """The ``train.lora.targets`` the model of ``cfg`` has no weight for, each with the reason."""
+    moe = cfg.n_moe_layers > 0
+    missing = {"dense_ffn": (cfg.first_k_dense > 0, "model.first_k_dense = 0: no dense block"),
+               "shared_experts": (moe and cfg.moe.n_shared_experts > 0, "no shared experts (moe.n_shared_experts = 0 "
+                                  "or no MoE block)"),
+               "routed_experts": (moe, "no MoE block (model.first_k_dense = model.n_layers)")}
+    return [f"{t!r} ({missing[t][1]})" for t in lora.targets if t in missing and not missing[t][0]]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The paper's recipe: AdamW, warmup, then lr x ``decay_factor`` at each of ``decay_at``."""
@@ -327,9 +370,14 @@ class TrainConfig:
     # what fine-tuning trains: "all" parameters, or "esft:PATH", the routed experts an
     # expert_cfg.json names (dsmoe-jax esft-score writes one); the rest stays frozen (peft/tuning.py)
     trainable: str = "all"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # [train.lora]: low-rank adapters, off by default
 
     def __post_init__(self):
         parse_trainable(self.trainable)
+        _require(not (self.lora.rank and self.trainable != "all"),
+                 f"train.lora.rank = {self.lora.rank} trains low-rank adapters with every weight frozen, and "
+                 f"train.trainable = {self.trainable!r} trains some of those weights themselves: choose one (set "
+                 "train.lora.rank = 0 for ESFT, or train.trainable = 'all' for LoRA)")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.init_from is not None:
@@ -590,7 +638,12 @@ def load_config(path_or_name: str | pathlib.Path, overrides: Sequence[str] = ())
         raise errors.ConfigError(f"{path}: not valid TOML: {e}") from None
     for item in overrides:
         section, name, value = _parse_override(item)
-        tables.setdefault(section, {})[name] = value
+        table = tables.setdefault(section, {})
+        *parents, last = name.split(".")  # train.lora.rank: the key rank of the table [train.lora]
+        for parent in parents:
+            table = table.setdefault(parent, {})
+            _require(isinstance(table, dict), f"override {item!r}: {section}.{parent} is not a table")
+        table[last] = value
     try:
         return check_run_config(config_from_dict(tables))
     except errors.ConfigError as e:
@@ -604,8 +657,18 @@ def updated(cfg: Config, **sections: Mapping[str, object]) -> Config:
     for section, values in sections.items():
         if section not in _SECTIONS:
             raise errors.ConfigError(f"unknown config section [{section}]; choose from {', '.join(_SECTIONS)}")
-        tables.setdefault(section, {}).update(values)
+        _merge_tables(tables.setdefault(section, {}), values)
     return check_run_config(config_from_dict(tables))
+
+
+def _merge_tables(table: dict, values: Mapping) -> None:
+    """``values`` written into ``table``; a table inside (``train.lora``) keeps the keys not given."""
+    for key, value in values.items():
+        if isinstance(value, Mapping) and isinstance(table.get(key), Mapping):
+            table[key] = dict(table[key])
+            _merge_tables(table[key], value)
+        else:
+            table[key] = value
 
 
 def check_run_config(cfg: Config) -> Config:
@@ -618,4 +681,8 @@ def check_run_config(cfg: Config) -> Config:
              f"model.mtp_depth={cfg.model.mtp_depth} predicts tokens that far ahead, which needs windows longer "
              f"than that: train.seq_len={cfg.train.seq_len} is too short; raise train.seq_len or lower "
              "model.mtp_depth")
+    if cfg.train.lora.rank:
+        absent = lora_targets_absent(cfg.train.lora, cfg.model)
+        _require(not absent, f"train.lora.targets names what this model does not have: {', '.join(absent)}; remove "
+                 "them from train.lora.targets")
     return cfg

@@ -35,7 +35,7 @@ from dsmoe_jax.config import MESH_AXES, Config, MeshConfig, ModelConfig
 from dsmoe_jax.costs import cache_bytes_per_token, flops_per_token
 from dsmoe_jax.expert_parallel import send_buffer_rows
 from dsmoe_jax.model import param_axes, param_shapes, unrolled
-from dsmoe_jax.peft.tuning import make_tuning
+from dsmoe_jax.peft.tuning import make_tuning, trained_shapes
 from dsmoe_jax.sharding import axes_shardings, param_shardings
 
 GIB = 2**30
@@ -92,7 +92,7 @@ def _trained_device_elements(cfg: Config, mesh: jax.sharding.AbstractMesh) -> in
     """Elements of the trained part (``train.trainable``) one device holds: what gradients and
     Adam's moments are kept for."""
     tuning = make_tuning(cfg)
-    shapes = jax.eval_shape(tuning.select, param_shapes(cfg))
+    shapes = trained_shapes(tuning, param_shapes(cfg))
     return _held(axes_shardings(tuning.axes(param_axes(cfg)), shapes, mesh), shapes)
 
 
@@ -194,7 +194,9 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     all_reduces = 2 * passes * m.n_layers * t_cfg.grad_accum if tp > 1 else 0
     tensor_bytes = int(all_reduces * t * m.d_model * c * 2 * (tp - 1) / tp)
     return Plan(
-        mesh=sizes, attention=attention, tokens_per_device=t, params=4 * elements, grads=4 * trained,
+        # a LoRA run holds its adapter (the trained part) beside the params
+        mesh=sizes, attention=attention, tokens_per_device=t,
+        params=4 * (elements + (trained if t_cfg.lora.rank else 0)), grads=4 * trained,
         optimizer=8 * trained,
         update=8 * trained,
         activations=activations, activations_remat=activations_remat,

@@ -1,8 +1,9 @@
 """The training Checkpointer: params, optimizer state, step and the data iterator, saved together.
 
 A run's workdir holds ``config.json`` (the run's config, written before the first step) and
-``checkpoints/<step>/`` with the items ``params``, ``opt`` (step and optimizer state) and
-``data`` (the grain iterator). Orbax writes each checkpoint into a temporary directory and renames
+``checkpoints/<step>/`` with the items ``params``, ``opt`` (step and optimizer state),
+``data`` (the grain iterator) and, for a LoRA run only, ``adapter`` (so that the checkpoints of
+other runs are as they were). Orbax writes each checkpoint into a temporary directory and renames
 it when complete, so a crash mid-save never exposes a half-written checkpoint. A checkpoint
 damaged afterwards (a disk error, a file removed by hand) is moved to ``damaged_checkpoints/``
 on resume, with a warning, and the run resumes from the newest intact one. A save that fails for
@@ -111,7 +112,7 @@ class Checkpointer:
                 # a save cut short (two Ctrl-Cs, kill -9) leaves a temporary folder: gone at the next start
                 cleanup_tmp_directories=True),
             item_handlers={"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler()},
+                           "adapter": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
         )
 
     def check_compatible(self, resume: bool) -> int | None:
@@ -130,24 +131,35 @@ class Checkpointer:
         if diffs:
             raise CheckpointError(f"{self.workdir} holds checkpoints of a different model ({'; '.join(diffs)}); "
                                   "resume with the saved config, or start a new --workdir")
+        # the adapter's shapes (and whether there is one) follow these; a checkpoint without it would
+        # otherwise read as damaged
+        lora = [f"train.lora.{k}: {getattr(saved.train.lora, k)!r} (saved) vs {getattr(self.cfg.train.lora, k)!r} (now)"
+                for k in ("rank", "targets") if getattr(saved.train.lora, k) != getattr(self.cfg.train.lora, k)]
+        if lora and (saved.train.lora.rank or self.cfg.train.lora.rank):
+            raise CheckpointError(f"{self.workdir} holds checkpoints of a run with other LoRA adapters "
+                                  f"({'; '.join(lora)}); resume with the saved train.lora, or start a new --workdir")
         return latest
 
     def save(self, step: int, state, data_iterator) -> None:
         self.wait()  # Orbax waits for the previous save here anyway: its failure is named as its own
+        adapter = {"adapter": ocp.args.StandardSave(state.adapter)} if state.adapter else {}
         with self._writing(step):
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
                 opt=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
                 data=grain.checkpoint.CheckpointSave(data_iterator),
+                **adapter,
             ))
         self._saving = step
 
     def restore(self, step: int, abstract_state, data_iterator):
         """The train state at ``step``; ``data_iterator`` is set to the position saved with it."""
+        adapter = {"adapter": ocp.args.StandardRestore(abstract_state.adapter)} if abstract_state.adapter else {}
         with draining_event_loops():  # a damaged checkpoint fails with its one error, not a traceback per read
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_state.params),
                 opt=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
+                **adapter,
             ))
         try:
             self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
@@ -157,7 +169,8 @@ class Checkpointer:
             # the same windows whatever the process count (data.batches, data.mixture_batches), so
             # position by step.
             data_iterator.set_state({"next_index": step})
-        return type(abstract_state)(restored.opt["step"], restored.params, restored.opt["opt_state"])
+        return type(abstract_state)(restored.opt["step"], restored.params, restored.opt["opt_state"],
+                                    restored.adapter if adapter else {})
 
     def restore_latest(self, abstract_state, data_iterator):
         """``(step, state)`` of the newest checkpoint that restores; each damaged newer one is

@@ -106,8 +106,9 @@ def init_from_state(source: InitSource, cfg: Config, optimizer: optax.GradientTr
                     shardings: TrainState, key: jax.Array, tuning: Tuning = ALL) -> TrainState:
     """The run's first train state: step 0, the params of ``source`` read straight into
     ``shardings`` (each process reads its own shards; converted to the run's params layout and
-    float32 master weights), a fresh optimizer state built on the devices. MTP depths the run
-    lacks are not read; those the checkpoint lacks are drawn from ``key`` as a fresh run's are."""
+    float32 master weights), a fresh optimizer state built on the devices, and the tuning's first
+    adapter (LoRA's). MTP depths the run lacks are not read; those the checkpoint lacks, and the
+    adapter, are drawn from ``key`` as a fresh run's are."""
     run = cfg.model
     mesh = shardings.step.mesh
     keep = min(source.cfg.model.mtp_depth, run.mtp_depth)
@@ -125,6 +126,9 @@ def init_from_state(source: InitSource, cfg: Config, optimizer: optax.GradientTr
         fresh = {k: shardings.params["mtp"][k] for k in range(keep, run.mtp_depth)}
         mtp |= jax.jit(lambda k: {d: init_params(run, k)["mtp"][d] for d in fresh}, out_shardings=fresh)(key)
     params = {**restored, "mtp": mtp} if mtp else restored
-    opt_state = jax.jit(lambda p: optimizer.init(tuning.select(p)), out_shardings=shardings.opt_state)(params)
+    # the adapter (LoRA) from the key a fresh run draws it from
+    adapter = jax.jit(tuning.init, out_shardings=shardings.adapter)(params, jax.random.fold_in(key, 1))
+    opt_state = jax.jit(lambda p, a: optimizer.init(tuning.select(p, a)), out_shardings=shardings.opt_state)(params,
+                                                                                                          adapter)
     step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings.step)()
-    return TrainState(step, params, opt_state)
+    return TrainState(step, params, opt_state, adapter)

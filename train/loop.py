@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -29,10 +30,12 @@ from dsmoe_jax.config import Config, parse_trainable
 from dsmoe_jax.costs import flops_per_token
 from dsmoe_jax.evaluation import evaluate, jitted_eval_step, perplexity
 from dsmoe_jax.lock import output_lock
+from dsmoe_jax.model import param_shapes
 from dsmoe_jax.packing import PackedRows
+from dsmoe_jax.peft import lora
 from dsmoe_jax.peft.adapter import ADAPTER_DIR, save_esft
 from dsmoe_jax.peft.esft import ExpertConfig
-from dsmoe_jax.peft.tuning import make_tuning
+from dsmoe_jax.peft.tuning import count, make_tuning, model_params
 from dsmoe_jax.plan import device_peak_flops
 from dsmoe_jax.train.checkpoint import Checkpointer, nothing_to_resume
 from dsmoe_jax.train.init_from import check_init_from, init_from_state
@@ -245,6 +248,33 @@ def _packing_metrics(training: data.TrainingData, rows) -> dict:
     return out
 
 
+def _lora_start(cfg: Config, tuning, workdir: pathlib.Path) -> pathlib.Path | None:
+    """Say what a LoRA run trains; the directory its adapter will be written to, None for a model
+    without HF module names (the adapter then stays in the checkpoints)."""
+    shapes = param_shapes(cfg)
+    if jax.process_index() == 0:
+        trained, total = count(tuning, shapes), sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+        tqdm.write(f"train.lora: rank {cfg.train.lora.rank} adapters on {', '.join(cfg.train.lora.targets)}: "
+                   f"{trained:,} trained parameters ({trained / total:.3%} of the model's {total:,}, all frozen)")
+    try:
+        lora.lora_modules(cfg.model, cfg.train.lora.targets)
+    except errors.ConfigError as e:
+        if jax.process_index() == 0:
+            tqdm.write(f"train.lora: {e}; the adapter is kept in the checkpoints only (no {ADAPTER_DIR}/)")
+        return None
+    return workdir / ADAPTER_DIR
+
+
+def _write_lora_adapter(adapter: dict, cfg: Config, out: pathlib.Path) -> None:
+    """A LoRA run's adapter in PEFT's format at ``out``, replacing one an earlier run of the
+    workdir wrote; every process gathers it, the first writes it."""
+    host = jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), adapter)
+    if jax.process_index() == 0:
+        shutil.rmtree(out, ignore_errors=True)  # the newer adapter replaces it
+        lora.save_peft(out, host, cfg)
+        tqdm.write(f"wrote the LoRA adapter {out} in PEFT's format (peft.PeftModel.from_pretrained reads it)")
+
+
 class TrainResult(NamedTuple):
     """What ``train`` returns: the last logged step (the last line of ``metrics.jsonl``) and the
     run's curves, from its first step (an earlier invocation's steps included when resumed)."""
@@ -344,6 +374,7 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh:
     optimizer = make_optimizer(t)
     tuning = make_tuning(cfg)
     shardings = state_shardings(cfg, optimizer, mesh, tuning)
+    peft_out = _lora_start(cfg, tuning, workdir) if shardings.adapter else None
     if source is None:
         state = init_sharded_state(cfg, optimizer, jax.random.key(t.seed), shardings, tuning)
     else:
@@ -359,6 +390,9 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh:
     train_step = jax.jit(make_train_step(cfg, optimizer, tuning), in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, replicated))
     eval_step = jitted_eval_step(cfg, mesh=mesh)
+    merged = jax.jit(functools.partial(model_params, tuning), out_shardings=shardings.params)
+    # what validation runs: LoRA's adapter merged into the params
+    evaluated = lambda state: merged(state.params, state.adapter) if state.adapter else state.params
     logger = _Logger(workdir, start)
     bar = tqdm(total=t.steps, initial=start, disable=not progress, dynamic_ncols=True, desc="train")
     last, last_step = {}, None
@@ -403,7 +437,7 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh:
                     last = _step_metrics(m, float(schedule(step - 1)), tokens_since / (now - tick), cfg) | packing
                     load = None
                     if step % t.eval_every == 0 or step == t.steps:
-                        last.update(_validate(state.params, cfg, training, eval_step))
+                        last.update(_validate(evaluated(state), cfg, training, eval_step))
                         load = np.asarray(m.aux.expert_load)
                     logger.log(step, last, load)
                     last_step = step
@@ -431,6 +465,8 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh:
         ckpt.wait()
         ckpt.close()
         logger.close()
+    if peft_out is not None:
+        _write_lora_adapter(state.adapter, cfg, peft_out)
     if last_step is None or not logger.history:  # nothing new, or a process that does not log
         return _result(logger.history) if last_step is None else TrainResult(last_step, last["loss"],
                                                                             last.get("val_loss"), last)

@@ -15,7 +15,7 @@ from dsmoe_jax.config import Config
 from dsmoe_jax.evaluation import token_losses
 from dsmoe_jax.model import Aux, forward, forward_mtp, init_params, param_axes, param_shapes
 from dsmoe_jax.packing import Packed, row_tokens, row_weights
-from dsmoe_jax.peft.tuning import ALL, Tuning
+from dsmoe_jax.peft.tuning import ALL, Tuning, trained_shapes
 from dsmoe_jax.sharding import axes_shardings, param_shardings
 from dsmoe_jax.train.balance import update_score_bias
 
@@ -24,6 +24,8 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: train steps taken (batches consumed), skipped ones included
     params: dict  # float32 master weights, frozen ones included
     opt_state: optax.OptState  # of the trained part only (``Tuning.select``)
+    # LoRA's factors (peft/lora.py), the trained part a LoRA run holds beside the frozen params; {} otherwise
+    adapter: dict = {}  # one empty dict shared by every state without one: never mutated
 
 
 class StepMetrics(NamedTuple):
@@ -38,29 +40,37 @@ class StepMetrics(NamedTuple):
     mtp_ce: jax.Array  # [model.mtp_depth] each multi-token-prediction depth's cross-entropy
 
 
-def init_state(params: dict, optimizer: optax.GradientTransformation, tuning: Tuning = ALL) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(tuning.select(params)))
+def init_state(params: dict, optimizer: optax.GradientTransformation, tuning: Tuning = ALL,
+               key: jax.Array | None = None) -> TrainState:
+    """Step 0: ``params``, the tuning's first adapter (drawn from ``key``, default key 0) and a
+    fresh optimizer state of the trained part."""
+    adapter = tuning.init(params, jax.random.key(0) if key is None else key)
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(tuning.select(params, adapter)), adapter)
 
 
 def state_shardings(cfg: Config, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                     tuning: Tuning = ALL) -> TrainState:
-    """Where each part of the train state lives on ``mesh``: params and the optimizer's
-    per-parameter moments (of the trained part) by the logical-axis rules, everything else
-    (step, counts) replicated."""
+    """Where each part of the train state lives on ``mesh``: params, the adapter and the
+    optimizer's per-parameter moments (of the trained part) by the logical-axis rules, everything
+    else (step, counts) replicated."""
     params = param_shardings(cfg, mesh)
     replicated = jax.NamedSharding(mesh, jax.P())
-    trained = jax.eval_shape(tuning.select, param_shapes(cfg))
+    trained = trained_shapes(tuning, param_shapes(cfg))
+    trained_shardings = axes_shardings(tuning.axes(param_axes(cfg)), trained, mesh)
     opt_state = optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, trained),
-        axes_shardings(tuning.axes(param_axes(cfg)), trained, mesh),
+        optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, trained), trained_shardings,
         transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    return TrainState(replicated, params, opt_state)
+    # a tuning that holds an adapter (LoRA) trains exactly it; the others hold none
+    holds_adapter = jax.tree.leaves(jax.eval_shape(lambda p: tuning.init(p, jax.random.key(0)), param_shapes(cfg)))
+    return TrainState(replicated, params, opt_state, trained_shardings if holds_adapter else {})
 
 
 def init_sharded_state(cfg: Config, optimizer: optax.GradientTransformation, key: jax.Array,
                        shardings: TrainState, tuning: Tuning = ALL) -> TrainState:
-    """A fresh train state created directly in its shardings (no device ever holds all of it)."""
-    return jax.jit(lambda k: init_state(init_params(cfg.model, k), optimizer, tuning), out_shardings=shardings)(key)
+    """A fresh train state created directly in its shardings (no device ever holds all of it);
+    the params are drawn from ``key`` whatever the tuning, an adapter from a key folded from it."""
+    return jax.jit(lambda k: init_state(init_params(cfg.model, k), optimizer, tuning, jax.random.fold_in(k, 1)),
+                   out_shardings=shardings)(key)
 
 
 class TargetCounts(NamedTuple):
@@ -120,13 +130,13 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation, tuning
     tuned_loss = lambda trained, params, batch, cfg, counts: loss_fn(tuning.apply(params, trained), batch, cfg, counts)
     grad_fn = jax.value_and_grad(tuned_loss, has_aux=True)
 
-    def gradients(params, batch):
+    def gradients(params, adapter, batch):
         """Loss, cross-entropy and the MTP depths' cross-entropies of the whole batch (each
         counted token weighs the same in every micro-batch: ``loss_fn``), aux (the mean over
         micro-batches), the gradient, and the expert load of the whole batch (for the
         score-bias update)."""
         counts = count_targets(batch, cfg, A)
-        trained = tuning.select(params)
+        trained = tuning.select(params, adapter)
         if A == 1:  # no accumulator: it would cost a zero-filled copy of the params and a pass adding into it
             (loss, (ce, aux, mtp_ce)), grads = grad_fn(trained, params, batch, cfg, counts)
             return loss, ce, aux, mtp_ce, grads, aux.expert_load
@@ -142,25 +152,26 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation, tuning
         return (total(loss), total(ce), jax.tree.map(lambda a: jnp.mean(a, axis=0), aux), total(mtp_ce), grads,
                 total(aux.expert_load))
 
-    def update(grads, opt_state, params, expert_load_LE):
+    def update(grads, opt_state, params, adapter, expert_load_LE):
         with jax.named_scope("optimizer"):
-            trained = tuning.select(params)
+            trained = tuning.select(params, adapter)
             updates, opt_state = optimizer.update(grads, opt_state, trained)
-            params = tuning.apply(params, optax.apply_updates(trained, updates))
+            params, adapter = tuning.store(params, adapter, optax.apply_updates(trained, updates))
             # the score bias balances a router that trains; a frozen router keeps its bias too
             if moe is not None and moe.bias_update_speed and tuning is ALL:
                 params = update_score_bias(params, expert_load_LE, cfg.model)
-        return params, opt_state
+        return params, opt_state, adapter
 
     def step(state: TrainState, batch: jax.Array | Packed):
-        loss, ce, aux, mtp_ce, grads, expert_load_LE = gradients(state.params, batch)
+        loss, ce, aux, mtp_ce, grads, expert_load_LE = gradients(state.params, state.adapter, batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A bad step leaves params and optimizer state as they were: nothing non-finite is kept.
         # A cond, not a select of new against old: the update then runs in place in the donated
         # buffers, where a select needs the old state kept, a copy of params and moments per step.
-        params, opt_state = jax.lax.cond(finite, update, lambda g, o, p, load: (p, o),
-                                         grads, state.opt_state, state.params, expert_load_LE)
-        return TrainState(state.step + 1, params, opt_state), StepMetrics(loss, ce, grad_norm, finite, aux, mtp_ce)
+        params, opt_state, adapter = jax.lax.cond(finite, update, lambda g, o, p, a, load: (p, o, a),
+                                                  grads, state.opt_state, state.params, state.adapter, expert_load_LE)
+        return (TrainState(state.step + 1, params, opt_state, adapter),
+                StepMetrics(loss, ce, grad_norm, finite, aux, mtp_ce))
 
     return step

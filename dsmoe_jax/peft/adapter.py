@@ -1,4 +1,5 @@
-"""Adapters as files beside a base model, in the formats their users already have.
+"""Adapters as files beside a base model, in the formats their users already have: ESFT's as
+DeepSeek ships them (below), LoRA's in PEFT's format (``lora.py``).
 
 An ESFT adapter is what DeepSeek ships (deepseek-ai/ESFT): a directory with ``expert_cfg.json``
 and safetensors holding only the trained tensors, under the base model's Hugging Face names
@@ -24,6 +25,7 @@ from dsmoe_jax.config import Config, ModelConfig, model_config
 from dsmoe_jax.convert.mapping import hf_shapes, params_from_hf, params_to_hf
 from dsmoe_jax.errors import CheckpointError
 from dsmoe_jax.model import match_layout, unrolled
+from dsmoe_jax.peft import lora
 from dsmoe_jax.peft.esft import EXPERT_CFG, ExpertConfig, moe_layers
 
 ESFT_WEIGHTS = "adapter.safetensors"
@@ -88,13 +90,17 @@ def read_esft(directory: str | os.PathLike, cfg: Config | ModelConfig) -> tuple[
 
 
 def apply_adapter(params: dict, cfg: Config | ModelConfig, directory: str | os.PathLike) -> dict:
-    """``params`` with the adapter in ``directory`` applied: an ESFT adapter's tensors replace the
-    base model's (the merged model, as DeepSeek's ``add_adapter`` loads it)."""
+    """``params`` with the adapter in ``directory`` applied (the merged model): an ESFT adapter's
+    tensors replace the base model's, as DeepSeek's ``add_adapter`` loads them; a LoRA adapter in
+    PEFT's format adds its (alpha / r) B A to each weight it adapts."""
     directory = pathlib.Path(directory)
-    if not (directory / EXPERT_CFG).is_file():
-        raise CheckpointError(f"{directory} is not an adapter: it holds no {EXPERT_CFG} (an ESFT adapter, as "
-                              "DeepSeek ships them or a run with train.trainable = 'esft:...' writes)")
     m = model_config(cfg)
+    if (directory / lora.CONFIG_FILE).is_file():
+        run = lora.peft_lora_config(directory, Config(model=m))
+        return lora.merge(params, lora.load_peft(directory, run), run)
+    if not (directory / EXPERT_CFG).is_file():
+        raise CheckpointError(f"{directory} is not an adapter: it holds neither {EXPERT_CFG} (an ESFT adapter, as "
+                              f"DeepSeek ships them) nor {lora.CONFIG_FILE} (a LoRA adapter in PEFT's format)")
     _, tensors = read_esft(directory, m)
     base = match_layout(params, unrolled(m))
     hf = dict(params_to_hf(base, m))

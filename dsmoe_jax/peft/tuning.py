@@ -1,13 +1,17 @@
-"""What a fine-tuning run trains, as a pytree transform: ``select`` takes the trained part out of
-the model's parameters (what the optimizer sees and keeps moments for), ``apply`` puts it back.
+"""What a fine-tuning run trains, as a pytree transform of the model's parameters and the run's
+adapter (LoRA's factors, which the params cannot hold; ``{}`` for the other tunings): ``select``
+takes the trained part out (what the optimizer sees and keeps moments for), ``apply`` gives the
+params the forward runs with, ``store`` puts an updated trained part back where it lives.
 
 The train step differentiates the loss of ``apply(params, trainable)`` with respect to
 ``trainable`` only, so frozen parameters get no gradient and no optimizer state, and after any
-number of steps they are the very arrays they were (``apply`` writes only the trained rows).
+number of steps they are the very arrays they were (``store`` writes only the trained part).
 
 - ``all`` (the default): every parameter.
 - ``esft``: the routed experts an ``expert_cfg.json`` names (rows of the stacked expert weights),
   plus the shared experts and every non-expert parameter when its flags say so.
+- ``lora`` (``train.lora.rank > 0``): low-rank adapters of the weights ``train.lora.targets``
+  names (``peft/lora.py``); the params are all frozen and the forward runs on W + s B A.
 """
 
 from __future__ import annotations
@@ -22,29 +26,51 @@ import numpy as np
 from dsmoe_jax.config import Config, ModelConfig, model_config, parse_trainable
 from dsmoe_jax.errors import ConfigError
 from dsmoe_jax.model import STACKED_GROUPS, layer_groups
+from dsmoe_jax.peft import lora
 from dsmoe_jax.peft.esft import ExpertConfig
 
 ROUTED = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")  # the stacked routed-expert weights of an MoE FFN
 
 
 class Tuning(NamedTuple):
-    """A trained subset of the parameters, as two pure functions and the trained part's axes."""
+    """What a run trains, as pure functions of the params and the adapter, and the trained part's axes."""
 
     name: str
-    select: Callable[[dict], dict]  # params -> the trained part
-    apply: Callable[[dict, dict], dict]  # (params, trained part) -> params with it written back
+    # (params, adapter) -> the trained part; the adapter may be left out where the params hold it
+    select: Callable[..., dict]
+    apply: Callable[[dict, dict], dict]  # (params, trained part) -> the params the forward runs with
     axes: Callable[[dict], dict]  # the params' logical axes -> the trained part's
+    store: Callable[[dict, dict, dict], tuple[dict, dict]]  # (params, adapter, trained part) -> (params, adapter)
+    init: Callable[[dict, jax.Array], dict]  # (params, key) -> the run's first adapter
 
 
-ALL = Tuning("all", lambda params: params, lambda params, trainable: trainable, lambda axes: axes)
+def _no_adapter(params: dict, key: jax.Array) -> dict:
+    return {}
+
+
+ALL = Tuning("all", lambda params, adapter=None: params, lambda params, trainable: trainable, lambda axes: axes,
+             lambda params, adapter, trainable: (trainable, adapter), _no_adapter)
 
 
 def make_tuning(cfg: Config) -> Tuning:
-    """The ``Tuning`` of ``cfg.train.trainable``."""
+    """The ``Tuning`` of ``cfg.train.trainable`` and ``cfg.train.lora``."""
+    if cfg.train.lora.rank:
+        return lora_tuning(cfg)
     kind, path = parse_trainable(cfg.train.trainable)
     if kind == "all":
         return ALL
     return esft_tuning(ExpertConfig.read(path, cfg), cfg)
+
+
+def lora_tuning(cfg: Config) -> Tuning:
+    """LoRA's trained part: the adapter of ``cfg.train.lora``, held beside the params, which stay
+    as they are; the forward runs on the merged weights (``lora.merge``)."""
+    if not cfg.train.lora.rank:
+        raise ConfigError("lora_tuning needs train.lora.rank > 0")
+    return Tuning("lora", lambda params, adapter: adapter, lambda params, adapter: lora.merge(params, adapter, cfg),
+                  lambda param_axes: lora.adapter_axes(param_axes, cfg),
+                  lambda params, adapter, trainable: (params, trainable),
+                  lambda params, key: lora.init_adapter(params, cfg, key))
 
 
 def _key(path) -> str:
@@ -91,7 +117,7 @@ def esft_tuning(expert_cfg: ExpertConfig, cfg: Config | ModelConfig) -> Tuning:
             return [k for k in rows if k[:3] == names]
         return [names] if names in rows else []
 
-    def select(params: dict) -> dict:
+    def select(params: dict, adapter: dict | None = None) -> dict:
         out = {"experts": {}, "whole": {}}
         for path, leaf in jax.tree_util.tree_leaves_with_path(params):
             names = _path_names(path)
@@ -135,10 +161,20 @@ def esft_tuning(expert_cfg: ExpertConfig, cfg: Config | ModelConfig) -> Tuning:
 
     if not rows and not expert_cfg.shared_experts and not expert_cfg.non_expert_modules:
         raise ConfigError("this expert_cfg trains nothing: no expert in any layer and both flags false")
-    return Tuning("esft", select, apply, axes)
+    return Tuning("esft", select, apply, axes, lambda params, adapter, trainable: (apply(params, trainable), adapter),
+                  _no_adapter)
+
+
+def trained_shapes(tuning: Tuning, params_or_shapes: dict) -> dict:
+    """The shapes of what ``tuning`` trains, from the params (or their shapes); nothing allocated."""
+    return jax.eval_shape(lambda p: tuning.select(p, tuning.init(p, jax.random.key(0))), params_or_shapes)
+
+
+def model_params(tuning: Tuning, params: dict, adapter: dict) -> dict:
+    """The params the model runs with: ``params``, the adapter merged in where the run holds one."""
+    return tuning.apply(params, tuning.select(params, adapter)) if adapter else params
 
 
 def count(tuning: Tuning, params_or_shapes: dict) -> int:
     """How many parameters ``tuning`` trains."""
-    shapes = jax.eval_shape(tuning.select, params_or_shapes)
-    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(trained_shapes(tuning, params_or_shapes))))
