@@ -220,6 +220,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # the default run stays near ten minutes: run with -m slow
 def test_peak_memory_is_a_small_multiple_of_the_largest_array(tmp_path):
     hf_cfg = {**TINY_HF, "vocab_size": 4096, "hidden_size": 512, "intermediate_size": 2048,
               "moe_intermediate_size": 1024, "num_hidden_layers": 5, "num_attention_heads": 8,

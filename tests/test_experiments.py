@@ -361,6 +361,7 @@ def test_a_bpe_variant_trains_and_pairs_its_arms(tmp_path, monkeypatch):
     assert cfg.model.vocab_size == 300 and results.comparisons[0].per_seed
 
 
+@pytest.mark.slow  # the default run stays near ten minutes: run with -m slow
 def test_probes_train_what_is_missing_split_validation_by_kind_and_pair_the_arms(tmp_path, monkeypatch):
     assert cli.main(["experiment", "sensitivity", "--scale", "toy", "--seeds", "0,1", "--variants", "base",
                      "--arms", "switch", "--workdir", str(tmp_path), "--quiet"]) == 0

@@ -89,6 +89,7 @@ def test_validation_is_the_masked_loss_of_each_held_out_example_alone(chat_datas
     assert result.stderr > 0
 
 
+@pytest.mark.slow  # the default run stays near ten minutes: run with -m slow
 def test_epochs_set_the_steps_reshuffle_and_a_stopped_run_resumes_exactly(chat_dataset, tmp_path, monkeypatch):
     """``train.epochs`` = 2 derives the steps from the packed rows; epoch 2 reads the rows in
     another order; a run stopped mid-epoch (SIGTERM: a checkpoint of that step, as kill -9 leaves

@@ -269,6 +269,7 @@ def cycle_model():
     return _train_on_a_cycle_and_noise(60)
 
 
+@pytest.mark.slow  # the default run stays near ten minutes: run with -m slow
 def test_a_trained_mtp_depth_gets_its_drafts_accepted_and_eos_stops_mid_pair(cycle_model):
     params, cfg = cycle_model
     prompt = jnp.asarray([[2, 3, 4, 5]])

@@ -48,6 +48,7 @@ def test_tiny_config_learns_and_logs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["20", "40"]
 
 
+@pytest.mark.slow  # the default run stays near ten minutes: run with -m slow
 def test_tiny_v3_learns_and_its_score_bias_balances_the_load(tmp_path):
     """DeepSeek-V3's parts (MLA, sigmoid group-limited routing, auxiliary-loss-free balancing)
     train: the loss falls and the bias moves. Without the bias (or an auxiliary loss) this
@@ -207,6 +208,7 @@ def test_resume_of_a_workdir_without_checkpoints_is_refused(tmp_path):
     assert not (tmp_path / "typo").exists(), "nothing was created"
 
 
+@pytest.mark.slow  # the default run stays near ten minutes: run with -m slow
 def test_a_mixture_trains_and_logs_each_validation_set(tmp_path):
     from dsmoe_jax import prepare
 

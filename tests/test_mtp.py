@@ -80,6 +80,7 @@ def test_mtp_depths_follow_the_reports_equations():
     np.testing.assert_allclose(plain, logits, atol=1e-5, err_msg="the depths leave the model's own logits alone")
 
 
+@pytest.mark.slow  # the default run stays near ten minutes: run with -m slow
 def test_mtp_loss_is_added_logged_and_trains_an_moe_depth_and_its_score_bias():
     cfg = dsmoe_jax.load_config("tiny-v3", ["model.n_layers=2", "model.mtp_depth=1", "train.batch_size=4",
                                             "train.seq_len=32", "train.lr=3e-3", "train.warmup_steps=1",

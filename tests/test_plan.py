@@ -66,6 +66,7 @@ def test_attention_activations_follow_the_implementation_by_hand():
         assert saved == t * layers * (per_layer["xla"] - per_layer[name]), name
 
 
+@pytest.mark.slow  # the default run stays near ten minutes: run with -m slow
 def test_node_limited_routing_and_the_mla_cache_by_hand():
     """DeepSeek-V2: 160 experts in 8 groups, a token keeps its 3 best groups; on 8 expert devices
     (a group per device) its 6 experts sit on at most 3 devices instead of 6."""

@@ -95,7 +95,7 @@ TENSOR = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-v3"])
+@pytest.mark.parametrize("name", ["tiny", pytest.param("tiny-v3", marks=pytest.mark.slow)])  # v3: a minute
 def test_tensor_parallel_training_and_decoding_equal_one_device(name):
     report = json.loads(run_python(TENSOR, name).splitlines()[-1])
     assert report == {name: [{"data": 2, "tensor": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}]}, report
