@@ -141,6 +141,7 @@ def test_prefill_starts_a_used_cache_over(small_cfg, params):
         np.testing.assert_allclose(logits_BV, full[:, t], atol=1e-5, err_msg=f"decode at position {t}")
 
 
+@pytest.mark.slow  # about 18 s: run with -m slow
 def test_forward_cached_extends_a_prefilled_cache_by_a_chunk(small_cfg, params):
     tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, small_cfg.vocab_size)
     full, _ = dsmoe_jax.forward(params, tokens, small_cfg)
@@ -224,7 +225,8 @@ def test_prompt_token_ids_are_checked(small_cfg, params):
 _speculative = jax.jit(inference.generate_speculative, static_argnames=("cfg", "max_new_tokens", "eos"))
 
 
-@pytest.mark.parametrize("config", ["small", "tiny-v3"])  # MHA with softmax routing; MLA with sigmoid groups
+# MHA with softmax routing; MLA with sigmoid groups (20 s: -m slow)
+@pytest.mark.parametrize("config", ["small", pytest.param("tiny-v3", marks=pytest.mark.slow)])
 def test_speculative_decoding_is_greedy_decoding_token_for_token(small_cfg, config):
     """Untrained weights: nearly every draft is wrong, so a rejected draft's slot is masked (in
     a ragged batch) or overwritten (alone) step after step; the output must not notice."""
