@@ -25,7 +25,7 @@ from tqdm import tqdm
 from dsmoe_jax import data, errors
 from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.atomic import atomic_file
-from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, load_checkpoint, write_config
+from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, write_config
 from dsmoe_jax.config import Config, parse_trainable
 from dsmoe_jax.costs import flops_per_token
 from dsmoe_jax.evaluation import evaluate, jitted_eval_step, perplexity
@@ -265,14 +265,22 @@ def _lora_start(cfg: Config, tuning, workdir: pathlib.Path) -> pathlib.Path | No
     return workdir / ADAPTER_DIR
 
 
-def _write_lora_adapter(adapter: dict, cfg: Config, out: pathlib.Path) -> None:
-    """A LoRA run's adapter in PEFT's format at ``out``, replacing one an earlier run of the
-    workdir wrote; every process gathers it, the first writes it."""
-    host = jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), adapter)
+def _write_adapter(state, cfg: Config, out: pathlib.Path) -> None:
+    """The run's adapter at ``out``, replacing one an earlier run of the workdir wrote: LoRA's in
+    PEFT's format, ESFT's trained experts as DeepSeek ships adapters (``peft/adapter.py``); every
+    process gathers what it holds, the first writes it."""
+    gathered = lambda tree: jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
+    if state.adapter:
+        adapter = gathered(state.adapter)
+        write, what = lambda: lora.save_peft(out, adapter, cfg), "the LoRA adapter in PEFT's format"
+    else:
+        params = gathered(state.params)
+        expert_cfg = ExpertConfig.read(parse_trainable(cfg.train.trainable)[1], cfg)
+        write, what = lambda: save_esft(out, params, cfg, expert_cfg), "the ESFT adapter as DeepSeek ships them"
     if jax.process_index() == 0:
         shutil.rmtree(out, ignore_errors=True)  # the newer adapter replaces it
-        lora.save_peft(out, host, cfg)
-        tqdm.write(f"wrote the LoRA adapter {out} in PEFT's format (peft.PeftModel.from_pretrained reads it)")
+        write()
+        tqdm.write(f"wrote {what}: {out}")
 
 
 class TrainResult(NamedTuple):
@@ -339,23 +347,7 @@ def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.shardin
     # one run per workdir: a second one (a requeued job beside the running one) would replace its
     # checkpoints and cut its metrics; the first process holds the lock for all of them
     with output_lock(workdir, "a training run", enabled=jax.process_index() == 0):
-        result = _run(cfg, workdir, resume, progress, mesh, source, training, dataset, packing)
-        if jax.process_index() == 0:
-            _write_esft_adapter(cfg, workdir)
-        return result
-
-
-def _write_esft_adapter(cfg: Config, workdir: pathlib.Path) -> None:
-    """An ESFT run's trained experts as DeepSeek ships adapters, in ``<workdir>/adapter/``
-    (``peft/adapter.py``), rewritten from the last checkpoint whenever the run ends."""
-    kind, path = parse_trainable(cfg.train.trainable)
-    if kind != "esft":
-        return
-    out = workdir / ADAPTER_DIR
-    shutil.rmtree(out, ignore_errors=True)  # derived from the checkpoint: the newer one replaces it
-    params, _ = load_checkpoint(workdir)
-    save_esft(out, params, cfg, ExpertConfig.read(path, cfg))
-    tqdm.write(f"wrote the ESFT adapter {out} (expert_cfg.json and the trained experts under their HF names)")
+        return _run(cfg, workdir, resume, progress, mesh, source, training, dataset, packing)
 
 
 def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh: jax.sharding.Mesh, source,
@@ -375,6 +367,8 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh:
     tuning = make_tuning(cfg)
     shardings = state_shardings(cfg, optimizer, mesh, tuning)
     peft_out = _lora_start(cfg, tuning, workdir) if shardings.adapter else None
+    if parse_trainable(t.trainable)[0] == "esft":
+        peft_out = workdir / ADAPTER_DIR
     if source is None:
         state = init_sharded_state(cfg, optimizer, jax.random.key(t.seed), shardings, tuning)
     else:
@@ -466,7 +460,7 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh:
         ckpt.close()
         logger.close()
     if peft_out is not None:
-        _write_lora_adapter(state.adapter, cfg, peft_out)
+        _write_adapter(state, cfg, peft_out)
     if last_step is None or not logger.history:  # nothing new, or a process that does not log
         return _result(logger.history) if last_step is None else TrainResult(last_step, last["loss"],
                                                                             last.get("val_loss"), last)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from fractions import Fraction
+from typing import TypeVar
 
 from dsmoe_jax.config import Config, load_config, updated
 from dsmoe_jax.errors import ConfigError, ExperimentError
@@ -24,6 +25,7 @@ BASE_CONFIG = "2b"
 CURVE_POINTS = 10  # validations during each run (at most), for the loss against tokens seen
 
 Change = Callable[[Config], Config]
+T = TypeVar("T")
 
 
 def unchanged(cfg: Config) -> Config:
@@ -173,12 +175,12 @@ ARMS = {arm.name: arm for arm in (
 
 
 
-def compose(*changes: Change) -> Change:
-    """The changes applied in order."""
-    def apply(cfg: Config) -> Config:
+def compose(*changes: Callable[[T], T]) -> Callable[[T], T]:
+    """The changes (of a config, or of a scale) applied in order."""
+    def apply(value: T) -> T:
         for change in changes:
-            cfg = change(cfg)
-        return cfg
+            value = change(value)
+        return value
 
     return apply
 
@@ -313,17 +315,8 @@ def variant(name: str) -> Variant:
         raise ExperimentError(f"variant {name!r} names tokenizers of {sorted(vocab_sizes)} tokens: choose one")
     _check_commute(name, chosen)
     return Variant("+".join(parts), "together: " + "; ".join(v.reason for v in chosen),
-                   compose_scales(*(v.scale for v in chosen)), compose(*(v.change for v in chosen)),
+                   compose(*(v.scale for v in chosen)), compose(*(v.change for v in chosen)),
                    max(vocab_sizes, default=0), tuple(x for v in chosen for x in v.excludes))
-
-
-def compose_scales(*changes: Callable[[Scale], Scale]) -> Callable[[Scale], Scale]:
-    def apply(scale: Scale) -> Scale:
-        for change in changes:
-            scale = change(scale)
-        return scale
-
-    return apply
 
 
 def _check_commute(name: str, chosen: list[Variant]) -> None:

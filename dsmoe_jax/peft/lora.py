@@ -50,7 +50,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's prefix of the base model's module names
 
 
-def _names(path) -> tuple:
+def path_names(path) -> tuple:
+    """A params tree path's keys and indices, e.g. ``("layers", 1, "ffn", "w_gate_EDF")``."""
     return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
 
 
@@ -76,7 +77,7 @@ def _split(name: str, shape: tuple) -> tuple[tuple, int, int]:
 def _adapted(tree: dict, targets: Sequence[str], is_leaf=None) -> Iterator[tuple[tuple, object]]:
     """(params path, leaf) of each weight of ``tree`` (params, shapes or axes) that ``targets`` adapt."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf):
-        names = _names(path)
+        names = path_names(path)
         if kind_of(names) in targets:
             yield names, leaf
 

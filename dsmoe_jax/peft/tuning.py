@@ -77,24 +77,30 @@ def _key(path) -> str:
     return jax.tree_util.keystr(path)
 
 
-def _routed_rows(expert_cfg: ExpertConfig, cfg: ModelConfig) -> dict[tuple, tuple[int | None, tuple[int, ...]]]:
-    """For each trained routed-expert leaf, by its params path (in either layout): the index of its
-    layer in a stacked group (None unrolled) and the expert rows it trains."""
+class _Rows(NamedTuple):
+    """The expert rows ESFT trains in one routed-expert leaf of one layer."""
+
+    stacked: int | None  # the layer's index in its scanned group; None unrolled
+    index: np.ndarray  # the expert ids, as rows of the leaf
+    name: str  # "<layer>/<weight>": where the trained part keeps them
+
+
+def _routed_rows(expert_cfg: ExpertConfig, cfg: ModelConfig) -> dict[tuple, _Rows]:
+    """For each trained routed-expert leaf and layer, by its params path (in either layout; the
+    scanned layout's key ends with the layer): the rows it trains."""
     groups = layer_groups(cfg) if cfg.scan_layers else {}
     rows = {}
     for layer, ids in expert_cfg.experts.items():
         if not ids:
             continue
         for name in ROUTED:
+            trained = f"{layer}/{name}"
             if cfg.scan_layers:
-                rows[("moe_layers", "ffn", name, layer)] = (groups["moe_layers"].index(layer), ids)
+                rows[("moe_layers", "ffn", name, layer)] = _Rows(groups["moe_layers"].index(layer), np.asarray(ids),
+                                                                 trained)
             else:
-                rows[("layers", layer, "ffn", name)] = (None, ids)
+                rows[("layers", layer, "ffn", name)] = _Rows(None, np.asarray(ids), trained)
     return rows
-
-
-def _path_names(path) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
 
 
 def esft_tuning(expert_cfg: ExpertConfig, cfg: Config | ModelConfig) -> Tuning:
@@ -120,27 +126,25 @@ def esft_tuning(expert_cfg: ExpertConfig, cfg: Config | ModelConfig) -> Tuning:
     def select(params: dict, adapter: dict | None = None) -> dict:
         out = {"experts": {}, "whole": {}}
         for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-            names = _path_names(path)
+            names = lora.path_names(path)
             if whole(names):
                 out["whole"][_key(path)] = leaf
             for key in routed_key(names):
-                layer, ids = rows[key]
-                index = np.asarray(ids)
-                out["experts"][f"{key[-1] if m.scan_layers else key[1]}/{names[-1]}"] = (
-                    leaf[layer][index] if layer is not None else leaf[index])
+                r = rows[key]
+                out["experts"][r.name] = leaf[r.stacked][r.index] if r.stacked is not None else leaf[r.index]
         return out
 
     def apply(params: dict, trainable: dict) -> dict:
         def put(path, leaf):
-            names = _path_names(path)
+            names = lora.path_names(path)
             if whole(names):
                 return trainable["whole"][_key(path)]
             for key in routed_key(names):
-                layer, ids = rows[key]
-                index = np.asarray(ids)
-                rows_KDF = trainable["experts"][f"{key[-1] if m.scan_layers else key[1]}/{names[-1]}"]
+                r = rows[key]
+                rows_KDF = trainable["experts"][r.name]
                 leaf = jnp.asarray(leaf)  # host arrays too (a checkpoint read to numpy)
-                leaf = leaf.at[layer, index].set(rows_KDF) if layer is not None else leaf.at[index].set(rows_KDF)
+                leaf = leaf.at[r.stacked, r.index].set(rows_KDF) if r.stacked is not None else \
+                    leaf.at[r.index].set(rows_KDF)
             return leaf
 
         return jax.tree_util.tree_map_with_path(put, params)
@@ -151,12 +155,12 @@ def esft_tuning(expert_cfg: ExpertConfig, cfg: Config | ModelConfig) -> Tuning:
         is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
         out = {"experts": {}, "whole": {}}
         for path, leaf_axes in jax.tree_util.tree_leaves_with_path(param_axes, is_leaf=is_axes):
-            names = _path_names(path)
+            names = lora.path_names(path)
             if whole(names):
                 out["whole"][_key(path)] = leaf_axes
             for key in routed_key(names):
                 dropped = 2 if names[0] in STACKED_GROUPS else 1
-                out["experts"][f"{key[-1] if m.scan_layers else key[1]}/{names[-1]}"] = (None, *leaf_axes[dropped:])
+                out["experts"][rows[key].name] = (None, *leaf_axes[dropped:])
         return out
 
     if not rows and not expert_cfg.shared_experts and not expert_cfg.non_expert_modules:
