@@ -507,7 +507,7 @@ def _add_convert(sub) -> None:
 def _add_experiment(sub) -> None:
     ex = sub.add_parser("experiment", help="the paper's experiments: train every arm and seed, evaluate, report")
     ex.add_argument("name", help="architectures | ablation | shared-ratio | specialisation | balance | sensitivity | "
-                                 "probes (the studies of dsmoe_jax/experiments/studies.py)")
+                                 "probes | finetune (the studies of dsmoe_jax/experiments/studies.py)")
     ex.add_argument("--variants", metavar="V1,V2",
                     help="sensitivity and probes: which changes of the setting (sensitivity's default: every one of "
                          "specs.VARIANTS that applies at the scale, e.g. norm_topk, depth_4, lr_1e-3, bpe_8k); join "

@@ -134,9 +134,17 @@ def evaluate(params, cfg: Config, tokens: SplitData, max_tokens: int | None = No
         sums.append(np.asarray(summed, np.float64)[:real])
         counts.append(np.asarray(counted, np.float64)[:real])
     sum_W, count_W = np.concatenate(sums), np.concatenate(counts)
-    n = len(sum_W)
-    loss = float(sum_W.sum() / max(count_W.sum(), 1.0))
-    # the ratio estimator's standard error (the module docstring)
-    spread = np.sum((sum_W - loss * count_W) ** 2) / (n * (n - 1)) if n > 1 else 0.0
-    stderr = float(math.sqrt(spread) / max(count_W.mean(), 1e-12)) if n > 1 else 0.0
-    return Evaluation(loss, stderr, int(count_W.sum()), n, tuple(float(x) for x in sum_W / np.maximum(count_W, 1)))
+    loss, stderr = ratio_mean(sum_W, count_W)
+    return Evaluation(loss, stderr, int(count_W.sum()), len(sum_W),
+                      tuple(float(x) for x in sum_W / np.maximum(count_W, 1)))
+
+
+def ratio_mean(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """The loss over every token, ``sum(sums) / sum(counts)``, and the ratio estimator's standard
+    error over the rows (windows, examples) that ``sums`` and ``counts`` hold (module docstring)."""
+    n = len(sums)
+    loss = float(sums.sum() / max(counts.sum(), 1.0))
+    if n < 2:
+        return loss, 0.0
+    spread = np.sum((sums - loss * counts) ** 2) / (n * (n - 1))
+    return loss, float(math.sqrt(spread) / max(counts.mean(), 1e-12))

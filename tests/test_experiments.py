@@ -25,6 +25,7 @@ from dsmoe_jax.experiments import (
     VARIANTS,
     ExperimentError,
     arm_config,
+    arms,
     measures,
     plan,
     read_results,
@@ -34,7 +35,8 @@ from dsmoe_jax.experiments import (
     specs,
     variant,
 )
-from dsmoe_jax.experiments.records import RunResult
+from dsmoe_jax.experiments.finetune import RECIPES
+from dsmoe_jax.experiments.records import FinetuneResults, RunResult
 from dsmoe_jax.train.checkpoint import Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -77,7 +79,12 @@ def test_every_study_names_known_arms_and_every_arm_builds():
 @pytest.mark.parametrize("name", list(STUDIES))
 def test_every_study_plans_at_every_scale_as_a_dry_run(name, scale, capsys):
     """The one registry: every study the command offers runs as a dry run at every scale, its
-    default variants being those that apply there (4x the batch needs steps divisible by 4)."""
+    default variants being those that apply there (4x the batch needs steps divisible by 4); the
+    fine-tuning study at the scales it has a recipe for, and a named refusal at the others."""
+    if STUDIES[name].finetune and scale not in RECIPES:
+        assert cli.main(["experiment", name, "--scale", scale, "--dry-run"]) == 2
+        assert f"not {scale!r}" in capsys.readouterr().err
+        return
     assert cli.main(["experiment", name, "--scale", scale, "--dry-run"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "deepseekmoe" in out or "balance_off" in out, out
@@ -167,7 +174,7 @@ def test_toy_study_end_to_end_and_resume_without_retraining(toy_workdir, monkeyp
     assert "| DeepSeekMoE - GShard | val_loss |" in (out / "results.md").read_text()
 
     # a second run reuses the trained arms: nothing is trained again, and their provenance stays
-    monkeypatch.setattr(runner, "train", lambda *a, **k: pytest.fail("a finished arm was retrained"))
+    monkeypatch.setattr(arms, "train", lambda *a, **k: pytest.fail("a finished arm was retrained"))
     again = run_study("specialisation", "toy", seeds=[0, 1], workdir=toy_workdir, progress=False)
     assert again.arms == results.arms
 
@@ -190,7 +197,7 @@ class Stopped(Exception):
 
 def test_an_interrupted_arm_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     arm, scale = ARMS["switch"], SCALES["toy"]
-    directory = runner.run_dir(tmp_path, arm, 0)
+    directory = arms.run_dir(tmp_path, arm, 0)
     real_save = Checkpointer.save
 
     def save_then_die(self, step, *args):
@@ -200,17 +207,17 @@ def test_an_interrupted_arm_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Checkpointer, "save", save_then_die)
     with pytest.raises(Stopped):
-        runner.train_arm(arm, scale, 0, directory, progress=False)
+        arms.train_arm(arm, scale, 0, directory, progress=False)
     monkeypatch.undo()
-    assert not (directory / runner.FINAL).exists()
+    assert not (directory / arms.FINAL).exists()
     with pytest.raises(ExperimentError, match="pass --resume"):
-        runner.train_arm(arm, scale, 0, directory)
-    record = runner.train_arm(arm, scale, 0, directory, resume=True, progress=False)
+        arms.train_arm(arm, scale, 0, directory)
+    record = arms.train_arm(arm, scale, 0, directory, resume=True, progress=False)
     assert record.resumed and record.steps == scale.steps
     assert [p.resumed for p in record.trained] == [False, True], "each invocation's provenance, as it trained"
     assert record.invocations == 2 and record.wall_s == pytest.approx(sum(p.wall_s for p in record.trained)), \
         "a resumed arm's wall time adds up its invocations"
-    assert RunResult.read(directory / runner.FINAL) == record, "final.json round-trips the record"
+    assert RunResult.read(directory / arms.FINAL) == record, "final.json round-trips the record"
     steps = [json.loads(line)["step"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, scale.steps + 1)), f"continued after step 3, not from the start: {steps}"
     assert [t for t, _ in record.val_curve] == [128 * s for s in range(1, 7)], "the curve of both invocations"
@@ -234,11 +241,11 @@ def test_a_saved_run_counts_as_its_arm_whatever_its_evaluation_settings(tmp_path
     earlier = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=scale.steps, log_every=5,
                                                                  eval_tokens=4096))
     write_config(tmp_path, earlier)
-    RunResult(2.0, 0.01, 2048, scale.tokens, scale.steps, 1.0).write(tmp_path / runner.FINAL)
-    assert runner.train_arm(arm, scale, 0, tmp_path).val_loss == 2.0, "the finished run is reused"
+    RunResult(2.0, 0.01, 2048, scale.tokens, scale.steps, 1.0).write(tmp_path / arms.FINAL)
+    assert arms.train_arm(arm, scale, 0, tmp_path).val_loss == 2.0, "the finished run is reused"
     write_config(tmp_path, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-2)))
     with pytest.raises(ExperimentError, match="another config"):
-        runner.train_arm(arm, scale, 0, tmp_path)
+        arms.train_arm(arm, scale, 0, tmp_path)
 
 
 def test_a_final_json_of_the_first_runs_still_reads(tmp_path):
@@ -291,7 +298,7 @@ def test_gap_curve_pairs_seeds_at_the_validations_every_run_logged():
 @pytest.mark.parametrize("path", sorted((REPO / "docs" / "experiments").rglob("results.json")), ids=str)
 def test_every_committed_result_reads_and_renders(path):
     results = read_results(path)
-    assert results.arms or results.measures, path
+    assert (results.runs if isinstance(results, FinetuneResults) else results.arms or results.measures), path
     for c in results.comparisons:
         assert c.per_seed and (len(c.per_seed) < 2 or c.ci95[0] <= c.mean <= c.ci95[1]), c
         assert c.p_holm is None or c.p_holm >= c.p_value, c
@@ -372,7 +379,7 @@ def test_probes_train_what_is_missing_split_validation_by_kind_and_pair_the_arms
     assert versus[("switch", "gshard")].per_seed == pytest.approx(
         [s - g for s, g in zip(switch.val_loss, gshard.val_loss)]), "Switch paired with GShard by seed"
     # the probes read the same runs (no training); with a seed not trained yet, they train it
-    monkeypatch.setattr(runner, "train", lambda *a, **k: pytest.fail("a trained arm was retrained"))
+    monkeypatch.setattr(arms, "train", lambda *a, **k: pytest.fail("a trained arm was retrained"))
     assert cli.main(["experiment", "probes", "--scale", "toy", "--seeds", "0,1", "--workdir", str(tmp_path),
                      "--arms", "switch", "--quiet"]) == 0
     results = read_results(tmp_path / "probes" / "results.json")
@@ -397,7 +404,7 @@ def test_probes_train_what_is_missing_split_validation_by_kind_and_pair_the_arms
         assert all(K_over_E - 1e-6 <= g <= 1 + 1e-6 for r in runs for g in r["gate_sum"]), (arm, runs[0]["gate_sum"])
     monkeypatch.undo()
     with pytest.raises(ExperimentError, match="pass --resume"):  # an unfinished run: the probes honour --resume
-        (runner.run_dir(tmp_path, ARMS["gshard"], 2) / "checkpoints" / "3").mkdir(parents=True)
+        (arms.run_dir(tmp_path, ARMS["gshard"], 2) / "checkpoints" / "3").mkdir(parents=True)
         run_study("probes", "toy", [2], workdir=tmp_path, progress=False)
 
 
@@ -480,10 +487,10 @@ def test_a_run_that_fails_on_a_read_only_workdir_reports_its_own_error(tmp_path,
     def fail(*args, **kwargs):
         raise CheckpointError("checkpoints: Read-only file system")
 
-    monkeypatch.setattr(runner, "train", fail)
-    monkeypatch.setattr(runner, "atomic_file", read_only)
-    directory = runner.run_dir(tmp_path, ARMS["switch"], 0)
+    monkeypatch.setattr(arms, "train", fail)
+    monkeypatch.setattr(arms, "atomic_file", read_only)
+    directory = arms.run_dir(tmp_path, ARMS["switch"], 0)
     directory.mkdir(parents=True)
     with pytest.raises(CheckpointError, match="Read-only") as e:
-        runner.train_arm(ARMS["switch"], SCALES["toy"], 0, directory, progress=False)
+        arms.train_arm(ARMS["switch"], SCALES["toy"], 0, directory, progress=False)
     assert e.value.__context__ is None, "nothing raised while handling it"

@@ -224,6 +224,66 @@ class StudyResults:
         write_json(path, self)
 
 
+@dataclasses.dataclass(frozen=True)
+class FinetuneRun:
+    """One fine-tuned (or frozen) model's measurements (the fine-tuning study): ``final.json``."""
+
+    base: str
+    task: str
+    method: str
+    seed: int
+    answer_loss: float
+    answer_loss_se: float  # over held-out examples (the ratio estimator's)
+    answer_tokens: int
+    examples: int  # held-out examples with at least one answer token inside the window
+    exact_match: float | None  # share of those answered exactly (tasks with one right answer)
+    val_loss: float  # on the base's pretraining validation windows
+    forgetting: float  # val_loss - the base's
+    trained_params: int
+    total_params: int
+    optimizer_bytes: int
+    experts: dict = dataclasses.field(default_factory=dict)  # ESFT: MoE layer (a string, as in JSON) -> experts trained
+    wall_s: float = 0.0
+    trained: tuple[Provenance, ...] = ()
+
+    @property
+    def trained_share(self) -> float:
+        return self.trained_params / self.total_params
+
+    @classmethod
+    def read(cls, path: pathlib.Path) -> FinetuneRun:
+        return decode(cls, json.loads(path.read_text()))
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneResults:
+    """The fine-tuning study's ``results.json``."""
+
+    study: str
+    scale: str
+    seeds: tuple[int, ...]
+    bases: tuple[str, ...]
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    recipe: dict
+    runs: tuple[FinetuneRun, ...]
+    comparisons: tuple[Comparison, ...]
+    wall_s: float
+    environment: dict = dataclasses.field(default_factory=dict)  # what wrote the file
+    labels: dict = dataclasses.field(default_factory=dict)  # each method's and task's words for the tables
+    checkable: tuple[str, ...] = ()  # the tasks whose exact match is reported
+    kind: str = "finetune"  # tells read_results this file from a StudyResults
+    schema_version: int = SCHEMA_VERSION
+
+    def values(self, base: str, task: str, method: str, field: str) -> list:
+        """``field`` of each seed's run, in the order of ``seeds``."""
+        by_seed = {r.seed: r for r in self.runs if (r.base, r.task, r.method) == (base, task, method)}
+        return [getattr(by_seed[s], field) for s in self.seeds]
+
+    def write(self, path: pathlib.Path) -> None:
+        write_json(path, self)
+
+
 def with_holm(comparisons: Sequence[Comparison]) -> tuple[Comparison, ...]:
     """The comparisons with ``p_holm`` set over all of them."""
     adjusted = stats.holm([c.p_value for c in comparisons])
@@ -258,10 +318,12 @@ def decode(cls, value):
     return value
 
 
-def read_results(path: str | pathlib.Path) -> StudyResults:
+def read_results(path: str | pathlib.Path) -> StudyResults | FinetuneResults:
     """A study's results.json, of this schema or of the unversioned files written before it."""
     path = pathlib.Path(path)
     raw = json.loads(path.read_text())
+    if raw.get("kind") == "finetune":
+        return decode(FinetuneResults, raw)
     version = raw.get("schema_version", 1)
     if version == SCHEMA_VERSION:
         return decode(StudyResults, raw)
@@ -322,3 +384,9 @@ def _probes_v1(raw: dict) -> StudyResults:
     return StudyResults("probes", "evaluation-only probes of the sensitivity study's arms", raw["scale"], seeds, (),
                         with_holm(comparisons), tuple(VariantInfo(name, "") for name in raw["variants"]),
                         {"probes": probes}, environment=raw["environment"], schema_version=1)
+
+
+def environment() -> dict:
+    """What writes a results file (each run's own provenance is recorded where it trained)."""
+    now = dataclasses.asdict(Provenance.now(resumed=False, wall_s=0.0))
+    return {k: v for k, v in now.items() if k not in ("resumed", "wall_s")}

@@ -8,7 +8,15 @@ import pathlib
 import numpy as np
 
 from dsmoe_jax.errors import ExperimentError
-from dsmoe_jax.experiments.records import LOSS, ArmResult, Comparison, GapCurve, RunResult, StudyResults
+from dsmoe_jax.experiments.records import (
+    LOSS,
+    ArmResult,
+    Comparison,
+    FinetuneResults,
+    GapCurve,
+    RunResult,
+    StudyResults,
+)
 from dsmoe_jax.experiments.stats import EXTRA
 
 
@@ -28,8 +36,10 @@ def _p(p: float | None) -> str:
     return "" if p is None else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
-def markdown(results: StudyResults) -> str:
+def markdown(results: StudyResults | FinetuneResults) -> str:
     """The arms table, the comparisons (with Holm's family-wise view), then the study's measures."""
+    if isinstance(results, FinetuneResults):
+        return finetune_markdown(results)
     seeds = results.seeds
     tokens = f"{results.tokens_per_arm:,} training tokens per arm; " if results.tokens_per_arm else ""
     evaluated = [a.eval_tokens for a in results.arms if a.eval_tokens]
@@ -316,3 +326,64 @@ def _balance_plot(plt, b: dict, labels: dict, out: pathlib.Path) -> str:
     fig.savefig(out / "expert_load.png", dpi=110)
     plt.close(fig)
     return "expert_load.png"
+
+
+# ---- the fine-tuning study ---------------------------------------------------------------------------
+
+
+def finetune_markdown(results: FinetuneResults) -> str:
+    """Per base and task, each method's trained share, optimizer state, held-out answer loss,
+    exact match and forgetting (mean ± seed std); then every comparison with Holm's p."""
+    seeds, labels = results.seeds, results.labels
+    lines = [f"### finetune ({results.scale} scale): full fine-tuning, ESFT, LoRA and the frozen base", "",
+             f"{len(seeds)} seed(s) {', '.join(map(str, seeds))}; {results.recipe['steps']} steps of "
+             f"{results.recipe['batch_size']} x {results.recipe['seq_len']} tokens; wall time "
+             f"{results.wall_s / 60:.1f} min (this invocation; runs trained earlier are reused).", ""]
+    for base in results.bases:
+        for task in results.tasks:
+            lines += [f"#### {base} on {task}: {labels[task]}", "",
+                      "| method | trained params | share | Adam state | experts per MoE layer | answer loss | "
+                      "exact match | forgetting | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+            for method in results.methods:
+                v = lambda field: results.values(base, task, method, field)
+                experts = sorted({n for e in v("experts") for n in e.values()})
+                exact = _mean_std(v("exact_match")) if task in results.checkable else ""
+                lines.append(f"| {labels[method]} | {np.mean(v('trained_params')):,.0f} | "
+                             f"{np.mean(v('trained_params')) / v('total_params')[0]:.1%} | "
+                             f"{np.mean(v('optimizer_bytes')) / 2**20:.2f} MiB | "
+                             f"{', '.join(map(str, experts)) if experts else ''} | {_mean_std(v('answer_loss'))} | "
+                             f"{exact} | {_mean_std(v('forgetting'))} | {np.mean(v('wall_s')):.0f} |")
+            lines.append("")
+    lines += ["Paired by seed (a seed's base, fine-tuning batches and held-out examples are shared); negative: "
+              "A lower. Holm's p is over this whole table.", "",
+              "| where | metric | A - B | per seed | mean | 95% CI | p | Holm p |", "|---|---|---|---|---|---|---|---|"]
+    for c in results.comparisons:
+        per_seed = ", ".join(f"{x:+.4f}" for x in c.per_seed)
+        lines.append(f"| {c.variant} | {c.metric} | {c.a} - {c.b} | {per_seed} | {c.mean:+.4f} | "
+                     f"{_interval(c.ci95)} | {_p(c.p_value)} | {_p(c.p_holm)} |")
+    return "\n".join(lines) + "\n"
+
+
+def finetune_plot(results: FinetuneResults, path: pathlib.Path) -> str:
+    """Answer loss (top) and forgetting (bottom) against the share of parameters trained, one
+    column per task, one marker per method and base (mean over seeds, seed std as bars)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, len(results.tasks), figsize=(5.5 * len(results.tasks), 7), squeeze=False)
+    markers = dict(zip(results.bases, "os^v"))
+    for column, task in enumerate(results.tasks):
+        for row, field in enumerate(("answer_loss", "forgetting")):
+            ax = axes[row][column]
+            for i, method in enumerate(results.methods):
+                for base in results.bases:
+                    share = max(np.mean(results.values(base, task, method, "trained_params"))
+                                / results.values(base, task, method, "total_params")[0], 1e-4)
+                    values = results.values(base, task, method, field)
+                    ax.errorbar([share], [np.mean(values)], yerr=[np.std(values, ddof=1) if len(values) > 1 else 0],
+                                fmt=markers[base], color=f"C{i}", capsize=3,
+                                label=f"{results.labels[method]} ({base})")
+            ax.set_xscale("log")
+            ax.set_xlabel("share of parameters trained (frozen drawn at 1e-4)")
+            ax.set_ylabel("held-out answer loss" if field == "answer_loss" else "pretraining val loss change")
+            ax.set_title(f"{task}: {'answer loss' if field == 'answer_loss' else 'forgetting'}")
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    return _save(plt, fig, path)

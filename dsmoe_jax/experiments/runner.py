@@ -1,18 +1,16 @@
-"""Running a study: train each (variant, arm, seed) once, resumably; evaluate; measure; compare;
-write ``results.json``, ``results.md`` and the plots. One driver loop for every study.
+"""Running a study: train each (variant, arm, seed) once, resumably (``arms.train_arm``);
+evaluate; measure; compare; write ``results.json``, ``results.md`` and the plots. One driver loop
+for every study; the fine-tuning study's own (``finetune.run``) starts from this one's runs.
 
-A workdir (default ``runs/experiments/<scale>``) holds every trained run under
-``runs/<arm>[@<variant>]/seed<k>/`` (a training workdir, plus ``final.json`` once the run is
-trained and evaluated) and each study's outputs under ``<study>/``. Runs are shared: an arm
-finished for one study is reused by every other that compares it. An interrupted study continues
-with ``resume``: finished runs are kept, an unfinished one resumes from its last checkpoint.
+A workdir (default ``runs/experiments/<scale>``) holds every trained run (``arms``) and each
+study's outputs under ``<study>/``. Runs are shared: an arm finished for one study is reused by
+every other that compares it. An interrupted study continues with ``resume``: finished runs are
+kept, an unfinished one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import pathlib
 import time
 from collections.abc import Sequence
@@ -20,13 +18,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from dsmoe_jax import data
-from dsmoe_jax.atomic import atomic_file
-from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, read_config
-from dsmoe_jax.config import Config
 from dsmoe_jax.costs import count_params
 from dsmoe_jax.errors import ConfigError, ExperimentError
-from dsmoe_jax.evaluation import evaluate
-from dsmoe_jax.experiments import measures, report, stats, studies
+from dsmoe_jax.experiments import finetune, measures, report, stats, studies
+from dsmoe_jax.experiments.arms import default_workdir, run_dir, train_arm
 from dsmoe_jax.experiments.records import (
     LOSS,
     ArmResult,
@@ -37,80 +32,13 @@ from dsmoe_jax.experiments.records import (
     RunResult,
     StudyResults,
     VariantInfo,
-    decode,
+    environment,
     with_holm,
 )
-from dsmoe_jax.experiments.specs import ARMS, Arm, Scale, Variant, arm_config, arm_settings, variant
-from dsmoe_jax.loading import load_model, validation_tokens
+from dsmoe_jax.experiments.specs import ARMS, Scale, Variant, arm_config, arm_settings, variant
 from dsmoe_jax.tokenizer import train_bpe
-from dsmoe_jax.train.loop import train
 
-FINAL = "final.json"
 RESULTS = "results.json"
-INVOCATIONS = "invocations.json"  # the provenance of each invocation that trained a run, kept until it is final
-
-
-def default_workdir(scale: str) -> pathlib.Path:
-    return pathlib.Path("runs") / "experiments" / scale
-
-
-def run_dir(root: pathlib.Path, arm: Arm, seed: int) -> pathlib.Path:
-    return root / "runs" / arm.name / f"seed{seed}"
-
-
-def _comparable(cfg: Config) -> dict:
-    """What must agree for a saved run to count as this arm: what shapes its weights (training
-    keeps them in float32), not how often it was evaluated or logged."""
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="float32"),
-                              train=dataclasses.replace(cfg.train, eval_every=1, eval_tokens=0, log_every=1))
-    return {k: v for k, v in cfg.to_dict().items() if k in ("model", "moe", "train", "data")}
-
-
-def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume: bool = False,
-              progress: bool = True) -> RunResult:
-    """Train and evaluate one arm at one seed (or read the result of a finished one): ``final.json``."""
-    cfg = arm_config(arm, scale, seed)
-    final = directory / FINAL
-    if (directory / "config.json").is_file() and _comparable(read_config(directory)) != _comparable(cfg):
-        raise ExperimentError(f"{directory} holds a run of another config than arm {arm.name!r} at scale "
-                              f"{scale.name!r}, seed {seed}; choose a new --workdir")
-    if final.is_file():
-        return RunResult.read(final)
-    checkpoints = directory / CHECKPOINTS_DIR
-    started = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
-    if started and not resume:
-        raise ExperimentError(f"{directory} holds an unfinished run of arm {arm.name!r}; pass --resume to continue it")
-    invocations = directory / INVOCATIONS
-    trained = decode(tuple[Provenance, ...], json.loads(invocations.read_text())) if invocations.is_file() else ()
-    tick = time.perf_counter()
-    record_invocation = lambda: _write_invocations(invocations, trained + (
-        Provenance.now(started, time.perf_counter() - tick),))
-    try:
-        outcome = train(cfg, directory, resume=started, progress=progress)
-    except BaseException:
-        # an interrupted invocation is recorded too (its time counts, the next one resumes it),
-        # unless the workdir takes no writes: then the error in flight is the one that says so
-        with contextlib.suppress(OSError):
-            record_invocation()
-        raise
-    trained = record_invocation()
-    per_step = scale.batch_size * scale.seq_len
-    params = load_model(directory).params
-    result = evaluate(params, cfg, validation_tokens(cfg), max_tokens=scale.eval_tokens)
-    record = RunResult(
-        result.loss, result.stderr, result.tokens, scale.tokens, scale.steps, sum(p.wall_s for p in trained),
-        len(trained), started, result.window_losses, measures.window_documents(cfg, scale.eval_tokens),
-        tuple((step * per_step, loss) for step, loss in outcome.val_curve) if outcome else (),
-        outcome.train_curve if outcome else (), trained)
-    record.write(final)
-    return record
-
-
-def _write_invocations(path: pathlib.Path, trained: tuple[Provenance, ...]) -> tuple[Provenance, ...]:
-    if path.parent.is_dir():
-        with atomic_file(path) as f:
-            json.dump([dataclasses.asdict(t) for t in trained], f, indent=2)
-    return trained
 
 
 def variant_tokenizer(v: Variant, root: pathlib.Path) -> str | None:
@@ -158,6 +86,8 @@ def plan(name: str, scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), varian
     if twice:
         raise ExperimentError(f"variant {twice[0]} is named twice (a combination is named in the registry's order "
                               "whatever order it is given in); each is trained once")
+    if s.finetune:
+        finetune.recipe(sc)
     return Plan(s, sc, tuple(seeds), tuple(chosen), s.arm_names(list(arms) if arms else None))
 
 
@@ -176,12 +106,15 @@ def describe(p: Plan) -> list[dict]:
 
 def run_study(name: str, scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), variants: Sequence[str] | None = None,
               arms: Sequence[str] | None = None, workdir: str | pathlib.Path | None = None, resume: bool = False,
-              progress: bool = True) -> StudyResults:
+              progress: bool = True) -> StudyResults | finetune.FinetuneResults:
     """Train every (variant, arm, seed) of study ``name`` (``studies.STUDIES``) not trained yet,
     evaluate them on the same held-out windows, run the study's measures, compare the arms by
-    seed, and write ``results.json``, ``results.md`` and the plots; returns the results."""
+    seed, and write ``results.json``, ``results.md`` and the plots; returns the results. The
+    fine-tuning study goes on from its trained arms (``finetune.run``)."""
     p = plan(name, scale, seeds, variants, arms)
     root = pathlib.Path(workdir) if workdir is not None else default_workdir(p.scale.name)
+    if p.study.finetune:
+        return finetune.run(p, root, resume, progress)
     tick = time.perf_counter()
     runs = [(v, a, s) for v in p.variants for s in p.seeds for a in p.arms]  # seed by seed: pairs finish together
     records: dict[tuple[str, str], list[RunResult]] = {}
@@ -201,7 +134,7 @@ def run_study(name: str, scale: str = "cpu", seeds: Sequence[int] = (0, 1, 2), v
         _comparisons(p, records, per_run), tuple(_variant_info(v, p) for v in p.variants),
         {**{m: per_run[m] for m in per_run},
          **{m.name: m.summary(trained) for m in p.study.measures if m.summary}},
-        dataclasses.asdict(p.scale), p.scale.tokens, time.perf_counter() - tick, _environment())
+        dataclasses.asdict(p.scale), p.scale.tokens, time.perf_counter() - tick, environment())
     out = root / p.study.name
     out.mkdir(parents=True, exist_ok=True)
     results = dataclasses.replace(results, plots=tuple(report.plots(results, records, out)))
@@ -297,9 +230,3 @@ def _comparisons(p: Plan, records: dict, per_run: dict) -> tuple[Comparison, ...
                     diffs = [x[section][key] - y[section][key] for x, y in zip(values[a], values[b])]
                     out.append(Comparison.of(v.name, metric, a, b, p.seeds, diffs))
     return with_holm(out)
-
-
-def _environment() -> dict:
-    """What wrote the results file (each run's own provenance is in its ArmResult.trained)."""
-    now = dataclasses.asdict(Provenance.now(resumed=False, wall_s=0.0))
-    return {k: v for k, v in now.items() if k not in ("resumed", "wall_s")}

@@ -40,6 +40,7 @@ class Study:
     all_variants: bool = False  # without --variants: every variant that applies at the scale (else base)
     more_arms: bool = False  # takes --arms: further arms trained and compared beside its own
     measures: tuple[Measure, ...] = ()
+    finetune: bool = False  # the arms are pretrained bases, fine-tuned by every method on every task (finetune.py)
 
     def variant_names(self, scale: Scale, chosen: list[str] | None) -> list[str]:
         """The variants to run: ``chosen``, or the default (every variant that applies at this
@@ -94,6 +95,8 @@ STUDIES = {s.name: s for s in (
           baseline="gshard", variants=True, all_variants=True, more_arms=True),
     Study("probes", "The sensitivity study's arms probed: loss on code and on documentation, expert load, routing "
           "by token id", SENSITIVITY_ARMS, baseline="gshard", variants=True, more_arms=True, measures=(_PROBES,)),
+    Study("finetune", "ESFT (arXiv 2407.01906): full fine-tuning, ESFT-Gate, ESFT-Token, LoRA and the frozen base on "
+          "two tasks, from pretrained fine-grained and coarse bases", ("deepseekmoe", "gshard"), finetune=True),
 )}
 
 

@@ -169,6 +169,16 @@ def select(relevance_LE: np.ndarray, top_p: float, layers: list[int]) -> ExpertC
     return ExpertConfig(chosen)
 
 
+def select_count(relevance_LE: np.ndarray, count: int, layers: list[int]) -> ExpertConfig:
+    """Per layer, the ``count`` most relevant experts (ties: the lower id first): a fixed budget
+    of trained parameters per layer, where ``select`` takes as many as the scores ask for."""
+    E = np.shape(relevance_LE)[-1]
+    if not 1 <= count <= E:
+        raise ConfigError(f"choose between 1 and the layer's {E} routed experts, got {count}")
+    return ExpertConfig({layer: tuple(int(e) for e in np.argsort(-r_E, kind="stable")[:count])
+                         for layer, r_E in zip(layers, np.asarray(relevance_LE))})
+
+
 def task_rows(split, seq_len: int, tokens: int, batch_size: int, seed: int = 0):
     """Batches of rows of ``split`` (``data.row_source``'s windows, or chat examples packed with
     their answer mask) in a fixed random order, until they hold ``tokens`` scored tokens (all of
@@ -213,12 +223,14 @@ def plot_relevance(scores: dict, layers: list[int], path: pathlib.Path) -> bool:
 
 
 def score_task(checkpoint: str | pathlib.Path, data_path: str, out: str | pathlib.Path, *, tokens: int = 131_072,
-               score: str = "token", top_p: float | None = None, batch_size: int | None = None) -> ExpertConfig:
+               score: str = "token", top_p: float | None = None, batch_size: int | None = None,
+               seq_len: int | None = None) -> ExpertConfig:
     """``dsmoe-jax esft-score``: both relevance scores of ``checkpoint``'s routed experts on
     ``tokens`` sampled tokens of ``data_path`` (anything ``data.path`` takes; the training split;
     chat data's answer tokens), written to ``out/scores.json`` with their heat map
     (``relevance.png``), and the experts ``score`` selects at ``top_p`` (default the paper's) in
-    ``out/expert_cfg.json``, which ``train.trainable = "esft:OUT/expert_cfg.json"`` trains."""
+    ``out/expert_cfg.json``, which ``train.trainable = "esft:OUT/expert_cfg.json"`` trains.
+    Rows of ``seq_len`` tokens (default: the checkpoint's ``train.seq_len``), as fine-tuning reads them."""
     if score not in SCORES:
         raise ConfigError(f"--score {score!r}: choose gate or token")
     top_p = DEFAULT_TOP_P[score] if top_p is None else top_p
@@ -228,6 +240,8 @@ def score_task(checkpoint: str | pathlib.Path, data_path: str, out: str | pathli
         raise ConfigError(f"--tokens {tokens}: score at least one token")
     model = load_model(checkpoint)
     cfg = updated(model.cfg, data={"path": str(data_path), "document_mask": False})
+    if seq_len:
+        cfg = updated(cfg, train={"seq_len": seq_len}, model={"max_seq_len": max(seq_len, cfg.model.max_seq_len)})
     train_split, _, _ = load_tokens(cfg, checkpoint=str(checkpoint))
     rows = task_rows(train_split, cfg.train.seq_len, tokens, batch_size or cfg.train.batch_size)
     scores = relevance(model.params, cfg, rows)
