@@ -56,7 +56,13 @@ class MoEConfig:
     expert_d_ff: int
     n_shared_experts: int = 0
     top_k: int = 1
-    routing: Literal["softmax", "sigmoid", "hash"] = "softmax"  # scores: softmax (v1, V2), sigmoid (V3)
+    # scores: softmax (v1, V2), sigmoid (V3), a token-id hash, or "top_p": softmax scores, each
+    # token taking the fewest experts whose probabilities exceed moe.top_p (dynamic routing,
+    # arXiv 2403.07652), at most moe.max_experts; moe.top_k is then unused
+    routing: Literal["softmax", "sigmoid", "hash", "top_p"] = "softmax"
+    top_p: float | None = None  # top-p routing's threshold (None: the paper's 0.4)
+    max_experts: int = 0  # top-p routing's cap on experts per token (0: all routed experts)
+    dynamic_loss_weight: float = 0.0  # top-p routing: beta x the mean entropy of the router's softmax
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0  # multiplies the gates (V2, V3)
     # group-limited routing (V2's group_limited_greedy, V3's noaux_tc): experts in n_group
@@ -89,6 +95,22 @@ class MoEConfig:
             self.routing != "hash" or self.top_k == 1,
             f"hash routing sends each token to exactly one expert; set moe.top_k = 1 (got {self.top_k})",
         )
+        top_p = self.routing == "top_p"
+        _require(self.top_p is None or top_p, f"moe.top_p = {self.top_p} is the threshold of top-p routing; set "
+                 f"moe.routing = 'top_p' (routing is {self.routing!r})")
+        _require(self.top_p is None or 0 < self.top_p <= 1,
+                 f"moe.top_p must be in (0, 1] (a share of the router's probability), got {self.top_p}")
+        _require(not self.max_experts or top_p, f"moe.max_experts caps top-p routing; with {self.routing!r} routing "
+                 "moe.top_k sets the experts per token")
+        _require(0 <= self.max_experts <= self.n_routed_experts, f"moe.max_experts must be between 1 and "
+                 f"moe.n_routed_experts={self.n_routed_experts} (0: no cap), got {self.max_experts}")
+        _require(self.dynamic_loss_weight >= 0, f"moe.dynamic_loss_weight must be >= 0, got {self.dynamic_loss_weight}")
+        _require(not self.dynamic_loss_weight or top_p, "moe.dynamic_loss_weight weighs top-p routing's entropy "
+                 f"loss; with {self.routing!r} routing it has nothing to weigh")
+        _require(not (top_p and (self.score_bias or self.n_group > 1)),
+                 "top-p routing takes experts by their softmax probability alone: group-limited routing "
+                 "(moe.n_group > 1) and the balancing bias (moe.score_bias) change which experts are taken, not "
+                 "their probabilities, and have no threshold to meet; set moe.n_group = 1 and moe.score_bias = false")
         _require(self.bias_update_speed >= 0, f"moe.bias_update_speed must be >= 0, got {self.bias_update_speed}")
         _require(self.score_bias or not self.bias_update_speed,
                  "moe.bias_update_speed updates the score bias, which moe.score_bias = false leaves out; set "
@@ -127,6 +149,16 @@ class MoEConfig:
             "added with dsmoe_jax.register_backend before the config is built)",
         )
 
+
+    @property
+    def slots(self) -> int:
+        """Experts a token can activate: ``top_k``, or top-p routing's cap."""
+        return (self.max_experts or self.n_routed_experts) if self.routing == "top_p" else self.top_k
+
+    @property
+    def threshold(self) -> float:
+        """Top-p routing's threshold: ``top_p``, or the paper's 0.4."""
+        return 0.4 if self.top_p is None else self.top_p
 
 @dataclass(frozen=True)
 class MLAConfig:

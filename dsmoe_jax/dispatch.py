@@ -2,7 +2,8 @@
 
     expert_TK -> dispatch -> rows x[order_A % T] grouped by expert -> grouped MLP -> combine -> y_TD
 
-Shape legend: T tokens, D model width, E routed experts, K experts per token (top-k),
+Shape legend: T tokens, D model width, E routed experts, K experts per token (top-k, or top-p
+routing's cap),
 A = K*T (token, slot) assignments in slot-major order, G rows of the grouped buffer (= A).
 """
 
@@ -29,7 +30,7 @@ def capacity(cfg: MoEConfig, num_tokens: int) -> int | None:
     """Per-expert capacity in assignments, or None when dropless."""
     if cfg.capacity_factor == 0:
         return None
-    return math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.n_routed_experts)
+    return math.ceil(cfg.capacity_factor * num_tokens * cfg.slots / cfg.n_routed_experts)
 
 
 def dispatch(expert_TK: jax.Array, num_experts: int, capacity_per_expert: int | None) -> Dispatch:
@@ -37,17 +38,20 @@ def dispatch(expert_TK: jax.Array, num_experts: int, capacity_per_expert: int | 
 
     Assignments are numbered slot-major (a = k * T + t), so under a capacity limit every
     token's first choice outranks any token's second choice and earlier tokens outrank later
-    ones, as in GShard; the sort is stable to keep that order inside each group.
+    ones, as in GShard; the sort is stable to keep that order inside each group. A slot that
+    top-p routing left empty (expert id ``num_experts``) is no assignment: it sorts past the last
+    group with the dropped ones and takes no capacity.
     """
     expert_A = expert_TK.T.reshape(-1)
     A = expert_A.shape[0]
-    keep_A = jnp.ones((A,), bool)
+    keep_A = expert_A < num_experts
     if capacity_per_expert is not None:
         order_A = jnp.argsort(expert_A, stable=True)
-        sizes_E = jnp.bincount(expert_A, length=num_experts)
-        rank_sorted_A = jnp.arange(A) - (jnp.cumsum(sizes_E) - sizes_E)[expert_A[order_A]]
-        keep_A = jnp.zeros_like(keep_A).at[order_A].set(rank_sorted_A < capacity_per_expert)
-        expert_A = jnp.where(keep_A, expert_A, num_experts)  # past the last group
+        sizes_E = jnp.bincount(expert_A, length=num_experts)  # empty slots (id num_experts) not counted
+        starts_E = jnp.append(jnp.cumsum(sizes_E) - sizes_E, A)
+        rank_sorted_A = jnp.arange(A) - starts_E[expert_A[order_A]]
+        keep_A = keep_A & jnp.zeros_like(keep_A).at[order_A].set(rank_sorted_A < capacity_per_expert)
+    expert_A = jnp.where(keep_A, expert_A, num_experts)  # past the last group
     order_A = jnp.argsort(expert_A, stable=True).astype(jnp.int32)
     position_A = jnp.zeros((A,), jnp.int32).at[order_A].set(jnp.arange(A, dtype=jnp.int32))
     group_sizes_E = jnp.bincount(expert_A, length=num_experts + 1)[:num_experts]

@@ -34,7 +34,7 @@ def send_buffer_rows(cfg: MoEConfig, local_tokens: int, ep: int) -> int:
     overflow, which keeps dropless routing dropless. With a capacity limit no device receives
     more than L * capacity rows from one sender, a smaller bound when it is."""
     L = cfg.n_routed_experts // ep
-    rows = local_tokens * min(cfg.top_k, L)
+    rows = local_tokens * min(cfg.slots, L)
     cap = dispatch_lib.capacity(cfg, local_tokens)
     return rows if cap is None else min(rows, L * cap)
 

@@ -48,12 +48,15 @@ def _concat_stats(parts: list) -> MoEStats | None:
 class Aux(NamedTuple):
     """What ``forward`` reports besides the logits (a pytree: it passes through jit and scan)."""
 
-    balance_loss: jax.Array  # expert + device level, summed over MoE layers: add it to the loss
+    balance_loss: jax.Array  # expert + device level and top-p routing's entropy, summed over MoE layers: add it to the loss
     expert_balance_loss: jax.Array  # summed over MoE layers
     device_balance_loss: jax.Array  # summed over MoE layers
     expert_load: jax.Array  # [MoE layers, E] tokens routed to each expert
     drop_fraction: jax.Array  # [MoE layers] assignments dropped by the capacity limit
     gate_sum: jax.Array  # [MoE layers] a token's routed gates summed, mean over real tokens
+    dynamic_loss: jax.Array  # top-p routing's entropy loss (weighted), summed over MoE layers
+    active_experts: jax.Array  # [MoE layers] routed experts a real token activates, mean
+    active_histogram: jax.Array  # [MoE layers, K + 1] real tokens activating 0..K routed experts
     # [MoE layers, B * S, K] each token's chosen experts, best first: only with RouteOptions(record=True)
     expert_choices: jax.Array | None = None
     expert_gates: jax.Array | None = None  # [MoE layers, B * S, K] float32: their gates (record=True)
@@ -65,10 +68,13 @@ class Aux(NamedTuple):
         if stacked is None:
             zero = jnp.zeros((), jnp.float32)
             none = jnp.zeros((0,), jnp.float32)
-            return cls(zero, zero, zero, jnp.zeros((0, 0), jnp.float32), none, none)
+            return cls(zero, zero, zero, jnp.zeros((0, 0), jnp.float32), none, none, zero, none,
+                       jnp.zeros((0, 0), jnp.float32))
         expert, device = stacked.expert_balance_loss.sum(), stacked.device_balance_loss.sum()
-        return cls(expert + device, expert, device, stacked.expert_load, stacked.drop_fraction, stacked.gate_sum,
-                   stacked.expert_TK, stacked.gate_TK)
+        dynamic = stacked.dynamic_loss.sum()
+        return cls(expert + device + dynamic, expert, device, stacked.expert_load, stacked.drop_fraction,
+                   stacked.gate_sum, dynamic, stacked.active_experts, stacked.active_histogram, stacked.expert_TK,
+                   stacked.gate_TK)
 
 
 STACKED_GROUPS = ("dense_layers", "moe_layers")  # the params keys of the scanned layout

@@ -5,8 +5,12 @@ expert-parallel exchange in ``expert_parallel.py``; this module decides which ex
 token uses and ties the pieces together.
 
 Shape legend: B batch, S sequence, T tokens (B*S), D model width, E routed experts, K experts
-per token (top-k), F expert hidden width, C sequences the balance statistics are taken over,
-X experts excluded per token (``RouteOptions.exclude_top``).
+per token (top-k; top-p routing's cap, ``MoEConfig.slots``), F expert hidden width, C sequences
+the balance statistics are taken over, X experts excluded per token (``RouteOptions.exclude_top``).
+
+Top-p routing leaves some of a token's K slots empty: an empty slot holds expert id E (past the
+last expert) and gate 0, which dispatch treats as a dropped assignment, so it takes no row of any
+expert's group and costs no expert FLOPs.
 """
 
 from __future__ import annotations
@@ -57,7 +61,10 @@ class RouteOptions:
         top_k = cfg.top_k if self.top_k is None else self.top_k
         if cfg.routing == "hash" and (self.exclude_top or top_k != 1):
             raise ConfigError("hash routing has no scores to exclude experts by and sends each token to one expert")
-        if self.exclude_top + top_k > cfg.n_routed_experts:
+        if cfg.routing == "top_p" and self.top_k is not None:
+            raise ConfigError("top-p routing chooses how many experts each token takes; change moe.top_p or "
+                              "moe.max_experts instead of the route's top_k")
+        if self.exclude_top + (1 if cfg.routing == "top_p" else top_k) > cfg.n_routed_experts:
             raise ConfigError(f"excluding {self.exclude_top} and routing to {top_k} needs more than the "
                               f"{cfg.n_routed_experts} routed experts")
         return dataclasses.replace(cfg, top_k=top_k)
@@ -76,6 +83,8 @@ def route_scores(x_TD: jax.Array, w_router_DE: jax.Array, cfg: MoEConfig, exclud
     if exclude_top:
         _, best_TX = jax.lax.top_k(logits_TE, exclude_top)
         logits_TE = jnp.put_along_axis(logits_TE, best_TX, -jnp.inf, axis=-1, inplace=False)
+    if cfg.routing == "top_p":
+        return _route_top_p(jax.nn.softmax(logits_TE, axis=-1), cfg)
     if cfg.routing == "softmax":
         scores_TE = probs_TE = jax.nn.softmax(logits_TE, axis=-1)
     else:
@@ -90,6 +99,34 @@ def route_scores(x_TD: jax.Array, w_router_DE: jax.Array, cfg: MoEConfig, exclud
     if cfg.norm_topk_prob:
         gate_TK = gate_TK / jnp.maximum(jnp.sum(gate_TK, axis=-1, keepdims=True), 1e-20)
     return Routing(gate_TK * cfg.routed_scaling_factor, expert_TK.astype(jnp.int32), probs_TE)
+
+
+def _route_top_p(probs_TE: jax.Array, cfg: MoEConfig) -> Routing:
+    """Dynamic routing (arXiv 2403.07652, as its released code does it): the experts by
+    probability, best first, each kept while the probability ranked above it sums to at most
+    ``top_p`` (the expert that carries the sum past it is kept, so at least one is), up to
+    ``max_experts``; the gates are the probabilities themselves (renormalised only with
+    ``norm_topk_prob``). Ties: the lower id first."""
+    E = probs_TE.shape[-1]
+    top_TK, expert_TK = jax.lax.top_k(probs_TE, cfg.slots)
+    keep_TK = jnp.cumsum(top_TK, axis=-1) - top_TK <= cfg.threshold
+    gate_TK = jnp.where(keep_TK, top_TK, 0.0)
+    if cfg.norm_topk_prob:
+        gate_TK = gate_TK / jnp.maximum(jnp.sum(gate_TK, axis=-1, keepdims=True), 1e-20)
+    return Routing(gate_TK * cfg.routed_scaling_factor, jnp.where(keep_TK, expert_TK, E).astype(jnp.int32), probs_TE)
+
+
+def active_experts(expert_TK: jax.Array, num_experts: int) -> jax.Array:
+    """Experts each token activates (its slots that hold an expert): [T] float32."""
+    return jnp.sum(expert_TK < num_experts, axis=-1).astype(jnp.float32)
+
+
+def dynamic_loss(probs_TE: jax.Array, valid_T: jax.Array) -> jax.Array:
+    """The mean entropy -sum_i P_i log P_i of the router's softmax over the real tokens: top-p
+    routing's loss against spreading probability thinly to activate many experts."""
+    entropy_T = -jnp.sum(jnp.where(probs_TE > 0, probs_TE * jnp.log(jnp.maximum(probs_TE, 1e-30)), 0.0), axis=-1)
+    valid = valid_T.astype(jnp.float32)
+    return jnp.sum(entropy_T * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
 def _within_best_groups(choose_TE: jax.Array, cfg: MoEConfig) -> jax.Array:
@@ -123,7 +160,8 @@ def balance_losses(routing: Routing, valid_T: jax.Array, cfg: MoEConfig, num_seq
                    device_groups: int = 1, segment_ids_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Expert-level and device-level balance losses (the paper's section 3.3).
 
-    f_i = E / (K T) * #{t : t picks i},  P_i = mean_t s_i,t,  L_exp = a1 * sum_i f_i P_i;
+    f_i = E / (K T) * #{t : t picks i},  P_i = mean_t s_i,t,  L_exp = a1 * sum_i f_i P_i
+    (K T: every assignment; with top-p routing, the experts the tokens actually took);
     over D = ``device_groups`` contiguous groups of experts (the experts each expert-parallel
     device holds) f'_j = mean of f in group j, P'_j = sum of P in group j,
     L_dev = a2 * sum_j f'_j P'_j. Padding tokens (``valid_T`` = 0) are left out. With
@@ -134,8 +172,9 @@ def balance_losses(routing: Routing, valid_T: jax.Array, cfg: MoEConfig, num_seq
     if routing.probs_TE is None:
         zero = jnp.zeros((), jnp.float32)
         return zero, zero
-    E, K = routing.probs_TE.shape[-1], routing.expert_TK.shape[-1]
-    chosen_TE = jax.nn.one_hot(routing.expert_TK, E, dtype=jnp.float32).sum(1)
+    E = routing.probs_TE.shape[-1]
+    chosen_TE = jax.nn.one_hot(routing.expert_TK, E, dtype=jnp.float32).sum(1)  # an empty slot (id E) picks none
+    K_T1 = chosen_TE.sum(-1, keepdims=True)  # K, or the experts top-p routing took
     if cfg.seq_aux and segment_ids_T is not None:
         # one group per (row, example); a row holds at most S examples, numbered 1..S
         S = valid_T.shape[0] // num_seqs
@@ -144,14 +183,15 @@ def balance_losses(routing: Routing, valid_T: jax.Array, cfg: MoEConfig, num_seq
         total = lambda a_T_: jax.ops.segment_sum(a_T_ * valid_T.astype(jnp.float32)[:, None], group_T, C)
         tokens_C1 = total(jnp.ones_like(valid_T, jnp.float32)[:, None])
         present_C = (tokens_C1[:, 0] > 0).astype(jnp.float32)
-        f_CE = total(chosen_TE) * E / (K * jnp.maximum(tokens_C1, 1.0))
+        f_CE = total(chosen_TE) * E / jnp.maximum(total(K_T1), 1.0)
         P_CE = total(routing.probs_TE) / jnp.maximum(tokens_C1, 1.0)
         mean_C = lambda a_C: jnp.sum(a_C * present_C) / jnp.maximum(jnp.sum(present_C), 1.0)
     else:
         C = num_seqs if cfg.seq_aux else 1
         valid_CT = valid_T.astype(jnp.float32).reshape(C, -1)
         tokens_C1 = jnp.maximum(jnp.sum(valid_CT, axis=1, keepdims=True), 1.0)
-        f_CE = jnp.einsum("cte,ct->ce", chosen_TE.reshape(C, -1, E), valid_CT) * E / (K * tokens_C1)
+        assignments_C1 = jnp.einsum("ctk,ct->ck", K_T1.reshape(C, -1, 1), valid_CT)
+        f_CE = jnp.einsum("cte,ct->ce", chosen_TE.reshape(C, -1, E), valid_CT) * E / jnp.maximum(assignments_C1, 1.0)
         P_CE = jnp.einsum("cte,ct->ce", routing.probs_TE.reshape(C, -1, E), valid_CT) / tokens_C1
         mean_C = jnp.mean
     expert_loss = cfg.aux_loss_alpha * mean_C(jnp.sum(f_CE * P_CE, axis=-1))
@@ -169,6 +209,9 @@ class MoEStats(NamedTuple):
     expert_load: jax.Array  # [E] tokens routed to each expert (padding left out)
     drop_fraction: jax.Array  # float32 scalar: assignments dropped by the capacity limit
     gate_sum: jax.Array  # float32 scalar: a token's routed gates summed, mean over real tokens
+    dynamic_loss: jax.Array  # float32 scalar: top-p routing's entropy loss, weighted by moe.dynamic_loss_weight
+    active_experts: jax.Array  # float32 scalar: routed experts a real token activates, mean
+    active_histogram: jax.Array  # [K + 1] real tokens activating 0..K routed experts (K: MoEConfig.slots)
     expert_TK: jax.Array | None = None  # int32: each token's chosen experts, best first (RouteOptions.record)
     gate_TK: jax.Array | None = None  # float32: their gates, as the combine weighs them (RouteOptions.record)
 
@@ -178,8 +221,9 @@ class MoE(nnx.Module):
 
     route    float32 softmax (or sigmoid) scores over all routed experts, optionally limited to
              each token's best expert groups, top-k gates (renormalised with ``norm_topk_prob``,
-             scaled by ``routed_scaling_factor``), or a fixed token hash; balance losses from
-             the scores.
+             scaled by ``routed_scaling_factor``), or as many experts as the probabilities need to
+             pass ``top_p`` (dynamic routing: unused slots empty), or a fixed token hash; balance
+             (and dynamic routing's entropy) losses from the scores.
     dispatch sort the (token, slot) assignments by expert into contiguous groups, dropping those
              over capacity when ``capacity_factor`` is set.
     experts  the grouped SwiGLU MLP over the groups, by the configured backend (grouped.py);
@@ -230,6 +274,8 @@ class MoE(nnx.Module):
             segment_ids_T = None if segment_ids_BS is None else segment_ids_BS.reshape(B * S)
             expert_loss, device_loss = balance_losses(routing, valid_T, cfg, num_seqs=B, device_groups=cfg.device_groups
                                                       or ep, segment_ids_T=segment_ids_T)
+            entropy_loss = (cfg.dynamic_loss_weight * dynamic_loss(routing.probs_TE, valid_T)
+                            if cfg.dynamic_loss_weight else jnp.zeros((), jnp.float32))
 
         weights = (self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
         # Too few tokens to split over the mesh (decoding a single sequence): run the experts in
@@ -241,7 +287,9 @@ class MoE(nnx.Module):
             with jax.named_scope("shared_experts"):
                 y_TD = y_TD + self.shared(x_TD).astype(jnp.float32)
 
-        valid_TK = jnp.broadcast_to(valid_T[:, None], keep_TK.shape).astype(jnp.float32)
+        taken_TK = (routing.expert_TK < E).astype(jnp.float32)  # top-p routing's empty slots are not assignments
+        valid_TK = taken_TK * valid_T[:, None].astype(jnp.float32)
+        active_T, real_T = active_experts(routing.expert_TK, E), valid_T.astype(jnp.float32)
         stats = MoEStats(
             expert_balance_loss=expert_loss,
             device_balance_loss=device_loss,
@@ -249,6 +297,9 @@ class MoE(nnx.Module):
             drop_fraction=1.0 - jnp.sum(keep_TK * valid_TK) / jnp.maximum(jnp.sum(valid_TK), 1.0),
             # the routed experts' weight beside the shared experts' 1: small softmax gates leave them silent
             gate_sum=jnp.sum(routing.gate_TK.sum(-1) * valid_T) / jnp.maximum(jnp.sum(valid_T), 1.0),
+            dynamic_loss=entropy_loss,
+            active_experts=jnp.sum(active_T * real_T) / jnp.maximum(jnp.sum(real_T), 1.0),
+            active_histogram=jnp.zeros((cfg.slots + 1,), jnp.float32).at[active_T.astype(jnp.int32)].add(real_T),
             expert_TK=routing.expert_TK if route.record else None,
             gate_TK=routing.gate_TK.astype(jnp.float32) if route.record else None,
         )

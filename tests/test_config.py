@@ -55,7 +55,7 @@ def test_overrides_apply_and_parse_values():
         (_with("model", d_model="big"), r"model\.d_model must be an integer, got 'big'"),
         (_with("model", n_layers=2.5), r"model\.n_layers must be an integer"),
         (_with("moe", seq_aux=1), r"moe\.seq_aux must be of type bool"),
-        (_with("moe", routing="random"), r"moe\.routing must be one of \['softmax', 'sigmoid', 'hash'\]"),
+        (_with("moe", routing="random"), r"moe\.routing must be one of \['softmax', 'sigmoid', 'hash', 'top_p'\]"),
         (_with("moe", top_k=5), r"moe\.top_k=5 must be between 1 and moe\.n_routed_experts=4"),
         (_with("model", n_heads=5), r"model\.n_heads=5 does not divide model\.d_model=32"),
         (_with("model", n_kv_heads=3), r"model\.n_kv_heads=3 must divide model\.n_heads=4"),

@@ -75,6 +75,8 @@ EXCHANGE = textwrap.dedent("""
     first = np.where(rng.random(T) < 0.5, 0, rng.integers(1, E, T))
     expert = np.stack([np.r_[f, rng.permutation([e for e in range(E) if e != f])[:K - 1]] for f in first])
     expert = expert.astype(np.int32)
+    # top-p routing's empty slots (id E, gate 0) in a third of the later slots: no row, no capacity
+    empty = np.where((rng.random((T, K)) < 1 / 3) & (np.arange(K) > 0), E, expert).astype(np.int32)
     gate = rng.random((T, K)).astype(np.float32)
     wg, wu = (rng.standard_normal((E, D, F)).astype(np.float32) * 0.3 for _ in range(2))
     wd = rng.standard_normal((E, F, D)).astype(np.float32) * 0.3
@@ -83,11 +85,13 @@ EXCHANGE = textwrap.dedent("""
     shards = 2 * ep
     report = {"dropped": {}}
     # the dense exchange, and the ragged one's bookkeeping (XLA:CPU has no ragged all_to_all)
-    for factor, ragged in ((0.0, None), (1.0, None), (0.0, ragged_all_to_all_reference),
-                           (1.0, ragged_all_to_all_reference)):
+    for factor, ragged, slots in [(f, r, s) for s in ("full", "empty") for f in (0.0, 1.0)
+                                  for r in (None, ragged_all_to_all_reference)]:
         cfg = MoEConfig(n_routed_experts=E, top_k=K, expert_d_ff=F, capacity_factor=factor)
+        chosen = expert if slots == "full" else empty
+        gates = np.where(chosen < E, gate, 0.0).astype(np.float32)
         with jax.set_mesh(mesh):
-            y, keep = jax.jit(lambda *a: ep_lib.expert_parallel(*a, cfg, ragged))(x, expert, gate, wg, wu, wd)
+            y, keep = jax.jit(lambda *a: ep_lib.expert_parallel(*a, cfg, ragged))(x, chosen, gates, wg, wu, wd)
         # reference, token by token: each device's tokens compete for capacity on their own,
         # first choices of all tokens before any second choice, earlier tokens first (GShard)
         Tl = T // shards
@@ -97,14 +101,17 @@ EXCHANGE = textwrap.dedent("""
             used = np.zeros(E, int)
             for k in range(K):
                 for t in range(s * Tl, (s + 1) * Tl):
-                    e = expert[t, k]
+                    e = chosen[t, k]
+                    if e == E:  # an empty slot: not an assignment
+                        continue
                     used[e] += 1
                     want_keep[t, k] = cap is None or used[e] <= cap
                     if want_keep[t, k]:
                         want_y[t] += gate[t, k] * (silu(x[t] @ wg[e]) * (x[t] @ wu[e])) @ wd[e]
         np.testing.assert_array_equal(np.asarray(keep), want_keep)
         np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-5, atol=1e-5)
-        report["dropped"][f"capacity {factor}, {'ragged' if ragged else 'dense'}"] = int((~want_keep).sum())
+        report["dropped"][f"capacity {factor}, {'ragged' if ragged else 'dense'}, {slots}"] = \
+            int((~want_keep & (chosen < E)).sum())
     # gradients through both exchanges agree (through the ragged one by the autodiff of its emulation)
     cfg = MoEConfig(n_routed_experts=E, top_k=K, expert_d_ff=F)
     def loss(ragged, *args):
@@ -123,8 +130,12 @@ EXCHANGE = textwrap.dedent("""
 def test_expert_parallel_exchange_against_a_token_by_token_reference():
     report = json.loads(run_python(EXCHANGE).splitlines()[-1])
     dropped = report["dropped"]
-    assert dropped["capacity 0.0, dense"] == dropped["capacity 0.0, ragged"] == 0, "dropless drops nothing"
-    assert dropped["capacity 1.0, dense"] == dropped["capacity 1.0, ragged"] > 0, \
-        "the capacity case must actually drop assignments"
+    for slots in ("full", "empty"):  # every slot taken, and top-p routing's empty slots
+        assert dropped[f"capacity 0.0, dense, {slots}"] == dropped[f"capacity 0.0, ragged, {slots}"] == 0, \
+            "dropless drops nothing"
+        assert dropped[f"capacity 1.0, dense, {slots}"] == dropped[f"capacity 1.0, ragged, {slots}"] > 0, \
+            "the capacity case must actually drop assignments"
+    assert dropped["capacity 1.0, dense, empty"] < dropped["capacity 1.0, dense, full"], \
+        "empty slots take no capacity: fewer assignments compete for it"
     assert report["gradients_agree"]
 

@@ -36,6 +36,23 @@ def test_cached_decoding_reproduces_full_forward_logits(small_cfg, params, atten
     assert int(cache.index) == 12
 
 
+def test_cached_decoding_with_top_p_routing_reproduces_full_forward_logits(small_cfg, key):
+    """A decoding step routes its one token to as many experts as its probabilities need: the
+    cache path gives the full forward pass's logits."""
+    cfg = dataclasses.replace(small_cfg, moe=dataclasses.replace(small_cfg.moe, routing="top_p", top_p=0.5))
+    params = dsmoe_jax.init_params(cfg, key)
+    tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, cfg.vocab_size)
+    full, aux = dsmoe_jax.forward(params, tokens, cfg)
+    assert len(set(np.asarray(aux.active_histogram).nonzero()[1].tolist())) > 1, "tokens take varying counts"
+    cache = inference.init_cache(cfg, batch=2, max_len=12)
+    logits, cache = inference.prefill(params, tokens[:, :4], cache, cfg)
+    np.testing.assert_allclose(logits, full[:, :4], atol=1e-5, err_msg="prefill")
+    step = jax.jit(functools.partial(inference.decode_step, cfg=cfg))
+    for t in range(4, 10):
+        logits_BV, cache = step(params, token_B=tokens[:, t], positions_B=jnp.full((2,), t), cache=cache)
+        np.testing.assert_allclose(logits_BV, full[:, t], atol=1e-5, err_msg=f"decode at position {t}")
+
+
 def _greedy_by_full_forward(params, cfg, prompt, n):
     """The oracle: rerun the whole sequence through ``forward`` for every new token (in a
     fixed-length buffer: causal logits at a position ignore whatever follows it)."""

@@ -48,6 +48,22 @@ def test_tiny_config_learns_and_logs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["20", "40"]
 
 
+def test_top_p_routing_trains_and_logs_its_experts_per_token(tmp_path):
+    """Dynamic routing's statistics reach the log: experts per token for each MoE layer (between
+    1 and the routed experts) and its weighted entropy loss, part of the balance loss."""
+    cfg = load_config("tiny", FAST + ["train.steps=3", "train.eval_every=3", "train.checkpoint_every=3",
+                                      "moe.routing=top_p", "moe.top_p=0.4", "moe.dynamic_loss_weight=1e-4"])
+    train(cfg, tmp_path, progress=False)
+    m = _metrics(tmp_path)[3]
+    E = cfg.model.moe.n_routed_experts
+    active = [m[f"active_experts/moe_layer_{i}"] for i in range(cfg.model.n_moe_layers)]
+    assert all(1 <= a <= E for a in active), active
+    entropy = m["dynamic_loss"] / 1e-4 / len(active)  # summed over the MoE layers
+    assert 0 < entropy <= np.log(E) + 1e-6, f"the router's mean entropy per layer, weighted: {m['dynamic_loss']}"
+    assert m["balance_loss"] == pytest.approx(m["expert_balance_loss"] + m["device_balance_loss"] + m["dynamic_loss"],
+                                              rel=1e-5)
+
+
 @pytest.mark.slow  # the default run stays near ten minutes: run with -m slow
 def test_tiny_v3_learns_and_its_score_bias_balances_the_load(tmp_path):
     """DeepSeek-V3's parts (MLA, sigmoid group-limited routing, auxiliary-loss-free balancing)

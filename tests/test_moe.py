@@ -167,6 +167,18 @@ def test_padding_tokens_are_left_out_of_balance_statistics():
     assert expert == pytest.approx(0.1 * np.sum(PROBS[:2].mean(0)), rel=1e-6)
 
 
+def _top_p_reference(probs, p, cap):
+    """The released code's rule in words: experts best first (ties: lower id), each added until
+    their probabilities sum past p, at most ``cap``."""
+    chosen, total = [], 0.0
+    for e in np.argsort(-probs, kind="stable")[:cap]:
+        chosen.append(int(e))
+        total += probs[e]
+        if total > p:
+            break
+    return np.array(chosen, int)
+
+
 def _layer(cfg: ModelConfig, seed=0) -> moe_lib.MoE:
     return moe_lib.MoE(cfg, rngs=nnx.Rngs(seed))
 
@@ -185,7 +197,7 @@ def _numpy_moe(layer: moe_lib.MoE, x_TD, keep_TK=None, top_k=None, exclude_top=0
     for t in range(x.shape[0]):
         logits = x[t] @ p["w_router_DE"]
         logits[np.argsort(-logits, kind="stable")[:exclude_top]] = -np.inf
-        if c.routing == "softmax":
+        if c.routing in ("softmax", "top_p"):
             scores = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
         else:
             scores = 1 / (1 + np.exp(-logits))
@@ -196,6 +208,8 @@ def _numpy_moe(layer: moe_lib.MoE, x_TD, keep_TK=None, top_k=None, exclude_top=0
             dropped = np.argsort(-group_score, kind="stable")[c.topk_group:]
             groups[dropped] = -np.inf
         top = np.argsort(-choose, kind="stable")[:top_k]
+        if c.routing == "top_p":
+            top = _top_p_reference(scores, c.threshold, c.slots)
         gates = scores[top] / (scores[top].sum() if c.norm_topk_prob else 1.0) * c.routed_scaling_factor
         gate_sum_T[t] = gates.sum()
         for k, (e, g) in enumerate(zip(top, gates)):
@@ -306,3 +320,117 @@ def test_layer_gradients_match_dense_backend(small_cfg, backend):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{backend}: gradient of {jax.tree_util.keystr(path)}")
 
+
+
+# ---- top-p (dynamic) routing ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p, cap", [(0.2, 0), (0.4, 0), (0.4, 3), (0.7, 0), (0.9, 2), (1.0, 0)])
+def test_top_p_routing_matches_the_float64_rule_token_by_token(p, cap):
+    rng = np.random.default_rng(0)
+    x_TD = rng.standard_normal((256, 6)).astype(np.float32)
+    w_DE = (rng.standard_normal((6, 8)) * 0.8).astype(np.float32)
+    cfg = _router(n_routed_experts=8, routing="top_p", top_p=p, max_experts=cap)
+    r = moe_lib.route_scores(jnp.asarray(x_TD), jnp.asarray(w_DE), cfg)
+    logits = x_TD.astype(np.float64) @ w_DE.astype(np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    ranked = -np.sort(-probs, 1)
+    assert np.abs(np.cumsum(ranked, 1)[:, :-1] - p).min() > 1e-6, "no token may sit on the threshold (float32 vs 64)"
+    counts = []
+    for t in range(256):
+        want = _top_p_reference(probs[t], p, cap or 8)
+        got = np.asarray(r.expert_TK[t])
+        counts.append(len(want))
+        np.testing.assert_array_equal(got[:len(want)], want, err_msg=f"token {t}")
+        assert (got[len(want):] == 8).all(), f"token {t}: the empty slots hold id E"
+        np.testing.assert_allclose(np.asarray(r.gate_TK[t]), np.r_[probs[t][want], np.zeros(len(got) - len(want))],
+                                   atol=1e-6, err_msg=f"token {t}: gates are the probabilities, not renormalised")
+    assert r.expert_TK.shape[1] == (cap or 8), "one slot per expert a token can take"
+    assert min(counts) >= 1 and (p == 1.0 or len(set(counts)) > 1), f"the count varies by token: {set(counts)}"
+
+
+def test_top_p_ties_and_a_dominant_expert_by_hand():
+    """Four equal probabilities (1/4 exactly): at p = 0.4 the second carries the sum to 0.5, past
+    p, so two; at p = 0.5 the sum 0.5 is not past p, so a third (the released code's strict >);
+    ties go to the lower id. A token whose best expert alone passes p takes that one."""
+    x_TD = jnp.array([[0.0], [1.0]])
+    w_DE = jnp.array([[8.0, 0.0, 0.0, 0.0]])  # token 0: all equal; token 1: e0 with e^8 / (e^8 + 3)
+    for p, want in ((0.4, [0, 1, 4, 4]), (0.5, [0, 1, 2, 4])):
+        r = moe_lib.route_scores(x_TD, w_DE, _router(routing="top_p", top_p=p))
+        assert r.expert_TK[0].tolist() == want, (p, r.expert_TK[0])
+        assert r.expert_TK[1].tolist() == [0, 4, 4, 4], (p, r.expert_TK[1])
+        np.testing.assert_allclose(r.gate_TK[0], [0.25 if e < 4 else 0.0 for e in want], rtol=1e-6)
+    renormalised = moe_lib.route_scores(x_TD, w_DE, _router(routing="top_p", top_p=0.4, norm_topk_prob=True))
+    np.testing.assert_allclose(renormalised.gate_TK[0], [0.5, 0.5, 0, 0], rtol=1e-6)
+
+
+def test_top_p_balance_and_entropy_losses_by_hand():
+    """f_i = E * (picks of i) / (all picks), so a token taking three experts weighs three times
+    one taking one; the dynamic loss is the mean entropy of the softmax over real tokens."""
+    cfg = _router(routing="top_p", top_p=0.5, aux_loss_alpha=0.1, dynamic_loss_weight=1.0)
+    r = moe_lib.route_scores(X_TD, W_DE, cfg)
+    # t0 [.1 .2 .3 .4]: e3, e2 (0.4, then 0.7 > .5); t1 [.4 .3 .2 .1]: e0, e1; t2 [1 4 9 16]/30: e3 alone
+    assert r.expert_TK.tolist() == [[3, 2, 4, 4], [0, 1, 4, 4], [3, 4, 4, 4]], r.expert_TK
+    expert, _ = moe_lib.balance_losses(r, jnp.ones(3), cfg, num_seqs=1)
+    f = 4 * np.array([1, 1, 1, 2]) / 5
+    assert float(expert) == pytest.approx(0.1 * np.sum(f * PROBS.mean(0)), rel=1e-6)
+    entropy = -(PROBS * np.log(PROBS)).sum(1)
+    assert float(moe_lib.dynamic_loss(r.probs_TE, jnp.array([1.0, 1.0, 0.0]))) == pytest.approx(entropy[:2].mean(),
+                                                                                                  rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["dense", "ragged", "tiled"])
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
+def test_moe_layer_with_top_p_routing_matches_reference(small_cfg, backend, capacity_factor):
+    """Every dispatch path with a varying number of experts per token (at most 3 of 8): the empty
+    slots take no row (the load counts the experts taken) and no capacity (the survivors
+    recomputed by hand; capacity is counted in slots, ``MoEConfig.slots``)."""
+    moe = dataclasses.replace(small_cfg.moe, routing="top_p", top_p=0.4, max_experts=3, backend=backend,
+                              capacity_factor=capacity_factor, dynamic_loss_weight=1e-4, n_shared_experts=1)
+    cfg = dataclasses.replace(small_cfg, moe=moe)
+    layer = _layer(cfg)
+    x_TD = jax.random.normal(jax.random.key(6), (24, cfg.d_model))
+    y, stats = layer(x_TD[None], jnp.zeros((1, 24), jnp.int32), jnp.ones((1, 24)))
+    r = moe_lib.route_scores(x_TD, layer.w_router_DE[...], moe)
+    taken = np.asarray(r.expert_TK) < moe.n_routed_experts
+    keep = taken.copy()
+    if capacity_factor:
+        C = math.ceil(capacity_factor * 24 * moe.slots / moe.n_routed_experts)
+        used = np.zeros(moe.n_routed_experts, int)
+        for k in range(moe.slots):
+            for t in range(24):
+                if taken[t, k]:
+                    e = int(r.expert_TK[t, k])
+                    keep[t, k] = used[e] < C
+                    used[e] += 1
+        assert 0 < (taken & ~keep).sum(), "the example must drop some assignments"
+    ref, _ = _numpy_moe(layer, x_TD, keep)
+    np.testing.assert_allclose(y[0], ref, atol=1e-5, err_msg=f"top-p MoE ({backend}) != token-by-token reference")
+    assert float(stats.expert_load.sum()) == taken.sum(), "the load counts the experts taken"
+    assert float(stats.active_experts) == pytest.approx(taken.sum(1).mean())
+    np.testing.assert_array_equal(stats.active_histogram, np.bincount(taken.sum(1), minlength=moe.slots + 1))
+    assert float(stats.drop_fraction) == pytest.approx((taken & ~keep).sum() / taken.sum())
+    assert 1 < len(set(taken.sum(1).tolist())), "tokens take different numbers of experts"
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(routing="top_p", top_p=0.0), r"moe.top_p must be in \(0, 1\]"),
+    (dict(routing="top_p", top_p=1.5), r"moe.top_p must be in \(0, 1\]"),
+    (dict(top_p=0.4), "set moe.routing = 'top_p'"),
+    (dict(routing="top_p", max_experts=5), "moe.max_experts must be between 1 and moe.n_routed_experts=4"),
+    (dict(max_experts=2), "moe.max_experts caps top-p routing"),
+    (dict(routing="top_p", dynamic_loss_weight=-1e-4), "moe.dynamic_loss_weight must be >= 0"),
+    (dict(dynamic_loss_weight=1e-4), "with 'softmax' routing it has nothing to weigh"),
+    (dict(routing="top_p", n_group=2, topk_group=1), "set moe.n_group = 1 and moe.score_bias = false"),
+    (dict(routing="top_p", score_bias=True), "set moe.n_group = 1 and moe.score_bias = false"),
+])
+def test_bad_top_p_settings_are_refused_with_the_reason(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        _router(**fields)
+
+
+def test_route_options_refuse_a_top_k_for_top_p_routing(small_cfg):
+    moe = dataclasses.replace(small_cfg.moe, routing="top_p")
+    with pytest.raises(ConfigError, match="top-p routing chooses how many experts"):
+        moe_lib.RouteOptions(top_k=2).apply(moe)

@@ -191,6 +191,10 @@ def _step_metrics(m: StepMetrics, lr: float, tokens_per_s: float, cfg: Config) -
     for layer, (row, gates) in enumerate(zip(load, np.asarray(m.aux.gate_sum))):
         out[f"load_max_over_mean/moe_layer_{layer}"] = float(row.max() / max(row.mean(), 1e-9))
         out[f"gate_sum/moe_layer_{layer}"] = float(gates)
+    if cfg.model.moe is not None and cfg.model.moe.routing == "top_p":  # top-k routing: always K
+        out["dynamic_loss"] = float(m.aux.dynamic_loss)
+        for layer, active in enumerate(np.asarray(m.aux.active_experts)):
+            out[f"active_experts/moe_layer_{layer}"] = float(active)
     if np.asarray(m.aux.drop_fraction).size:
         out["drop_fraction"] = float(np.mean(m.aux.drop_fraction))
     return out
