@@ -13,9 +13,11 @@ from dsmoe_jax.config import Config, ModelConfig, model_config
 from dsmoe_jax.model import param_axes, param_shapes
 
 
-def count_params(cfg: Config | ModelConfig) -> tuple[int, int]:
+def count_params(cfg: Config | ModelConfig, experts_per_token: float | None = None) -> tuple[int, int]:
     """(total, activated per token): the activated count leaves out the unchosen routed experts,
-    i.e. (E - K) / E of every parameter with a logical ``expert`` axis."""
+    i.e. (E - K) / E of every parameter with a logical ``expert`` axis. K is ``moe.top_k``, or
+    for top-p routing the most a token can take (``max_experts``) unless ``experts_per_token``
+    (a measured mean) is given."""
     cfg = model_config(cfg)
     # the axes leaves are tuples of names, which jax would otherwise walk into
     axes = jax.tree.leaves(param_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
@@ -24,14 +26,16 @@ def count_params(cfg: Config | ModelConfig) -> tuple[int, int]:
     routed = sum(s.size for s, a in zip(shapes, axes) if "expert" in a)
     if routed == 0:
         return total, total
-    idle = routed * (cfg.moe.n_routed_experts - cfg.moe.top_k) // cfg.moe.n_routed_experts
+    K = cfg.moe.slots if experts_per_token is None else experts_per_token
+    idle = int(routed * (cfg.moe.n_routed_experts - K) // cfg.moe.n_routed_experts)
     return total, total - idle
 
 
-def flops_per_token(cfg: Config | ModelConfig, seq_len: int) -> int:
-    """Forward FLOPs per token: 2 x activated matmul params + causal attention scores at ``seq_len``."""
+def flops_per_token(cfg: Config | ModelConfig, seq_len: int, experts_per_token: float | None = None) -> int:
+    """Forward FLOPs per token: 2 x activated matmul params + causal attention scores at
+    ``seq_len`` (``experts_per_token``: as ``count_params`` takes it)."""
     cfg = model_config(cfg)
-    _, activated = count_params(cfg)
+    _, activated = count_params(cfg, experts_per_token)
     embedding = cfg.vocab_size * cfg.d_model  # a lookup, not a matmul
     v_head_dim = cfg.head_dim if cfg.mla is None else cfg.mla.v_head_dim
     # QK^T and AV, over the causal half of the keys

@@ -137,7 +137,7 @@ def _layer_activation_bytes(cfg: ModelConfig, ffn: dict, t: int, seq: int, ep: i
     if ep > 1:  # the grouped rows are the dense receive buffers of the exchange
         rows = ep * send_buffer_rows(m, t, ep)
     else:
-        rows = m.top_k * t
+        rows = m.slots * t
     E, F = ffn["w_gate_EDF"].shape[0], ffn["w_gate_EDF"].shape[2]
     router = t * 4 * 2 * E  # logits and probabilities, float32
     grouped = rows * c * (2 * D + 3 * F)  # rows in and out, gate, up, gated product
@@ -149,7 +149,7 @@ def devices_per_token(moe, ep: int) -> int:
     """At most how many of ``ep`` expert-parallel devices one token's top-k experts sit on:
     ``min(top_k, ep)``, or fewer under group-limited routing whose groups align with the devices
     (each group on whole devices, or each device holding whole groups)."""
-    bound = min(moe.top_k, ep)
+    bound = min(moe.slots, ep)
     if moe.n_group > 1 and (moe.n_group % ep == 0 or ep % moe.n_group == 0):
         bound = min(bound, moe.topk_group * max(1, ep // moe.n_group))
     return bound
@@ -183,8 +183,8 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     passes = 3 if m.remat else 2
     exchanges = 0 if ep == 1 else 2 * passes * m.n_moe_layers * t_cfg.grad_accum
     buffer = 0 if ep == 1 else ep * send_buffer_rows(m.moe, t, ep) * m.d_model * c
-    routed = 0 if ep == 1 else m.moe.top_k * t * m.d_model * c
-    reach, reach_unlimited = (devices_per_token(m.moe, ep), min(m.moe.top_k, ep)) if ep > 1 else (1, 1)
+    routed = 0 if ep == 1 else m.moe.slots * t * m.d_model * c
+    reach, reach_unlimited = (devices_per_token(m.moe, ep), min(m.moe.slots, ep)) if ep > 1 else (1, 1)
     per_device_row = exchanges * t * m.d_model * c  # one row per token and device it reaches
     leaves = (ep - 1) / ep
     # Tensor parallelism sums partial outputs over the tensor group twice per block (attention's

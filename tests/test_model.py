@@ -30,6 +30,17 @@ def test_count_params_2b_rounds_to_the_paper():
     assert round(total / 1e9, 1) == 2.0 and round(activated / 1e9, 1) == 0.3, (total, activated)
 
 
+def test_top_p_routing_counts_at_its_cap_or_at_a_measured_mean():
+    """Top-p routing activates at most max_experts (the count top-k at that K gives), or, given
+    the mean experts per token, that many: each routed expert of the 16 x 3 x 128 x 128 weights."""
+    top4 = dsmoe_jax.count_params(dsmoe_jax.load_config("tiny", ["moe.top_k=4"]))
+    top_p = dsmoe_jax.load_config("tiny", ["moe.routing=top_p", "moe.max_experts=4"])
+    assert dsmoe_jax.count_params(top_p) == top4
+    total, at_mean = dsmoe_jax.count_params(top_p, experts_per_token=2.5)
+    per_expert = top_p.model.n_moe_layers * 3 * top_p.model.d_model * top_p.model.moe.expert_d_ff
+    assert top4[1] - at_mean == int(1.5 * per_expert), (top4, at_mean)
+
+
 def test_count_params_145b_within_one_percent():
     total, activated = dsmoe_jax.count_params(dsmoe_jax.load_config("145b"))
     assert abs(total / 144.6e9 - 1) < 0.01, f"145B total {total:,}"
