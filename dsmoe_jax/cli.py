@@ -73,7 +73,7 @@ def summary(cfg: Config, seq_len: int | None = None) -> dict:
 def _experts_per_token(moe) -> str:
     if moe.routing == "top_p":
         return f"top-p {moe.threshold:g} (at most {moe.slots})"
-    return f"top-{moe.top_k}"
+    return f"top-{moe.top_k} ({moe.routing} routing)"
 
 
 def describe(cfg: Config, seq_len: int | None = None) -> str:
@@ -93,13 +93,14 @@ def describe(cfg: Config, seq_len: int | None = None) -> str:
         e = m.moe
         lines.append(
             f"MoE           {e.n_shared_experts} shared + {e.n_routed_experts} routed experts of width "
-            f"{e.expert_d_ff}, {_experts_per_token(e)}{'' if e.routing == 'top_p' else f' ({e.routing} routing)'}, backend {e.backend}"
+            f"{e.expert_d_ff}, {_experts_per_token(e)}, backend {e.backend}"
         )
-    bound = "at most " if m.moe is not None and m.moe.routing == "top_p" else ""  # top-p: at max_experts
+    bound = "at most " if m.moe is not None and m.moe.routing == "top_p" else ""  # top-p: at its cap
     lines += [
         f"vocabulary    {m.vocab_size}, untied LM head; params {m.param_dtype}, compute {m.dtype}",
         f"parameters    {n['params_total']:,} total, {bound}{n['params_activated']:,} activated per token",
-        f"FLOPs/token   {bound}{fwd / 1e9:.3f} GFLOP forward, {3 * fwd / 1e9:.3f} GFLOP train step (seq {n['seq_len']})",
+        f"FLOPs/token   {bound}{fwd / 1e9:.3f} GFLOP forward, {3 * fwd / 1e9:.3f} GFLOP train step "
+        f"(seq {n['seq_len']})",
         f"KV cache      {n['kv_cache_bytes_per_token'] / 1024:.1f} KiB per token, all layers, in {m.dtype}",
     ]
     return "\n".join(lines)

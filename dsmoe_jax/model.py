@@ -48,7 +48,7 @@ def _concat_stats(parts: list) -> MoEStats | None:
 class Aux(NamedTuple):
     """What ``forward`` reports besides the logits (a pytree: it passes through jit and scan)."""
 
-    balance_loss: jax.Array  # expert + device level and top-p routing's entropy, summed over MoE layers: add it to the loss
+    balance_loss: jax.Array  # expert, device level and top-p's entropy, summed over MoE layers: add it to the loss
     expert_balance_loss: jax.Array  # summed over MoE layers
     device_balance_loss: jax.Array  # summed over MoE layers
     expert_load: jax.Array  # [MoE layers, E] tokens routed to each expert

@@ -6,7 +6,6 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -41,7 +40,7 @@ def test_capitals_holds_out_names_of_held_out_files_only():
     names = lambda records: {question(c).split("`")[1] for c in records}
     assert len(train) == 2605 and len(held) == 168, (len(train), len(held))
     assert not names(train) & names(held), "a held-out name is never a training question"
-    assert all(answer(c) == question(c).split("`")[1].upper() for c in train + held), "the answer is the name upper-cased"
+    assert all(answer(c) == question(c).split("`")[1].upper() for c in train + held), "the name upper-cased"
 
 
 def test_answer_loss_equals_the_packed_evaluation_of_dsmoe_jax_eval(capitals_dir, tmp_path):

@@ -56,11 +56,7 @@ def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume
                               f"{scale.name!r}, seed {seed}; choose a new --workdir")
     if final.is_file():
         return RunResult.read(final)
-    checkpoints = directory / CHECKPOINTS_DIR
-    started = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
-    if started and not resume:
-        raise ExperimentError(f"{directory} holds an unfinished run of arm {arm.name!r}; pass --resume to continue it")
-    outcome, trained = train_recorded(cfg, directory, started, progress)
+    outcome, trained, started = train_recorded(cfg, directory, resume, progress, f"run of arm {arm.name!r}")
     per_step = scale.batch_size * scale.seq_len
     params = load_model(directory).params
     result = evaluate(params, cfg, validation_tokens(cfg), max_tokens=scale.eval_tokens)
@@ -73,22 +69,27 @@ def train_arm(arm: Arm, scale: Scale, seed: int, directory: pathlib.Path, resume
     return record
 
 
-def train_recorded(cfg: Config, directory: pathlib.Path, resume: bool, progress: bool):
-    """``train(cfg, directory)``, its invocation's provenance added to ``invocations.json``;
-    returns the ``TrainResult`` and the provenance of every invocation so far."""
+def train_recorded(cfg: Config, directory: pathlib.Path, resume: bool, progress: bool, what: str):
+    """``train(cfg, directory)``, continuing a started run only with ``resume`` (``what`` names
+    it in the refusal), its invocation's provenance added to ``invocations.json``; returns the
+    ``TrainResult``, the provenance of every invocation so far and whether it resumed."""
+    checkpoints = directory / CHECKPOINTS_DIR
+    started = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    if started and not resume:
+        raise ExperimentError(f"{directory} holds an unfinished {what}; pass --resume to continue it")
     invocations = directory / INVOCATIONS
     trained = decode(tuple[Provenance, ...], json.loads(invocations.read_text())) if invocations.is_file() else ()
     tick = time.perf_counter()
-    record = lambda: _write_invocations(invocations, trained + (Provenance.now(resume, time.perf_counter() - tick),))
+    record = lambda: _write_invocations(invocations, trained + (Provenance.now(started, time.perf_counter() - tick),))
     try:
-        outcome = train(cfg, directory, resume=resume, progress=progress)
+        outcome = train(cfg, directory, resume=started, progress=progress)
     except BaseException:
         # an interrupted invocation is recorded too (its time counts, the next one resumes it),
         # unless the workdir takes no writes: then the error in flight is the one that says so
         with contextlib.suppress(OSError):
             record()
         raise
-    return outcome, record()
+    return outcome, record(), started
 
 
 def _write_invocations(path: pathlib.Path, trained: tuple[Provenance, ...]) -> tuple[Provenance, ...]:

@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsmoe_jax.chat import render_chat
-from dsmoe_jax.checkpoint import CHECKPOINTS_DIR
 from dsmoe_jax.config import Config, updated
 from dsmoe_jax.costs import count_params
 from dsmoe_jax.errors import ExperimentError
@@ -223,12 +222,8 @@ def finetune_run(method: Method, cfg: Config, directory: pathlib.Path, resume: b
     final = directory / arms.FINAL
     if final.is_file():
         return FinetuneRun.read(final)
-    checkpoints = directory / CHECKPOINTS_DIR
-    started = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
-    if started and not resume:
-        raise ExperimentError(f"{directory} holds an unfinished fine-tuning run; pass --resume to continue it")
     if method.trains:
-        _, trained = arms.train_recorded(cfg, directory, started, progress)
+        _, trained, _ = arms.train_recorded(cfg, directory, resume, progress, "fine-tuning run")
         params = tuned_params(directory)
     else:
         directory.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,6 @@ from dsmoe_jax.experiments.records import (
     Comparison,
     Curve,
     GapCurve,
-    Provenance,
     RunResult,
     StudyResults,
     VariantInfo,
