@@ -198,10 +198,14 @@ def _eval(args) -> None:
     tokens = data.join_splits(train_tokens, val_tokens) if args.data else val_tokens
     max_tokens = args.tokens if args.tokens is not None else (0 if args.data else None)
     result = evaluate(params, cfg, tokens, max_tokens=max_tokens)
-    _print(args, f"loss {result.loss:.4f} +- {result.stderr:.4f} (standard error)  perplexity {result.perplexity:.2f}  "
-                 f"({result.tokens:,} tokens in {result.windows} windows of {cfg.train.seq_len})",
-           {"loss": result.loss, "stderr": result.stderr, "perplexity": result.perplexity, "tokens": result.tokens,
-            "windows": result.windows, "seq_len": cfg.train.seq_len})
+    record = {"loss": result.loss, "stderr": result.stderr, "perplexity": result.perplexity, "tokens": result.tokens,
+              "windows": result.windows, "seq_len": cfg.train.seq_len}
+    text = (f"loss {result.loss:.4f} +- {result.stderr:.4f} (standard error)  perplexity {result.perplexity:.2f}  "
+            f"({result.tokens:,} tokens in {result.windows} windows of {cfg.train.seq_len})")
+    if cfg.model.moe is not None and cfg.model.moe.routing == "top_p":  # top-k: always K
+        record["active_experts"] = list(result.active_experts)
+        text += "\nrouted experts per token by MoE layer: " + " ".join(f"{a:.2f}" for a in result.active_experts)
+    _print(args, text, record)
 
 
 def _eval_tasks(args) -> None:

@@ -19,6 +19,7 @@ Shape legend: B windows in a batch, S sequence, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
@@ -41,6 +42,7 @@ class Evaluation(NamedTuple):
     tokens: int  # predicted tokens read
     windows: int
     window_losses: tuple[float, ...] = ()  # each window's mean, in the order read: pairs two models' losses
+    active_experts: tuple[float, ...] = ()  # per MoE layer: routed experts a counted position activated, mean
 
     @property
     def perplexity(self) -> float:
@@ -68,15 +70,24 @@ def token_losses(logits_BSV: jax.Array, targets_BS: jax.Array) -> jax.Array:
 
 def make_eval_step(cfg: Config, route: RouteOptions | None = None):
     """``(params, rows) -> (cross-entropy summed over each row's counted targets [B], their count
-    [B])`` for windows ``[B, S+1]`` or ``Packed`` rows (no balance loss); ``route`` changes the
-    routing at evaluation (``moe.RouteOptions``)."""
+    [B], the routed experts the counted positions activated, summed per MoE layer [B, L])`` for
+    windows ``[B, S+1]`` or ``Packed`` rows (no balance loss); ``route`` changes the routing at
+    evaluation (``moe.RouteOptions``)."""
+    recording = dataclasses.replace(route or RouteOptions(), record=True)
+    E = cfg.model.moe.n_routed_experts if cfg.model.moe is not None else 0
 
     def step(params, batch):
         tokens_BS1, segments_BS = row_tokens(batch)
-        logits, _ = forward(params, tokens_BS1[:, :-1], cfg.model, route=route, segment_ids=segments_BS)
+        B, S = tokens_BS1[:, :-1].shape
+        logits, aux = forward(params, tokens_BS1[:, :-1], cfg.model, route=recording, segment_ids=segments_BS)
         counted_BS = row_weights(batch)
         nll_BS = jnp.where(counted_BS > 0, token_losses(logits, tokens_BS1[:, 1:]), 0.0)
-        return jnp.sum(nll_BS, axis=-1), jnp.sum(counted_BS, axis=-1)
+        if aux.expert_choices is None:  # no MoE layer
+            active_BL = jnp.zeros((B, 0), jnp.float32)
+        else:  # an empty slot of top-p routing holds id E
+            active_LBS = jnp.sum(aux.expert_choices < E, axis=-1).reshape(-1, B, S).astype(jnp.float32)
+            active_BL = jnp.einsum("lbs,bs->bl", active_LBS, (counted_BS > 0).astype(jnp.float32))
+        return jnp.sum(nll_BS, axis=-1), jnp.sum(counted_BS, axis=-1), active_BL
 
     return step
 
@@ -128,15 +139,17 @@ def evaluate(params, cfg: Config, tokens: SplitData, max_tokens: int | None = No
         batch = max(batch // mesh_lib.batch_shards(mesh), 1) * mesh_lib.batch_shards(mesh)
     else:
         place = lambda rows: jax.tree.map(jnp.asarray, rows)
-    sums, counts = [], []
+    sums, counts, active = [], [], []
     for windows, real in window_batches(tokens, seq, index, batch):
-        summed, counted = eval_step(params, place(windows))
+        summed, counted, active_BL = eval_step(params, place(windows))
         sums.append(np.asarray(summed, np.float64)[:real])
         counts.append(np.asarray(counted, np.float64)[:real])
+        active.append(np.asarray(active_BL, np.float64)[:real])
     sum_W, count_W = np.concatenate(sums), np.concatenate(counts)
     loss, stderr = ratio_mean(sum_W, count_W)
+    per_layer = np.concatenate(active).sum(0) / max(count_W.sum(), 1.0)
     return Evaluation(loss, stderr, int(count_W.sum()), len(sum_W),
-                      tuple(float(x) for x in sum_W / np.maximum(count_W, 1)))
+                      tuple(float(x) for x in sum_W / np.maximum(count_W, 1)), tuple(float(x) for x in per_layer))
 
 
 def ratio_mean(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:

@@ -53,3 +53,21 @@ def test_route_options_reach_the_evaluation(small_cfg):
     params = dsmoe_jax.init_params(small_cfg, jax.random.key(0))
     plain, probed = evaluate(params, cfg, tokens), evaluate(params, cfg, tokens, route=RouteOptions(shared=False))
     assert plain.loss != probed.loss, "switching the shared experts off must change the loss"
+
+
+def test_experts_per_token_of_top_p_routing_are_counted_by_layer(small_cfg):
+    """The mean of each MoE layer's experts per read position, over windows read in batches of 3
+    (the last padded), against the router's recorded choices over the same windows at once."""
+    model = dataclasses.replace(small_cfg, moe=dataclasses.replace(small_cfg.moe, routing="top_p", top_p=0.5))
+    cfg = Config(model=model, train=TrainConfig(seq_len=8, batch_size=3, eval_tokens=56))
+    tokens = np.random.default_rng(1).integers(0, model.vocab_size, 161)
+    params = dsmoe_jax.init_params(model, jax.random.key(0))
+    got = evaluate(params, cfg, tokens).active_experts
+    index = validation_windows(tokens, 8, 56)
+    windows = np.stack([tokens[i * 8:i * 8 + 8] for i in index])
+    _, aux = dsmoe_jax.forward(params, windows, model, route=RouteOptions(record=True))
+    want = (np.asarray(aux.expert_choices) < model.moe.n_routed_experts).sum(-1).mean(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert len(got) == model.n_moe_layers and all(1 <= a < model.moe.n_routed_experts for a in got), got
+    top_k = evaluate(params, dataclasses.replace(cfg, model=small_cfg), tokens).active_experts
+    assert top_k == (3.0,) * small_cfg.n_moe_layers, "top-k routing: always K"
