@@ -6,7 +6,7 @@ the keys: the same S tokens), D model width, K key/value heads, H head width.
 Every block: RMSNorm -> causal attention with RoPE -> residual -> RMSNorm -> FFN -> residual.
 The attention is multi-head (``mha.py``; grouped-query when n_kv_heads < n_heads), or multi-head latent
 attention (``mla.py``) when the config has an ``[mla]`` section.
-The FFN of the first ``first_k_dense`` blocks is a dense SwiGLU, the rest are DeepSeekMoE.
+The FFN is a dense SwiGLU or DeepSeekMoE (``ModelConfig.moe_layers`` says which blocks).
 Its own module, below both the decoder (``model.py``) and the multi-token-prediction depths
 (``mtp.py``), which each run it.
 """
@@ -40,15 +40,15 @@ class KVCache(NamedTuple):
 class Block(nnx.Module):
     """Pre-norm decoder block; the FFN is a dense MLP or a DeepSeekMoE layer."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, moe: bool, *, rngs: nnx.Rngs):
         dt = jnp.dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt)
         self.attn = Attention(cfg, rngs=rngs) if cfg.mla is None else mla.MLAttention(cfg, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt)
-        if layer < cfg.first_k_dense:
-            self.ffn = MLP(cfg.d_model, cfg.d_ff, std=cfg.init_std, param_dtype=dt, rngs=rngs)
-        else:
+        if moe:
             self.ffn = MoE(cfg, rngs=rngs)
+        else:
+            self.ffn = MLP(cfg.d_model, cfg.d_ff, std=cfg.init_std, param_dtype=dt, rngs=rngs)
 
     def __call__(self, x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv=None, index=0,
                  segment_ids_BS=None, route=None):

@@ -81,7 +81,7 @@ def describe(cfg: Config, seq_len: int | None = None) -> str:
     m, n = cfg.model, summary(cfg, seq_len)
     fwd = n["flops_per_token_forward"]
     lines = [
-        f"layers        {m.n_layers} ({m.first_k_dense} dense, {m.n_moe_layers} MoE), d_model {m.d_model}",
+        f"layers        {m.n_layers} ({m.n_dense_layers} dense, {m.n_moe_layers} MoE), d_model {m.d_model}",
         f"attention     {m.n_heads} heads x {m.head_dim} ({m.kv_heads} kv heads), RoPE theta {m.rope_theta:g}"
         if m.mla is None else
         f"attention     MLA, {m.n_heads} heads: q/k {m.mla.qk_nope_head_dim} + rope {m.mla.qk_rope_head_dim}, v "

@@ -214,7 +214,9 @@ class ModelConfig:
     """The decoder: sizes, positions, dtypes; the MoE blocks' FFN in ``moe``.
 
     The first ``first_k_dense`` blocks use a dense SwiGLU of width ``d_ff``; the rest use
-    DeepSeekMoE. ``first_k_dense = n_layers`` is the dense baseline and needs no ``moe``.
+    DeepSeekMoE, or with ``moe_layer_freq`` = k only every k-th of them (block i with
+    ``(i - moe_layer_offset) % k == 0``; the others dense). ``first_k_dense = n_layers`` is the
+    dense baseline and needs no ``moe``.
     """
 
     vocab_size: int
@@ -225,6 +227,10 @@ class ModelConfig:
     head_dim: int | None = None  # None: d_model // n_heads, which must then divide evenly
     n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads = n_heads)
     first_k_dense: int = 0
+    # an MoE block every moe_layer_freq-th block from moe_layer_offset on, past first_k_dense
+    # (DeepSeek-V2's moe_layer_freq; Dynamic MoE's expert_frequency = 2: blocks 0, 2, 4, ...)
+    moe_layer_freq: int = 1
+    moe_layer_offset: int = 0
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     norm_eps: float = 1e-6
@@ -275,11 +281,18 @@ class ModelConfig:
             0 <= self.first_k_dense <= self.n_layers,
             f"model.first_k_dense={self.first_k_dense} must be between 0 and model.n_layers={self.n_layers}",
         )
+        _require(self.moe_layer_freq >= 1 and 0 <= self.moe_layer_offset < self.moe_layer_freq,
+                 f"model.moe_layer_freq must be >= 1 and model.moe_layer_offset between 0 and moe_layer_freq - 1, got "
+                 f"{self.moe_layer_freq} and {self.moe_layer_offset}")
         _require(
-            self.moe is not None or self.first_k_dense == self.n_layers,
-            f"{self.n_layers - self.first_k_dense} blocks are MoE blocks but there is no [moe] section; "
+            self.moe is not None or not self.moe_layers,
+            f"{len(self.moe_layers)} blocks are MoE blocks but there is no [moe] section; "
             "add one, or set model.first_k_dense = model.n_layers for a dense model",
         )
+        _require(not self.scan_layers or self.moe_layers == tuple(range(self.n_dense_layers, self.n_layers)),
+                 "model.scan_layers runs the dense blocks, then the MoE blocks, each group as one scan; MoE blocks "
+                 f"interleaved with dense ones (model.moe_layer_freq = {self.moe_layer_freq}) need "
+                 "model.scan_layers = false")
         for name in ("param_dtype", "dtype"):
             value = getattr(self, name)
             _require(value in DTYPES, f"model.{name} must be one of {DTYPES}, got {value!r}")
@@ -292,8 +305,18 @@ class ModelConfig:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """The indices of the MoE blocks (the others are dense)."""
+        return tuple(i for i in range(self.first_k_dense, self.n_layers)
+                     if (i - self.moe_layer_offset) % self.moe_layer_freq == 0)
+
+    @property
     def n_moe_layers(self) -> int:
-        return self.n_layers - self.first_k_dense
+        return len(self.moe_layers)
+
+    @property
+    def n_dense_layers(self) -> int:
+        return self.n_layers - self.n_moe_layers
 
 
 def parse_init_from(value: str) -> tuple[str, int | None]:
@@ -355,7 +378,7 @@ class LoRAConfig:
 def lora_targets_absent(lora: LoRAConfig, cfg: ModelConfig) -> list[str]:
     """The ``train.lora.targets`` the model of ``cfg`` has no weight for, each with the reason."""
     moe = cfg.n_moe_layers > 0
-    missing = {"dense_ffn": (cfg.first_k_dense > 0, "model.first_k_dense = 0: no dense block"),
+    missing = {"dense_ffn": (cfg.n_dense_layers > 0, "no dense block (model.first_k_dense = 0, every block MoE)"),
                "shared_experts": (moe and cfg.moe.n_shared_experts > 0, "no shared experts (moe.n_shared_experts = 0 "
                                   "or no MoE block)"),
                "routed_experts": (moe, "no MoE block (model.first_k_dense = model.n_layers)")}
@@ -526,7 +549,7 @@ def check_tensor_parallel(model: ModelConfig, tensor: int) -> None:
     widths = {"model.n_heads": model.n_heads, "model.vocab_size": model.vocab_size}
     if model.mla is None:
         widths["model.n_kv_heads"] = model.kv_heads
-    if model.first_k_dense:
+    if model.n_dense_layers:
         widths["model.d_ff"] = model.d_ff
     if model.n_moe_layers:
         widths["moe.expert_d_ff"] = model.moe.expert_d_ff

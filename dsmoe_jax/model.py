@@ -82,7 +82,8 @@ STACKED_GROUPS = ("dense_layers", "moe_layers")  # the params keys of the scanne
 
 def layer_groups(cfg: ModelConfig) -> dict[str, range]:
     """The scanned layout's groups of blocks: their params key and block indices (non-empty only)."""
-    groups = dict(zip(STACKED_GROUPS, (range(cfg.first_k_dense), range(cfg.first_k_dense, cfg.n_layers))))
+    # every dense block before every MoE block (the config refuses scan_layers otherwise)
+    groups = dict(zip(STACKED_GROUPS, (range(cfg.n_dense_layers), range(cfg.n_dense_layers, cfg.n_layers))))
     return {name: blocks for name, blocks in groups.items() if blocks}
 
 
@@ -104,7 +105,7 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         V, D, dt = cfg.vocab_size, cfg.d_model, jnp.dtype(cfg.param_dtype)
         self.embed_VD = param(rngs, (V, D), ("vocab", "embed"), cfg.init_std, dt)
-        blocks = [Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)]
+        blocks = [Block(cfg, i in cfg.moe_layers, rngs=rngs) for i in range(cfg.n_layers)]
         if cfg.scan_layers:
             for name, indices in layer_groups(cfg).items():
                 setattr(self, name, _stack_blocks([blocks[i] for i in indices]))

@@ -36,7 +36,7 @@ class MTPBlock(nnx.Module):
         self.embed_norm = RMSNorm(D, cfg.norm_eps, dt)
         self.hidden_norm = RMSNorm(D, cfg.norm_eps, dt)
         self.w_proj_CD = param(rngs, (2 * D, D), (None, "embed"), cfg.init_std, dt)
-        self.block = Block(cfg, cfg.n_layers if cfg.n_moe_layers else 0, rngs=rngs)
+        self.block = Block(cfg, cfg.n_moe_layers > 0, rngs=rngs)
         self.head_norm = RMSNorm(D, cfg.norm_eps, dt)
 
     def __call__(self, h_BSD, e_BSD, positions_BS, valid_BS, tokens_BS, route=None, valid_keys_BT=None, kv=None,

@@ -91,7 +91,7 @@ def test_bad_lora_keys_are_refused_with_the_reason(override, message):
 
 def test_targets_the_model_lacks_and_lora_with_esft_are_refused():
     with pytest.raises(ConfigError, match=r"train.lora.targets names what this model does not have: 'dense_ffn' "
-                                          r"\(model.first_k_dense = 0: no dense block\)"):
+                                          r"\(no dense block \(model.first_k_dense = 0, every block MoE\)\)"):
         _cfg("train.lora.rank=4", "model.first_k_dense=0", "train.lora.targets=['attention', 'dense_ffn']")
     with pytest.raises(ConfigError, match=r"'shared_experts' \(no shared experts"):
         _cfg("train.lora.rank=4", "moe.n_shared_experts=0", "train.lora.targets=['shared_experts']")

@@ -12,6 +12,8 @@ from jax.experimental import checkify
 import dsmoe_jax
 from dsmoe_jax import mha
 from dsmoe_jax import model as model_lib
+from dsmoe_jax.errors import ConfigError
+from dsmoe_jax.model import layer_groups
 from dsmoe_jax.rope import rope
 
 
@@ -186,6 +188,36 @@ def test_aux_reports_per_layer_load(small_cfg, key):
     np.testing.assert_array_equal(aux.expert_load.sum(-1), [15 * 3, 15 * 3])
     assert float(aux.balance_loss) == pytest.approx(
         float(aux.expert_balance_loss + aux.device_balance_loss))
+
+
+@pytest.mark.parametrize("freq, offset, first_k, want", [(1, 0, 1, (1, 2, 3)), (2, 0, 0, (0, 2)), (2, 1, 0, (1, 3)),
+                                                      (2, 0, 1, (2,)), (3, 1, 0, (1,))])
+def test_an_moe_block_every_k_th_block(small_cfg, key, freq, offset, first_k, want):
+    """Which blocks are MoE (V2's moe_layer_freq, Dynamic MoE's expert_frequency = 2 from block 0):
+    the params hold a router exactly there, the rest dense FFNs; the forward reports one load row
+    per MoE block and each block's output goes through the FFN its params say."""
+    cfg = dataclasses.replace(small_cfg, n_layers=4, first_k_dense=first_k, moe_layer_freq=freq,
+                              moe_layer_offset=offset)
+    assert cfg.moe_layers == want and cfg.n_dense_layers == 4 - len(want)
+    params = dsmoe_jax.init_params(cfg, key)
+    kinds = tuple(i for i in range(4) if "w_router_DE" in params["layers"][i]["ffn"])
+    assert kinds == want, kinds
+    assert all("w_gate_DF" in params["layers"][i]["ffn"] for i in range(4) if i not in want)
+    tokens = jax.random.randint(key, (2, 6), 0, cfg.vocab_size)
+    _, aux = _forward(cfg)(params, tokens)
+    assert aux.expert_load.shape == (len(want), cfg.moe.n_routed_experts)
+    np.testing.assert_allclose(aux.expert_load.sum(1), 12 * cfg.moe.top_k)
+
+
+def test_interleaved_moe_blocks_refuse_the_scanned_layout_and_a_bad_offset(small_cfg):
+    with pytest.raises(ConfigError, match="interleaved with dense ones .* need model.scan_layers = false"):
+        dataclasses.replace(small_cfg, first_k_dense=0, moe_layer_freq=2, scan_layers=True)
+    with pytest.raises(ConfigError, match="moe_layer_offset between 0 and moe_layer_freq - 1, got 2 and 2"):
+        dataclasses.replace(small_cfg, moe_layer_freq=2, moe_layer_offset=2)
+    # every MoE block after every dense one: the scan's two groups still hold
+    scanned = dataclasses.replace(small_cfg, n_layers=4, first_k_dense=2, moe_layer_freq=2, moe_layer_offset=1,
+                                  scan_layers=True)
+    assert scanned.moe_layers == (3,) and layer_groups(scanned) == {"dense_layers": range(3), "moe_layers": range(3, 4)}
 
 
 def test_mismatched_params_are_a_clear_error(small_cfg, key):

@@ -151,9 +151,11 @@ def format_for(cfg: ModelConfig) -> HFFormat:
 
 def _format_of(cfg: ModelConfig) -> HFFormat:
     m = cfg.moe
-    if m is None or m.routing == "hash" or m.device_aux_alpha or m.capacity_factor or cfg.yarn and cfg.mla is None:
-        raise ConfigError("this model has no HF DeepSeek format: HF models are dropless, with score-based routing, no "
-                          "device-level balance loss, at least one MoE block, and RoPE scaling only with MLA")
+    if (m is None or m.routing in ("hash", "top_p") or m.device_aux_alpha or m.capacity_factor
+            or cfg.yarn and cfg.mla is None or cfg.moe_layers != tuple(range(cfg.first_k_dense, cfg.n_layers))):
+        raise ConfigError("this model has no HF DeepSeek format: HF models are dropless, with top-k score-based "
+                          "routing, no device-level balance loss, at least one MoE block and every block past "
+                          "first_k_dense an MoE block (model.moe_layer_freq = 1), and RoPE scaling only with MLA")
     if cfg.mla is None:
         if m.routing != "softmax" or m.n_group > 1 or m.routed_scaling_factor != 1 or m.score_bias:
             raise ConfigError("multi-head attention models convert as DeepSeek-v1, which routes by plain softmax "
@@ -210,7 +212,7 @@ class Tensor(NamedTuple):
     hf: str  # name pattern: {i} layer, {e} routed expert
     ours: str  # path in the params tree, '/'-separated, {i} layer ({k}: MTP depth)
     transform: Transform
-    where: str  # "all" blocks, "dense" (the first_k_dense), "moe" (the rest), "shared" (MoE with shared experts)
+    where: str  # "all" blocks, "dense" or "moe" blocks (ModelConfig.moe_layers), "shared" (MoE with shared experts)
     experts: bool = False  # one HF tensor per routed expert, stacked on our first axis
     when: str = "always"  # a key of WHEN: models that have this tensor
     copy: bool = False  # the file's copy of a tensor the model shares (V3's MTP embedding and head): written on
@@ -297,10 +299,10 @@ GROUP_METHODS = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3
 def _layers(t: Tensor, cfg: ModelConfig) -> list[int | None]:
     if "{i}" not in t.hf:
         return [None]
-    moe = range(cfg.first_k_dense, cfg.n_layers)
+    moe = cfg.moe_layers
     shared = moe if cfg.moe is not None and cfg.moe.n_shared_experts else []
-    return list({"all": range(cfg.n_layers), "dense": range(cfg.first_k_dense), "moe": moe, "shared": shared,
-                 "mtp": []}[t.where])
+    dense = [i for i in range(cfg.n_layers) if i not in moe]
+    return list({"all": range(cfg.n_layers), "dense": dense, "moe": moe, "shared": shared, "mtp": []}[t.where])
 
 
 def _mtp_block(t: Tensor, cfg: ModelConfig) -> bool:

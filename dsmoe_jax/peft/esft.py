@@ -51,7 +51,7 @@ EXPERT_CFG = "expert_cfg.json"
 def moe_layers(cfg: Config | ModelConfig) -> list[int]:
     """The absolute decoder-layer indices of the MoE layers, in order."""
     m = model_config(cfg)
-    return list(range(m.first_k_dense, m.n_layers)) if m.moe is not None else []
+    return list(m.moe_layers) if m.moe is not None else []
 
 
 @dataclasses.dataclass(frozen=True)
