@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import pathlib
 import platform
@@ -48,8 +49,11 @@ class Provenance:
                    resumed, wall_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
 
 
+@functools.lru_cache(maxsize=1)
 def _git_state() -> tuple[str | None, bool | None]:
-    """The checkout's commit and whether it has uncommitted changes (None, None outside one)."""
+    """The checkout's commit and whether it has uncommitted changes (None, None outside one),
+    read once per process: the code a long study runs is what it imported, while the checkout's
+    HEAD may move on under it."""
     here = pathlib.Path(__file__).parent
     try:
         run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=here)

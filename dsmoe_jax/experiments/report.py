@@ -385,5 +385,5 @@ def finetune_plot(results: FinetuneResults, path: pathlib.Path) -> str:
             ax.set_xlabel("share of parameters trained (frozen drawn at 1e-4)")
             ax.set_ylabel("held-out answer loss" if field == "answer_loss" else "pretraining val loss change")
             ax.set_title(f"{task}: {'answer loss' if field == 'answer_loss' else 'forgetting'}")
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    axes[1][0].legend(fontsize=7, loc="upper left")  # the empty corner: little trained, little forgotten
     return _save(plt, fig, path)
