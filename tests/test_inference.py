@@ -78,7 +78,7 @@ def test_greedy_generation_matches_full_forward_and_is_deterministic(small_cfg, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention", ["auto", CUDNN_ARGUMENTS])
+@pytest.mark.parametrize("attention", ["auto", pytest.param(CUDNN_ARGUMENTS, marks=pytest.mark.slow)])  # 16 s
 def test_ragged_batch_equals_prompts_one_by_one(small_cfg, params, attention):
     small_cfg = dataclasses.replace(small_cfg, attention=attention)
     prompts = [[5, 17, 3, 42, 8, 9, 1], [60, 2], [11, 12, 13, 14]]

@@ -139,7 +139,7 @@ def test_the_merge_is_each_hf_weight_plus_scaled_b_a_of_the_factors_saved_under_
         np.testing.assert_array_equal(after[name], before[name], err_msg=f"{name} is not adapted")
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])  # False: 14 s
 def test_a_fresh_adapter_is_drawn_as_peft_draws_it_and_leaves_the_logits_as_they_were(scan):
     cfg = _cfg(f"model.scan_layers={str(scan).lower()}", "train.lora.rank=4", EVERY)
     params = dsmoe_jax.init_params(cfg, jax.random.key(0))

@@ -23,7 +23,7 @@ def _mla_cfg(q_lora_rank: int, **changes):
     return dataclasses.replace(base, mla=mla, yarn=yarn, head_dim=None, init_std=0.1, **changes)
 
 
-@pytest.mark.parametrize("q_lora_rank", [0, 24])
+@pytest.mark.parametrize("q_lora_rank", [pytest.param(0, marks=pytest.mark.slow), 24])  # 0: 30 s, -m slow
 def test_cached_decoding_equals_the_full_forward_at_every_position(q_lora_rank):
     cfg = _mla_cfg(q_lora_rank)
     params = dsmoe_jax.init_params(cfg, jax.random.key(0))

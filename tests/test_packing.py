@@ -106,7 +106,7 @@ def _hf_model(model_type, tmp_path):
     return params, cfg, run
 
 
-@pytest.mark.parametrize("model_type", ["deepseek", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["deepseek", pytest.param("deepseek_v2", marks=pytest.mark.slow), "deepseek_v3"])
 def test_packed_loss_and_logits_equal_transformers_on_each_example_alone(model_type, tmp_path, capsys):
     params, model_cfg, hf = _hf_model(model_type, tmp_path)
     capsys.readouterr()

@@ -55,7 +55,7 @@ def test_non_finite_step_changes_nothing(small_cfg):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])  # True: 14 s
 def test_auxiliary_loss_free_bias_moves_toward_balance_by_hand(small_cfg, scan_layers):
     """After a step, each MoE layer's score bias is b + speed * sign(mean load - load), from the
     step's expert load; the optimizer leaves it alone (no gradient, no weight decay)."""
