@@ -36,7 +36,7 @@ def _names(documents) -> list[str]:
     names = {}
     for doc, text in documents:
         if doc.startswith("stdlib:") and doc.endswith(".py"):
-            names.update(dict.fromkeys(m for m in _NAME.findall(text) if any(c.isalpha() for c in m)))
+            names.update(dict.fromkeys(_NAME.findall(text)))
     return list(names)
 
 
