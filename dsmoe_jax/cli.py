@@ -59,15 +59,24 @@ def run_paths(cfg: Config) -> str:
     return f"on {platform:<10}{', '.join(parts)}"
 
 
-def summary(cfg: Config, seq_len: int | None = None) -> dict:
-    """The numbers of ``describe`` as one record (``--json``)."""
+def summary(cfg: Config, seq_len: int | None = None, experts_per_token: float | None = None) -> dict:
+    """The numbers of ``describe`` as one record (``--json``); top-p routing's counts are at its
+    cap, and with ``experts_per_token`` (a measured mean) also at that mean."""
     m = cfg.model
     seq_len = seq_len or cfg.train.seq_len
     total, activated = count_params(m)
-    return {"params_total": total, "params_activated": activated, "seq_len": seq_len,
-            "flops_per_token_forward": flops_per_token(m, seq_len),
-            "kv_cache_bytes_per_token": cache_bytes_per_token(m), "n_layers": m.n_layers,
-            "n_moe_layers": m.n_moe_layers, "d_model": m.d_model, "vocab_size": m.vocab_size}
+    out = {"params_total": total, "params_activated": activated, "seq_len": seq_len,
+           "flops_per_token_forward": flops_per_token(m, seq_len),
+           "kv_cache_bytes_per_token": cache_bytes_per_token(m), "n_layers": m.n_layers,
+           "n_moe_layers": m.n_moe_layers, "d_model": m.d_model, "vocab_size": m.vocab_size}
+    if experts_per_token is not None:
+        if m.moe is None or m.moe.routing != "top_p" or not 1 <= experts_per_token <= m.moe.slots:
+            raise ConfigError(f"--experts-per-token {experts_per_token:g}: a mean between 1 and the cap of top-p "
+                              "routing (moe.max_experts); other routings take a fixed number")
+        out.update(experts_per_token=experts_per_token,
+                   params_activated_expected=count_params(m, experts_per_token)[1],
+                   flops_per_token_forward_expected=flops_per_token(m, seq_len, experts_per_token))
+    return out
 
 
 def _experts_per_token(moe) -> str:
@@ -76,9 +85,9 @@ def _experts_per_token(moe) -> str:
     return f"top-{moe.top_k} ({moe.routing} routing)"
 
 
-def describe(cfg: Config, seq_len: int | None = None) -> str:
+def describe(cfg: Config, seq_len: int | None = None, experts_per_token: float | None = None) -> str:
     """A short human-readable summary of ``cfg``'s architecture and size (``summary``'s numbers)."""
-    m, n = cfg.model, summary(cfg, seq_len)
+    m, n = cfg.model, summary(cfg, seq_len, experts_per_token)
     fwd = n["flops_per_token_forward"]
     lines = [
         f"layers        {m.n_layers} ({m.n_dense_layers} dense, {m.n_moe_layers} MoE), d_model {m.d_model}",
@@ -103,6 +112,10 @@ def describe(cfg: Config, seq_len: int | None = None) -> str:
         f"(seq {n['seq_len']})",
         f"KV cache      {n['kv_cache_bytes_per_token'] / 1024:.1f} KiB per token, all layers, in {m.dtype}",
     ]
+    if experts_per_token is not None:
+        expected = n["flops_per_token_forward_expected"]
+        lines.insert(-1, f"expected      {n['params_activated_expected']:,} activated per token, {expected / 1e9:.3f} "
+                         f"GFLOP forward, at {experts_per_token:g} routed experts per token")
     return "\n".join(lines)
 
 
@@ -113,7 +126,8 @@ def _print(args, text: str, record: dict) -> None:
 
 def _info(args) -> None:
     cfg = load_config(args.config, args.set)
-    _print(args, f"{describe(cfg)}\n{run_paths(cfg)}", {**summary(cfg), "platform": jax.default_backend()})
+    _print(args, f"{describe(cfg, None, args.experts_per_token)}\n{run_paths(cfg)}",
+           {**summary(cfg, None, args.experts_per_token), "platform": jax.default_backend()})
 
 
 def _workdir(args) -> str:
@@ -314,9 +328,10 @@ def _parse_mesh(text: str) -> dict[str, int]:
 def _plan(args) -> None:
     cfg = load_config(args.config, args.set)
     p = plan_lib.make_plan(cfg, _parse_mesh(args.mesh), batch=args.batch, seq=args.seq, platform=args.platform)
-    record = {**summary(cfg, args.seq), **dataclasses.asdict(p), "devices": p.devices,
+    record = {**summary(cfg, args.seq, args.experts_per_token), **dataclasses.asdict(p), "devices": p.devices,
               "bytes_per_device": p.total(remat=False), "bytes_per_device_remat": p.total(remat=True)}
-    _print(args, f"{describe(cfg, args.seq)}\n{plan_lib.format_plan(p, args.gpu_memory, args.peak_tflops)}", record)
+    _print(args, f"{describe(cfg, args.seq, args.experts_per_token)}\n"
+                 f"{plan_lib.format_plan(p, args.gpu_memory, args.peak_tflops)}", record)
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -366,6 +381,12 @@ def _configured() -> argparse.ArgumentParser:
     return parent
 
 
+def _expected_experts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experts-per-token", type=float, metavar="N",
+                        help="top-p routing: the mean routed experts per token (dsmoe-jax eval prints it per layer), "
+                             "for the expected parameters and FLOPs beside those at the cap")
+
+
 def _structured() -> argparse.ArgumentParser:
     """--json, shared by the commands whose result a script may read."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -376,6 +397,7 @@ def _structured() -> argparse.ArgumentParser:
 def _add_info(sub) -> None:
     info = sub.add_parser("info", parents=[_configured(), _structured()],
                           help="print a config's architecture, parameter counts and FLOPs")
+    _expected_experts(info)
     info.set_defaults(run=_info)
 
 
@@ -497,6 +519,7 @@ def _add_plan(sub) -> None:
     pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per device (H100: 80)")
     pl.add_argument("--peak-tflops", type=float, default=plan_lib.DEFAULT_PEAK_TFLOPS,
                     help=f"dense bf16 TFLOP/s per device (default: H100, {plan_lib.DEFAULT_PEAK_TFLOPS:g})")
+    _expected_experts(pl)
     pl.set_defaults(run=_plan)
 
 

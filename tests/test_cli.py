@@ -33,6 +33,23 @@ def test_info_override_changes_the_count(capsys):
     assert (info["n_layers"], info["n_moe_layers"]) == (2, 1), info
 
 
+def test_info_and_plan_give_top_p_routing_at_its_cap_and_at_a_measured_mean(capsys):
+    """At most max_experts routed experts, the expected counts at --experts-per-token beside them
+    (the 15 x 3 x 128 x 128 expert weights of each MoE layer, 1.5 fewer experts than the cap of 4)."""
+    top_p = ["--config", "tiny", "--set", "moe.routing=top_p", "--set", "moe.max_experts=4"]
+    assert cli.main(["info", *top_p, "--experts-per-token", "2.5", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    cfg = load_config("tiny", ["moe.routing=top_p", "moe.max_experts=4"])
+    per_expert = cfg.model.n_moe_layers * 3 * cfg.model.d_model * cfg.model.moe.expert_d_ff
+    assert info["params_activated"] - info["params_activated_expected"] == int(1.5 * per_expert), info
+    assert info["flops_per_token_forward_expected"] < info["flops_per_token_forward"], info
+    assert cli.main(["plan", *top_p, "--mesh", "data=8", "--experts-per-token", "2.5"]) == 0
+    out = capsys.readouterr().out
+    assert "at most" in out and "at 2.5 routed experts per token" in out, out
+    assert cli.main(["info", "--config", "tiny", "--experts-per-token", "2"]) == 2
+    assert "other routings take a fixed number" in capsys.readouterr().err
+
+
 def test_config_errors_exit_2_with_the_message(capsys):
     assert cli.main(["info", "--config", "tiny", "--set", "moe.top_kk=2"]) == 2
     assert "unknown key moe.top_kk" in capsys.readouterr().err
