@@ -27,7 +27,7 @@ from dsmoe_jax import mesh as mesh_lib
 from dsmoe_jax.atomic import atomic_file
 from dsmoe_jax.checkpoint import CHECKPOINTS_DIR, check_workdir_writable, write_config
 from dsmoe_jax.config import Config, parse_trainable
-from dsmoe_jax.costs import flops_per_token
+from dsmoe_jax.costs import count_params, flops_per_token
 from dsmoe_jax.evaluation import evaluate, jitted_eval_step, perplexity
 from dsmoe_jax.lock import output_lock
 from dsmoe_jax.model import param_shapes
@@ -257,7 +257,7 @@ def _lora_start(cfg: Config, tuning, workdir: pathlib.Path) -> pathlib.Path | No
     without HF module names (the adapter then stays in the checkpoints)."""
     shapes = param_shapes(cfg)
     if jax.process_index() == 0:
-        trained, total = count(tuning, shapes), sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+        trained, total = count(tuning, shapes), count_params(cfg)[0]
         tqdm.write(f"train.lora: rank {cfg.train.lora.rank} adapters on {', '.join(cfg.train.lora.targets)}: "
                    f"{trained:,} trained parameters ({trained / total:.3%} of the model's {total:,}, all frozen)")
     try:
