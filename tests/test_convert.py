@@ -1,5 +1,7 @@
-"""The HF DeepSeek name maps (v1, V2, V3) and config translation, against independent PyTorch models:
-a hand-written v1 reference, and transformers' own DeepseekV2ForCausalLM / DeepseekV3ForCausalLM."""
+"""The HF name maps (DeepSeek v1, V2, V3; Dynamic_MoE) and config translation, against independent
+PyTorch models: transformers' Qwen2-MoE as a v1 oracle, transformers' own DeepseekV2ForCausalLM /
+DeepseekV3ForCausalLM, and a hand-written statement of the dynamic-routing model
+(``dynamic_moe_reference.py``)."""
 
 import numpy as np
 import pytest
@@ -33,7 +35,8 @@ def test_config_round_trip_and_released_defaults():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "llama"}, "unsupported model_type 'llama'.*'deepseek', 'deepseek_v2', 'deepseek_v3'"),
+    ({"model_type": "mixtral"}, "unsupported model_type 'mixtral'.*'deepseek', 'deepseek_v2', 'deepseek_v3', 'llama'"),
+    ({"model_type": "llama"}, "model_type 'llama' with num_experts = None.*not dense Llama models"),
     ({"scoring_func": "sigmoid"}, "scoring_func = 'sigmoid' is not supported"),
     ({"moe_layer_freq": 2}, "moe_layer_freq = 2 is not supported"),
 ])
@@ -230,3 +233,113 @@ def test_only_v3_exports_multi_token_prediction_depths():
     with pytest.raises(ConfigError, match="only DeepSeek-V3 files carry multi-token-prediction depths, and this "
                                           "model converts as deepseek: set model.mtp_depth = 0"):
         convert.config_to_hf(cfg)
+
+
+# ---- Dynamic_MoE (arXiv 2403.07652's released layout) ----------------------------------------
+
+DYNAMIC_HF = {"model_type": "llama", "architectures": ["MoEForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+              "intermediate_size": 24, "num_hidden_layers": 4, "num_attention_heads": 4, "num_experts": 8,
+              "experts_topk": 2, "expert_frequency": 2, "top_p_threshold": 0.5, "rms_norm_eps": 1e-6,
+              "max_position_embeddings": 64, "hidden_act": "silu", "tie_word_embeddings": False,
+              "torch_dtype": "float32"}
+
+
+def _dynamic_checkpoint(directory, seed=0):
+    """A random Dynamic_MoE checkpoint as its users have them (``config.json`` and
+    ``pytorch_model.bin``), and the reference model that holds it."""
+    import json
+
+    from dynamic_moe_reference import DynamicMoEReference
+
+    torch.manual_seed(seed)
+    model = DynamicMoEReference(DYNAMIC_HF).eval()
+    with torch.no_grad():  # routers sharp enough that tokens take from one to all of the experts
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.1 if "router" in name else 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    directory.mkdir(parents=True)
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    (directory / "config.json").write_text(json.dumps(DYNAMIC_HF))
+    tiny_tokenizer(directory / "tokenizer.json")
+    return model
+
+
+def test_dynamic_moe_config_maps_its_keys_and_round_trips():
+    cfg = convert.config_from_hf({**DYNAMIC_HF, "rope_theta": 500000.0})
+    assert (cfg.moe.routing, cfg.moe.top_p, cfg.moe.n_routed_experts, cfg.moe.n_shared_experts) == ("top_p", 0.5, 8, 0)
+    assert cfg.moe.expert_d_ff == cfg.d_ff == 24, "every expert is as wide as the dense FFN"
+    assert cfg.moe_layers == (0, 2), "expert_frequency 2: blocks 0 and 2 route, 1 and 3 are dense"
+    assert cfg.rope_theta == 10000.0, "their rotary embedding is built at base 10000 whatever the file says"
+    hf = convert.config_to_hf(cfg)
+    assert (hf["model_type"], hf["architectures"], hf["top_p_threshold"], hf["expert_frequency"]) == (
+        "llama", ["MoEForCausalLM"], 0.5, 2), hf
+    assert convert.config_from_hf(hf) == cfg
+    defaults = convert.config_from_hf({k: v for k, v in DYNAMIC_HF.items()
+                                       if k not in ("expert_frequency", "top_p_threshold", "rms_norm_eps")})
+    assert (defaults.moe.top_p, defaults.moe_layer_freq, defaults.norm_eps) == (0.4, 2, 1e-6), \
+        "their MoEConfig's defaults"
+
+
+def test_dynamic_moe_logits_and_experts_match_the_reference_and_the_round_trip_is_bit_exact(tmp_path):
+    import json
+
+    from dynamic_moe_reference import DynamicMoEReference
+    from safetensors.numpy import load_file
+
+    from dsmoe_jax.moe import RouteOptions
+
+    reference = _dynamic_checkpoint(tmp_path / "hf")
+    cfg = convert.hf_to_jax(tmp_path / "hf", tmp_path / "jax", progress=False)
+    params, loaded = dsmoe_jax.load_checkpoint(tmp_path / "jax")
+    tokens = np.random.RandomState(0).randint(0, 64, (2, 12))
+    with torch.no_grad():
+        want = reference(torch.tensor(tokens)).numpy()
+        probs = [torch.softmax(b.mlp.router(b.post_attention_norm(h)), -1)
+                 for b, h in _block_inputs(reference, tokens) if hasattr(b.mlp, "router")]
+    margins = [float((torch.sort(p, descending=True)[0].cumsum(-1) - 0.5).abs().min()) for p in probs]
+    assert min(margins) > 1e-5, f"a token's running sum lies within {min(margins)} of the threshold: pick another seed"
+    got, aux = dsmoe_jax.forward(params, tokens.astype(np.int32), loaded.model, route=RouteOptions(record=True))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0, err_msg="logits differ from the reference")
+    taken = np.sum(np.asarray(aux.expert_choices) < cfg.model.moe.n_routed_experts, axis=-1)
+    np.testing.assert_array_equal(taken, np.array(reference.experts_per_token()),
+                                  err_msg="experts per token differ from the reference's rule")
+    assert len(set(taken.ravel())) >= 3, f"the tokens should take varied numbers of experts: {np.unique(taken)}"
+
+    convert.jax_to_hf(tmp_path / "jax", tmp_path / "back", progress=False)
+    before, after = reference.state_dict(), load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(before) == sorted(after), set(before) ^ set(after)
+    for name, array in before.items():
+        np.testing.assert_array_equal(after[name], array.numpy(), err_msg=name)
+    exported = json.loads((tmp_path / "back" / "config.json").read_text())
+    reloaded = DynamicMoEReference(exported).eval()
+    reloaded.load_state_dict({k: torch.from_numpy(v) for k, v in after.items()})
+    with torch.no_grad():
+        np.testing.assert_array_equal(reloaded(torch.tensor(tokens)).numpy(), want,
+                                      err_msg="the reference reads our export differently")
+
+
+def _block_inputs(model, tokens):
+    """(block, its input hidden state) for each block of the reference on ``tokens``, so a test
+    can inspect the router's probabilities."""
+    h = model.model.embed_tokens(torch.tensor(tokens))
+    out = []
+    for block in model.model.layers:
+        h_attn = h + block.self_attn(block.input_norm(h))
+        out.append((block, h_attn))
+        h = h_attn + block.mlp(block.post_attention_norm(h_attn))
+    return out
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_shared_experts": 1}, "no shared experts"),
+    ({"max_experts": 3}, "without a cap"),
+    ({"norm_topk_prob": True}, "norm_topk_prob false"),
+])
+def test_top_p_models_outside_dynamic_moe_s_architecture_are_refused_on_export(change, message):
+    import dataclasses
+
+    cfg = convert.config_from_hf(DYNAMIC_HF)
+    refused = f"top-p models convert as Dynamic_MoE's files, whose model needs .*{message}"
+    with pytest.raises(ConfigError, match=refused):
+        convert.config_to_hf(dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **change)))
+    with pytest.raises(ConfigError, match="whose model needs RoPE at base 10000"):
+        convert.config_to_hf(dataclasses.replace(cfg, rope_theta=500000.0))

@@ -1,10 +1,12 @@
-"""The HF DeepSeek formats as data: v1 (``deepseek``), V2 (``deepseek_v2``), V3 (``deepseek_v3``).
+"""The HF formats as data: DeepSeek v1 (``deepseek``), V2 (``deepseek_v2``), V3 (``deepseek_v3``),
+and the dynamic-routing models of arXiv 2403.07652 (Dynamic_MoE: ``llama`` with ``num_experts``).
 
 Each model type is one ``HFFormat``: its config fields (HF key -> our section and key, the
 values it must hold, the defaults of keys older files lack) and its tensor names (``Tensor``: HF
 name pattern -> our param path and the per-tensor transform). Everything else walks these
 tables; there is no per-tensor ``if``. Which format a config is written in follows from its
-values: multi-head attention is v1, MLA with softmax scores V2, MLA with sigmoid scores V3.
+values: multi-head attention is v1, MLA with softmax scores V2, MLA with sigmoid scores V3, top-p
+routing Dynamic_MoE.
 
 ``Tensor`` paths name our params in the unrolled layout (one subtree per block, as HF has them);
 a model with ``scan_layers`` is converted through it (``model.match_layout``).
@@ -76,16 +78,13 @@ class HFFormat(NamedTuple):
     defaults: dict  # HF key -> its value when the file leaves it out
     tensors: tuple  # of Tensor
     written: dict  # HF key -> value, written on export only
+    same: dict = {}  # (section, our key) -> HF key of ``fields`` whose value it also takes (one width for two uses)
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """Our ModelConfig for an HF DeepSeek ``config.json`` (v1, V2 or V3); anything else is a
-    clear error."""
-    fmt = FORMATS.get(hf.get("model_type"))
-    if fmt is None:
-        raise ConfigError(f"unsupported model_type {hf.get('model_type')!r}: dsmoe-jax converts "
-                          f"{', '.join(repr(t) for t in FORMATS)} (DeepSeek-MoE v1, DeepSeek-V2/V2-Lite, "
-                          "DeepSeek-V3/R1/Moonlight)")
+    """Our ModelConfig for an HF ``config.json`` (DeepSeek v1, V2, V3, or Dynamic_MoE); anything
+    else is a clear error."""
+    fmt = _format_of_file(hf)
     missing = [key for key in ESSENTIAL if key not in hf]
     if missing:  # no default can stand in for these: the file is damaged (the pipeline says so)
         raise KeyError(missing[0])
@@ -99,16 +98,33 @@ def config_from_hf(hf: dict) -> ModelConfig:
         value = hf.get(hf_key, fmt.defaults.get(hf_key))
         if value is not None:
             tables.setdefault(section, {})[key] = value
+    for (section, key), hf_key in fmt.same.items():
+        tables[section][key] = tables[fmt.fields[hf_key][0]][fmt.fields[hf_key][1]]
     if fmt.model_type in GROUP_METHODS:
         tables["moe"].update(_group_routing_from_hf(hf, fmt))
         yarn = _yarn_from_hf(hf)
         if yarn:
             tables["yarn"] = yarn
-    tables["model"]["rope_theta"] = _rope_theta(hf)
+    tables["model"].setdefault("rope_theta", _rope_theta(hf))  # unless the format fixes it
     # bf16 checkpoints run in bf16; float32, float16 and FP8 ones in float32 (no fp16 or fp8 compute)
     dtype = "bfloat16" if hf.get("torch_dtype", hf.get("dtype")) == "bfloat16" else "float32"
     tables["model"].update(param_dtype=dtype, dtype=dtype)
     return config_from_dict(tables).model
+
+
+def _format_of_file(hf: dict) -> HFFormat:
+    """The format of a ``config.json``: by its model_type, and for ``llama`` by Dynamic_MoE's keys
+    (a dense Llama has no routed experts to convert)."""
+    fmt = FORMATS.get(hf.get("model_type"))
+    if fmt is None:
+        raise ConfigError(f"unsupported model_type {hf.get('model_type')!r}: dsmoe-jax converts "
+                          f"{', '.join(repr(t) for t in FORMATS)} (DeepSeek-MoE v1, DeepSeek-V2/V2-Lite, "
+                          "DeepSeek-V3/R1/Moonlight, and Dynamic_MoE's top-p models as 'llama')")
+    if fmt is DYNAMIC and not (isinstance(hf.get("num_experts"), int) and hf["num_experts"] > 0):
+        raise ConfigError(f"model_type 'llama' with num_experts = {hf.get('num_experts')!r}: dsmoe-jax converts "
+                          "Dynamic_MoE's llama-typed MoE files (num_experts > 0, top_p_threshold), not dense Llama "
+                          "models")
+    return fmt
 
 
 def _rope(hf: dict) -> dict:
@@ -141,7 +157,7 @@ def _group_routing_from_hf(hf: dict, fmt: HFFormat) -> dict:
 def format_for(cfg: ModelConfig) -> HFFormat:
     """The HF format a model of ``cfg`` is written in: v1 for multi-head attention, V2 for MLA
     with softmax scores, V3 for MLA with sigmoid scores (and the score bias and multi-token
-    prediction V3 files carry)."""
+    prediction V3 files carry), Dynamic_MoE for top-p routing."""
     fmt = _format_of(cfg)
     if cfg.mtp_depth and fmt is not V3:
         raise ConfigError(f"only DeepSeek-V3 files carry multi-token-prediction depths, and this model converts as "
@@ -151,11 +167,14 @@ def format_for(cfg: ModelConfig) -> HFFormat:
 
 def _format_of(cfg: ModelConfig) -> HFFormat:
     m = cfg.moe
-    if (m is None or m.routing in ("hash", "top_p") or m.device_aux_alpha or m.capacity_factor
+    if m is not None and m.routing == "top_p":
+        return _dynamic_format(cfg)
+    if (m is None or m.routing == "hash" or m.device_aux_alpha or m.capacity_factor
             or cfg.yarn and cfg.mla is None or cfg.moe_layers != tuple(range(cfg.first_k_dense, cfg.n_layers))):
         raise ConfigError("this model has no HF DeepSeek format: HF models are dropless, with top-k score-based "
-                          "routing, no device-level balance loss, at least one MoE block and every block past "
-                          "first_k_dense an MoE block (model.moe_layer_freq = 1), and RoPE scaling only with MLA")
+                          "routing (or top-p routing: Dynamic_MoE's files), no device-level balance loss, at least "
+                          "one MoE block and every block past first_k_dense an MoE block (model.moe_layer_freq = 1), "
+                          "and RoPE scaling only with MLA")
     if cfg.mla is None:
         if m.routing != "softmax" or m.n_group > 1 or m.routed_scaling_factor != 1 or m.score_bias:
             raise ConfigError("multi-head attention models convert as DeepSeek-v1, which routes by plain softmax "
@@ -176,13 +195,37 @@ def _format_of(cfg: ModelConfig) -> HFFormat:
     return V2
 
 
+def _dynamic_format(cfg: ModelConfig) -> HFFormat:
+    """Dynamic_MoE's modeling code (ZhenweiAn/Dynamic_MoE) has one fixed architecture around the
+    top-p router; a model this code would run differently is refused with what to change."""
+    m = cfg.moe
+    wanted = {
+        "multi-head attention (no MLA, model.n_kv_heads = n_heads, head_dim = d_model / n_heads)":
+            cfg.mla is None and cfg.kv_heads == cfg.n_heads and cfg.head_dim * cfg.n_heads == cfg.d_model,
+        "RoPE at base 10000 without scaling (their rotary embedding ignores rope_theta)":
+            cfg.rope_theta == 10000.0 and cfg.yarn is None,
+        "routed experts as wide as the dense FFN (moe.expert_d_ff = model.d_ff)": m.expert_d_ff == cfg.d_ff,
+        "no shared experts": m.n_shared_experts == 0,
+        "an MoE block every moe_layer_freq-th block from block 0 (first_k_dense = 0, moe_layer_offset = 0)":
+            cfg.first_k_dense == 0 and cfg.moe_layer_offset == 0,
+        "the raw probabilities as gates, without a cap (norm_topk_prob false, routed_scaling_factor 1, "
+        "max_experts 0)": not m.norm_topk_prob and m.routed_scaling_factor == 1 and not m.max_experts,
+        "dropless routing, no device-level loss, no multi-token prediction":
+            not m.capacity_factor and not m.device_aux_alpha and not cfg.mtp_depth,
+    }
+    missing = [what for what, holds in wanted.items() if not holds]
+    if missing:
+        raise ConfigError(f"top-p models convert as Dynamic_MoE's files, whose model needs {'; '.join(missing)}")
+    return DYNAMIC
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
     """The HF ``config.json`` dict of ``cfg``, in the format ``format_for`` picks."""
     fmt = format_for(cfg)
     sections = {"model": cfg, "moe": cfg.moe, "mla": cfg.mla}
     hf = {hf_key: getattr(sections[section], key) for hf_key, (section, key) in fmt.fields.items()}
     hf.update(fmt.written, num_key_value_heads=cfg.kv_heads, rope_theta=cfg.rope_theta)
-    if fmt is not V1:
+    if fmt in (V2, V3):
         hf["q_lora_rank"] = cfg.mla.q_lora_rank or None
         hf["topk_method"] = GROUP_METHODS[fmt.model_type][-1 if cfg.moe.n_group > 1 else 0]
         if cfg.yarn is not None:
@@ -217,6 +260,15 @@ class Tensor(NamedTuple):
     when: str = "always"  # a key of WHEN: models that have this tensor
     copy: bool = False  # the file's copy of a tensor the model shares (V3's MTP embedding and head): written on
     # export, not read on import
+    derived: Callable[[ModelConfig], np.ndarray] | None = None  # a buffer computed from the config, no param:
+    # written on export, not read on import (``ours`` is empty)
+
+
+def _rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """The rotary frequencies a LLaMA-style attention keeps as a saved buffer, computed in float32
+    as torch computes them (1 / base^(2j / head_dim))."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(cfg.head_dim)
+    return (np.float32(1.0) / np.power(np.float32(cfg.rope_theta), exponents)).astype(np.float32)
 
 
 WHEN = {"always": lambda cfg: True, "q_lora": lambda cfg: cfg.mla.q_lora_rank > 0,
@@ -258,6 +310,22 @@ FFN = (
     Tensor("model.layers.{i}.mlp.shared_experts.up_proj.weight", "layers/{i}/ffn/shared/w_up_DF", LINEAR, "shared"),
     Tensor("model.layers.{i}.mlp.shared_experts.down_proj.weight", "layers/{i}/ffn/shared/w_down_FD", LINEAR, "shared"),
 )
+# Dynamic_MoE: LLaMA names (input_norm, post_attention_norm), an FFN module around either the
+# dense MLP (mlp.mlp) or the router and experts, and each attention's saved rotary frequencies
+DYNAMIC_TENSORS = (
+    Tensor("model.embed_tokens.weight", "embed_VD", SAME, "all"),
+    Tensor("model.norm.weight", "final_norm/scale_D", SAME, "all"),
+    Tensor("lm_head.weight", "lm_head_DV", LINEAR, "all"),
+    Tensor("model.layers.{i}.input_norm.weight", "layers/{i}/attn_norm/scale_D", SAME, "all"),
+    Tensor("model.layers.{i}.post_attention_norm.weight", "layers/{i}/ffn_norm/scale_D", SAME, "all"),
+    *MHA,
+    Tensor("model.layers.{i}.self_attn.rotary_emb.inv_freq", "", SAME, "all", derived=_rope_frequencies),
+    Tensor("model.layers.{i}.mlp.mlp.gate_proj.weight", "layers/{i}/ffn/w_gate_DF", LINEAR, "dense"),
+    Tensor("model.layers.{i}.mlp.mlp.up_proj.weight", "layers/{i}/ffn/w_up_DF", LINEAR, "dense"),
+    Tensor("model.layers.{i}.mlp.mlp.down_proj.weight", "layers/{i}/ffn/w_down_FD", LINEAR, "dense"),
+    Tensor("model.layers.{i}.mlp.router.weight", "layers/{i}/ffn/w_router_DE", LINEAR, "moe"),
+    *(t for t in FFN if t.experts),
+)
 SCORE_BIAS = (Tensor("model.layers.{i}.mlp.gate.e_score_correction_bias", "layers/{i}/ffn/score_bias_E", SAME, "moe"),)
 # An MTP depth's own tensors ({i}: its HF block index); its transformer block's follow the block rules.
 MTP = (
@@ -291,7 +359,20 @@ V3 = HFFormat(
     defaults={"norm_topk_prob": True, "topk_method": "noaux_tc", "num_nextn_predict_layers": 0},
     tensors=EDGES + MLA + FFN + SCORE_BIAS + MTP,
     written={})
-FORMATS = {fmt.model_type: fmt for fmt in (V1, V2, V3)}
+DYNAMIC = HFFormat(
+    "llama", "MoEForCausalLM",
+    fields={**{k: COMMON_FIELDS[k] for k in ESSENTIAL + ("max_position_embeddings", "rms_norm_eps",
+                                                         "initializer_range")},
+            "num_experts": ("moe", "n_routed_experts"), "top_p_threshold": ("moe", "top_p"),
+            "expert_frequency": ("model", "moe_layer_freq"),
+            "experts_topk": ("moe", "top_k")},  # in their config, unused by their router
+    required={"tie_word_embeddings": False, "hidden_act": "silu", "pretraining_tp": 1, "rope_scaling": None},
+    # their rotary embedding is built at base 10000 whatever rope_theta says; no balance loss in their code
+    fixed={("moe", "routing"): "top_p", ("moe", "n_shared_experts"): 0, ("model", "first_k_dense"): 0,
+           ("model", "rope_theta"): 10000.0},
+    defaults={"rms_norm_eps": 1e-6, "expert_frequency": 2, "top_p_threshold": 0.4, "experts_topk": 2},
+    tensors=DYNAMIC_TENSORS, written={}, same={("moe", "expert_d_ff"): "intermediate_size"})
+FORMATS = {fmt.model_type: fmt for fmt in (V1, V2, V3, DYNAMIC)}
 # the values of ``topk_method`` each MLA format knows: without and with the group limit
 GROUP_METHODS = {"deepseek_v2": ("greedy", "group_limited_greedy"), "deepseek_v3": ("noaux_tc",)}
 
@@ -353,6 +434,9 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor of the model of ``cfg`` and its shape, in a fixed order (nothing allocated)."""
     shapes, out = param_shapes(unrolled(cfg)), {}
     for t, i, path in _entries(cfg):
+        if t.derived:
+            out[t.hf.format(i=i)] = t.derived(cfg).shape
+            continue
         s = get_path(shapes, path)
         one = jax.ShapeDtypeStruct(s.shape[1:] if t.experts else s.shape, s.dtype)
         hf_shape = jax.eval_shape(t.transform.to_hf, one).shape
@@ -400,7 +484,7 @@ def params_from_hf(read: Callable[[str], np.ndarray], has: Callable[[str], bool]
         return array
 
     for t, i, path in _entries(cfg):
-        if t.copy:  # the model's own tensor, read once where the model keeps it
+        if t.copy or t.derived:  # the model's own tensor, read once where the model keeps it; a buffer
             continue
         shape = get_path(shapes, path).shape
         if t.experts:
@@ -420,6 +504,9 @@ def params_to_hf(params: dict | Callable[[tuple], np.ndarray], cfg: ModelConfig)
         tree = match_layout(params, unrolled(cfg))
         read = lambda path: get_path(tree, path)
     for t, i, path in _entries(cfg):
+        if t.derived:
+            yield t.hf.format(i=i), t.derived(cfg)
+            continue
         array = np.asarray(read(path))
         if t.experts:
             for e in range(array.shape[0]):
