@@ -62,6 +62,35 @@ def test_top_p_routing_trains_and_logs_its_experts_per_token(tmp_path):
     assert 0 < entropy <= np.log(E) + 1e-6, f"the router's mean entropy per layer, weighted: {m['dynamic_loss']}"
     assert m["balance_loss"] == pytest.approx(m["expert_balance_loss"] + m["device_balance_loss"] + m["dynamic_loss"],
                                               rel=1e-5)
+    histograms = _tensorboard_histograms(tmp_path / "tensorboard")
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    for i, mean in enumerate(active):
+        h = histograms[(f"experts_per_token/moe_layer_{i}", 3)]
+        counts = np.asarray(h.bucket)
+        assert len(counts) == E + 1 and counts.sum() == h.num == tokens, f"layer {i}: every token once: {h}"
+        assert counts[0] == 0 and h.min >= 1, f"layer {i}: a token always takes an expert: {counts}"
+        assert h.sum / h.num == pytest.approx(mean, rel=1e-5), f"layer {i}: the histogram's mean is the logged mean"
+
+
+def _tensorboard_histograms(directory) -> dict:
+    """{(tag, step): HistogramProto} from the TFRecord event files in ``directory`` (each record:
+    8-byte length, 4-byte CRC, the Event, 4-byte CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in directory.glob("events.out.tfevents*"):
+        raw = path.read_bytes()
+        at = 0
+        while at < len(raw):
+            (length,) = struct.unpack("<Q", raw[at:at + 8])
+            event = event_pb2.Event.FromString(raw[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("histo"):
+                    out[(value.tag, event.step)] = value.histo
+    return out
 
 
 @pytest.mark.slow  # the default run stays near ten minutes: run with -m slow

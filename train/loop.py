@@ -150,7 +150,9 @@ class _Logger:
             self.jsonl = open(path, "a")
             self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1)
 
-    def log(self, step: int, metrics: dict, load_LE: np.ndarray | None = None) -> None:
+    def log(self, step: int, metrics: dict, load_LE: np.ndarray | None = None,
+            histograms: dict[str, np.ndarray] | None = None) -> None:
+        """One step's scalars (both files), expert load image and histograms of counts (TensorBoard)."""
         if not self.enabled:
             return
         self.history.append({"step": step, **metrics})
@@ -160,12 +162,34 @@ class _Logger:
             self.tb.add_scalar(k, v, step)
         if load_LE is not None and load_LE.size:
             self.tb.add_image("expert_load", _load_image(load_LE), step, dataformats="HWC")
+        for tag, counts in (histograms or {}).items():
+            self.tb.add_histogram_raw(tag, **_count_histogram(counts), global_step=step)
 
     def close(self) -> None:
         if not self.enabled:
             return
         self.jsonl.close()
         self.tb.close()
+
+
+def _count_histogram(counts: np.ndarray) -> dict:
+    """TensorBoard's raw histogram of ``counts[k]`` observations of the value k: one bucket per
+    value, its right edge halfway to the next."""
+    values = np.arange(len(counts), dtype=np.float64)
+    seen = values[counts > 0]
+    low, high = (float(seen.min()), float(seen.max())) if seen.size else (0.0, 0.0)
+    return {"min": low, "max": high, "num": float(counts.sum()),
+            "sum": float(counts @ values), "sum_squares": float(counts @ values**2),
+            "bucket_limits": (values + 0.5).tolist(), "bucket_counts": counts.astype(np.float64).tolist()}
+
+
+def _experts_histograms(m: StepMetrics, cfg: Config) -> dict[str, np.ndarray]:
+    """Top-p routing's distribution of routed experts per token, per MoE layer: tokens taking
+    0..K experts (top-k routing: always K, nothing to show)."""
+    if cfg.model.moe is None or cfg.model.moe.routing != "top_p":
+        return {}
+    return {f"experts_per_token/moe_layer_{layer}": counts
+            for layer, counts in enumerate(np.asarray(m.aux.active_histogram))}
 
 
 def _logged_step(line: str) -> float:
@@ -437,7 +461,7 @@ def _run(cfg: Config, workdir: pathlib.Path, resume: bool, progress: bool, mesh:
                     if step % t.eval_every == 0 or step == t.steps:
                         last.update(_validate(evaluated(state), cfg, training, eval_step))
                         load = np.asarray(m.aux.expert_load)
-                    logger.log(step, last, load)
+                    logger.log(step, last, load, _experts_histograms(m, cfg))
                     last_step = step
                     bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}",
                                     tok_s=f"{last['tokens_per_s']:.0f}")
