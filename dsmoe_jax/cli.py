@@ -363,8 +363,10 @@ def _experiment(args) -> None:
     mesh = _parse_mesh(args.mesh) if args.mesh else None  # a malformed --mesh is one error, not one per arm
     for row in experiments.describe(plan):
         settings = " ".join(f"{k}={v}" for k, v in row["settings"].items())
+        moe = row["config"].model.moe
+        cap = " at most" if moe is not None and moe.routing == "top_p" else ""  # top-p: at its cap
         print(f"{row['arm']:<17} {row['structure']:<36} {row['params_total']:>15,} total "
-              f"{row['params_activated']:>15,} activated   {settings}")
+              f"{row['params_activated']:>15,} activated{cap}   {settings}")
         if mesh:
             try:
                 planned = plan_lib.format_plan(plan_lib.make_plan(row["config"], mesh), 80)

@@ -16,7 +16,7 @@ import pytest
 import dsmoe_jax
 from dsmoe_jax import cli, data, loading
 from dsmoe_jax.checkpoint import write_config
-from dsmoe_jax.costs import count_params
+from dsmoe_jax.costs import count_params, flops_per_token
 from dsmoe_jax.errors import CheckpointError
 from dsmoe_jax.experiments import (
     ARMS,
@@ -87,7 +87,7 @@ def test_every_study_plans_at_every_scale_as_a_dry_run(name, scale, capsys):
         return
     assert cli.main(["experiment", name, "--scale", scale, "--dry-run"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert "deepseekmoe" in out or "balance_off" in out, out
+    assert all(arm in out for arm in STUDIES[name].arms), out
     if name == "sensitivity":
         assert ("deepseekmoe@batch_64" in out) == (SCALES[scale].steps % 4 == 0), out
 
@@ -189,6 +189,67 @@ def test_balance_study_reports_load_statistics(toy_workdir):
         assert len(stats["load"]) == SCALES["toy"].n_layers and len(stats["load"][0]) == 63
         assert sum(stats["load"][0]) > 0
     assert (toy_workdir / "balance" / "expert_load.png").is_file()
+
+
+def test_dynamic_arms_are_their_top_k_arms_with_top_p_routing():
+    for name, base in (("gshard_top_p", "gshard"), ("deepseekmoe_top_p", "deepseekmoe")):
+        cfg, ref = arm_config(ARMS[name], SCALES["cpu"], 0), arm_config(ARMS[base], SCALES["cpu"], 0)
+        moe = cfg.model.moe
+        assert (moe.routing, moe.top_p, moe.max_experts, moe.dynamic_loss_weight) == (
+            "top_p", ARMS[name].top_p, 0, specs.DYNAMIC_LOSS_WEIGHT), f"{name}: the paper's rule and beta, no cap"
+        assert count_params(cfg)[0] == count_params(ref)[0], f"{name}: the same parameters as {base}"
+        routing = ("routing", "top_p", "top_k", "dynamic_loss_weight")
+        same = lambda c: {k: v for k, v in dataclasses.asdict(c.model.moe).items() if k not in routing}
+        assert same(cfg) == same(ref), f"{name}: only the routing differs from {base}"
+    assert STUDIES["dynamic"].pairs(STUDIES["dynamic"].arms) == [("gshard_top_p", "gshard"),
+                                                                 ("deepseekmoe_top_p", "deepseekmoe")]
+
+
+def test_experts_per_token_are_measured_by_layer_and_kind_of_text_on_a_top_p_arm(tmp_path):
+    arm, scale = ARMS["gshard_top_p"], SCALES["toy"]
+    directory = arms.run_dir(tmp_path, arm, 0)
+    final = arms.train_arm(arm, scale, 0, directory, progress=False)
+    run = measures.experts_arm(directory, scale)
+    cfg = arm_config(arm, scale, 0)
+    E = cfg.model.moe.n_routed_experts
+    assert run["loss"]["all"] == pytest.approx(final.val_loss, rel=1e-6), "the whole split, as final.json evaluates it"
+    params = dsmoe_jax.load_checkpoint(directory)[0]
+    code = measures.validation_by_kind(cfg)["code"]
+    want = dsmoe_jax.evaluate(params, cfg, code, scale.eval_tokens).active_experts
+    assert run["experts_per_layer"]["code"] == list(want), "the code split's experts per layer"
+    for kind, layers in run["experts_per_layer"].items():
+        assert len(layers) == cfg.model.n_moe_layers and all(1 <= x <= E for x in layers), f"{kind}: {layers}"
+        assert run["experts"][kind] == pytest.approx(np.mean(layers)), kind
+    assert run["flops_per_token"]["max"] == flops_per_token(cfg, cfg.train.seq_len)
+    assert run["flops_per_token"]["expected"] == flops_per_token(cfg, cfg.train.seq_len, run["experts"]["all"])
+    assert run["flops_per_token"]["expected"] < run["flops_per_token"]["max"], "fewer than all 16 experts per token"
+
+
+@pytest.mark.slow  # about 30 s: run with -m slow
+def test_dynamic_study_measures_experts_per_token_by_layer_and_kind_of_text(tmp_path):
+    results = run_study("dynamic", "toy", seeds=[0], workdir=tmp_path, progress=False)
+    measured = results.measures["experts"]["base"]
+    for name in results.arms:
+        cfg = arm_config(ARMS[name.arm], SCALES["toy"], 0)
+        (run,) = measured[name.arm]
+        moe = cfg.model.moe
+        assert set(run["experts"]) == set(run["loss"]) == {"all", "code", "documentation"}, run
+        for kind, layers in run["experts_per_layer"].items():
+            assert len(layers) == cfg.model.n_moe_layers, f"{name.arm}: one mean per MoE layer"
+            if moe.routing == "top_p":
+                assert all(1 <= x <= moe.n_routed_experts for x in layers), f"{name.arm} on {kind}: {layers}"
+            else:
+                assert layers == [moe.top_k] * len(layers), f"{name.arm}: top-k takes exactly K on {kind}"
+        expected, most = run["flops_per_token"]["expected"], run["flops_per_token"]["max"]
+        assert most == flops_per_token(cfg, cfg.train.seq_len), name.arm
+        assert expected == (flops_per_token(cfg, cfg.train.seq_len, run["experts"]["all"]) if moe.routing == "top_p"
+                            else most), f"{name.arm}: FLOPs at the measured mean"
+        assert run["loss"]["all"] == pytest.approx(name.val_loss[0], rel=1e-6), "the whole split, as final.json"
+    compared = {(c.a, c.b, c.metric) for c in results.comparisons}
+    assert compared == {(a, b, m) for a, b in STUDIES["dynamic"].compared
+                        for m in ("val_loss", "loss/code", "loss/documentation", "experts/all")}
+    table = (tmp_path / "dynamic" / "results.md").read_text()
+    assert "| GShard, top-p |" in table and "code - documentation" in table, table
 
 
 class Stopped(Exception):

@@ -1,4 +1,5 @@
-"""What the specialisation and balance experiments measure on trained arms, beyond their loss.
+"""What the specialisation, balance and dynamic-routing experiments measure on trained arms, beyond
+their loss.
 
 Specialisation (the paper's section 4.5) probes a trained model by changing its routing at
 evaluation time (``moe.RouteOptions``), never its parameters:
@@ -12,6 +13,10 @@ evaluation time (``moe.RouteOptions``), never its parameters:
 
 Balance: the number of validation tokens routed to each expert of each layer (and the routed
 gates' sum per token, the weight the routed experts carry).
+
+Experts: how many routed experts a token activates, per MoE layer, on the whole validation split
+and on each kind of text (dynamic routing claims harder inputs and lower layers take more), with
+the forward FLOPs per token that this mean implies beside the most a token can cost.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsmoe_jax import data
+from dsmoe_jax.costs import flops_per_token
 from dsmoe_jax.errors import ExperimentError
 from dsmoe_jax.evaluation import evaluate, validation_windows, window_batches
 from dsmoe_jax.experiments.specs import Arm, Scale
@@ -186,6 +192,25 @@ def probe_arm(directory: pathlib.Path, scale: Scale) -> dict:
     return {"loss": {k: r.loss for k, r in by_kind.items()}, "stderr": {k: r.stderr for k, r in by_kind.items()},
             "tokens": {k: r.tokens for k, r in by_kind.items()}, "load": load_statistics(load, groups=None),
             "gate_sum": gate_sum.tolist(), "routing_by_token": routing_by_token(params, cfg, val, scale.probe_tokens)}
+
+
+def experts_arm(directory: pathlib.Path, scale: Scale) -> dict:
+    """Evaluation-only measures of one trained arm: validation loss and routed experts per
+    counted position (per MoE layer, and their mean ``experts``) on the whole validation split
+    (``all``) and on each kind of text; forward FLOPs per token at the measured mean (``expected``)
+    and at the most a token can take (``max``; equal for top-k routing)."""
+    params, cfg, _ = load_model(directory)
+    texts = {"all": validation_tokens(cfg), **validation_by_kind(cfg)}
+    results = {kind: evaluate(params, cfg, tokens, scale.eval_tokens) for kind, tokens in texts.items()}
+    per_layer = {kind: list(r.active_experts) for kind, r in results.items()}
+    mean = float(np.mean(per_layer["all"]))
+    dynamic = cfg.model.moe.routing == "top_p"
+    seq = cfg.train.seq_len
+    return {"loss": {kind: r.loss for kind, r in results.items()},
+            "experts": {kind: float(np.mean(layers)) for kind, layers in per_layer.items()},
+            "experts_per_layer": per_layer,
+            "flops_per_token": {"expected": flops_per_token(cfg, seq, mean if dynamic else None),
+                                "max": flops_per_token(cfg, seq)}}
 
 
 def balance(trained: Trained) -> dict:

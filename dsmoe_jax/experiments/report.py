@@ -17,7 +17,7 @@ from dsmoe_jax.experiments.records import (
     RunResult,
     StudyResults,
 )
-from dsmoe_jax.experiments.stats import EXTRA
+from dsmoe_jax.experiments.stats import EXTRA, paired
 
 
 def _pm(mean: float, spread: float) -> str:
@@ -61,6 +61,8 @@ def markdown(results: StudyResults | FinetuneResults) -> str:
         lines += [*_balance_lines(results.measures["balance"], results), ""]
     if "probes" in results.measures:
         lines += [*_probe_lines(results.measures["probes"]), ""]
+    if "experts" in results.measures:
+        lines += [*_experts_lines(results.measures["experts"], results), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -153,6 +155,28 @@ def _probe_lines(probes: dict) -> list[str]:
             lines.append(f"| {arm} | {per_layer(lambda r: r['load']['max_over_mean'])} | "
                          f"{per_layer(lambda r: r['load']['entropy'])} | {gates} | {routing('table_accuracy')} | "
                          f"{routing('constant_accuracy')} | {routing('normalised_mutual_information')} |")
+        lines.append("")
+    return lines
+
+
+def _experts_lines(measured: dict, results: StudyResults) -> list[str]:
+    """Per arm: routed experts per position per MoE layer (first to last) and by kind of text, the
+    code - documentation difference paired by seed, and forward FLOPs per token."""
+    labels = {a.arm: a.label for a in results.arms}
+    lines = []
+    for name, arms in measured.items():
+        lines += [f"**{name}**: routed experts a position activates (mean over seeds); code - documentation paired "
+                  "by seed; FLOPs per forward token at the measured mean and at the most a token can take.", "",
+                  "| arm | per MoE layer (all text) | mean | code | documentation | code - documentation "
+                  "(95% t-interval) | GFLOPs/token expected | max |", "|---|---|---|---|---|---|---|---|"]
+        for arm, runs in arms.items():
+            layers = ", ".join(f"{x:.2f}" for x in np.mean([r["experts_per_layer"]["all"] for r in runs], axis=0))
+            mean = lambda kind: float(np.mean([r["experts"][kind] for r in runs]))
+            gap = paired([r["experts"]["code"] - r["experts"]["documentation"] for r in runs])
+            flops = lambda key: float(np.mean([r["flops_per_token"][key] for r in runs])) / 1e9
+            lines.append(f"| {labels.get(arm, arm)} | {layers} | {mean('all'):.2f} | {mean('code'):.2f} | "
+                         f"{mean('documentation'):.2f} | {gap.mean:+.3f} {_interval(gap.ci95)} | "
+                         f"{flops('expected'):.4f} | {flops('max'):.4f} |")
         lines.append("")
     return lines
 

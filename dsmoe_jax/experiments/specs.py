@@ -116,6 +116,7 @@ class Arm:
     width: Fraction = Fraction(1)
     dense_width: int = 1
     routing: str = "softmax"
+    top_p: float | None = None  # top-p routing's threshold (``routing = "top_p"``; top_k is then unused)
     change: Change = unchanged
 
     def apply(self, cfg: Config) -> Config:
@@ -128,8 +129,10 @@ class Arm:
         if expert_width.denominator != 1:
             raise ConfigError(f"arm {self.name}: experts of {self.width} x F need F={ffn} divisible by "
                               f"{self.width.denominator}")
-        moe = {"n_routed_experts": self.routed, "n_shared_experts": self.shared, "top_k": self.top_k,
-               "expert_d_ff": int(expert_width), "routing": self.routing}
+        moe = {"n_routed_experts": self.routed, "n_shared_experts": self.shared, "expert_d_ff": int(expert_width),
+               "routing": self.routing, "top_p": self.top_p}
+        if self.routing != "top_p":  # top-p routing leaves top_k unused
+            moe["top_k"] = self.top_k
         return self.change(updated(cfg, model={"first_k_dense": 0}, moe=moe))
 
     def structure(self) -> str:
@@ -142,10 +145,14 @@ class Arm:
             width = f"{float(self.width):g}F" if self.width > 1 else f"F/{self.width.denominator}"
         shared = f"{self.shared} shared + " if self.shared else ""
         hashed = ", hash" if self.routing == "hash" else ""
-        return f"{shared}{self.routed} routed ({width}), top-{self.top_k}{hashed}"
+        chosen = f"top-p {self.top_p:g}" if self.routing == "top_p" else f"top-{self.top_k}"
+        return f"{shared}{self.routed} routed ({width}), {chosen}{hashed}"
 
 
 _QUARTER = Fraction(1, 4)
+DYNAMIC_LOSS_WEIGHT = 1e-4  # the dynamic-routing paper's beta
+GSHARD_TOP_P = 0.2
+DEEPSEEKMOE_TOP_P = 0.2
 ARMS = {arm.name: arm for arm in (
     # Table 1: the architectures, at equal total parameters (MoE) and the paper's activations
     Arm("dense", "Dense"),
@@ -170,6 +177,14 @@ ARMS = {arm.name: arm for arm in (
         change=setting(moe={"aux_loss_alpha": 0.1})),
     Arm("balance_device", "+ device-level loss (7 groups)", routed=63, shared=1, top_k=7, width=_QUARTER,
         change=setting(moe={"device_aux_alpha": 0.05, "device_groups": 7})),
+    # dynamic routing (arXiv 2403.07652): each token takes the fewest experts whose router
+    # probabilities pass the threshold, with the paper's entropy loss (beta 1e-4); the thresholds
+    # were chosen before the study by a pilot on other seeds (EXPERIMENTS.md), for a mean at or
+    # under the top-k arm's experts per token, as the paper chose 0.4 against top-2
+    Arm("gshard_top_p", "GShard, top-p", routed=16, routing="top_p", top_p=GSHARD_TOP_P,
+        change=setting(moe={"dynamic_loss_weight": DYNAMIC_LOSS_WEIGHT})),
+    Arm("deepseekmoe_top_p", "DeepSeekMoE, top-p", routed=63, shared=1, width=_QUARTER, routing="top_p",
+        top_p=DEEPSEEKMOE_TOP_P, change=setting(moe={"dynamic_loss_weight": DYNAMIC_LOSS_WEIGHT})),
 )}
 
 

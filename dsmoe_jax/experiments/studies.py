@@ -36,6 +36,7 @@ class Study:
     arms: tuple[str, ...]
     paper: Mapping[str, float] = dataclasses.field(default_factory=dict)  # the paper's Pile loss per arm
     baseline: str | None = None  # None: every pair of arms compared; else each other arm against it
+    compared: tuple[tuple[str, str], ...] = ()  # the pairs (A, B) compared, where not every pair nor a baseline
     variants: bool = False  # takes --variants (settings of specs.VARIANTS)
     all_variants: bool = False  # without --variants: every variant that applies at the scale (else base)
     more_arms: bool = False  # takes --arms: further arms trained and compared beside its own
@@ -69,11 +70,14 @@ class Study:
 
     def pairs(self, arms: tuple[str, ...]) -> list[tuple[str, str]]:
         """(A, B) of every comparison A - B."""
+        if self.compared:
+            return list(self.compared)
         if self.baseline is None:
             return [(a, b) for i, a in enumerate(arms) for b in arms[i + 1:]]
         return [(a, self.baseline) for a in arms if a != self.baseline]
 
 
+_EXPERTS = Measure("experts", per_run=measures.experts_arm, compared=("loss/code", "loss/documentation", "experts/all"))
 _PROBES = Measure("probes", per_run=measures.probe_arm, compared=("loss/code", "loss/documentation"))
 
 STUDIES = {s.name: s for s in (
@@ -95,6 +99,12 @@ STUDIES = {s.name: s for s in (
           baseline="gshard", variants=True, all_variants=True, more_arms=True),
     Study("probes", "The sensitivity study's arms probed: loss on code and on documentation, expert load, routing "
           "by token id", SENSITIVITY_ARMS, baseline="gshard", variants=True, more_arms=True, measures=(_PROBES,)),
+    Study("dynamic", "Dynamic routing (arXiv 2403.07652): top-p against top-k routing on coarse (GShard) and "
+          "fine-grained (DeepSeekMoE) experts", ("gshard", "gshard_top_p", "deepseekmoe", "deepseekmoe_top_p"),
+          compared=(("gshard_top_p", "gshard"), ("deepseekmoe_top_p", "deepseekmoe")), measures=(_EXPERTS,)),
+    Study("dynamic-coarse", "Dynamic routing's own claim alone: top-p against top-2 routing on GShard's coarse experts "
+          "(the pair to run longer)", ("gshard", "gshard_top_p"), compared=(("gshard_top_p", "gshard"),),
+          measures=(_EXPERTS,)),
     Study("finetune", "ESFT (arXiv 2407.01906): full fine-tuning, ESFT-Gate, ESFT-Token, LoRA and the frozen base on "
           "two tasks, from pretrained fine-grained and coarse bases", ("deepseekmoe", "gshard"), finetune=True),
 )}
