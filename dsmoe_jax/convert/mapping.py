@@ -18,6 +18,7 @@ C key/value latent, J query/key head width, X = key + value head widths, W value
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -310,21 +311,28 @@ FFN = (
     Tensor("model.layers.{i}.mlp.shared_experts.up_proj.weight", "layers/{i}/ffn/shared/w_up_DF", LINEAR, "shared"),
     Tensor("model.layers.{i}.mlp.shared_experts.down_proj.weight", "layers/{i}/ffn/shared/w_down_FD", LINEAR, "shared"),
 )
-# Dynamic_MoE: LLaMA names (input_norm, post_attention_norm), an FFN module around either the
-# dense MLP (mlp.mlp) or the router and experts, and each attention's saved rotary frequencies
+# Dynamic_MoE: v1's names but for LLaMA's norms (input_norm, post_attention_norm) and an FFN module
+# around either the dense MLP (mlp.mlp) or the router and experts; no shared experts; and each
+# attention's saved rotary frequencies
+DYNAMIC_NAMES = {"input_layernorm": "input_norm", "post_attention_layernorm": "post_attention_norm",
+                 "mlp.gate_proj": "mlp.mlp.gate_proj", "mlp.up_proj": "mlp.mlp.up_proj",
+                 "mlp.down_proj": "mlp.mlp.down_proj", "mlp.gate.weight": "mlp.router.weight"}
+
+
+def _renamed(tensors: tuple, names: dict[str, str]) -> tuple:
+    """``tensors`` with each HF name's parts renamed by ``names`` (whole dotted parts only)."""
+    def rename(hf: str) -> str:
+        for old, new in names.items():
+            hf = re.sub(rf"(?<=\.){re.escape(old)}(?=\.|$)", new, hf)
+        return hf
+
+    return tuple(t._replace(hf=rename(t.hf)) for t in tensors)
+
+
 DYNAMIC_TENSORS = (
-    Tensor("model.embed_tokens.weight", "embed_VD", SAME, "all"),
-    Tensor("model.norm.weight", "final_norm/scale_D", SAME, "all"),
-    Tensor("lm_head.weight", "lm_head_DV", LINEAR, "all"),
-    Tensor("model.layers.{i}.input_norm.weight", "layers/{i}/attn_norm/scale_D", SAME, "all"),
-    Tensor("model.layers.{i}.post_attention_norm.weight", "layers/{i}/ffn_norm/scale_D", SAME, "all"),
-    *MHA,
+    *_renamed(EDGES + MHA, DYNAMIC_NAMES),
     Tensor("model.layers.{i}.self_attn.rotary_emb.inv_freq", "", SAME, "all", derived=_rope_frequencies),
-    Tensor("model.layers.{i}.mlp.mlp.gate_proj.weight", "layers/{i}/ffn/w_gate_DF", LINEAR, "dense"),
-    Tensor("model.layers.{i}.mlp.mlp.up_proj.weight", "layers/{i}/ffn/w_up_DF", LINEAR, "dense"),
-    Tensor("model.layers.{i}.mlp.mlp.down_proj.weight", "layers/{i}/ffn/w_down_FD", LINEAR, "dense"),
-    Tensor("model.layers.{i}.mlp.router.weight", "layers/{i}/ffn/w_router_DE", LINEAR, "moe"),
-    *(t for t in FFN if t.experts),
+    *_renamed(tuple(t for t in FFN if t.where != "shared"), DYNAMIC_NAMES),
 )
 SCORE_BIAS = (Tensor("model.layers.{i}.mlp.gate.e_score_correction_bias", "layers/{i}/ffn/score_bias_E", SAME, "moe"),)
 # An MTP depth's own tensors ({i}: its HF block index); its transformer block's follow the block rules.
