@@ -161,24 +161,36 @@ def _probe_lines(probes: dict) -> list[str]:
 
 def _experts_lines(measured: dict, results: StudyResults) -> list[str]:
     """Per arm: routed experts per position per MoE layer (first to last) and by kind of text, the
-    code - documentation difference paired by seed, and forward FLOPs per token."""
+    first - last layer and code - documentation differences paired by seed (95% t-intervals), and
+    forward FLOPs per token."""
     labels = {a.arm: a.label for a in results.arms}
     lines = []
     for name, arms in measured.items():
-        lines += [f"**{name}**: routed experts a position activates (mean over seeds); code - documentation paired "
-                  "by seed; FLOPs per forward token at the measured mean and at the most a token can take.", "",
-                  "| arm | per MoE layer (all text) | mean | code | documentation | code - documentation "
-                  "(95% t-interval) | GFLOPs/token expected | max |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"**{name}**: routed experts a position activates (mean over seeds); the differences paired by "
+                  "seed (95% t-intervals); forward FLOPs per token at the measured mean and at the most a token can "
+                  "take.", "",
+                  "| arm | per MoE layer (all text) | first - last layer | mean | code | documentation | code - "
+                  "documentation | MFLOPs/token expected | max |", "|---|---|---|---|---|---|---|---|---|"]
         for arm, runs in arms.items():
             layers = ", ".join(f"{x:.2f}" for x in np.mean([r["experts_per_layer"]["all"] for r in runs], axis=0))
             mean = lambda kind: float(np.mean([r["experts"][kind] for r in runs]))
-            gap = paired([r["experts"]["code"] - r["experts"]["documentation"] for r in runs])
-            flops = lambda key: float(np.mean([r["flops_per_token"][key] for r in runs])) / 1e9
-            lines.append(f"| {labels.get(arm, arm)} | {layers} | {mean('all'):.2f} | {mean('code'):.2f} | "
-                         f"{mean('documentation'):.2f} | {gap.mean:+.3f} {_interval(gap.ci95)} | "
-                         f"{flops('expected'):.4f} | {flops('max'):.4f} |")
+            first_last = [r["experts_per_layer"]["all"][0] - r["experts_per_layer"]["all"][-1] for r in runs]
+            by_layer = _paired_text(first_last)
+            by_kind = _paired_text([r["experts"]["code"] - r["experts"]["documentation"] for r in runs])
+            flops = lambda key: float(np.mean([r["flops_per_token"][key] for r in runs])) / 1e6
+            lines.append(f"| {labels.get(arm, arm)} | {layers} | {by_layer} | {mean('all'):.2f} | {mean('code'):.2f} | "
+                         f"{mean('documentation'):.2f} | {by_kind} | {flops('expected'):.2f} | {flops('max'):.2f} |")
         lines.append("")
     return lines
+
+
+def _paired_text(diffs: list[float]) -> str:
+    """Per-seed differences as their mean and 95% t-interval; "0" where every one is zero (a
+    fixed number of experts)."""
+    if not any(diffs):
+        return "0"
+    d = paired(diffs)
+    return f"{d.mean:+.3f} {_interval(d.ci95)}"
 
 
 def _specialisation_lines(s: dict) -> list[str]:
