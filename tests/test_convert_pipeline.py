@@ -124,9 +124,9 @@ def test_existing_output_and_unsupported_models_are_refused(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine" and not _leftovers(tmp_path)
 
-    (hf / "config.json").write_text(json.dumps({**TINY_HF, "model_type": "llama"}))
-    assert cli.main(["convert", "hf-to-jax", str(hf), str(tmp_path / "llama")]) == 2
-    assert "unsupported model_type 'llama'" in capsys.readouterr().err and not (tmp_path / "llama").exists()
+    (hf / "config.json").write_text(json.dumps({**TINY_HF, "model_type": "mixtral"}))
+    assert cli.main(["convert", "hf-to-jax", str(hf), str(tmp_path / "mixtral")]) == 2
+    assert "unsupported model_type 'mixtral'" in capsys.readouterr().err and not (tmp_path / "mixtral").exists()
     (hf / "config.json").write_text(json.dumps({**TINY_HF, "model_type": "deepseek_v3"}))  # a v1 file relabelled
     assert cli.main(["convert", "hf-to-jax", str(hf), str(tmp_path / "v3")]) == 2
     assert "scoring_func = 'softmax' is not supported by deepseek_v3" in capsys.readouterr().err
