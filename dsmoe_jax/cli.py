@@ -15,6 +15,7 @@
     dsmoe-jax plan --config 16b --mesh data=8,expert=8 --batch 64 --seq 4096   # memory per device
     dsmoe-jax convert hf-to-jax deepseek-moe-16b-base ckpt/16b --dtype bfloat16
     dsmoe-jax convert jax-to-hf ckpt/16b hf-out       # sharded safetensors + index + config.json
+    dsmoe-jax convert hf-to-jax DeepSeek-V3 ckpt/v3 --keep-fp8   # serve the FP8 weights as they are
     dsmoe-jax convert merge-adapter ckpt/16b merged --adapter runs/esft-task/adapter   # base + adapter
     dsmoe-jax experiment architectures --scale toy --seeds 0   # the paper's Table 1 in seconds
     dsmoe-jax experiment architectures --scale paper --dry-run --mesh fsdp=8,expert=8   # arms, params, plan
@@ -310,11 +311,16 @@ def _convert(args) -> None:
         peft_adapter.merge_adapter(args.source, args.adapter, args.out)
         print(f"wrote {args.out}: {args.source} with the adapter {args.adapter} applied")
         return
+    if args.keep_fp8 and args.direction != "hf-to-jax" or args.quantize and args.direction != "jax-to-hf":
+        raise ConfigError("--keep-fp8 is for hf-to-jax and --quantize for jax-to-hf")
     if args.direction == "hf-to-jax":
-        cfg = convert.hf_to_jax(args.source, args.out, dtype=args.dtype, drop_mtp=args.drop_mtp)
-        print(f"wrote {args.out}: {count_params(cfg.model)[0]:,} parameters in {cfg.model.param_dtype}")
+        cfg = convert.hf_to_jax(args.source, args.out, dtype=args.dtype, drop_mtp=args.drop_mtp,
+                                keep_fp8=args.keep_fp8)
+        fp8 = ", projections and experts in FP8 (e4m3, 128x128 block scales)" if cfg.model.fp8_weights else ""
+        print(f"wrote {args.out}: {count_params(cfg.model)[0]:,} parameters in {cfg.model.param_dtype}{fp8}")
     else:
-        convert.jax_to_hf(args.source, args.out, step=args.step, max_shard_bytes=int(args.max_shard_gb * 1e9))
+        convert.jax_to_hf(args.source, args.out, step=args.step, max_shard_bytes=int(args.max_shard_gb * 1e9),
+                          quantize=args.quantize)
         print(f"wrote {args.out}")
 
 
@@ -536,6 +542,12 @@ def _add_convert(sub) -> None:
                       help="hf-to-jax: parameter dtype (default: the checkpoint's torch_dtype)")
     conv.add_argument("--drop-mtp", action="store_true",
                       help="hf-to-jax: leave out DeepSeek-V3's multi-token-prediction layers (model.mtp_depth = 0)")
+    conv.add_argument("--keep-fp8", action="store_true",
+                      help="hf-to-jax: keep an FP8 checkpoint's weights in FP8 with their block scales "
+                           "(model.fp8_weights: for serving; DeepSeek-V3/R1 in one byte per weight)")
+    conv.add_argument("--quantize", choices=["fp8"],
+                      help="jax-to-hf: write the projection and expert matrices in FP8 (e4m3, one scale per "
+                           "128x128 block: block amax / 448), as DeepSeek-V3 ships")
     conv.add_argument("--step", type=int, help="jax-to-hf: a training workdir's step (default: latest)")
     conv.add_argument("--max-shard-gb", type=float, default=2.0, help="jax-to-hf: safetensors shard size")
     conv.set_defaults(run=_convert)

@@ -247,6 +247,10 @@ class ModelConfig:
     # multi-token prediction (DeepSeek-V3): depths of MTP blocks, each predicting one token further
     # ahead for the training loss (train.mtp_weight); 0: none
     mtp_depth: int = 0
+    # hold the blocks' projection and expert matrices as float8_e4m3fn with a float32 scale per
+    # 128 x 128 block (DeepSeek-V3's released format, ``dsmoe_jax.fp8``), dequantised at each
+    # matmul: for serving (``convert hf-to-jax --keep-fp8``); training needs unquantised weights
+    fp8_weights: bool = False
     moe: MoEConfig | None = None
     mla: MLAConfig | None = None  # None: multi-head attention with n_kv_heads key/value heads
     yarn: YarnConfig | None = None  # None: plain RoPE

@@ -9,11 +9,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsmoe_jax.fp8 import quantize
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float, dtype) -> nnx.Param:
-    """A normally initialised weight annotated with its logical axes (mapped to mesh axes by ``mesh.RULES``)."""
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float, dtype,
+          fp8: tuple[int, int] | None = None) -> nnx.Param:
+    """A normally initialised weight annotated with its logical axes (mapped to mesh axes by
+    ``mesh.RULES``). ``fp8 = (n_in, n_out)``: held as an ``fp8.Fp8Weight`` whose last ``n_in +
+    n_out`` axes are the matrix a matmul contracts and produces (``model.fp8_weights``)."""
     assert len(shape) == len(axes), (shape, axes)
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
+    w = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(w if fp8 is None else quantize(w, *fp8), axes=axes)
 
 
 class RMSNorm(nnx.Module):
@@ -45,10 +51,11 @@ def swiglu(x_TD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD:
 class MLP(nnx.Module):
     """Dense SwiGLU MLP: the FFN of the first dense blocks and the fused shared experts."""
 
-    def __init__(self, d_model: int, d_ff: int, *, std: float, param_dtype, rngs: nnx.Rngs):
-        self.w_gate_DF = param(rngs, (d_model, d_ff), ("embed", "mlp"), std, param_dtype)
-        self.w_up_DF = param(rngs, (d_model, d_ff), ("embed", "mlp"), std, param_dtype)
-        self.w_down_FD = param(rngs, (d_ff, d_model), ("mlp", "embed"), std, param_dtype)
+    def __init__(self, d_model: int, d_ff: int, *, std: float, param_dtype, rngs: nnx.Rngs, fp8: bool = False):
+        io = (1, 1) if fp8 else None
+        self.w_gate_DF = param(rngs, (d_model, d_ff), ("embed", "mlp"), std, param_dtype, io)
+        self.w_up_DF = param(rngs, (d_model, d_ff), ("embed", "mlp"), std, param_dtype, io)
+        self.w_down_FD = param(rngs, (d_ff, d_model), ("mlp", "embed"), std, param_dtype, io)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return swiglu(x, self.w_gate_DF[...], self.w_up_DF[...], self.w_down_FD[...])

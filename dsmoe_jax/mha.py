@@ -26,10 +26,11 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
         p = functools.partial(param, rngs, std=cfg.init_std, dtype=jnp.dtype(cfg.param_dtype))
-        self.w_q_DNH = p((D, N, H), ("embed", "heads", "head_dim"))
-        self.w_k_DKH = p((D, K, H), ("embed", "kv_heads", "head_dim"))
-        self.w_v_DKH = p((D, K, H), ("embed", "kv_heads", "head_dim"))
-        self.w_o_NHD = p((N, H, D), ("heads", "head_dim", "embed"))
+        io = lambda n_in, n_out: (n_in, n_out) if cfg.fp8_weights else None
+        self.w_q_DNH = p((D, N, H), ("embed", "heads", "head_dim"), fp8=io(1, 2))
+        self.w_k_DKH = p((D, K, H), ("embed", "kv_heads", "head_dim"), fp8=io(1, 2))
+        self.w_v_DKH = p((D, K, H), ("embed", "kv_heads", "head_dim"), fp8=io(1, 2))
+        self.w_o_NHD = p((N, H, D), ("heads", "head_dim", "embed"), fp8=io(2, 1))
         self.theta, self.yarn = cfg.rope_theta, cfg.yarn
         self.scale = softmax_scale(H, cfg.yarn)
         self.implementation = cfg.attention

@@ -46,16 +46,18 @@ class MLAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         m, D, N, dt = cfg.mla, cfg.d_model, cfg.n_heads, jnp.dtype(cfg.param_dtype)
         p = functools.partial(param, rngs, std=cfg.init_std, dtype=dt)
+        io = lambda n_in, n_out: (n_in, n_out) if cfg.fp8_weights else None
         if m.q_lora_rank:
-            self.w_q_a_DQ = p((D, m.q_lora_rank), ("embed", "q_lora"))
+            self.w_q_a_DQ = p((D, m.q_lora_rank), ("embed", "q_lora"), fp8=io(1, 1))
             self.q_norm = RMSNorm(m.q_lora_rank, LATENT_NORM_EPS, dt, axis="q_lora")
-            self.w_q_b_QNJ = p((m.q_lora_rank, N, m.qk_head_dim), ("q_lora", "heads", "head_dim"))
+            self.w_q_b_QNJ = p((m.q_lora_rank, N, m.qk_head_dim), ("q_lora", "heads", "head_dim"), fp8=io(1, 2))
         else:
-            self.w_q_DNJ = p((D, N, m.qk_head_dim), ("embed", "heads", "head_dim"))
-        self.w_kv_a_DA = p((D, m.kv_lora_rank + m.qk_rope_head_dim), ("embed", "kv_lora"))
+            self.w_q_DNJ = p((D, N, m.qk_head_dim), ("embed", "heads", "head_dim"), fp8=io(1, 2))
+        self.w_kv_a_DA = p((D, m.kv_lora_rank + m.qk_rope_head_dim), ("embed", "kv_lora"), fp8=io(1, 1))
         self.kv_norm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS, dt, axis="kv_lora")
-        self.w_kv_b_CNX = p((m.kv_lora_rank, N, m.qk_nope_head_dim + m.v_head_dim), ("kv_lora", "heads", "head_dim"))
-        self.w_o_NWD = p((N, m.v_head_dim, D), ("heads", "head_dim", "embed"))
+        self.w_kv_b_CNX = p((m.kv_lora_rank, N, m.qk_nope_head_dim + m.v_head_dim), ("kv_lora", "heads", "head_dim"),
+                            fp8=io(1, 2))
+        self.w_o_NWD = p((N, m.v_head_dim, D), ("heads", "head_dim", "embed"), fp8=io(2, 1))
         self.dims = (m.kv_lora_rank, m.qk_nope_head_dim)
         self.theta, self.yarn = cfg.rope_theta, cfg.yarn
         self.scale = softmax_scale(m.qk_head_dim, cfg.yarn)

@@ -95,7 +95,8 @@ def _stack_blocks(blocks: list[Block]) -> Block:
     """One Block whose every parameter is those of ``blocks`` stacked on a leading ``layers`` axis."""
     graphdef, _ = nnx.split(blocks[0])
     states = [nnx.split(b)[1] for b in blocks]
-    stack = lambda *vs: vs[0].replace(jnp.stack([v[...] for v in vs]), axes=("layers", *vs[0].get_metadata()["axes"]))
+    stack = lambda *vs: vs[0].replace(jax.tree.map(lambda *a: jnp.stack(a), *(v[...] for v in vs)),
+                                      axes=("layers", *vs[0].get_metadata()["axes"]))  # FP8 weights are pytrees
     return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=_is_var))
 
 

@@ -241,11 +241,12 @@ class MoE(nnx.Module):
             self.w_router_DE = param(rngs, (D, E), ("embed", None), std, dt)
         if cfg.moe.score_bias:  # changed by the train step's balancing rule, not by gradients
             self.score_bias_E = nnx.Param(jnp.zeros((E,), jnp.float32), axes=(None,))
-        self.w_gate_EDF = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std, dt)
-        self.w_up_EDF = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std, dt)
-        self.w_down_EFD = param(rngs, (E, F, D), ("expert", "mlp", "embed"), std, dt)
+        io = (1, 1) if cfg.fp8_weights else None
+        self.w_gate_EDF = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std, dt, io)
+        self.w_up_EDF = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std, dt, io)
+        self.w_down_EFD = param(rngs, (E, F, D), ("expert", "mlp", "embed"), std, dt, io)
         Ks = cfg.moe.n_shared_experts
-        self.shared = MLP(D, Ks * F, std=std, param_dtype=dt, rngs=rngs) if Ks else None
+        self.shared = MLP(D, Ks * F, std=std, param_dtype=dt, rngs=rngs, fp8=cfg.fp8_weights) if Ks else None
 
     def __call__(self, x_BSD: jax.Array, tokens_BS: jax.Array, valid_BS: jax.Array,
                  route: RouteOptions | None = None, segment_ids_BS: jax.Array | None = None

@@ -35,7 +35,7 @@ class MTPBlock(nnx.Module):
         D, dt = cfg.d_model, jnp.dtype(cfg.param_dtype)
         self.embed_norm = RMSNorm(D, cfg.norm_eps, dt)
         self.hidden_norm = RMSNorm(D, cfg.norm_eps, dt)
-        self.w_proj_CD = param(rngs, (2 * D, D), (None, "embed"), cfg.init_std, dt)
+        self.w_proj_CD = param(rngs, (2 * D, D), (None, "embed"), cfg.init_std, dt, (1, 1) if cfg.fp8_weights else None)
         self.block = Block(cfg, cfg.n_moe_layers > 0, rngs=rngs)
         self.head_norm = RMSNorm(D, cfg.norm_eps, dt)
 

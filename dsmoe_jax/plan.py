@@ -73,6 +73,8 @@ class Plan:
     dedup_bytes_unlimited: int  # the same without the group limit
     tensor_bytes: int  # sent by one device per step in the tensor axis's all-reduces (ring)
     cache_bytes_per_token: int  # the inference KV cache, all layers, in model.dtype
+    weights: int = 0  # serving: the weights one device holds as the model stores them (FP8 with model.fp8_weights)
+    weights_held: str = ""  # how: their dtypes
 
     @property
     def devices(self) -> int:
@@ -96,8 +98,9 @@ def _trained_device_elements(cfg: Config, mesh: jax.sharding.AbstractMesh) -> in
     return _held(axes_shardings(tuning.axes(param_axes(cfg)), shapes, mesh), shapes)
 
 
-def _held(shardings, shapes) -> int:
-    return sum(math.prod(sharding.shard_shape(shape.shape))
+def _held(shardings, shapes, itemsize: bool = False) -> int:
+    """Elements (or with ``itemsize`` bytes) of ``shapes`` one device holds under ``shardings``."""
+    return sum(math.prod(sharding.shard_shape(shape.shape)) * (shape.dtype.itemsize if itemsize else 1)
                for sharding, shape in zip(jax.tree.leaves(shardings), jax.tree.leaves(shapes)))
 
 
@@ -163,6 +166,10 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
     sizes = MeshConfig.from_sizes(mesh_sizes).resolve()
     # Auto axes, as make_mesh builds them (jax 0.11 made Explicit the AbstractMesh default)
     mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    served = cfg.model
+    weights = _held(param_shardings(served, mesh), param_shapes(served), itemsize=True)
+    # a model served from FP8 weights trains from unquantised ones: the training lines are for those
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(served, fp8_weights=False))
     m, t_cfg = cfg.model, cfg.train
     batch, seq = batch or t_cfg.batch_size, seq or t_cfg.seq_len
     devices, ep = mesh_lib.batch_shards(mesh), sizes["expert"]  # the batch splits over every device
@@ -207,6 +214,8 @@ def make_plan(cfg: Config, mesh_sizes: Mapping[str, int], batch: int | None = No
         dedup_bytes_unlimited=int(per_device_row * reach_unlimited * leaves),
         tensor_bytes=tensor_bytes,
         cache_bytes_per_token=cache_bytes_per_token(m),
+        weights=weights, weights_held=("FP8 projections and experts (1 byte + block scales), the rest "
+                                       if served.fp8_weights else "") + served.param_dtype,
     )
 
 
@@ -237,6 +246,12 @@ def format_plan(plan: Plan, gpu_memory_gib: float | None = None, peak_tflops: fl
         lines.append(f"tensor all-reduce {plan.tensor_bytes / GIB:.2f} GiB sent per device per step (attention and FFN "
                      f"outputs and their input gradients, over {plan.mesh['tensor']} devices)")
     lines.append(f"KV cache          {plan.cache_bytes_per_token / 1024:.1f} KiB per token, all layers (inference)")
+    lines.append(f"serving weights   {g(plan.weights)}   {plan.weights_held}")
+    if gpu_memory_gib:
+        room = gpu_memory_gib * GIB - plan.weights
+        cache = (f"{room / GIB:.1f} GiB left per device: a KV cache of {int(room // plan.cache_bytes_per_token):,} "
+                 "tokens" if room > 0 else "the weights alone do NOT fit")
+        lines.append(f"serving           {cache} in {gpu_memory_gib:g} GiB")
     if peak_tflops:
         lines.append(f"step time         >= {plan.flops_per_step / plan.devices / (peak_tflops * 1e12):.2f} s at "
                      f"{peak_tflops:g} TFLOP/s per device")

@@ -11,6 +11,7 @@ import jax
 from jax.sharding import NamedSharding
 
 from dsmoe_jax.config import Config, ModelConfig, check_tensor_parallel, model_config
+from dsmoe_jax.fp8 import Fp8Weight
 from dsmoe_jax.mesh import logical_to_spec
 from dsmoe_jax.model import param_axes, param_shapes
 
@@ -22,9 +23,16 @@ def param_shardings(cfg: Config | ModelConfig, mesh) -> dict:
 
 
 def axes_shardings(axes: dict, shapes: dict, mesh) -> dict:
-    """NamedShardings of a pytree of arrays (``shapes``) from their logical ``axes``."""
-    return jax.tree.map(lambda a, s: NamedSharding(mesh, logical_to_spec(a, mesh, s.shape)), axes, shapes,
-                        is_leaf=lambda x: isinstance(x, tuple))
+    """NamedShardings of a pytree of arrays (``shapes``) from their logical ``axes``. An FP8
+    weight's values split as the weight would; its block scales only along its batch axes
+    (experts, layers), being 16384 times fewer."""
+    def sharding(a, s):
+        if isinstance(s, Fp8Weight):
+            batch = a[:s.n_batch] + (None, None)
+            return Fp8Weight(sharding(a, s.data), sharding(batch, s.scale_inv), s.n_in, s.n_out)
+        return NamedSharding(mesh, logical_to_spec(a, mesh, s.shape))
+
+    return jax.tree.map(sharding, axes, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def shard_params(params: dict, cfg: Config | ModelConfig, mesh: jax.sharding.Mesh | None = None) -> dict:

@@ -351,6 +351,10 @@ def train(cfg: Config, workdir: str | pathlib.Path, resume: bool = False,
 
 
 def _train(cfg: Config, workdir, resume: bool, progress: bool, mesh: jax.sharding.Mesh) -> TrainResult | None:
+    if cfg.model.fp8_weights:
+        raise errors.ConfigError("model.fp8_weights holds weights in FP8 for serving; training keeps float32 "
+                                 "master weights: set model.fp8_weights = false (a checkpoint converted with "
+                                 "--keep-fp8 trains after converting it again without)")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype="float32"))
     t = cfg.train
     workdir = pathlib.Path(workdir)

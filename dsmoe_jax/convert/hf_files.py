@@ -27,7 +27,9 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from dsmoe_jax import fp8
 from dsmoe_jax.errors import ConversionError
+from dsmoe_jax.fp8 import SCALE_SUFFIX, Fp8Weight
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -36,7 +38,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
 FP8 = "F8_E4M3"  # safetensors' name for float8_e4m3fn
-SCALE_SUFFIX = "_scale_inv"
 
 
 class HFCheckpoint:
@@ -54,7 +55,9 @@ class HFCheckpoint:
         self.files = self._weight_map()
         # FP8 weights and the scales they consume; checked now so a missing scale fails before any
         # output is written
-        self.fp8 = {n for n in self.files if self.dtypes.get(n) == FP8}
+        # (a float8 tensor of another format with a scale is one too, refused by name when read)
+        self.fp8 = {n for n in self.files if self.dtypes.get(n) == FP8
+                    or self.dtypes.get(n, "").startswith("F8") and n + SCALE_SUFFIX in self.files}
         missing = sorted(n for n in self.fp8 if n + SCALE_SUFFIX not in self.files)
         if missing:
             raise ConversionError(f"{self.directory} holds FP8 (float8_e4m3fn) weights without the "
@@ -108,8 +111,7 @@ class HFCheckpoint:
         path = self.files[name]
         if path.suffix == ".safetensors":
             if self.dtypes.get(name, "").startswith("F8"):  # safetensors' numpy reader has no float8
-                raise ConversionError(f"{path}: tensor {name} is {self.dtypes[name]}; of the float8 formats "
-                                      f"only block-quantised {FP8} (float8_e4m3fn) weights are supported")
+                raise _other_float8(path, name, self.dtypes[name])
             try:
                 with safe_open(path, "np") as f:  # closing it unmaps the file again
                     return f.get_tensor(name)
@@ -117,19 +119,37 @@ class HFCheckpoint:
                 raise ConversionError(_damaged(path, e)) from None
         return _torch_to_numpy(_torch_load(path)[name])
 
-    def _dequantised(self, name: str) -> np.ndarray:
-        """``weight.astype(float32) * scale_inv``, each scale broadcast over its (block_rows x
-        block_cols) block, the last blocks of each axis partial where the shape is not a multiple.
-        Goes one row of blocks at a time, so besides the float32 result only one such row is held."""
+    def read_fp8(self, name: str) -> Fp8Weight:
+        """FP8 weight ``name`` as stored: float8_e4m3fn values ``[rows, cols]`` (a memory map) and
+        their float32 block scales ``[row blocks, col blocks]``, checked (shapes, finite scales);
+        its value is ``fp8.dequantize`` of it. Only 128x128 blocks (V3's) are read this way."""
+        if name not in self.fp8:
+            raise ConversionError(f"{self.files[name]}: tensor {name} is {self.dtypes.get(name, 'not safetensors')}, "
+                                  "not an FP8 weight")
+        if self.block != (fp8.BLOCK, fp8.BLOCK):
+            raise ConversionError(f"{self.directory / 'config.json'}: weight_block_size {list(self.block)}: FP8 "
+                                  f"weights are kept only in {fp8.BLOCK}x{fp8.BLOCK} blocks (DeepSeek-V3's); convert "
+                                  "without --keep-fp8 to dequantise them")
+        weight, scale = self._fp8_parts(name)
+        nan = np.argwhere((weight.view(np.uint8) & 0x7F) == 0x7F)  # e4m3fn's NaN codes: a damaged byte
+        if nan.size:
+            raise ConversionError(f"{self.files[name]}: FP8 tensor {name} holds a NaN at {list(map(int, nan[0]))}: "
+                                  "every logit would be NaN; the file is damaged, download it again")
+        return Fp8Weight(weight, scale)
+
+    def _fp8_parts(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The e4m3 values of FP8 weight ``name`` (memory-mapped) and its float32 block scales,
+        checked: a 2-D weight, one finite scale per (block_rows x block_cols) block."""
         path, scale_name = self.files[name], name + SCALE_SUFFIX
+        if self.dtypes[name] != FP8:
+            raise _other_float8(path, name, self.dtypes[name])
         weight = _read_raw(path, name, ml_dtypes.float8_e4m3fn)
         scale = self.read(scale_name).astype(np.float32, copy=False)
         (br, bc) = self.block
         if weight.ndim != 2:
             raise ConversionError(f"{path}: FP8 tensor {name} has shape {list(weight.shape)}; only 2-D weights "
                                   "are block-quantised")
-        rows, cols = weight.shape
-        blocks = (-(-rows // br), -(-cols // bc))
+        blocks = (-(-weight.shape[0] // br), -(-weight.shape[1] // bc))
         if scale.shape != blocks:
             raise ConversionError(f"{self.files[scale_name]}: {scale_name} has shape {list(scale.shape)}, but "
                                   f"{name} of shape {list(weight.shape)} in blocks of {br}x{bc} needs "
@@ -139,8 +159,17 @@ class HFCheckpoint:
             raise ConversionError(f"{self.files[scale_name]}: {scale_name} holds {len(bad)} non-finite block scales "
                                   f"(the first at block {tuple(int(b) for b in bad[0])}): every logit would be NaN; "
                                   "the file is damaged, download it again")
+        return weight, scale
+
+    def _dequantised(self, name: str) -> np.ndarray:
+        """``weight.astype(float32) * scale_inv``, each scale broadcast over its (block_rows x
+        block_cols) block, the last blocks of each axis partial where the shape is not a multiple.
+        Goes one row of blocks at a time, so besides the float32 result only one such row is held."""
+        path = self.files[name]
+        weight, scale = self._fp8_parts(name)
+        (br, bc), (rows, cols) = self.block, weight.shape
         out = np.empty((rows, cols), np.float32)
-        for i in range(blocks[0]):
+        for i in range(scale.shape[0]):
             r = slice(i * br, min((i + 1) * br, rows))
             np.multiply(weight[r], np.repeat(scale[i], bc)[:cols], out=out[r], dtype=np.float32)
             if not np.isfinite(out[r]).all():  # float8_e4m3fn has a NaN code: a damaged byte can be one
@@ -148,6 +177,11 @@ class HFCheckpoint:
                 raise ConversionError(f"{path}: FP8 tensor {name} holds a NaN at [{r.start + row}, {col}]: every logit "
                                       "would be NaN; the file is damaged, download it again")
         return out
+
+
+def _other_float8(path: pathlib.Path, name: str, dtype: str) -> ConversionError:
+    return ConversionError(f"{path}: tensor {name} is {dtype}; of the float8 formats only block-quantised {FP8} "
+                           "(float8_e4m3fn) weights are supported, as quantization_config's fmt 'e4m3' declares")
 
 
 def _damaged(path: pathlib.Path, error: Exception) -> str:

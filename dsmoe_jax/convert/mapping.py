@@ -18,6 +18,8 @@ C key/value latent, J query/key head width, X = key + value head widths, W value
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -25,9 +27,10 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from dsmoe_jax import errors
+from dsmoe_jax import errors, fp8
 from dsmoe_jax.config import ModelConfig, config_from_dict
 from dsmoe_jax.errors import ConfigError
+from dsmoe_jax.fp8 import SCALE_SUFFIX, Fp8Weight
 from dsmoe_jax.model import layer_groups, match_layout, param_shapes, unrolled
 
 # ConversionError was importable from here; errors.py holds it (until 0.4 it resolves here too)
@@ -232,6 +235,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         if cfg.yarn is not None:
             yarn = {key: getattr(cfg.yarn, ours) for key, ours in YARN_FIELDS.items()}
             hf["rope_scaling"] = {"type": "yarn", **yarn}
+    if cfg.fp8_weights:  # as DeepSeek-V3's files declare their FP8 weights
+        hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [fp8.BLOCK, fp8.BLOCK]}
     return {"model_type": fmt.model_type, "architectures": [fmt.architecture], **fmt.required, **hf,
             "torch_dtype": cfg.param_dtype}
 
@@ -432,24 +438,27 @@ def _unrolled_reader(read: Callable[[tuple], np.ndarray], cfg: ModelConfig) -> C
         stacked = (name, *path[2:])
         if last.get("path") != stacked:
             last.clear()
-            last.update(path=stacked, array=np.asarray(read(stacked)))
+            last.update(path=stacked, array=jax.tree.map(np.asarray, read(stacked)))
         return last["array"][j]
 
     return read_unrolled
 
 
-def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor of the model of ``cfg`` and its shape, in a fixed order (nothing allocated)."""
+def hf_shapes(cfg: ModelConfig, scales: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor of the model of ``cfg`` and its shape, in a fixed order (nothing allocated);
+    with ``scales``, each FP8 weight (``model.fp8_weights``) followed by its ``*_scale_inv``."""
     shapes, out = param_shapes(unrolled(cfg)), {}
     for t, i, path in _entries(cfg):
         if t.derived:
             out[t.hf.format(i=i)] = t.derived(cfg).shape
             continue
-        s = get_path(shapes, path)
-        one = jax.ShapeDtypeStruct(s.shape[1:] if t.experts else s.shape, s.dtype)
-        hf_shape = jax.eval_shape(t.transform.to_hf, one).shape
-        for e in range(s.shape[0]) if t.experts else [None]:
-            out[t.hf.format(i=i, e=e)] = hf_shape
+        leaf = get_path(shapes, path)
+        one = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:] if t.experts else s.shape, s.dtype), leaf)
+        hf = jax.eval_shape(functools.partial(_to_hf, t.transform), one)
+        for e in range(leaf.shape[0]) if t.experts else [None]:
+            out[t.hf.format(i=i, e=e)] = hf.shape
+            if scales and isinstance(hf, Fp8Weight):
+                out[t.hf.format(i=i, e=e) + SCALE_SUFFIX] = hf.scale_inv.shape
     return out
 
 
@@ -494,11 +503,14 @@ def params_from_hf(read: Callable[[str], np.ndarray], has: Callable[[str], bool]
     for t, i, path in _entries(cfg):
         if t.copy or t.derived:  # the model's own tensor, read once where the model keeps it; a buffer
             continue
-        shape = get_path(shapes, path).shape
+        leaf = get_path(shapes, path)
         if t.experts:
-            array = np.stack([t.transform.to_ours(source(t.hf.format(i=i, e=e)), shape[1:]) for e in range(shape[0])])
+            one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), leaf)  # an expert's
+            parts = [as_leaf(_to_ours(t.transform, source(t.hf.format(i=i, e=e)), one), one)
+                     for e in range(leaf.shape[0])]
+            array = jax.tree.map(lambda *a: np.stack(a), *parts)
         else:
-            array = t.transform.to_ours(source(t.hf.format(i=i)), shape)
+            array = as_leaf(_to_ours(t.transform, source(t.hf.format(i=i)), leaf), leaf)
         set_path(out, path, on_array(path, array) if on_array else array)
     return out if on_array else match_layout(out, cfg)
 
@@ -511,13 +523,55 @@ def params_to_hf(params: dict | Callable[[tuple], np.ndarray], cfg: ModelConfig)
     else:
         tree = match_layout(params, unrolled(cfg))
         read = lambda path: get_path(tree, path)
+    shapes = param_shapes(unrolled(cfg))
     for t, i, path in _entries(cfg):
         if t.derived:
             yield t.hf.format(i=i), t.derived(cfg)
             continue
-        array = np.asarray(read(path))
-        if t.experts:
-            for e in range(array.shape[0]):
-                yield t.hf.format(i=i, e=e), np.ascontiguousarray(t.transform.to_hf(array[e]))
-        else:
-            yield t.hf.format(i=i), np.ascontiguousarray(t.transform.to_hf(array))
+        value = as_leaf(jax.tree.map(np.asarray, read(path)), get_path(shapes, path))
+        for e in range(value.shape[0]) if t.experts else [None]:
+            hf = _to_hf(t.transform, value[e] if t.experts else value)
+            if isinstance(hf, Fp8Weight):
+                yield t.hf.format(i=i, e=e), np.ascontiguousarray(hf.data)
+                yield t.hf.format(i=i, e=e) + SCALE_SUFFIX, np.ascontiguousarray(hf.scale_inv)
+            else:
+                yield t.hf.format(i=i, e=e), np.ascontiguousarray(hf)
+
+
+# ---- FP8 weights ---------------------------------------------------------------------------
+# An HF FP8 weight is an ``Fp8Weight`` of its ``[out, in]`` matrix (blocks over rows, then
+# columns); ours is of ``[*in, *out]``: the same bytes through the tensor's transform, the scales
+# transposed (the transforms only transpose and reshape, so every block keeps its values).
+
+
+def _to_ours(transform: Transform, hf, leaf):
+    """An HF tensor (an array or an ``Fp8Weight``) in our layout, shaped as ``leaf``."""
+    if not isinstance(hf, Fp8Weight):
+        return transform.to_ours(hf, leaf.shape)
+    n_in, n_out = (leaf.n_in, leaf.n_out) if isinstance(leaf, Fp8Weight) else _in_out(leaf.shape, hf.shape[1])
+    return Fp8Weight(transform.to_ours(hf.data, leaf.shape), np.swapaxes(hf.scale_inv, -1, -2), n_in, n_out)
+
+
+def _to_hf(transform: Transform, ours):
+    """Our tensor (an array or an ``Fp8Weight``) in the HF layout."""
+    if not isinstance(ours, Fp8Weight):
+        return transform.to_hf(ours)
+    return Fp8Weight(transform.to_hf(ours.data), ours.scale_inv.swapaxes(-1, -2))
+
+
+def _in_out(shape: tuple[int, ...], n_in_values: int) -> tuple[int, int]:
+    """How many leading axes of ``shape`` hold the ``n_in_values`` inputs of an HF ``[out, in]``
+    matrix, and how many the outputs."""
+    n_in = next(k for k in range(1, len(shape)) if math.prod(shape[:k]) == n_in_values)
+    return n_in, len(shape) - n_in
+
+
+def as_leaf(value, leaf):
+    """``value`` as the model holds ``leaf``: an array is quantised where ``leaf`` is an FP8
+    weight (``fp8.quantize``), an ``Fp8Weight`` dequantised where it is not; else unchanged."""
+    if isinstance(leaf, Fp8Weight) and not isinstance(value, Fp8Weight):
+        q = fp8.quantize(value, leaf.n_in, leaf.n_out)
+        return jax.tree.map(np.asarray, q)
+    if isinstance(value, Fp8Weight) and not isinstance(leaf, Fp8Weight):
+        return np.asarray(fp8.dequantize(value))
+    return value

@@ -9,7 +9,8 @@ it go, so peak memory is a small multiple of the largest parameter (the 16B mode
 embedding), not the 32.8 GB model. jax -> hf reads one parameter at a time and holds at most one
 safetensors shard. Both write into a temporary directory that is renamed into place only when
 complete, and hold the output's lock (``lock.py``, beside it) meanwhile: one conversion per output.
-FP8 checkpoints (V3, R1) are dequantised tensor by tensor while reading (``hf_files``).
+FP8 checkpoints (V3, R1) are dequantised tensor by tensor while reading (``hf_files``), or kept
+as they are (``keep_fp8``: ``model.fp8_weights``); ``jax_to_hf`` writes FP8 weights back bit-exact.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from dsmoe_jax.convert.mapping import (
     set_path,
 )
 from dsmoe_jax.errors import ConversionError, DsmoeError, storage_error
+from dsmoe_jax.fp8 import E4M3, SCALE_SUFFIX, Fp8Weight
 from dsmoe_jax.lock import output_lock
 from dsmoe_jax.model import param_shapes, unrolled
 
@@ -58,13 +60,19 @@ SOURCE_ONLY_KEYS = ("quantization_config",)
 
 
 def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
-              progress: bool = True, drop_mtp: bool = False) -> Config:
+              progress: bool = True, drop_mtp: bool = False, keep_fp8: bool = False) -> Config:
     """Convert the HF checkpoint in ``hf_dir`` into a dsmoe-jax checkpoint directory ``out_dir``
     (``config.json``, Orbax ``params/``, tokenizer files). ``dtype`` (float32 | bfloat16) defaults
     to the checkpoint's ``torch_dtype`` (float16 and FP8 become float32). DeepSeek-V3's
     multi-token-prediction layers (``model.layers.{num_hidden_layers + k}``)
-    are converted as ``model.mtp_depth`` depths, or left out with ``drop_mtp``. Returns the converted config."""
+    are converted as ``model.mtp_depth`` depths, or left out with ``drop_mtp``. FP8 weights are
+    dequantised, or with ``keep_fp8`` kept as they are (``model.fp8_weights``: the projection and
+    expert matrices the file holds in FP8 keep their bytes and block scales; any the file holds
+    unquantised are quantised, any others dequantised). Returns the converted config."""
     source = HFCheckpoint(hf_dir)
+    if keep_fp8 and not source.fp8:
+        raise ConversionError(f"--keep-fp8: {source.directory} holds no FP8 (float8_e4m3fn) weights; convert without "
+                              "it (or quantise a converted model on export: jax-to-hf --quantize fp8)")
     try:
         model = config_from_hf(source.config)
     except (KeyError, TypeError) as e:  # a field missing or of the wrong type
@@ -74,6 +82,8 @@ def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
         if dtype not in ("float32", "bfloat16"):
             raise ConversionError(f"dtype {dtype!r}: choose float32 or bfloat16")
         model = dataclasses.replace(model, param_dtype=dtype, dtype=dtype)
+    if keep_fp8:
+        model = dataclasses.replace(model, fp8_weights=True)
     names = [n for n in source.names() if not n.endswith(DERIVED_SUFFIXES)]
     mtp = [n for n in names if _layer_index(n) >= model.n_layers]
     layers = sorted({_layer_index(n) for n in mtp})
@@ -100,13 +110,14 @@ def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str 
         write_config(tmp, cfg)
         (tmp / HF_CONFIG_COPY).write_text(json.dumps(source.config, indent=2) + "\n")
 
-        def read(name: str) -> np.ndarray:
+        def read(name: str) -> np.ndarray | Fp8Weight:
             bar.update(1)
-            return source.read(name)
+            return source.read_fp8(name) if keep_fp8 and name in source.fp8 else source.read(name)
 
-        def write(path: tuple, array: np.ndarray) -> None:
+        def write(path: tuple, array: np.ndarray | Fp8Weight) -> None:
             tree: dict = {}
-            set_path(tree, path, array.astype(get_path(shapes, path).dtype, copy=False))  # the score bias stays fp32
+            leaf = get_path(shapes, path)  # the score bias stays fp32; FP8 weights as they are
+            set_path(tree, path, array if isinstance(leaf, Fp8Weight) else array.astype(leaf.dtype, copy=False))
             ocp_v1.partial.save(tmp / PARAMS_DIR, tree)
 
         params_from_hf(read, source.has, model, on_array=write)
@@ -153,29 +164,36 @@ def _some(names: list[str], n: int = 3) -> str:
 
 
 def jax_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None,
-              max_shard_bytes: int = 2 * 1024**3, progress: bool = True) -> None:
+              max_shard_bytes: int = 2 * 1024**3, progress: bool = True, quantize: str | None = None) -> None:
     """Write the dsmoe-jax checkpoint ``ckpt_dir`` (a converted directory, or a training workdir's
-    latest checkpoint or ``step``) as an HF DeepSeek checkpoint (v1, V2 or V3: ``mapping.format_for``):
-    sharded safetensors with the released tensor names, their index, ``config.json`` and the
-    tokenizer files."""
+    latest checkpoint or ``step``) as an HF checkpoint (DeepSeek v1, V2, V3 or Dynamic_MoE:
+    ``mapping.format_for``): sharded safetensors with the released tensor names, their index,
+    ``config.json`` and the tokenizer files. FP8 weights (``model.fp8_weights``) are written as
+    they are held; ``quantize="fp8"`` quantises an unquantised model's projection and expert
+    matrices the same way (float8_e4m3fn, a float32 ``*_scale_inv`` per 128 x 128 block)."""
+    if quantize not in (None, "fp8"):
+        raise ConversionError(f"quantize {quantize!r}: the one quantisation is 'fp8' (DeepSeek-V3's block-wise e4m3)")
     ckpt_dir = pathlib.Path(ckpt_dir)
-    model = read_config(ckpt_dir).model
+    stored = read_config(ckpt_dir).model
+    model = dataclasses.replace(stored, fp8_weights=stored.fp8_weights or quantize == "fp8")
     hf_config = config_to_hf(model)
     if (ckpt_dir / HF_CONFIG_COPY).is_file():
         source = json.loads((ckpt_dir / HF_CONFIG_COPY).read_text())
         hf_config = {**{k: v for k, v in source.items() if k not in SOURCE_ONLY_KEYS}, **hf_config}
     location = params_location(ckpt_dir, step)
-    shapes = param_shapes(model)
+    shapes = param_shapes(stored)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
-    def read(path: tuple) -> np.ndarray:  # one parameter: every other leaf is skipped
+    def read(path: tuple) -> np.ndarray | Fp8Weight:  # one parameter: every other leaf is skipped
         target = jax.tree.map(lambda _: PLACEHOLDER, shapes)
-        shape = get_path(shapes, path)
-        set_path(target, path, jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=device))
-        return np.asarray(get_path(restore_params(location, target), path))
+        leaf = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), get_path(shapes, path))
+        set_path(target, path, leaf)
+        return jax.tree.map(np.asarray, get_path(restore_params(location, target), path))
 
-    dtype = DTYPES[model.param_dtype]
-    shards = plan_shards(((n, s, dtype) for n, s in hf_shapes(model).items()), max_shard_bytes)
+    tensors = hf_shapes(model, scales=True)
+    dtype_of = lambda name: (np.dtype(np.float32) if name.endswith(SCALE_SUFFIX)
+                             else np.dtype(E4M3) if name + SCALE_SUFFIX in tensors else DTYPES[model.param_dtype])
+    shards = plan_shards(((n, s, dtype_of(n)) for n, s in tensors.items()), max_shard_bytes)
     with _writing(out_dir, "convert jax-to-hf"), atomic_directory(out_dir) as tmp, tqdm(
             total=sum(map(len, shards)), desc="jax-to-hf", unit="tensor", disable=not progress,
             dynamic_ncols=True) as bar:

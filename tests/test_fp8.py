@@ -1,0 +1,124 @@
+"""FP8 weights (``fp8.py``): block quantisation against a numpy reference written from the
+definition (scale = block amax / 448, round to nearest even, saturate), the weight as the model
+reads it, and where its parts live on a mesh."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec
+
+from dsmoe_jax import fp8
+from dsmoe_jax.config import MESH_AXES
+from dsmoe_jax.model import forward, init_params, param_shapes
+from dsmoe_jax.sharding import param_shardings
+
+
+def _reference(w_IO: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Block by block with ml_dtypes' float8_e4m3fn rounding: (values, scales)."""
+    rows, cols = w_IO.shape
+    R, C = -(-rows // 128), -(-cols // 128)
+    q = np.zeros(w_IO.shape, ml_dtypes.float8_e4m3fn)
+    scale = np.zeros((R, C), np.float32)
+    for r in range(R):
+        for c in range(C):
+            block = w_IO[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128].astype(np.float32)
+            amax = np.abs(block).max()
+            scale[r, c] = amax / np.float32(448) if amax > 0 else 1
+            q[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128] = np.clip(block / scale[r, c], -448, 448).astype(q.dtype)
+    return q, scale
+
+
+def _bits(a) -> np.ndarray:
+    return np.asarray(a).view(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(200, 130), (128, 256), (5, 3), (300, 129)])
+def test_quantize_rounds_and_scales_each_block_as_the_reference(shape):
+    w = np.random.RandomState(0).standard_normal(shape).astype(np.float32) * 3
+    w[:5, :3] *= 1000  # one block with a far larger range than the rest
+    got = fp8.quantize(w)
+    q, scale = _reference(w)
+    assert got.data.dtype == jnp.float8_e4m3fn and got.scale_inv.dtype == jnp.float32, "e4m3 values, f32 scales"
+    np.testing.assert_array_equal(np.asarray(got.scale_inv), scale, err_msg=f"{shape}: block scales")
+    np.testing.assert_array_equal(_bits(got.data), _bits(q), err_msg=f"{shape}: e4m3 values")
+    # e4m3 keeps 3 mantissa bits: each value within half a step (2^-4 relative) of the original, or
+    # of e4m3's smallest subnormal step (2^-9 of the block's scale) for values that small
+    err = np.abs(np.asarray(fp8.dequantize(got)) - w)
+    step = np.kron(scale, np.ones((128, 128)))[:shape[0], :shape[1]] * 2.0**-10
+    assert (err <= np.maximum(np.abs(w) * 2.0**-4, step)).all(), f"{shape}: dequantised values too far"
+
+
+def test_the_block_maximum_maps_to_448_and_nothing_overflows_and_zero_blocks_stay_zero():
+    w = np.zeros((256, 256), np.float32)
+    w[:128, :128] = np.linspace(-3e4, 5e4, 128 * 128).reshape(128, 128)  # amax 5e4 -> 448
+    w[128:, 128:] = 1e-30  # subnormal range: scaled up to 448, not lost
+    got = fp8.quantize(w)
+    data = np.asarray(got.data).astype(np.float32)
+    assert data[:128, :128].max() == 448 and np.isfinite(data).all(), "the block max saturates exactly at 448"
+    assert np.asarray(got.scale_inv)[0, 1] == 1 and (data[:128, 128:] == 0).all(), "a zero block: scale 1, values 0"
+    np.testing.assert_allclose(np.asarray(fp8.dequantize(got))[128:, 128:], 1e-30, rtol=2**-4)
+
+
+def test_weights_with_several_in_or_out_axes_and_batch_axes_block_their_flattened_matrix():
+    rng = np.random.RandomState(1)
+    w_EDNH = rng.standard_normal((3, 130, 4, 40)).astype(np.float32)  # experts, in D, out N x H = 160
+    got = fp8.quantize(w_EDNH, n_in=1, n_out=2)
+    assert got.n_batch == 1 and got.scale_inv.shape == (3, 2, 2), got.scale_inv.shape
+    for e in range(3):
+        q, scale = _reference(w_EDNH[e].reshape(130, 160))
+        np.testing.assert_array_equal(np.asarray(got.scale_inv[e]), scale, err_msg=f"expert {e}")
+        np.testing.assert_array_equal(_bits(got.data[e]).reshape(130, 160), _bits(q), err_msg=f"expert {e}")
+        one = got[e]  # as the tiled backend picks an expert
+        assert one.shape == (130, 4, 40) and one.n_batch == 0
+        np.testing.assert_array_equal(np.asarray(one.astype(jnp.float32)), np.asarray(fp8.dequantize(got))[e])
+    w_NHD = rng.standard_normal((4, 40, 130)).astype(np.float32)  # in N x H, out D
+    q, scale = _reference(w_NHD.reshape(160, 130))
+    got = fp8.quantize(w_NHD, n_in=2, n_out=1)
+    np.testing.assert_array_equal(np.asarray(got.scale_inv), scale)
+    assert got[...] is got
+    with pytest.raises(IndexError, match="only along its batch axes"):
+        got[0]
+
+
+def test_non_finite_values_and_bad_scales_are_named():
+    w = np.ones((200, 130), np.float32)
+    w[150, 7] = np.inf
+    with pytest.raises(ValueError, match=r"layer\.w: 1 non-finite values \(the first at \(150, 7\)\)"):
+        fp8.check_finite("layer.w", w)
+    scale = np.asarray(fp8.quantize(w).scale_inv)
+    assert not np.isfinite(scale[1, 0]) and np.isfinite(scale).sum() == 3, "an inf poisons its block's scale only"
+    with pytest.raises(ValueError, match=r"w: the block scales have shape \[2, 1\], but a weight of shape "
+                                         r"\[200, 130\] in 128x128 blocks needs \[2, 2\]"):
+        fp8.check_block_scales("w", (200, 130), np.ones((2, 1), np.float32))
+    with pytest.raises(ValueError, match=r"w: 1 non-finite block scales \(the first at \(1, 1\)\)"):
+        fp8.check_block_scales("w", (200, 130), np.array([[1, 1], [1, np.nan]], np.float32))
+
+
+def test_an_fp8_model_holds_fp8_projections_and_runs_as_its_dequantised_weights(small_cfg):
+    cfg = dataclasses.replace(small_cfg, fp8_weights=True)
+    shapes = param_shapes(cfg)
+    ffn = shapes["layers"][1]["ffn"]
+    assert isinstance(ffn["w_gate_EDF"], fp8.Fp8Weight) and ffn["w_gate_EDF"].dtype == jnp.float8_e4m3fn
+    assert isinstance(shapes["layers"][0]["attn"]["w_o_NHD"], fp8.Fp8Weight)
+    kept = [shapes["embed_VD"], shapes["lm_head_DV"], ffn["w_router_DE"], shapes["final_norm"]["scale_D"]]
+    assert all(s.dtype == jnp.float32 for s in kept), "embeddings, head, router and norms stay unquantised"
+    params = init_params(cfg, jax.random.key(0))
+    dequantised = jax.tree.map(lambda w: fp8.dequantize(w) if isinstance(w, fp8.Fp8Weight) else w, params,
+                               is_leaf=lambda w: isinstance(w, fp8.Fp8Weight))
+    tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % cfg.vocab_size
+    got, _ = forward(params, tokens, cfg)
+    want, _ = forward(dequantised, tokens, small_cfg)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5,
+                               err_msg="FP8 weights compute as their dequantised values")
+
+
+def test_fp8_weights_split_on_the_mesh_as_the_weights_would_their_scales_only_by_expert(small_cfg):
+    cfg = dataclasses.replace(small_cfg, fp8_weights=True)
+    mesh = jax.sharding.AbstractMesh((1, 1, 4, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+    s = param_shardings(cfg, mesh)["layers"][1]["ffn"]["w_gate_EDF"]
+    assert s.data.spec == PartitionSpec("expert", None, None), s.data.spec
+    assert s.scale_inv.spec == PartitionSpec("expert", None, None), s.scale_inv.spec
