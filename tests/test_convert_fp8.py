@@ -111,6 +111,18 @@ def test_kept_fp8_weights_serve_as_transformers_serves_their_dequantised_values(
                                err_msg="kept and dequantised conversions compute the same")
 
 
+def test_the_command_line_keeps_fp8_and_generates_from_it(v3, tmp_path, capsys):
+    root, _, _ = v3
+    assert cli.main(["convert", "hf-to-jax", str(root / "hf"), str(tmp_path / "fp8"), "--keep-fp8"]) == 0
+    assert "projections and experts in FP8" in capsys.readouterr().out
+    generate = ["generate", "--prompt", "the cat", "--max-new-tokens", "6", "--temperature", "0", "--checkpoint"]
+    outputs = []
+    for checkpoint in (tmp_path / "fp8", root / "f32"):  # cached decoding: MLA's absorbed path reads the weights
+        assert cli.main(generate + [str(checkpoint)]) == 0, checkpoint
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0].startswith("the cat") and outputs[0] == outputs[1], outputs
+
+
 def test_a_compiled_forward_takes_the_fp8_weights_in_one_byte_per_value(v3):
     root, _, _ = v3
     is_fp8 = lambda x: isinstance(x, Fp8Weight)

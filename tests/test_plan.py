@@ -24,6 +24,31 @@ def test_16b_parameter_split_by_hand():
     assert 1.0 < p.flops_per_step / (6 * 2.83e9 * 64 * 4096) < 1.15
 
 
+def test_serving_weights_in_bf16_and_fp8_by_hand(capsys):
+    cfg = dsmoe_jax.load_config("16b")
+    D, V, F_dense, F, routed, L = 2048, 102400, 10944, 1408, 64, 28
+    blocks = lambda rows, cols: -(-rows // 128) * -(-cols // 128)
+    attention = (L, 4 * D * D, 4 * blocks(D, D))  # (layers, values, scales) of q, k, v, o
+    dense = (1, 3 * D * F_dense, 3 * blocks(D, F_dense))
+    experts = (L - 1, 3 * D * F * routed // 8, 3 * blocks(D, F) * routed // 8)  # split over expert=8
+    shared = (L - 1, 3 * D * 2 * F, 3 * blocks(D, 2 * F))
+    values = sum(n * v for n, v, _ in (attention, dense, experts, shared))
+    scales = sum(n * s for n, _, s in (attention, dense, experts, shared))
+    rest = 2 * V * D + (2 * L + 1) * D + (L - 1) * D * routed  # embedding, head, norms, routers
+    bf16 = plan.make_plan(cfg, {"expert": 8}, batch=8, seq=128)
+    assert bf16.weights == 2 * (values + rest), "bf16: 2 bytes per weight"
+    cfg8 = dsmoe_jax.load_config("16b", ["model.fp8_weights=true"])
+    fp8 = plan.make_plan(cfg8, {"expert": 8}, batch=8, seq=128)
+    assert fp8.weights == values + 4 * scales + 2 * rest, "FP8: 1 byte per projection value, f32 block scales"
+    assert fp8.params == bf16.params, "the training lines are the unquantised model's"
+    assert "FP8 projections and experts" in fp8.weights_held and fp8.weights_held.endswith("bfloat16")
+    assert cli.main(["plan", "--config", "16b", "--mesh", "expert=8", "--batch", "8", "--seq", "128",
+                     "--gpu-memory", "20", "--set", "model.fp8_weights=true"]) == 0
+    out = capsys.readouterr().out
+    room = 20 * 2**30 - fp8.weights
+    assert f"{room / 2**30:.1f} GiB left per device: a KV cache of {room // fp8.cache_bytes_per_token:,} tokens" in out
+
+
 def test_all_to_all_bytes_by_hand():
     cfg = dsmoe_jax.load_config("tiny", ["moe.n_routed_experts=16", "train.batch_size=16", "train.seq_len=128"])
     p = plan.make_plan(cfg, {"data": 2, "expert": 4})
