@@ -48,7 +48,8 @@ class Block(nnx.Module):
         if moe:
             self.ffn = MoE(cfg, rngs=rngs)
         else:
-            self.ffn = MLP(cfg.d_model, cfg.d_ff, std=cfg.init_std, param_dtype=dt, rngs=rngs, fp8=cfg.fp8_weights)
+            self.ffn = MLP(cfg.d_model, cfg.d_ff, std=cfg.init_std, param_dtype=dt, rngs=rngs, fp8=cfg.fp8_weights,
+                           fp8_gemm=cfg.fp8)
 
     def __call__(self, x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv=None, index=0,
                  segment_ids_BS=None, route=None):

@@ -29,7 +29,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # Values ``moe.backend`` accepts: "auto" and the grouped-MLP backends of ``grouped.py`` (and
 # ``kernels/``). ``grouped.register_backend`` adds a new name here, so a config naming a backend
 # registered before it is built validates like a built-in one.
-GROUPED_BACKENDS = {"auto", "dense", "ragged", "tiled", "triton"}
+GROUPED_BACKENDS = {"auto", "dense", "ragged", "tiled", "tiled_fp8", "triton"}
 # ConfigError and DsmoeError were importable from here; errors.py holds them (until 0.4 they resolve here too)
 __getattr__ = errors.moved_errors(__name__, "ConfigError", "DsmoeError")
 
@@ -251,6 +251,11 @@ class ModelConfig:
     # 128 x 128 block (DeepSeek-V3's released format, ``dsmoe_jax.fp8``), dequantised at each
     # matmul: for serving (``convert hf-to-jax --keep-fp8``); training needs unquantised weights
     fp8_weights: bool = False
+    # train with FP8 GEMMs (DeepSeek-V3's recipe, ``fp8.dot``): the projections' and experts'
+    # matmuls, forward and backward, read e4m3 inputs scaled per 1 x 128 tile (activations,
+    # gradients) and per 128 x 128 block (weights); embeddings, head, router, norms and attention
+    # stay as they are. Emulated in float32 where the hardware has no FP8 (CPUs)
+    fp8: bool = False
     moe: MoEConfig | None = None
     mla: MLAConfig | None = None  # None: multi-head attention with n_kv_heads key/value heads
     yarn: YarnConfig | None = None  # None: plain RoPE
@@ -301,6 +306,13 @@ class ModelConfig:
             value = getattr(self, name)
             _require(value in DTYPES, f"model.{name} must be one of {DTYPES}, got {value!r}")
         _require(self.norm_eps > 0 and self.init_std > 0, "model.norm_eps and model.init_std must be > 0")
+        _require(not (self.fp8 and self.fp8_weights),
+                 "model.fp8 trains with FP8 GEMMs from unquantised master weights; model.fp8_weights holds FP8 "
+                 "weights for serving: set one of them")
+        _require(not self.fp8 or self.moe is None or self.moe.backend in ("auto", "tiled", "tiled_fp8"),
+                 f"model.fp8 runs the routed experts' GEMMs in FP8 on the tiled backend (the one grouped backend "
+                 f"with FP8 GEMMs so far), not moe.backend = {self.moe.backend if self.moe else None!r}: set "
+                 "moe.backend = 'auto'")
         _require(self.mtp_depth >= 0,
                  f"model.mtp_depth must be >= 0 (0: no multi-token prediction), got {self.mtp_depth}")
 

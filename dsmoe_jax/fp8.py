@@ -148,3 +148,62 @@ def check_finite(name: str, values: np.ndarray, what: str = "value") -> None:
     if bad.size:
         raise ValueError(f"{name}: {len(bad)} non-finite {what}s (the first at {tuple(int(b) for b in bad[0])}): "
                          "quantising it would make every output NaN")
+
+
+# ---- FP8 GEMMs for training (model.fp8): DeepSeek-V3's recipe -------------------------------
+# Every GEMM of a projection or an expert takes e4m3 inputs scaled per tile along the axis it
+# contracts: activations and gradients per 1 x 128 tile (one row, 128 channels), weights per
+# 128 x 128 block, each scale from the tile's current amax (no history), products summed in
+# float32. Here the e4m3 values are emulated: each input is rounded to e4m3 and scaled back in
+# float32 before an ordinary float32 GEMM, which differs from a hardware FP8 GEMM (the scale
+# applied to each 128-long partial sum) only by float32 rounding of the scaled values.
+
+
+def quantize_tiles(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """``x`` in float8_e4m3fn with one float32 scale per tile of 128 values along ``axis`` (the
+    last tile partial when 128 does not divide it): scale = tile amax / 448 (1 for a zero tile).
+    Returns the values (``x``'s shape) and the scales (``axis`` shortened to its tiles)."""
+    x = jnp.moveaxis(jnp.asarray(x, jnp.float32), axis, -1)
+    n = x.shape[-1]
+    tiles = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, blocks(n) * BLOCK - n)]).reshape(*x.shape[:-1], -1, BLOCK)
+    amax = jnp.max(jnp.abs(tiles), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / jax.lax.optimization_barrier(jnp.full_like(amax, E4M3_MAX)), 1.0)
+    q = jnp.clip(tiles / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3).reshape(*x.shape[:-1], -1)[..., :n]
+    return jnp.moveaxis(q, -1, axis), jnp.moveaxis(scale[..., 0], -1, axis)
+
+
+def fake_quantize_tiles(x: jax.Array, axis: int = -1) -> jax.Array:
+    """What an FP8 GEMM reads of ``x`` tiled along ``axis``: its e4m3 values times their scales (float32)."""
+    q, scale = quantize_tiles(x, axis)
+    scale = jnp.repeat(scale, BLOCK, axis=axis, total_repeat_length=blocks(x.shape[axis]) * BLOCK)
+    return q.astype(jnp.float32) * jax.lax.slice_in_dim(scale, 0, x.shape[axis], axis=axis % x.ndim)
+
+
+def fake_quantize_blocks(w: jax.Array) -> jax.Array:
+    """What an FP8 GEMM reads of weight ``w`` (``[*batch, K, N]``): its 128 x 128-block e4m3 values
+    times their scales (float32)."""
+    return dequantize(quantize(w))
+
+
+@jax.custom_vjp
+def dot(x_TK: jax.Array, w_KN: jax.Array) -> jax.Array:
+    """``x @ w`` as an FP8 GEMM in the forward and backward passes: ``x`` in 1 x 128 tiles and
+    ``w`` in 128 x 128 blocks; the input gradient from the output gradient in 1 x 128 tiles and
+    the same blocks; the weight gradient from ``x`` and the output gradient each in 128 x 1 tiles
+    (along the tokens it sums over). Output in ``x``'s dtype."""
+    return _dot_fwd(x_TK, w_KN)[0]
+
+
+def _dot_fwd(x_TK, w_KN):
+    y_TN = jnp.einsum("tk,kn->tn", fake_quantize_tiles(x_TK, -1), fake_quantize_blocks(w_KN))
+    return y_TN.astype(x_TK.dtype), (x_TK, w_KN)
+
+
+def _dot_bwd(residuals, dy_TN):
+    x_TK, w_KN = residuals
+    dx_TK = jnp.einsum("tn,kn->tk", fake_quantize_tiles(dy_TN, -1), fake_quantize_blocks(w_KN))
+    dw_KN = jnp.einsum("tk,tn->kn", fake_quantize_tiles(x_TK, 0), fake_quantize_tiles(dy_TN, 0))
+    return dx_TK.astype(x_TK.dtype), dw_KN.astype(w_KN.dtype)
+
+
+dot.defvjp(_dot_fwd, _dot_bwd)

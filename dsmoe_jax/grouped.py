@@ -15,6 +15,7 @@ Backends:
   "tiled"   the CPU default: a loop over M-row tiles, each inside one expert's group, one GEMM
             per tile with that expert's weights; hand-written backward. Dropless; the work is the
             routed rows plus less than one tile of padding per expert.
+  "tiled_fp8"  "tiled" with every GEMM, forward and backward, as an FP8 GEMM (``model.fp8``).
   "triton"  the Triton kernels of ``kernels/`` (the GPU default), which build on this module and
             register themselves when the package imports them (``dsmoe_jax/__init__.py``), with
             the modules they need: Triton, and jax-triton on a GPU.
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from dsmoe_jax.config import GROUPED_BACKENDS
+from dsmoe_jax.fp8 import fake_quantize_blocks, fake_quantize_tiles
 
 GroupedMLP = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -152,10 +154,24 @@ def _pad_rows(a, M):
     return jnp.pad(a, ((0, M), (0, 0)))
 
 
-def _tiled_forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, tile_rows):
+# With fp8, what FP8 GEMMs read (fp8.py's emulation of DeepSeek-V3's recipe): of activations
+# and gradients, 128-value tiles along ``axis`` (a row's channels, or with axis 0 the rows); of
+# weights, 128 x 128 blocks. Without, the arrays themselves.
+
+
+def _rows_fp8(a, fp8: bool, axis: int = -1):
+    return fake_quantize_tiles(a, axis).astype(a.dtype) if fp8 else a
+
+
+def _weights_fp8(weights: tuple, fp8: bool) -> tuple:
+    return tuple(fake_quantize_blocks(w).astype(w.dtype) for w in weights) if fp8 else weights
+
+
+def _tiled_forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, tile_rows, fp8=False):
     (G, D), F, M, dt = x_GD.shape, w_gate_EDF.shape[-1], tile_rows, x_GD.dtype
     expert_N, row_N, _, num_tiles = tile_schedule(group_sizes_E, G, M)
-    x_pad = _pad_rows(x_GD, M)
+    w_gate_EDF, w_up_EDF, w_down_EFD = _weights_fp8((w_gate_EDF, w_up_EDF, w_down_EFD), fp8)
+    x_pad = _pad_rows(_rows_fp8(x_GD, fp8), M)
 
     def tile(t, bufs):
         y, gate, up = bufs
@@ -163,7 +179,8 @@ def _tiled_forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, tile_r
         x_MD = lax.dynamic_slice_in_dim(x_pad, r, M)
         g_MF = _dot(x_MD, w_gate_EDF[e], "md,df->mf")
         u_MF = _dot(x_MD, w_up_EDF[e], "md,df->mf")
-        y_MD = _dot((jax.nn.silu(g_MF) * u_MF).astype(dt), w_down_EFD[e], "mf,fd->md")
+        h_MF = _rows_fp8((jax.nn.silu(g_MF) * u_MF).astype(dt), fp8)
+        y_MD = _dot(h_MF, w_down_EFD[e], "mf,fd->md")
         put = lambda buf, v: lax.dynamic_update_slice_in_dim(buf, v.astype(buf.dtype), r, 0)
         return put(y, y_MD), put(gate, g_MF), put(up, u_MF)
 
@@ -172,20 +189,24 @@ def _tiled_forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, tile_r
     return y[:G], (gate[:G], up[:G])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _tiled(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, tile_rows):
-    return _tiled_forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, tile_rows)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _tiled(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, tile_rows, fp8):
+    return _tiled_forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, tile_rows, fp8)[0]
 
 
-def _tiled_fwd(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, tile_rows):
-    y_GD, (gate_GF, up_GF) = _tiled_forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, tile_rows)
+def _tiled_fwd(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, tile_rows, fp8):
+    y_GD, (gate_GF, up_GF) = _tiled_forward(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, tile_rows, fp8)
     return y_GD, (x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, gate_GF, up_GF)
 
 
-def _tiled_bwd(tile_rows, residuals, dy_GD):
+def _tiled_bwd(tile_rows, fp8, residuals, dy_GD):
+    """The backward GEMMs; with ``fp8`` each reads its inputs as FP8 tiles along the axis it sums
+    over: dh and dx along the row (1 x 128), the weight gradients along the rows of the tile
+    (128 x 1), the weights in their blocks."""
     x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, gate_GF, up_GF = residuals
     G, M, dt = x_GD.shape[0], tile_rows, x_GD.dtype
     expert_N, row_N, valid_N, num_tiles = tile_schedule(group_sizes_E, G, M)
+    wg, wu, wd = _weights_fp8((w_gate_EDF, w_up_EDF, w_down_EFD), fp8)
     x_pad, dy_pad, gate_pad, up_pad = (_pad_rows(a, M) for a in (x_GD, dy_GD, gate_GF, up_GF))
 
     def tile(t, acc):
@@ -201,16 +222,18 @@ def _tiled_bwd(tile_rows, residuals, dy_GD):
         sig_MF = jax.nn.sigmoid(g_MF)
         silu_MF = g_MF * sig_MF
         h_MF = (silu_MF * u_MF).astype(dt)
-        dh_MF = _dot(dy_MD, w_down_EFD[e], "md,fd->mf")
+        dh_MF = _dot(_rows_fp8(dy_MD, fp8), wd[e], "md,fd->mf")
         du_MF = (dh_MF * silu_MF).astype(dt)
         dg_MF = (dh_MF * u_MF * sig_MF * (1 + g_MF * (1 - sig_MF))).astype(dt)
-        dx_MD = _dot(dg_MF, w_gate_EDF[e], "mf,df->md") + _dot(du_MF, w_up_EDF[e], "mf,df->md")
+        dx_MD = _dot(_rows_fp8(dg_MF, fp8), wg[e], "mf,df->md") + _dot(_rows_fp8(du_MF, fp8), wu[e], "mf,df->md")
         add = lambda acc_EXY, g_XY: lax.dynamic_update_index_in_dim(acc_EXY, acc_EXY[e] + g_XY, e, 0)
+        # tiles down the tile's own rows (what a weight gradient sums over), the others zeroed
+        col = (lambda a: _rows_fp8(jnp.where(mine_M1, a, 0), fp8, axis=0)) if fp8 else (lambda a: a)
         return (
             lax.dynamic_update_slice_in_dim(dx, dx_MD.astype(dt), r, 0),
-            add(dw_gate, _dot(x_MD, dg_MF, "md,mf->df")),
-            add(dw_up, _dot(x_MD, du_MF, "md,mf->df")),
-            add(dw_down, _dot(h_MF, dy_MD, "mf,md->fd")),
+            add(dw_gate, _dot(col(x_MD), col(dg_MF), "md,mf->df")),
+            add(dw_up, _dot(col(x_MD), col(du_MF), "md,mf->df")),
+            add(dw_down, _dot(col(h_MF), col(dy_MD), "mf,md->fd")),
         )
 
     f32_zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
@@ -228,17 +251,21 @@ def _tiled_bwd(tile_rows, residuals, dy_GD):
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
-def tiled_grouped_mlp(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, *, tile_rows: int | None = None):
+def tiled_grouped_mlp(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, *, tile_rows: int | None = None,
+                      fp8: bool = False):
     """Loop over expert-aligned row tiles, one GEMM per tile (see ``tile_schedule``).
 
     By default tiles have ``TILE_ROWS`` rows, fewer (down to 8, a power of two) when the mean
-    group is smaller, as in decoding, where a few rows per expert would each pay for a whole tile."""
+    group is smaller, as in decoding, where a few rows per expert would each pay for a whole tile.
+    ``fp8``: every GEMM, forward and backward, as an FP8 GEMM (``fp8.dot``'s recipe; the weight
+    gradients' 128-row tiles start at each expert's first row, as a grouped FP8 kernel's would)."""
     if tile_rows is None:
         mean_group = max(-(-x_GD.shape[0] // w_gate_EDF.shape[0]), 1)
         tile_rows = min(TILE_ROWS, max(8, 1 << (mean_group - 1).bit_length()))
-    return _tiled(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E.astype(jnp.int32), tile_rows)
+    return _tiled(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E.astype(jnp.int32), tile_rows, fp8)
 
 
 register_backend("dense", dense_grouped_mlp)
 register_backend("ragged", ragged_grouped_mlp)
 register_backend("tiled", tiled_grouped_mlp)
+register_backend("tiled_fp8", functools.partial(tiled_grouped_mlp, fp8=True))  # model.fp8's experts

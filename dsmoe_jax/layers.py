@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsmoe_jax.fp8 import dot as fp8_dot
 from dsmoe_jax.fp8 import quantize
 
 
@@ -37,12 +38,24 @@ class RMSNorm(nnx.Module):
         return (x * self.scale_D[...].astype(jnp.float32)).astype(x_BSD.dtype)
 
 
-def swiglu(x_TD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array) -> jax.Array:
-    """silu(x Wg) * (x Wu) Wd over the last axis of ``x``, in ``x``'s dtype, accumulating in float32."""
+def linear(x_TK: jax.Array, w_KN: jax.Array, fp8: bool = False) -> jax.Array:
+    """``x @ w`` in ``x``'s dtype; with ``fp8``, as an FP8 GEMM in the forward and backward
+    passes (``fp8.dot``: DeepSeek-V3's recipe, ``model.fp8``)."""
+    w_KN = w_KN.astype(x_TK.dtype)
+    return fp8_dot(x_TK, w_KN) if fp8 else jnp.einsum("tk,kn->tn", x_TK, w_KN)
+
+
+def swiglu(x_TD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array,
+           fp8: bool = False) -> jax.Array:
+    """silu(x Wg) * (x Wu) Wd over the last axis of ``x``, in ``x``'s dtype, accumulating in
+    float32; with ``fp8`` its three GEMMs are FP8 GEMMs (``linear``)."""
     dt, shape = x_TD.dtype, x_TD.shape
     # Flatten leading axes: XLA:CPU computes weight gradients that contract over several axes
     # (batch and sequence) about 3x slower than over one.
     x_TD = x_TD.reshape(-1, shape[-1])
+    if fp8:
+        h_TF = (jax.nn.silu(linear(x_TD, w_gate_DF, True)) * linear(x_TD, w_up_DF, True)).astype(dt)
+        return linear(h_TF, w_down_FD, True).reshape(shape)
     dot = lambda a, w: jnp.einsum("td,df->tf", a, w.astype(dt), preferred_element_type=jnp.float32)
     h_TF = (jax.nn.silu(dot(x_TD, w_gate_DF)) * dot(x_TD, w_up_DF)).astype(dt)
     return dot(h_TF, w_down_FD).astype(dt).reshape(shape)
@@ -51,11 +64,14 @@ def swiglu(x_TD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD:
 class MLP(nnx.Module):
     """Dense SwiGLU MLP: the FFN of the first dense blocks and the fused shared experts."""
 
-    def __init__(self, d_model: int, d_ff: int, *, std: float, param_dtype, rngs: nnx.Rngs, fp8: bool = False):
+    def __init__(self, d_model: int, d_ff: int, *, std: float, param_dtype, rngs: nnx.Rngs, fp8: bool = False,
+                 fp8_gemm: bool = False):
+        """``fp8``: weights held in FP8 (``model.fp8_weights``); ``fp8_gemm``: FP8 GEMMs (``model.fp8``)."""
         io = (1, 1) if fp8 else None
+        self.fp8_gemm = fp8_gemm
         self.w_gate_DF = param(rngs, (d_model, d_ff), ("embed", "mlp"), std, param_dtype, io)
         self.w_up_DF = param(rngs, (d_model, d_ff), ("embed", "mlp"), std, param_dtype, io)
         self.w_down_FD = param(rngs, (d_ff, d_model), ("mlp", "embed"), std, param_dtype, io)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return swiglu(x, self.w_gate_DF[...], self.w_up_DF[...], self.w_down_FD[...])
+        return swiglu(x, self.w_gate_DF[...], self.w_up_DF[...], self.w_down_FD[...], self.fp8_gemm)

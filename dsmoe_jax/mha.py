@@ -16,7 +16,7 @@ from flax import nnx
 
 from dsmoe_jax.attention import attention
 from dsmoe_jax.config import ModelConfig
-from dsmoe_jax.layers import param
+from dsmoe_jax.layers import linear, param
 from dsmoe_jax.rope import rope, softmax_scale
 
 
@@ -34,6 +34,7 @@ class Attention(nnx.Module):
         self.theta, self.yarn = cfg.rope_theta, cfg.yarn
         self.scale = softmax_scale(H, cfg.yarn)
         self.implementation = cfg.attention
+        self.fp8 = cfg.fp8  # the projections as FP8 GEMMs (layers.linear)
 
     def __call__(self, x_BSD, positions_BS, valid_keys_BT, kv=None, index=0, segment_ids_BS=None):
         """Attend from ``x``'s positions to ``T`` key slots, of which ``valid_keys_BT`` marks the
@@ -47,7 +48,7 @@ class Attention(nnx.Module):
         # Projections see tokens as one flat axis T = B * S: XLA:CPU computes weight gradients
         # that contract over two axes (batch and sequence) several times slower than over one.
         x_TD = x_BSD.reshape(B * S, D)
-        proj = lambda w: jnp.einsum("td,dnh->tnh", x_TD, w[...].astype(dt)).reshape(B, S, *w.shape[1:])
+        proj = lambda w: linear(x_TD, w[...].astype(dt).reshape(D, -1), self.fp8).reshape(B, S, *w.shape[1:])
         q_BSNH = rope(proj(self.w_q_DNH), positions_BS, self.theta, self.yarn)
         k_BTKH = rope(proj(self.w_k_DKH), positions_BS, self.theta, self.yarn)
         v_BTKH = proj(self.w_v_DKH)
@@ -61,5 +62,6 @@ class Attention(nnx.Module):
         else:
             out_BSNH = attention(q_BSNH, k_cache, v_cache, valid_keys_BT, start=index, scale=self.scale)
         out_TNH = out_BSNH.reshape(B * S, *out_BSNH.shape[2:])
-        y_BSD = jnp.einsum("tnh,nhd->td", out_TNH, self.w_o_NHD[...].astype(dt)).reshape(B, S, D)
+        y_BSD = linear(out_TNH.reshape(B * S, -1), self.w_o_NHD[...].astype(dt).reshape(-1, D), self.fp8)
+        y_BSD = y_BSD.reshape(B, S, D)
         return y_BSD, (k_cache, v_cache)

@@ -28,7 +28,7 @@ from flax import nnx
 
 from dsmoe_jax.attention import attention
 from dsmoe_jax.config import ModelConfig
-from dsmoe_jax.layers import RMSNorm, param
+from dsmoe_jax.layers import RMSNorm, linear, param
 from dsmoe_jax.rope import rope, softmax_scale
 
 LATENT_NORM_EPS = 1e-6  # the latents' RMSNorms use this whatever model.norm_eps is, as DeepSeek's do
@@ -62,12 +62,16 @@ class MLAttention(nnx.Module):
         self.theta, self.yarn = cfg.rope_theta, cfg.yarn
         self.scale = softmax_scale(m.qk_head_dim, cfg.yarn)
         self.implementation = cfg.attention
+        self.fp8 = cfg.fp8  # the projections as FP8 GEMMs (layers.linear); absorbed decoding as it is
+
+    def _proj(self, x_TK, w, dt):
+        """``x`` through projection ``w`` (its first axis contracted): ``[T, *w.shape[1:]]``."""
+        return linear(x_TK, w[...].astype(dt).reshape(w.shape[0], -1), self.fp8).reshape(-1, *w.shape[1:])
 
     def _queries(self, x_TD, dt):
         if hasattr(self, "w_q_a_DQ"):
-            q_TQ = jnp.einsum("td,dq->tq", x_TD, self.w_q_a_DQ[...].astype(dt))
-            return jnp.einsum("tq,qnj->tnj", self.q_norm(q_TQ), self.w_q_b_QNJ[...].astype(dt))
-        return jnp.einsum("td,dnj->tnj", x_TD, self.w_q_DNJ[...].astype(dt))
+            return self._proj(self.q_norm(self._proj(x_TD, self.w_q_a_DQ, dt)), self.w_q_b_QNJ, dt)
+        return self._proj(x_TD, self.w_q_DNJ, dt)
 
     def __call__(self, x_BSD, positions_BS, valid_keys_BT, kv=None, index=0, segment_ids_BS=None):
         """As ``mha.Attention``: attend to the sequence's own keys (``kv`` None) or to a cache
@@ -79,7 +83,7 @@ class MLAttention(nnx.Module):
         q_BSNJ = self._queries(x_TD, dt).reshape(B, S, *self.w_kv_b_CNX.shape[1:2], -1)
         rotate = functools.partial(rope, positions_BS=positions_BS, theta=self.theta, yarn=self.yarn, interleaved=True)
         q_nope_BSNH, q_rope_BSNP = q_BSNJ[..., :H], rotate(q_BSNJ[..., H:])
-        kv_TA = jnp.einsum("td,da->ta", x_TD, self.w_kv_a_DA[...].astype(dt))
+        kv_TA = self._proj(x_TD, self.w_kv_a_DA, dt)
         c_BS1C = self.kv_norm(kv_TA[:, :C]).reshape(B, S, 1, C)
         k_rope_BS1P = rotate(kv_TA[:, C:].reshape(B, S, 1, -1))
         latent_BS1A = jnp.concatenate([c_BS1C, k_rope_BS1P], axis=-1)
@@ -88,7 +92,7 @@ class MLAttention(nnx.Module):
         if kv is not None:
             cache = jax.lax.dynamic_update_slice_in_dim(kv[0], latent_BS1A.astype(kv[0].dtype), index, 1).astype(dt)
         if kv is None or (isinstance(index, int) and index == 0):
-            kv_BSNX = jnp.einsum("bsc,cnx->bsnx", c_BS1C[:, :, 0], w_kv_b_CNX)
+            kv_BSNX = self._proj(c_BS1C.reshape(B * S, C), self.w_kv_b_CNX, dt).reshape(B, S, *w_kv_b_CNX.shape[1:])
             k_BSNJ = jnp.concatenate([kv_BSNX[..., :H], jnp.broadcast_to(k_rope_BS1P, q_rope_BSNP.shape)], axis=-1)
             q_BSNJ = jnp.concatenate([q_nope_BSNH, q_rope_BSNP], axis=-1)
             out_BSNW = attention(q_BSNJ, k_BSNJ, kv_BSNX[..., H:], valid_keys_BT[:, :S],
@@ -100,5 +104,6 @@ class MLAttention(nnx.Module):
             mixed_BSNA = attention(q_BSNA, cache, cache, valid_keys_BT, start=index, scale=self.scale)
             out_BSNW = jnp.einsum("bsnc,cnw->bsnw", mixed_BSNA[..., :C], w_kv_b_CNX[..., H:])
         out_TNW = out_BSNW.reshape(B * S, *out_BSNW.shape[2:])
-        y_BSD = jnp.einsum("tnw,nwd->td", out_TNW, self.w_o_NWD[...].astype(dt)).reshape(B, S, D)
+        y_BSD = linear(out_TNW.reshape(B * S, -1), self.w_o_NWD[...].astype(dt).reshape(-1, D), self.fp8)
+        y_BSD = y_BSD.reshape(B, S, D)
         return y_BSD, (kv, None) if kv is None else (cache, kv[1])

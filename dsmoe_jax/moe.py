@@ -234,7 +234,8 @@ class MoE(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg.moe
+        # model.fp8: the experts' GEMMs in FP8, by the grouped backend that has them
+        self.cfg = dataclasses.replace(cfg.moe, backend="tiled_fp8") if cfg.fp8 else cfg.moe
         E, D, F = cfg.moe.n_routed_experts, cfg.d_model, cfg.moe.expert_d_ff
         std, dt = cfg.init_std, jnp.dtype(cfg.param_dtype)
         if cfg.moe.routing != "hash":
@@ -246,7 +247,8 @@ class MoE(nnx.Module):
         self.w_up_EDF = param(rngs, (E, D, F), ("expert", "embed", "mlp"), std, dt, io)
         self.w_down_EFD = param(rngs, (E, F, D), ("expert", "mlp", "embed"), std, dt, io)
         Ks = cfg.moe.n_shared_experts
-        self.shared = MLP(D, Ks * F, std=std, param_dtype=dt, rngs=rngs, fp8=cfg.fp8_weights) if Ks else None
+        self.shared = MLP(D, Ks * F, std=std, param_dtype=dt, rngs=rngs, fp8=cfg.fp8_weights,
+                          fp8_gemm=cfg.fp8) if Ks else None
 
     def __call__(self, x_BSD: jax.Array, tokens_BS: jax.Array, valid_BS: jax.Array,
                  route: RouteOptions | None = None, segment_ids_BS: jax.Array | None = None

@@ -20,7 +20,7 @@ from flax import nnx
 
 from dsmoe_jax.block import Block, KVCache, cache_keys, own_keys
 from dsmoe_jax.config import ModelConfig
-from dsmoe_jax.layers import RMSNorm, param
+from dsmoe_jax.layers import RMSNorm, linear, param
 from dsmoe_jax.moe import MoEStats
 
 
@@ -35,6 +35,7 @@ class MTPBlock(nnx.Module):
         D, dt = cfg.d_model, jnp.dtype(cfg.param_dtype)
         self.embed_norm = RMSNorm(D, cfg.norm_eps, dt)
         self.hidden_norm = RMSNorm(D, cfg.norm_eps, dt)
+        self.fp8 = cfg.fp8  # the projection as an FP8 GEMM (layers.linear)
         self.w_proj_CD = param(rngs, (2 * D, D), (None, "embed"), cfg.init_std, dt, (1, 1) if cfg.fp8_weights else None)
         self.block = Block(cfg, cfg.n_moe_layers > 0, rngs=rngs)
         self.head_norm = RMSNorm(D, cfg.norm_eps, dt)
@@ -44,7 +45,8 @@ class MTPBlock(nnx.Module):
         """(this depth's hidden state, its normalised form for the LM head, the block's MoE stats,
         its keys and values); with ``kv``, the block attends through that cache as a main block."""
         c_BSC = jnp.concatenate([self.embed_norm(e_BSD), self.hidden_norm(h_BSD)], axis=-1)
-        x_BSD = jnp.einsum("bsc,cd->bsd", c_BSC, self.w_proj_CD[...].astype(c_BSC.dtype))
+        B, S, C = c_BSC.shape
+        x_BSD = linear(c_BSC.reshape(B * S, C), self.w_proj_CD[...], self.fp8).reshape(B, S, -1)
         valid_keys_BT = valid_BS if valid_keys_BT is None else valid_keys_BT
         x_BSD, stats, kv = self.block(x_BSD, positions_BS, valid_BS, tokens_BS, valid_keys_BT, kv, index,
                                       segment_ids_BS, route=route)

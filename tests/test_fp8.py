@@ -122,3 +122,101 @@ def test_fp8_weights_split_on_the_mesh_as_the_weights_would_their_scales_only_by
     s = param_shardings(cfg, mesh)["layers"][1]["ffn"]["w_gate_EDF"]
     assert s.data.spec == PartitionSpec("expert", None, None), s.data.spec
     assert s.scale_inv.spec == PartitionSpec("expert", None, None), s.scale_inv.spec
+
+
+# ---- FP8 GEMMs (model.fp8) --------------------------------------------------------------------
+
+
+def _tiles_reference(x: np.ndarray, axis: int) -> np.ndarray:
+    """Each 128-long tile along ``axis`` rounded to e4m3 at scale amax / 448 and scaled back."""
+    x = np.moveaxis(x.astype(np.float32), axis, -1)
+    out = np.zeros_like(x)
+    for start in range(0, x.shape[-1], 128):
+        tile = x[..., start:start + 128]
+        amax = np.abs(tile).max(axis=-1, keepdims=True)
+        scale = np.where(amax > 0, amax / np.float32(448), np.float32(1))
+        q = np.clip(tile / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+        out[..., start:start + 128] = q.astype(np.float32) * scale
+    return np.moveaxis(out, -1, axis)
+
+
+def _blocks_reference(w: np.ndarray) -> np.ndarray:
+    q, scale = _reference(w)
+    return q.astype(np.float32) * np.kron(scale, np.ones((128, 128), np.float32))[:w.shape[0], :w.shape[1]]
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_activation_tiles_quantise_along_the_axis_a_gemm_sums_over(axis):
+    x = np.random.RandomState(2).standard_normal((300, 200)).astype(np.float32)
+    x[7, :] *= 500  # an outlier row (axis -1 keeps it to its own tiles) and column (axis 0)
+    x[:, 3] *= 500
+    q, scale = fp8.quantize_tiles(x, axis)
+    assert q.dtype == jnp.float8_e4m3fn and q.shape == x.shape
+    assert scale.shape == ((300, 2) if axis == -1 else (3, 200)), scale.shape
+    np.testing.assert_array_equal(np.asarray(fp8.fake_quantize_tiles(x, axis)), _tiles_reference(x, axis))
+
+
+def test_the_fp8_gemm_and_its_gradients_read_fp8_inputs_as_deepseek_v3_tiles_them():
+    rng = np.random.RandomState(3)
+    x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in ((260, 200), (200, 150), (260, 150)))
+    y, vjp = jax.vjp(fp8.dot, x, w)
+    dx, dw = vjp(jnp.asarray(dy))
+    wq = _blocks_reference(w)
+    np.testing.assert_allclose(np.asarray(y), _tiles_reference(x, -1) @ wq, rtol=1e-5, atol=1e-4,
+                               err_msg="forward: x in 1 x 128 tiles, w in 128 x 128 blocks")
+    np.testing.assert_allclose(np.asarray(dx), _tiles_reference(dy, -1) @ wq.T, rtol=1e-5, atol=1e-4,
+                               err_msg="input gradient: dy in 1 x 128 tiles, the same weight blocks")
+    np.testing.assert_allclose(np.asarray(dw), _tiles_reference(x, 0).T @ _tiles_reference(dy, 0), rtol=1e-5,
+                               atol=1e-3, err_msg="weight gradient: x and dy in 128 x 1 tiles along the tokens")
+    exact = x @ w
+    assert 0 < np.abs(np.asarray(y) - exact).max() < 0.1 * np.abs(exact).max(), "FP8 rounding, nothing more"
+
+
+def test_the_fp8_expert_backend_is_each_expert_through_fp8_gemms():
+    """``tiled_fp8`` against each expert's rows through three ``fp8.dot`` GEMMs, values and
+    gradients; groups with partial 128-row tiles, an empty one and one past a tile."""
+    from dsmoe_jax import grouped
+    from dsmoe_jax.layers import linear
+
+    rng = np.random.RandomState(4)
+    sizes = [130, 0, 5, 300]
+    G, D, F = sum(sizes) + 7, 140, 136  # 7 rows past the groups: dropped
+    x = jnp.asarray(rng.standard_normal((G, D)), jnp.float32)
+    ws = [jnp.asarray(rng.standard_normal(s) * 0.1, jnp.float32) for s in ((4, D, F), (4, D, F), (4, F, D))]
+    dy = jnp.asarray(rng.standard_normal((G, D)), jnp.float32)
+
+    def reference(x, wg, wu, wd):
+        out, start = [], 0
+        for e, n in enumerate(sizes):
+            if not n:
+                continue
+            x_e = x[start:start + n]
+            h = jax.nn.silu(linear(x_e, wg[e], True)) * linear(x_e, wu[e], True)
+            out.append(linear(h, wd[e], True))
+            start += n
+        return jnp.concatenate(out + [jnp.zeros((G - start, D))])
+
+    tiled = lambda x, wg, wu, wd: grouped.grouped_mlp(x, wg, wu, wd, jnp.asarray(sizes), backend="tiled_fp8")
+    got, got_vjp = jax.vjp(tiled, x, *ws)
+    want, want_vjp = jax.vjp(reference, x, *ws)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5, err_msg="forward")
+    for name, g, r in zip(("dx", "dw_gate", "dw_up", "dw_down"), got_vjp(dy), want_vjp(dy)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4, err_msg=name)
+    plain = grouped.grouped_mlp(x, *ws, jnp.asarray(sizes), backend="tiled")
+    assert float(jnp.abs(got - plain).max()) > 0, "fp8 changes the arithmetic"
+
+
+def test_a_model_trains_with_fp8_gemms(small_cfg):
+    cfg = dataclasses.replace(small_cfg, fp8=True)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jnp.arange(64, dtype=jnp.int32).reshape(4, 16) % cfg.vocab_size
+
+    def loss(p, c):
+        logits, _ = forward(p, tokens[:, :-1], c)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+    (l8, g8), (l32, g32) = (jax.value_and_grad(loss)(params, c) for c in (cfg, small_cfg))
+    assert abs(float(l8) - float(l32)) < 0.01 * float(l32), (float(l8), float(l32))
+    cos = [float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30))
+           for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g32))]
+    assert min(cos) > 0.9, f"every gradient points where the unquantised one does: cosines {min(cos):.3f}"
