@@ -17,6 +17,8 @@ hang of one does not stop the others:
   vs_transformers  benchmarks/vs_transformers.py on the GPU: the same 2B weights in transformers'
                Qwen2MoeForCausalLM, training step and greedy decoding, ratios measured in this run
   tests        the tests marked ``gpu`` (kernels natively, model, MoE, attention, inference)
+  fp8          model.fp8's FP8 GEMMs (emulated): the 2B training step with them (``train``: without)
+               and the expert GEMMs, tiled_fp8 against tiled and a dense GEMM of equal FLOPs
 
 Writes ``OUT/gpu_check.json``: the environment (versions, devices, nvidia-smi), and per step its
 status (ok, failed, timeout), seconds, numbers and the end of its log. ``--dry-run`` runs the same
@@ -42,14 +44,14 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Seconds per step on the GPU: 525 s in all, about 9 minutes with the installation. Sized from the
+# Seconds per step on the GPU: 585 s in all, about 10 minutes with the installation. Sized from the
 # first H200 run (2026-12-04): the 2B train step's first call took 15 s (compilation), the kernel
 # tests 40-60 s, each grouped_mlp shape about 20 s with two backends (now four); the profile and
 # the peer each compile a training step and a decode program and build the 2B model.
 TIME_BOX = {"profile": 95, "grouped_mlp": 70, "attention": 45, "train": 60, "decode": 75, "vs_transformers": 100,
-            "tests": 80}
+            "tests": 80, "fp8": 60}
 DRY_TIME_BOX = {"profile": 90, "grouped_mlp": 60, "attention": 60, "train": 90, "decode": 90, "vs_transformers": 180,
-                "tests": 240}
+                "tests": 240, "fp8": 180}
 PACKAGES = ["jax", "jaxlib", "jax-cuda13-plugin", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore",
             "triton", "jax-triton", "torch", "transformers", "numpy"]
 OWED = ["the expert-parallel exchange (ragged all_to_all between GPUs) needs at least two GPUs: not checked here"]
@@ -154,6 +156,12 @@ def step_attention(dry: bool, out: pathlib.Path) -> dict:
 
 
 def step_train(dry: bool, out: pathlib.Path) -> dict:
+    cfg, B, S = _model(dry)
+    return _train_speed(cfg, B, S, dry)
+
+
+def _train_speed(cfg, B: int, S: int, dry: bool) -> dict:
+    """Training steps of ``cfg`` on ``B`` x ``S`` tokens: time, tokens/s, model-FLOPs utilisation."""
     import jax
 
     import dsmoe_jax
@@ -162,7 +170,6 @@ def step_train(dry: bool, out: pathlib.Path) -> dict:
     from dsmoe_jax.train.optimizer import make_optimizer
     from dsmoe_jax.train.step import init_state, make_train_step
 
-    cfg, B, S = _model(dry)
     optimizer = make_optimizer(cfg.train)
     state = init_state(dsmoe_jax.init_params(cfg.model, jax.random.key(0)), optimizer)
     step = jax.jit(make_train_step(cfg, optimizer), donate_argnums=0)
@@ -185,6 +192,23 @@ def step_train(dry: bool, out: pathlib.Path) -> dict:
             "batch": [B, S], "loss": loss,
             "first_step_s": compile_and_first, "step_s": seconds, "tokens_per_s": tokens_s,
             "model_tflops": model_flops / 1e12, "matmul_peak_tflops": peak / 1e12, "mfu": model_flops / peak}
+
+
+def step_fp8(dry: bool, out: pathlib.Path) -> dict:
+    """model.fp8 (DeepSeek-V3's FP8 GEMMs, emulated: e4m3-rounded inputs in ordinary GEMMs): the
+    2B training step with it (the ``train`` step is the same model without), then the expert
+    GEMMs alone, tiled_fp8 against tiled at the 16B layer shapes, in this process."""
+    import dataclasses
+
+    cfg, B, S = _model(dry)
+    rows = {"train": _train_speed(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fp8=True)), B, S, dry)}
+    (out / "fp8.partial.json").write_text(json.dumps(rows, indent=1))  # survives a time-out
+    shape = (["--tokens", "64", "--d-model", "32", "--d-ff", "16", "--experts", "4", "--top-k", "2",
+              "--dtype", "float32", "--reps", "1"] if dry else ["--tokens", "8192", "--reps", "5"])
+    path = out / "fp8_grouped.partial.json"
+    _run("grouped_mlp.py", *shape, "--backends", "tiled", "tiled_fp8", "--json", str(path))
+    rows["grouped_mlp"] = json.loads(path.read_text())
+    return rows
 
 
 def step_decode(dry: bool, out: pathlib.Path) -> dict:
@@ -274,7 +298,7 @@ def step_tests(dry: bool, out: pathlib.Path) -> dict:
 
 
 STEPS = {"profile": step_profile, "grouped_mlp": step_grouped_mlp, "attention": step_attention, "train": step_train,
-         "decode": step_decode, "vs_transformers": step_vs_transformers, "tests": step_tests}
+         "decode": step_decode, "vs_transformers": step_vs_transformers, "tests": step_tests, "fp8": step_fp8}
 
 
 def _unmet_requirements() -> list[str]:

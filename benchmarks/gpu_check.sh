@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check in one run (about 8 minutes): install what the GPU image lacks, then every step of
+# The GPU check in one run (about 10 minutes): install what the GPU image lacks, then every step of
 # benchmarks/gpu_check.py; results in $OUT/gpu_check.json and $OUT/gpu_check.log.
 #
 #   bash benchmarks/gpu_wheels.sh           # here, beforehand: the wheels the image lacks, into .whl/

@@ -185,6 +185,9 @@ ARMS = {arm.name: arm for arm in (
         change=setting(moe={"dynamic_loss_weight": DYNAMIC_LOSS_WEIGHT})),
     Arm("deepseekmoe_top_p", "DeepSeekMoE, top-p", routed=63, shared=1, width=_QUARTER, routing="top_p",
         top_p=DEEPSEEKMOE_TOP_P, change=setting(moe={"dynamic_loss_weight": DYNAMIC_LOSS_WEIGHT})),
+    # DeepSeek-V3's FP8 training recipe (model.fp8): the projections' and experts' GEMMs in FP8
+    Arm("deepseekmoe_fp8", "DeepSeekMoE, FP8 GEMMs", routed=63, shared=1, top_k=7, width=_QUARTER,
+        change=setting(model={"fp8": True})),
 )}
 
 

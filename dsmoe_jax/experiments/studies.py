@@ -105,6 +105,8 @@ STUDIES = {s.name: s for s in (
     Study("dynamic-coarse", "Dynamic routing's own claim alone: top-p against top-2 routing on GShard's coarse experts "
           "(the pair to run longer)", ("gshard", "gshard_top_p"), compared=(("gshard_top_p", "gshard"),),
           measures=(_EXPERTS,)),
+    Study("fp8", "DeepSeek-V3's FP8 training (arXiv 2412.19437, section 3.3): FP8 GEMMs against the same model "
+          "unquantised", ("deepseekmoe", "deepseekmoe_fp8"), compared=(("deepseekmoe_fp8", "deepseekmoe"),)),
     Study("finetune", "ESFT (arXiv 2407.01906): full fine-tuning, ESFT-Gate, ESFT-Token, LoRA and the frozen base on "
           "two tasks, from pretrained fine-grained and coarse bases", ("deepseekmoe", "gshard"), finetune=True),
 )}
