@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsmoe_jax.fp8 import Fp8Weight, quantize_tiles
 from dsmoe_jax.grouped import tile_schedule
 
 
@@ -101,6 +102,7 @@ def compile_for_hopper(tiles: dict, dtype: str = "bf16", only: tuple[str, ...] |
                                                               HAS_SECOND=True, **mnk)),
         "weight_grad": (tk.weight_grad_kernel, dict(K=D, N=F, BLOCK_R=mnk["BLOCK_M"], BLOCK_K=mnk["BLOCK_K"],
                                                     BLOCK_N=mnk["BLOCK_N"])),
+        "fp8_matmul": (tk.fp8_matmul_kernel, dict(K=D, N=F, BLOCK_M=mnk["BLOCK_M"])),  # FP8 expert weights
     }
     int_ptrs = {"expert_ptr", "row_ptr", "valid_ptr", "start_ptr", "size_ptr"}
     compiled = {}
@@ -108,9 +110,12 @@ def compile_for_hopper(tiles: dict, dtype: str = "bf16", only: tuple[str, ...] |
         if only is not None and name not in only:
             continue
         names = kernel.arg_names
-        sig = {n: ("*i32" if n in int_ptrs else "*fp32" if n == "out_ptr" and kernel is tk.weight_grad_kernel
+        fp8_ptrs = {"a_ptr", "w_ptr"} if kernel is tk.fp8_matmul_kernel else set()
+        sig = {n: ("*i32" if n in int_ptrs else "*fp8e4nv" if n in fp8_ptrs else "*fp32"
+                   if n.endswith("scale_ptr") or n == "out_ptr" and kernel is tk.weight_grad_kernel
                    else f"*{dtype}") for n in names if n.endswith("_ptr")}
         consts = {**consts, "UPCAST": False, "PRECISION": "tf32" if dtype == "bf16" else "ieee"}
+        consts = {k: v for k, v in consts.items() if k in names}
         sig.update(dict.fromkeys(consts, "constexpr"))
         src = triton.compiler.ASTSource(fn=kernel, signature=sig,
                                         constexprs={(names.index(k),): v for k, v in consts.items()})
@@ -123,8 +128,10 @@ def _to_torch(a: np.ndarray):
     import torch
 
     a = np.array(a, copy=True)  # jax hands the callback read-only views; torch wants to own its memory
-    if a.dtype == jnp.bfloat16:  # torch cannot take numpy's bfloat16: pass the bits
+    if a.dtype == jnp.bfloat16:  # torch cannot take numpy's bfloat16 or float8: pass the bits
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    if a.dtype == jnp.float8_e4m3fn:
+        return torch.from_numpy(a.view(np.uint8)).view(torch.float8_e4m3fn)
     return torch.from_numpy(a)
 
 
@@ -215,10 +222,42 @@ def weight_grad(a_GK, b_GN, group_sizes_E, *, interpret: bool):
     return out
 
 
+def fp8_matmul(a_GK, w: Fp8Weight, schedule, *, interpret: bool):
+    """out = a W_e per tile's expert on FP8 operands (``fp8_matmul_kernel``): ``W`` an FP8 weight
+    ``[E, K, N]`` with 128 x 128 block scales, the rows of ``a`` quantised to e4m3 per 1 x 128
+    tile first (``fp8.quantize_tiles``: Triton's interpreter rounds to e4m3 wrongly across binades,
+    so the kernel only reads e4m3). Output in ``a``'s dtype."""
+    G, K = a_GK.shape
+    N = w.shape[-1]
+    a_q, a_scale = quantize_tiles(a_GK, -1)
+    grid = (schedule[0].shape[0], -(-N // 128))
+    tiles = blocks(interpret)
+    meta = {"BLOCK_M": tiles["BLOCK_M"], "UPCAST": interpret, "num_warps": tiles["num_warps"],
+            "num_stages": tiles["num_stages"]}
+    (out,) = _launch("fp8_matmul_kernel", interpret, grid, [a_q, a_scale, w.data, w.scale_inv, *schedule],
+                     [jax.ShapeDtypeStruct((G, N), a_GK.dtype)], K=K, N=N, **meta)
+    return out
+
+
+def fp8_grouped_mlp(x_GD, w_gate_EDF: Fp8Weight, w_up_EDF: Fp8Weight, w_down_EFD: Fp8Weight, group_sizes_E, *,
+                    interpret: bool):
+    """The grouped gated MLP from FP8 expert weights (``model.fp8_weights``), each GEMM an FP8 GEMM
+    (``fp8_matmul``): for serving, not differentiable."""
+    dt = x_GD.dtype
+    sched = kernel_schedule(group_sizes_E, x_GD.shape[0], interpret)
+    gate_GF = fp8_matmul(x_GD, w_gate_EDF, sched, interpret=interpret).astype(jnp.float32)
+    up_GF = fp8_matmul(x_GD, w_up_EDF, sched, interpret=interpret).astype(jnp.float32)
+    h_GF = _rows_in_groups((jax.nn.silu(gate_GF) * up_GF).astype(dt), group_sizes_E)
+    return _rows_in_groups(fp8_matmul(h_GF, w_down_EFD, sched, interpret=interpret), group_sizes_E)
+
+
 def triton_grouped_mlp(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, *, interpret: bool | None = None):
     """The grouped gated MLP with the Triton kernels (the ``grouped.py`` backend contract);
-    ``interpret`` defaults to ``default_interpret()``."""
+    ``interpret`` defaults to ``default_interpret()``. FP8 weights (``fp8.Fp8Weight``) take the
+    FP8 kernel (``fp8_grouped_mlp``)."""
     interpret = default_interpret() if interpret is None else interpret
+    if isinstance(w_gate_EDF, Fp8Weight):
+        return fp8_grouped_mlp(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, interpret=interpret)
     return _grouped_mlp(x_GD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes_E, interpret)
 
 

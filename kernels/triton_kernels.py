@@ -148,3 +148,40 @@ def weight_grad_kernel(
         acc = _mma(acc, tl.trans(a), b, UPCAST, PRECISION)
     tl.store(out_ptr + e * K * N + ks[:, None] * N + cols_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_k[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def fp8_matmul_kernel(
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, expert_ptr, row_ptr, valid_ptr, out_ptr,
+    K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """out[rows of tile] = a W_e on FP8 operands: ``a`` float8_e4m3fn ``[G, K]`` with float32
+    scales ``[G, cdiv(K, 128)]`` per 1 x 128 tile (quantised beforehand, ``fp8.quantize_tiles``),
+    ``W_e`` float8_e4m3fn ``[K, N]`` with float32 scales ``[cdiv(K, 128), cdiv(N, 128)]`` per
+    128 x 128 block (``fp8.Fp8Weight``, expert-major). One tl.dot per 128-deep step on e4m3
+    operands, its float32 product scaled by the row's and the block's scales before it is summed.
+    Grid (tiles, cdiv(N, 128)): one 128-wide block of columns, so one weight scale per step."""
+    e, rows_m, mask_m, valid = _tile(expert_ptr, row_ptr, valid_ptr, BLOCK_M)
+    if valid == 0:
+        return
+    nb = tl.program_id(1)
+    cols_n = nb * 128 + tl.arange(0, 128)
+    mask_n = cols_n < N
+    R: tl.constexpr = (K + 127) // 128
+    C: tl.constexpr = (N + 127) // 128
+    acc = tl.zeros((BLOCK_M, 128), tl.float32)
+    for kb in range(0, R):
+        ks = kb * 128 + tl.arange(0, 128)
+        mask_k = ks < K
+        a = tl.load(a_ptr + rows_m[:, None] * K + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + e * K * N + ks[:, None] * N + cols_n[None, :], mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0)
+        if UPCAST:
+            part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(a, w)
+        a_scale = tl.load(a_scale_ptr + rows_m * R + kb, mask=mask_m, other=0.0)
+        w_scale = tl.load(w_scale_ptr + e * R * C + kb * C + nb)
+        acc += part * (a_scale[:, None] * w_scale)
+    tl.store(out_ptr + rows_m[:, None] * N + cols_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])

@@ -116,6 +116,36 @@ def test_model_forward_and_backward_with_triton_equal_dense(small_cfg):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("groups", list(GROUPS), ids=list(GROUPS))
+def test_the_fp8_kernel_matches_fp8_gemms_in_jnp(groups):
+    """FP8 expert weights (``model.fp8_weights``): the kernel's e4m3 x e4m3 products with the
+    row and block scales equal the jnp statement (rows in 1 x 128 tiles, weights dequantised),
+    one GEMM and the whole gated MLP through the ``triton`` backend; widths past one block."""
+    from dsmoe_jax import fp8
+
+    gs = jnp.asarray(GROUPS[groups])
+    E, G, D, F = gs.shape[0], int(gs.sum()) + 3, 160, 136
+    rng = np.random.RandomState(5)
+    x = jnp.asarray(rng.standard_normal((G, D)), jnp.float32)
+    wg, wu = (fp8.quantize(jnp.asarray(rng.standard_normal((E, D, F)) * 0.1, jnp.float32)) for _ in range(2))
+    wd = fp8.quantize(jnp.asarray(rng.standard_normal((E, F, D)) * 0.1, jnp.float32))
+    rows = jnp.asarray(_expert_of_rows(gs, G))
+    in_groups = (jnp.arange(G) < gs.sum())[:, None]
+
+    def reference(a, w):  # each row against its expert's dequantised weight, its row quantised in tiles
+        dense = jnp.einsum("gk,gkn->gn", fp8.fake_quantize_tiles(a, -1), fp8.dequantize(w)[jnp.minimum(rows, E - 1)])
+        return jnp.where(in_groups, dense, 0)
+
+    sched = kb.kernel_schedule(gs, G, **INTERPRET)
+    got = jax.jit(functools.partial(kb.fp8_matmul, **INTERPRET))(x, wg, sched)
+    np.testing.assert_allclose(np.where(in_groups, got, 0), reference(x, wg), rtol=1e-4, atol=1e-4,
+                               err_msg=f"{groups}: one FP8 GEMM")
+    h = (jax.nn.silu(reference(x, wg)) * reference(x, wu)).astype(jnp.float32)
+    want = reference(h, wd)
+    got = grouped.grouped_mlp(x, wg, wu, wd, gs, backend="triton")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{groups}: the gated MLP")
+
+
 AOT = textwrap.dedent("""
     import json
     from dsmoe_jax.kernels import backend as kb
@@ -130,7 +160,8 @@ AOT = textwrap.dedent("""
     for dtype, only in (("bf16", None), ("fp32", ("gate_up",))):
         for name, compiled in kb.compile_for_hopper(kb.blocks(interpret=False), dtype, only).items():
             out.append({"kernel": name, "dtype": dtype, "cubin": len(compiled.asm["cubin"]),
-                        "wgmma": "wgmma" in compiled.asm["ptx"]})
+                        "wgmma": "wgmma" in compiled.asm["ptx"],
+                        "fp8_wgmma": "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3" in compiled.asm["ptx"]})
     print(json.dumps(out))
 """)
 
@@ -140,5 +171,6 @@ def test_every_kernel_compiles_for_hopper():
     out = subprocess.run([sys.executable, "-c", AOT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(results) == 6 and all(r["cubin"] > 0 for r in results), results
+    assert len(results) == 7 and all(r["cubin"] > 0 for r in results), results
     assert all(r["wgmma"] for r in results if r["dtype"] == "bf16"), "bf16 GEMMs should use Hopper's wgmma"
+    assert [r["kernel"] for r in results if r["fp8_wgmma"]] == ["fp8_matmul"], "FP8 weights: e4m3 x e4m3 wgmma"
