@@ -126,22 +126,6 @@ def dequantize(w: Fp8Weight) -> jax.Array:
     return _unblocked(values, K, N).reshape(w.shape)
 
 
-def check_block_scales(name: str, data_shape: tuple[int, ...], scale: np.ndarray, n_in: int = 1,
-                       n_out: int = 1) -> None:
-    """Raise ``ValueError`` naming ``name`` when ``scale`` is not one finite, positive float32 per
-    128 x 128 block of a weight of ``data_shape``."""
-    batch, K, N = _matrix_shape(tuple(data_shape), n_in, n_out)
-    want = (*batch, blocks(K), blocks(N))
-    if tuple(scale.shape) != want:
-        raise ValueError(f"{name}: the block scales have shape {list(scale.shape)}, but a weight of shape "
-                         f"{list(data_shape)} in 128x128 blocks needs {list(want)}")
-    check_finite(name, scale, "block scale")
-    bad = np.argwhere(scale <= 0)
-    if bad.size:
-        raise ValueError(f"{name}: block scale {tuple(int(b) for b in bad[0])} is {scale[tuple(bad[0])]}; "
-                         "scales must be positive")
-
-
 def check_finite(name: str, values: np.ndarray, what: str = "value") -> None:
     """Raise ``ValueError`` naming the first NaN or inf of ``values`` (and how many there are)."""
     bad = np.argwhere(~np.isfinite(np.asarray(values, np.float32)))

@@ -207,6 +207,16 @@ def test_keep_fp8_needs_fp8_weights_in_128_blocks(v3, tmp_path):
         convert.hf_to_jax(hf, tmp_path / "out", keep_fp8=True, progress=False)
 
 
+def test_quantising_a_non_finite_weight_on_export_is_named(v3):
+    root, _, _ = v3
+    params, cfg = dsmoe_jax.load_checkpoint(root / "f32")
+    params = jax.tree.map(np.array, params)
+    params["layers"][1]["ffn"]["w_up_EDF"][3, 150, 7] = np.inf
+    with pytest.raises(ConversionError, match=r"layers/1/ffn/w_up_EDF: 1 non-finite values \(the first at "
+                                              r"\(3, 150, 7\)\).*damaged"):
+        list(convert.params_to_hf(params, dataclasses.replace(cfg.model, fp8_weights=True)))
+
+
 def _unquantised(root, tmp_path):
     """An export of the dequantised conversion: no FP8 weights."""
     convert.jax_to_hf(root / "f32", tmp_path / "plain", progress=False)

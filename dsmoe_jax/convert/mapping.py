@@ -506,11 +506,11 @@ def params_from_hf(read: Callable[[str], np.ndarray], has: Callable[[str], bool]
         leaf = get_path(shapes, path)
         if t.experts:
             one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), leaf)  # an expert's
-            parts = [as_leaf(_to_ours(t.transform, source(t.hf.format(i=i, e=e)), one), one)
+            parts = [as_leaf(_to_ours(t.transform, source(t.hf.format(i=i, e=e)), one), one, t.hf.format(i=i, e=e))
                      for e in range(leaf.shape[0])]
             array = jax.tree.map(lambda *a: np.stack(a), *parts)
         else:
-            array = as_leaf(_to_ours(t.transform, source(t.hf.format(i=i)), leaf), leaf)
+            array = as_leaf(_to_ours(t.transform, source(t.hf.format(i=i)), leaf), leaf, t.hf.format(i=i))
         set_path(out, path, on_array(path, array) if on_array else array)
     return out if on_array else match_layout(out, cfg)
 
@@ -528,7 +528,7 @@ def params_to_hf(params: dict | Callable[[tuple], np.ndarray], cfg: ModelConfig)
         if t.derived:
             yield t.hf.format(i=i), t.derived(cfg)
             continue
-        value = as_leaf(jax.tree.map(np.asarray, read(path)), get_path(shapes, path))
+        value = as_leaf(jax.tree.map(np.asarray, read(path)), get_path(shapes, path), "/".join(map(str, path)))
         for e in range(value.shape[0]) if t.experts else [None]:
             hf = _to_hf(t.transform, value[e] if t.experts else value)
             if isinstance(hf, Fp8Weight):
@@ -566,12 +566,16 @@ def _in_out(shape: tuple[int, ...], n_in_values: int) -> tuple[int, int]:
     return n_in, len(shape) - n_in
 
 
-def as_leaf(value, leaf):
+def as_leaf(value, leaf, name: str = "a weight"):
     """``value`` as the model holds ``leaf``: an array is quantised where ``leaf`` is an FP8
-    weight (``fp8.quantize``), an ``Fp8Weight`` dequantised where it is not; else unchanged."""
+    weight (``fp8.quantize``; a NaN or inf in it is named), an ``Fp8Weight`` dequantised where
+    it is not; else unchanged."""
     if isinstance(leaf, Fp8Weight) and not isinstance(value, Fp8Weight):
-        q = fp8.quantize(value, leaf.n_in, leaf.n_out)
-        return jax.tree.map(np.asarray, q)
+        try:
+            fp8.check_finite(name, value)
+        except ValueError as e:
+            raise errors.ConversionError(f"{e}; the checkpoint is damaged (or training diverged)") from None
+        return jax.tree.map(np.asarray, fp8.quantize(value, leaf.n_in, leaf.n_out))
     if isinstance(value, Fp8Weight) and not isinstance(leaf, Fp8Weight):
         return np.asarray(fp8.dequantize(value))
     return value
