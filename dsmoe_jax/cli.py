@@ -56,7 +56,7 @@ def run_paths(cfg: Config) -> str:
     m, platform = cfg.model, jax.default_backend()
     parts = [f"attention {resolve_implementation(m.attention, dtype=m.dtype)} (xla over a KV cache)"]
     if m.moe is not None and m.n_moe_layers:
-        parts.insert(0, f"grouped MLP backend {resolve_backend(m.moe.backend)}")
+        parts.insert(0, f"grouped MLP backend {'tiled_fp8' if m.fp8 else resolve_backend(m.moe.backend)}")
     return f"on {platform:<10}{', '.join(parts)}"
 
 
@@ -107,7 +107,9 @@ def describe(cfg: Config, seq_len: int | None = None, experts_per_token: float |
         )
     bound = "at most " if m.moe is not None and m.moe.routing == "top_p" else ""  # top-p: at its cap
     lines += [
-        f"vocabulary    {m.vocab_size}, untied LM head; params {m.param_dtype}, compute {m.dtype}",
+        f"vocabulary    {m.vocab_size}, untied LM head; params {m.param_dtype}, compute {m.dtype}"
+        + ("; projections and experts held in FP8 (e4m3, 128x128 block scales)" if m.fp8_weights else "")
+        + ("; FP8 GEMMs (e4m3, 1x128 and 128x128 scales)" if m.fp8 else ""),
         f"parameters    {n['params_total']:,} total, {bound}{n['params_activated']:,} activated per token",
         f"FLOPs/token   {bound}{fwd / 1e9:.3f} GFLOP forward, {3 * fwd / 1e9:.3f} GFLOP train step "
         f"(seq {n['seq_len']})",

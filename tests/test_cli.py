@@ -24,6 +24,14 @@ def test_info_prints_architecture_and_counts(capsys):
     assert "on cpu       grouped MLP backend tiled, attention blocked (xla over a KV cache)" in out, out
 
 
+def test_info_says_when_weights_or_gemms_are_fp8(capsys):
+    assert cli.main(["info", "--config", "tiny", "--set", "model.fp8=true"]) == 0
+    out = capsys.readouterr().out
+    assert "FP8 GEMMs (e4m3, 1x128 and 128x128 scales)" in out and "grouped MLP backend tiled_fp8" in out, out
+    assert cli.main(["info", "--config", "deepseek-v3", "--set", "model.fp8_weights=true"]) == 0
+    assert "projections and experts held in FP8 (e4m3, 128x128 block scales)" in capsys.readouterr().out
+
+
 def test_info_override_changes_the_count(capsys):
     assert cli.main(["info", "--config", "16b", "--set", "model.n_layers=2", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
