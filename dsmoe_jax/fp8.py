@@ -102,6 +102,15 @@ def _unblocked(a: jax.Array, K: int, N: int) -> jax.Array:
     return a.reshape(*batch, R * BLOCK, C * BLOCK)[..., :K, :N]
 
 
+def _round(x: jax.Array, amax: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x`` in e4m3 at scale amax / 448 (1 where amax is 0), rounded to nearest even and
+    saturated at +-448; and the scale."""
+    # XLA turns a division by a constant into a product with its reciprocal, one ulp away from
+    # amax / 448 as DeepSeek's quantiser computes it: the barrier keeps it a true division
+    scale = jnp.where(amax > 0, amax / jax.lax.optimization_barrier(jnp.full_like(amax, E4M3_MAX)), 1.0)
+    return jnp.clip(x / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3), scale
+
+
 def quantize(w: jax.Array, n_in: int = 1, n_out: int = 1) -> Fp8Weight:
     """``w`` (``[*batch, *in, *out]``) in float8_e4m3fn with one scale per 128 x 128 block of its
     ``[K, N]`` matrix: scale = block amax / 448 (1 for an all-zero block, whose values stay 0),
@@ -109,11 +118,7 @@ def quantize(w: jax.Array, n_in: int = 1, n_out: int = 1) -> Fp8Weight:
     NaN or inf (the others are unaffected): ``check_finite`` names it beforehand."""
     batch, K, N = _matrix_shape(tuple(w.shape), n_in, n_out)
     x = _blocked(jnp.asarray(w, jnp.float32).reshape(*batch, K, N))
-    amax = jnp.max(jnp.abs(x), axis=(-3, -1), keepdims=True)
-    # XLA turns a division by a constant into a product with its reciprocal, one ulp away from
-    # amax / 448 as DeepSeek's quantiser computes it: the barrier keeps it a true division
-    scale = jnp.where(amax > 0, amax / jax.lax.optimization_barrier(jnp.full_like(amax, E4M3_MAX)), 1.0)
-    q = jnp.clip(x / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3)
+    q, scale = _round(x, jnp.max(jnp.abs(x), axis=(-3, -1), keepdims=True))
     data = _unblocked(q, K, N).reshape(w.shape)
     return Fp8Weight(data, scale[..., :, 0, :, 0], n_in, n_out)
 
@@ -150,9 +155,8 @@ def quantize_tiles(x: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
     x = jnp.moveaxis(jnp.asarray(x, jnp.float32), axis, -1)
     n = x.shape[-1]
     tiles = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, blocks(n) * BLOCK - n)]).reshape(*x.shape[:-1], -1, BLOCK)
-    amax = jnp.max(jnp.abs(tiles), axis=-1, keepdims=True)
-    scale = jnp.where(amax > 0, amax / jax.lax.optimization_barrier(jnp.full_like(amax, E4M3_MAX)), 1.0)
-    q = jnp.clip(tiles / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3).reshape(*x.shape[:-1], -1)[..., :n]
+    q, scale = _round(tiles, jnp.max(jnp.abs(tiles), axis=-1, keepdims=True))
+    q = q.reshape(*x.shape[:-1], -1)[..., :n]
     return jnp.moveaxis(q, -1, axis), jnp.moveaxis(scale[..., 0], -1, axis)
 
 
